@@ -1,0 +1,90 @@
+"""Shared config pieces: the full key set every experiment config starts from.
+
+Every key a launch can override lives here with its default, so a locked config rejects typos.
+Experiment files call `get_base_config()` and change what differs.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the default config: every key jaxsam reads, with defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer, loss stay fp32)
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "digits"  # digits | cifar10 | cifar100 | any tfds image dataset
+  config.dataset.source = "tfds"  # tfds | cifar_python (torchvision's folder or .tar.gz); ignored for digits
+  config.dataset.path = ""  # cifar_python: the cifar-100-python folder or .tar.gz
+  config.dataset.data_dir = ""  # tfds data_dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
+  config.dataset.download = True  # tfds: allowed to download and prepare when absent
+  config.dataset.train_split = "train"
+  config.dataset.test_split = "test"
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet18"
+  config.model.num_classes = 0  # 0 = take the dataset's class count
+  config.model.image_size = 0  # resolution the model sees; 0 = the dataset's native size
+  config.model.pretrained = ""  # path to a weight file ('' = random init)
+  config.model.freeze_bn = False  # use running BN statistics while fine-tuning
+  config.model.cifar_stem = False  # ResNet: 3x3 stem conv without max-pool, for 32 px from scratch
+  config.model.resnet_v1 = False  # ResNet: stride in the first 1x1 conv (original/Keras layout)
+  config.model.zero_init_residual = False  # ResNet: zero-init each block's last BN scale
+  config.model.dropout_rate = -1.0  # classifier dropout; -1 = the architecture's default
+  config.model.drop_connect_rate = -1.0  # EfficientNet stochastic depth; -1 = default
+  config.model.width = 0  # small ResNets: base width (0 = architecture default)
+  config.model.normalization = "auto"  # auto | imagenet | dataset (auto: imagenet when pretrained)
+
+  config.num_epochs = 10
+  config.max_steps = 0  # 0 = no cap; > 0 stops after this many train steps (quick runs)
+  config.batch_size = 128  # global, over all devices and processes
+  config.eval_batch_size = 256  # global
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd | adamw
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 1e-4  # sgd: coupled L2 added to the gradient, as torch.optim.SGD
+  config.optimizer.grad_clip_norm = 0.0  # 0 = off; applied to the averaged gradient
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = "cosine"  # cosine | constant | step
+  config.schedule.warmup_epochs = 0.0
+
+  config.sam = ml_collections.ConfigDict()
+  config.sam.rho = 0.0  # 0 = plain base optimizer (one pass, no SAM cost)
+  config.sam.variant = "sam"  # sam | asam | gsam
+  config.sam.eta = 0.01  # ASAM: T_w = |w| + eta
+  config.sam.alpha = 0.0  # GSAM: weight of the orthogonal-gradient ascent term
+  config.sam.eps = 1e-12  # added to gradient norms (no NaN on a zero gradient)
+  config.sam.sync = False  # True: average the ascent gradient over devices (no m-sharpness)
+  config.sam.m = 0  # examples per ascent group; 0 = the per-device batch
+  config.sam.ascent_weight_decay = False  # include the L2 term in the ascent gradient
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 4  # 0 = no random crop
+  config.augment.crop_fill = "reflect"  # reflect | constant
+  config.augment.flip = True
+  config.augment.cutout_size = 0  # Cutout square side in native pixels; 0 = off
+  config.augment.randaugment = ml_collections.ConfigDict()
+  config.augment.randaugment.num_ops = 0  # 0 = off
+  config.augment.randaugment.magnitude = 9  # 0..10 (TF scale)
+  config.augment.autoaugment = ""  # '' = off | cifar10
+
+  config.wandb = ml_collections.ConfigDict()
+  config.wandb.mode = "auto"  # auto | online | offline | disabled (auto: online with credentials)
+  config.wandb.project = "jaxsam"
+  config.wandb.entity = ""
+  config.wandb.name = ""
+  config.wandb.tags = ""  # comma-separated
+  config.wandb.group = ""
+  config.wandb.log_checkpoints = False
+
+  config.log_every_steps = 50
+  config.eval_every_epochs = 1
+  config.checkpoint_every_epochs = 1
+  config.checkpoint_keep = 2
+  config.progress_bar = True
+  return config
