@@ -1,0 +1,1 @@
+"""Input data: sources (numpy arrays in memory), augmentation ops (tf.data) and the pipeline."""
