@@ -58,6 +58,22 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
   return sum(parts)
 
 
+def _as_device_local(tree: Any, axis_name: str) -> Any:
+  """Marks every leaf as varying over `axis_name` (shard_map's check_vma types), once.
+
+  Autodiff sums the gradient of a value that is the same on every device over the axis; after a
+  synchronised ascent the perturbed weights are such a value, so without this the perturbed-pass
+  gradient would be a sum over devices, not the device-local gradient that is then averaged.
+  Under check_vma=False nothing is tracked and the cast is a no-op.
+  """
+
+  def one(x):
+    varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", frozenset())
+    return x if axis_name in varying else jax.lax.pcast(x, axis_name, to="varying")
+
+  return jax.tree.map(one, tree)
+
+
 def _default_asam_mask(params: Any) -> Any:
   """Kernels (ndim > 1) are rescaled by ASAM; biases and BN scale/bias keep T = 1."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -180,7 +196,8 @@ def sam(
   Inside `jax.shard_map` (whose default check_vma=True), differentiate with respect to
   `jax.lax.pcast(params, axis_name, to="varying")`: a gradient with respect to the replicated
   params is already summed over the axis by JAX's autodiff, so it is neither device-local nor a
-  mean, and the per-device ascent would silently become a synchronised one.
+  mean, and the per-device ascent would silently become a synchronised one. `grad_fn` receives
+  perturbed params that are already device-varying: differentiate them directly.
 
   A Python float rho == 0.0 is resolved at trace time: no perturbation, `grad_fn` is never called
   and the updates are bit for bit those of `base` on the (averaged) clean gradient.
@@ -304,6 +321,8 @@ def sam(
       mask = _default_asam_mask(params) if mask is None else mask
     e_w = ascent(g_ascent, params, rho_t, eps=eps, eta=eta, mask=mask)
     perturbed = jax.tree.map(lambda p, e: p + e.astype(p.dtype), params, e_w)
+    if axis_name is not None:
+      perturbed = _as_device_local(perturbed, axis_name)
 
     loss_p, g_p = grad_fn(perturbed)
     g_sam = pmean(g_p)

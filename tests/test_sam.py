@@ -1,0 +1,451 @@
+"""Tests of jaxsam.sam against optax.contrib.sam, closed forms on a quadratic and per-shard references."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsam import sam as sam_lib
+from jaxsam.errors import ConfigError
+
+RHO = 0.05
+
+
+def rel_err(a, b):
+  """Global relative error between two trees, in float64."""
+  a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
+  b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def base_opt():
+  """A base with state, weight decay and momentum, so a wrong gradient shows in later steps."""
+  return optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
+
+
+def never_called(params):
+  raise AssertionError("grad_fn must not be called when rho is a static 0")
+
+
+# --- peer: optax.contrib.sam -----------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(4)(x)
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3))(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("model", [MLP(), CNN()], ids=["mlp", "cnn"])
+def test_matches_optax_contrib_sam(model):
+  # optax.contrib.sam with opaque_mode=True and sync_period=2 does one normalised ascent step with
+  # adv_opt = chain(normalize(), sgd(rho)) (i.e. +rho g/||g||) and feeds the gradient at the
+  # perturbed point to the outer optimizer: one update call = one SAM step, as ours. It has no
+  # epsilon, so ours runs with eps=0.
+  keys = jax.random.split(jax.random.key(0), 3)
+  xs = jax.random.normal(keys[0], (4, 16, 8, 8, 3))
+  ys = jax.random.randint(keys[1], (4, 16), 0, 4)
+  params = model.init(keys[2], xs[0])
+
+  def loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+
+  peer = optax.contrib.sam(
+    base_opt(), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), sync_period=2, opaque_mode=True
+  )
+  ours = sam_lib.sam(base_opt(), RHO, eps=0.0)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def step(tx, p, state, x, y):
+    grads = jax.grad(loss)(p, x, y)
+    if tx is peer:
+      grad_fn = lambda q, _: jax.grad(loss)(q, x, y)  # noqa: E731
+    else:
+      grad_fn = lambda q: jax.value_and_grad(loss)(q, x, y)  # noqa: E731
+    updates, state = tx.update(grads, state, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, updates), state
+
+  p_peer, s_peer, p_ours, s_ours = params, peer.init(params), params, ours.init(params)
+  for x, y in zip(xs, ys):
+    p_peer, s_peer = step(peer, p_peer, s_peer, x, y)
+    p_ours, s_ours = step(ours, p_ours, s_ours, x, y)
+  assert int(s_ours.count) == len(xs)
+  assert rel_err(jax.tree.map(jnp.subtract, p_ours, params), jax.tree.map(jnp.subtract, p_peer, params)) <= 1e-6
+  assert rel_err(p_ours, p_peer) <= 1e-6
+
+
+# --- closed forms on L(w) = 1/2 w^T A w --------------------------------------------------------------
+
+SHAPES = {"b": (3,), "k": (2, 3)}  # a bias-like vector and a kernel-like matrix: 9 weights in all
+
+
+def quadratic(seed=0):
+  rng = np.random.default_rng(seed)
+  m = rng.normal(size=(9, 9))
+  a = m @ m.T / 9 + 0.5 * np.eye(9)  # SPD, well conditioned
+  w = rng.normal(size=9)
+  return a, w
+
+
+def to_tree(v, dtype=jnp.float32):
+  v = np.asarray(v)
+  return {"b": jnp.asarray(v[:3].reshape(3), dtype), "k": jnp.asarray(v[3:].reshape(2, 3), dtype)}
+
+
+def to_vec(tree):
+  return np.concatenate([np.asarray(tree["b"], np.float64).ravel(), np.asarray(tree["k"], np.float64).ravel()])
+
+
+def quad_fns(a):
+  a32 = jnp.asarray(a, jnp.float32)
+
+  def loss(tree):
+    v = jnp.concatenate([tree["b"].ravel(), tree["k"].ravel()]).astype(jnp.float32)
+    return 0.5 * v @ a32 @ v
+
+  return loss, jax.value_and_grad(loss)
+
+
+def one_step(tx, a, w, **kw):
+  loss, vg = quad_fns(a)
+  params = to_tree(w)
+  state = tx.init(params)
+  updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=kw.pop("grad_fn", vg))
+  return updates, state
+
+
+def base_step(a, g_vec, w):
+  """The base optimizer's updates when fed the gradient g_vec at w."""
+  params = to_tree(w)
+  tx = base_opt()
+  updates, _ = tx.update(to_tree(g_vec), tx.init(params), params)
+  return to_vec(updates)
+
+
+def test_sam_closed_form_and_diagnostics():
+  a, w = quadratic()
+  g = a @ w
+  e = RHO * g / np.linalg.norm(g)
+  g_sam = a @ (w + e)
+  updates, state = one_step(sam_lib.sam(base_opt(), RHO), a, w)
+  np.testing.assert_allclose(to_vec(updates), base_step(a, g_sam, w), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(state.rho), RHO, rtol=1e-7)
+  np.testing.assert_allclose(float(state.clean_grad_norm), np.linalg.norm(g), rtol=1e-5)
+  np.testing.assert_allclose(float(state.sam_grad_norm), np.linalg.norm(g_sam), rtol=1e-5)
+  cos = g @ g_sam / np.linalg.norm(g) / np.linalg.norm(g_sam)
+  np.testing.assert_allclose(float(state.cosine), cos, rtol=1e-5)
+  assert float(state.cosine) < 1 - 1e-5  # the perturbation does change the gradient here
+  np.testing.assert_allclose(float(state.perturbed_loss), 0.5 * (w + e) @ a @ (w + e), rtol=1e-5)
+  assert int(state.count) == 1
+
+
+def test_ascent_weight_decay_enters_the_ascent_only():
+  a, w = quadratic(1)
+  wd = 0.3
+  g_asc = a @ w + wd * w
+  g_sam = a @ (w + RHO * g_asc / np.linalg.norm(g_asc))
+  updates, _ = one_step(sam_lib.sam(base_opt(), RHO, ascent_weight_decay=wd), a, w)
+  np.testing.assert_allclose(to_vec(updates), base_step(a, g_sam, w), rtol=1e-5, atol=1e-7)
+
+
+def asam_closed_form(a, w, eta, masked):
+  g = a @ w
+  t = np.where(masked, np.abs(w) + eta, 1.0)
+  e = RHO * t**2 * g / np.linalg.norm(t * g)
+  return a @ (w + e)
+
+
+def test_asam_closed_form_default_mask_excludes_vectors():
+  a, w = quadratic(2)
+  eta = 0.01
+  kernel = np.arange(9) >= 3  # the default mask: only the ndim > 1 leaf ("k") is rescaled
+  g_asam = asam_closed_form(a, w, eta, kernel)
+  updates, _ = one_step(sam_lib.sam(base_opt(), RHO, variant="asam", eta=eta), a, w)
+  np.testing.assert_allclose(to_vec(updates), base_step(a, g_asam, w), rtol=1e-5, atol=1e-7)
+  # The mask matters: rescaling every leaf gives a different gradient, and a callable mask is honoured.
+  g_all = asam_closed_form(a, w, eta, np.ones(9, bool))
+  assert rel_err(g_all, g_asam) > 1e-3
+  all_mask = lambda p: jax.tree.map(lambda _: True, p)  # noqa: E731
+  updates, _ = one_step(sam_lib.sam(base_opt(), RHO, variant="asam", eta=eta, asam_mask=all_mask), a, w)
+  np.testing.assert_allclose(to_vec(updates), base_step(a, g_all, w), rtol=1e-5, atol=1e-7)
+
+
+def test_gsam_alpha_zero_constant_rho_equals_sam():
+  a, w = quadratic(3)
+  u_sam, s_sam = one_step(sam_lib.sam(base_opt(), RHO), a, w)
+  u_gsam, s_gsam = one_step(sam_lib.sam(base_opt(), RHO, variant="gsam", alpha=0.0), a, w)
+  chex.assert_trees_all_equal(u_gsam, u_sam)
+  chex.assert_trees_all_equal(s_gsam, s_sam)
+
+
+def test_gsam_closed_form():
+  a, w = quadratic(4)
+  alpha = 0.4
+  g = a @ w
+  g_sam = a @ (w + RHO * g / np.linalg.norm(g))
+  g_perp = g - (g @ g_sam) / (g_sam @ g_sam) * g_sam
+  assert abs(g_perp @ g_sam) < 1e-8 * np.linalg.norm(g_perp) * np.linalg.norm(g_sam) + 1e-12
+  g_final = g_sam - alpha * g_perp
+  assert rel_err(g_final, g_sam) > 1e-4  # alpha changes something
+  updates, _ = one_step(sam_lib.sam(base_opt(), RHO, variant="gsam", alpha=alpha), a, w)
+  np.testing.assert_allclose(to_vec(updates), base_step(a, g_final, w), rtol=1e-5, atol=1e-7)
+
+
+def test_rho_schedule_is_evaluated_at_the_step_count():
+  a, w = quadratic(5)
+  loss, vg = quad_fns(a)
+  schedule = optax.linear_schedule(0.1, 0.0, 4)
+  tx = sam_lib.sam(base_opt(), schedule)
+  params = to_tree(w)
+  state = tx.init(params)
+  for step in range(3):
+    updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=vg)
+    np.testing.assert_allclose(float(state.rho), float(schedule(step)), rtol=1e-6)
+    params = optax.apply_updates(params, updates)
+
+
+def test_gsam_rho_schedule_follows_the_lr():
+  lr = optax.cosine_decay_schedule(0.2, 10)
+  rho = sam_lib.gsam_rho_schedule(lr, lr_max=0.2, lr_min=0.0, rho_max=0.08, rho_min=0.02)
+  for step in (0, 3, 10):
+    expected = 0.02 + 0.06 * float(lr(step)) / 0.2
+    np.testing.assert_allclose(float(rho(step)), expected, rtol=1e-6)
+  const = sam_lib.gsam_rho_schedule(0.1, lr_max=0.1, lr_min=0.1, rho_max=0.05, rho_min=0.0)
+  np.testing.assert_allclose(float(const(7)), 0.05)
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam", "gsam"])
+def test_rho_zero_is_the_base_bit_for_bit(variant):
+  a, w = quadratic(6)
+  loss, _ = quad_fns(a)
+  params = to_tree(w)
+  tx = sam_lib.sam(base_opt(), 0.0, variant=variant)
+  base = base_opt()
+  state, b_state = tx.init(params), base.init(params)
+  for _ in range(3):
+    grads = jax.grad(loss)(params)
+    updates, state = jax.jit(functools.partial(tx.update, grad_fn=never_called))(grads, state, params)
+    b_updates, b_state = jax.jit(base.update)(grads, b_state, params)
+    chex.assert_trees_all_equal(updates, b_updates)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_equal(state.base_state, b_state)
+  assert float(state.cosine) == 1.0 and np.isnan(float(state.perturbed_loss))
+  assert float(state.sam_grad_norm) == float(state.clean_grad_norm) > 0
+
+
+@pytest.mark.parametrize("variant,alpha", [("sam", 0.0), ("asam", 0.0), ("gsam", 0.3)])
+def test_zero_gradient_gives_finite_updates(variant, alpha):
+  a, _ = quadratic()
+  updates, state = one_step(sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha), a, np.zeros(9))
+  chex.assert_tree_all_finite((updates, state.clean_grad_norm, state.sam_grad_norm, state.cosine))
+  assert float(state.clean_grad_norm) == 0.0
+
+
+# --- data parallel: shard_map over 8 CPU devices ------------------------------------------------
+
+N_DEV = 8
+
+
+def mlp_params(key):
+  k1, k2 = jax.random.split(key)
+  return {
+    "w1": 0.5 * jax.random.normal(k1, (5, 8)),
+    "b1": jnp.zeros(8),
+    "w2": 0.5 * jax.random.normal(k2, (8,)),
+    "b2": jnp.zeros(()),
+  }
+
+
+def mlp_loss(p, x, y):
+  """Mean-reduced squared error of a tiny MLP: the per-device mean of equal shards averages to the global mean."""
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+
+def dp_data(steps=3, per_dev=4):
+  kx, ky = jax.random.split(jax.random.key(1))
+  xs = jax.random.normal(kx, (steps, N_DEV * per_dev, 5))
+  ys = jax.random.normal(ky, (steps, N_DEV * per_dev))
+  return xs, ys
+
+
+def run_sharded(tx, params, xs, ys):
+  """3 SAM steps inside shard_map over 8 devices; gradients are device-local (params cast to varying)."""
+  assert len(jax.devices()) >= N_DEV, "tests/conftest.py forces 8 CPU devices"
+  mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Auto,))
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()))
+  def step(p, state, x, y):
+    local = jax.lax.pcast(p, "data", to="varying")  # else autodiff psums the gradient of replicated params
+    grads = jax.grad(mlp_loss)(local, x, y)
+    updates, state = tx.update(grads, state, p, grad_fn=lambda q: jax.value_and_grad(mlp_loss)(q, x, y))
+    return optax.apply_updates(p, updates), state
+
+  state = tx.init(params)
+  shard = NamedSharding(mesh, P("data"))
+  for x, y in zip(xs, ys):
+    params, state = step(params, state, jax.device_put(x, shard), jax.device_put(y, shard))
+  return params, state
+
+
+def run_single(tx, params, xs, ys):
+  loss = jax.jit(jax.value_and_grad(mlp_loss))
+  state = tx.init(params)
+  for x, y in zip(xs, ys):
+    updates, state = tx.update(jax.grad(mlp_loss)(params, x, y), state, params, grad_fn=lambda q: loss(q, x, y))
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def per_shard_reference(params, xs, ys, variant="sam", alpha=0.0):
+  """Hand-computed m-sharpness: each shard ascends with its own gradient; perturbed gradients are averaged."""
+  base = base_opt()
+  b_state = base.init(params)
+  grad = jax.grad(mlp_loss)
+  for x, y in zip(xs, ys):
+    gs, gcs = [], []
+    for xi, yi in zip(jnp.split(x, N_DEV), jnp.split(y, N_DEV)):
+      g = grad(params, xi, yi)
+      norm = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g)))
+      gs.append(grad(jax.tree.map(lambda p, gi: p + RHO * gi / norm, params, g), xi, yi))
+      gcs.append(g)
+    g_sam = jax.tree.map(lambda *t: sum(t) / N_DEV, *gs)
+    if variant == "gsam":
+      g_clean = jax.tree.map(lambda *t: sum(t) / N_DEV, *gcs)
+      dot = sum(jnp.sum(c * s) for c, s in zip(jax.tree.leaves(g_clean), jax.tree.leaves(g_sam)))
+      sq = sum(jnp.sum(s * s) for s in jax.tree.leaves(g_sam))
+      g_sam = jax.tree.map(lambda s, c: s - alpha * (c - dot / sq * s), g_sam, g_clean)
+    updates, b_state = base.update(g_sam, b_state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_sync_sharded_equals_single_device_full_batch():
+  params, (xs, ys) = mlp_params(jax.random.key(0)), dp_data()
+  tx_dp = sam_lib.sam(base_opt(), RHO, sync=True, axis_name="data")
+  p_dp, s_dp = run_sharded(tx_dp, params, xs, ys)
+  p_one, s_one = run_single(sam_lib.sam(base_opt(), RHO), params, xs, ys)
+  assert rel_err(p_dp, p_one) <= 1e-5
+  for field in ("clean_grad_norm", "sam_grad_norm", "cosine", "perturbed_loss"):
+    np.testing.assert_allclose(float(getattr(s_dp, field)), float(getattr(s_one, field)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,alpha", [("sam", 0.0), ("gsam", 0.5)])
+def test_per_device_ascent_equals_per_shard_reference(variant, alpha):
+  params, (xs, ys) = mlp_params(jax.random.key(0)), dp_data()
+  tx = sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha, sync=False, axis_name="data")
+  p_dp, _ = run_sharded(tx, params, xs, ys)
+  p_ref = per_shard_reference(params, xs, ys, variant, alpha)
+  assert rel_err(p_dp, p_ref) <= 1e-5
+  # m-sharpness is a different algorithm from the synchronised ascent: the test can tell them apart.
+  p_sync, _ = run_single(sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha), params, xs, ys)
+  assert rel_err(p_sync, p_ref) > 1e-4
+
+
+def test_rho_zero_sharded_is_base_on_the_averaged_gradient():
+  params, (xs, ys) = mlp_params(jax.random.key(0)), dp_data()
+  p_dp, _ = run_sharded(sam_lib.sam(base_opt(), 0.0, axis_name="data"), params, xs, ys)
+  base = base_opt()
+  state = base.init(params)
+  p_ref = params
+  for x, y in zip(xs, ys):
+    updates, state = base.update(jax.grad(mlp_loss)(p_ref, x, y), state, p_ref)
+    p_ref = optax.apply_updates(p_ref, updates)
+  assert rel_err(p_dp, p_ref) <= 1e-5
+
+
+# --- dtypes and compilation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("variant,alpha", [("sam", 0.0), ("asam", 0.0), ("gsam", 0.3)])
+def test_bf16_gradients(param_dtype, variant, alpha):
+  a, w = quadratic(7)
+  loss, _ = quad_fns(a)
+  bf16 = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)  # noqa: E731
+
+  def grad_fn(p):
+    value, g = jax.value_and_grad(loss)(p)
+    return value, bf16(g)
+
+  params = to_tree(w, param_dtype)
+  tx = sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha)
+  updates, state = tx.update(bf16(jax.grad(loss)(params)), tx.init(params), params, grad_fn=grad_fn)
+  chex.assert_tree_all_finite(updates)
+  jax.tree.map(lambda u, p: chex.assert_type(u, p.dtype), updates, params)
+  assert state.clean_grad_norm.dtype == jnp.float32 and state.cosine.dtype == jnp.float32
+  ref, _ = one_step(sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha), a, w)
+  assert rel_err(updates, ref) < 3e-2  # bf16 has an 8-bit mantissa
+
+
+def test_update_compiles_once_across_steps():
+  a, w = quadratic(8)
+  loss, vg = quad_fns(a)
+  tx = sam_lib.sam(base_opt(), optax.linear_schedule(0.1, 0.0, 5), variant="gsam", alpha=0.1)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=vg)
+    return optax.apply_updates(params, updates), state
+
+  params = to_tree(w)
+  state = tx.init(params)
+  for _ in range(4):
+    params, state = step(params, state)
+  assert int(state.count) == 4
+
+
+# --- bad arguments -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "kwargs,needle",
+  [
+    ({"rho": -0.1}, "-0.1"),
+    ({"rho": float("nan")}, "nan"),
+    ({"rho": "0.1"}, "'0.1'"),
+    ({"rho": 0.1, "variant": "adam"}, "sam, asam, gsam"),
+    ({"rho": 0.1, "eta": -1.0}, "eta=-1.0"),
+    ({"rho": 0.1, "eps": -1e-12}, "eps=-1e-12"),
+    ({"rho": 0.1, "alpha": -0.2, "variant": "gsam"}, "alpha=-0.2"),
+    ({"rho": 0.1, "alpha": 0.2}, "alpha=0.2"),
+    ({"rho": 0.1, "ascent_weight_decay": -1.0}, "ascent_weight_decay=-1.0"),
+    ({"rho": 0.1, "sync": "yes"}, "sync='yes'"),
+    ({"rho": 0.1, "asam_mask": lambda p: p}, "asam_mask"),
+    ({"rho": 0.1, "axis_name": 3}, "axis_name=3"),
+  ],
+)
+def test_bad_arguments_raise_config_error(kwargs, needle):
+  with pytest.raises(ConfigError) as info:
+    sam_lib.sam(optax.sgd(0.1), **kwargs)
+  message = str(info.value)
+  assert needle in message and "\n" not in message
+  if kwargs.get("variant") == "adam":
+    assert "'adam'" in message
+
+
+def test_bad_base_and_gsam_schedule_arguments():
+  with pytest.raises(ConfigError, match="base="):
+    sam_lib.sam(lambda g: g, 0.1)
+  with pytest.raises(ConfigError, match="rho_max=0.01 < rho_min=0.05"):
+    sam_lib.gsam_rho_schedule(0.1, lr_max=0.1, lr_min=0.0, rho_max=0.01, rho_min=0.05)
+  with pytest.raises(ConfigError, match="lr_max=0.0 < lr_min=0.1"):
+    sam_lib.gsam_rho_schedule(0.1, lr_max=0.0, lr_min=0.1, rho_max=0.05, rho_min=0.0)
