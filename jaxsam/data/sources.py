@@ -5,10 +5,12 @@ model's resolution happens on device. Which source runs is chosen by `dataset.na
 or else by `dataset.source` ('tfds' | 'cifar_python'), through the explicit `SOURCES` registry.
 """
 
+import codecs
 import dataclasses
 import io
 import os
 import pickle
+import socket
 import tarfile
 from typing import Callable
 
@@ -103,10 +105,237 @@ def load_digits(dataset_config) -> DatasetArrays:
                        Split(images[test_idx], labels[test_idx]), num_classes=10)
 
 
+# -------------------------------------------------------------------------------------------- tfds
+
+# tfds retries an unreachable host for minutes (urllib3, 10 retries with backoff); a quick TCP
+# probe of the hosts it downloads from turns "no network" into an error within seconds.
+DOWNLOAD_PROBE_HOSTS = (("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443))
+DOWNLOAD_PROBE_TIMEOUT_S = 3.0
+
+
+def _network_reachable(hosts=DOWNLOAD_PROBE_HOSTS, timeout_s=DOWNLOAD_PROBE_TIMEOUT_S) -> bool:
+  """True when a TCP connection to any of `hosts` opens within `timeout_s` seconds."""
+  for host, port in hosts:
+    try:
+      with socket.create_connection((host, port), timeout=timeout_s):
+        return True
+    except OSError:
+      continue
+  return False
+
+
+def _tfds_builder(dataset_config):
+  """The tfds builder for `dataset.name` in `dataset.data_dir`; DataError for unknown names."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  try:
+    return tfds.builder(dataset_config.name, data_dir=dataset_config.data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"unknown tfds dataset {dataset_config.name!r}; known: 'digits' or any name "
+                    f"in tfds.list_builders() (e.g. cifar10, cifar100, svhn_cropped)") from e
+
+
+def prepare(dataset_config) -> None:
+  """Makes sure `config.dataset` is on disk (tfds: download and prepare if allowed); loads nothing.
+
+  For multi-host runs, call on process 0 and then barrier before every process calls
+  `load_dataset`. Bundled sources and torchvision archives need nothing and return at once.
+
+  Raises:
+    DataError: data absent and `dataset.download` is False or the network is unreachable; the
+      message says where the prepared data must be put.
+  """
+  if _source_name(dataset_config) != "tfds":
+    return
+  builder = _tfds_builder(dataset_config)
+  if builder.is_prepared():
+    return
+  where = (f"put the prepared tfds dataset at {builder.data_path} (e.g. `tfds build "
+           f"{dataset_config.name} --data_dir=DIR` on a machine with network, then copy DIR/"
+           f"{dataset_config.name}), or point dataset.data_dir at the folder holding it")
+  if not dataset_config.download:
+    raise DataError(f"tfds dataset {dataset_config.name!r} is not prepared and dataset.download "
+                    f"is False: {where}")
+  if not _network_reachable():
+    raise DataError(f"tfds dataset {dataset_config.name!r} is not prepared and the network is "
+                    f"unreachable (probed {[h for h, _ in DOWNLOAD_PROBE_HOSTS]}): {where}")
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    # Download/extract errors come in many types (network, checksum, disk); name them in one line.
+    reason = " ".join(str(e).split())[:300]
+    raise DataError(f"could not download tfds dataset {dataset_config.name!r} "
+                    f"({type(e).__name__}: {reason}): {where}") from e
+
+
+def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
+  """Reads one tfds split fully into numpy, in the stored order."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  # Batches of 10k rather than batch_size=-1: bounded peak memory, and it works with
+  # tfds.testing.mock_data (whose split sizes are unknown).
+  dataset = builder.as_dataset(split=split, shuffle_files=False).map(
+      lambda ex: (ex[image_key], ex[label_key])).batch(10_000)
+  images, labels = [], []
+  for image_batch, label_batch in tfds.as_numpy(dataset):
+    images.append(image_batch)
+    labels.append(label_batch)
+  if not images:
+    raise DataError(f"tfds dataset {builder.name!r} split {split!r} is empty")
+  return Split(_to_rgb(np.concatenate(images)).astype(np.uint8),
+               np.concatenate(labels).astype(np.int32))
+
+
+def load_tfds(dataset_config) -> DatasetArrays:
+  """Any tfds image-classification dataset, prepared (see `prepare`) and loaded into memory."""
+  prepare(dataset_config)
+  builder = _tfds_builder(dataset_config)
+  keys = builder.info.supervised_keys
+  if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
+    raise DataError(f"tfds dataset {dataset_config.name!r} has no (image, label) supervised keys "
+                    f"(got {keys!r}); only image-classification datasets are supported")
+  image_key, label_key = keys
+  label_feature = builder.info.features[label_key]
+  if not hasattr(label_feature, "num_classes"):
+    raise DataError(f"tfds dataset {dataset_config.name!r}: label {label_key!r} is not a "
+                    f"ClassLabel; only image-classification datasets are supported")
+  train = _tfds_split(builder, dataset_config.train_split, label_key, image_key)
+  test = _tfds_split(builder, dataset_config.test_split, label_key, image_key)
+  return _make_dataset(dataset_config.name, train, test, int(label_feature.num_classes))
+
+
+# ------------------------------------------------------------------------------------ cifar_python
+
+# torchvision's layouts: folder name -> (dataset name, label field, train files, test files).
+CIFAR_LAYOUTS = {
+    "cifar-10-batches-py": ("cifar10", b"labels", [f"data_batch_{i}" for i in range(1, 6)],
+                            ["test_batch"]),
+    "cifar-100-python": ("cifar100", b"fine_labels", ["train"], ["test"]),
+}
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_SIDE = 32
+
+# The only globals a CIFAR pickle may name: numpy's array reconstruction. Anything else (a
+# pickle can call any importable function) is refused, so a foreign file cannot run code.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    # Python 3 writers at protocol 2 (the files' protocol) store bytes through codecs.encode.
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Unpickler that resolves only numpy array reconstruction globals."""
+
+  def find_class(self, module, name):
+    if (module, name) in _CIFAR_PICKLE_GLOBALS:
+      return _CIFAR_PICKLE_GLOBALS[(module, name)]
+    raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def _read_cifar_batch(raw: bytes, where: str, label_field: bytes, num_classes: int) -> Split:
+  """One pickled CIFAR batch -> Split, checking that it has exactly the expected structure."""
+  try:
+    batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"{where} is not a CIFAR python batch ({type(e).__name__}: {e})") from e
+  if not isinstance(batch, dict):
+    raise DataError(f"{where} is not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+  batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
+  data, labels = batch.get(b"data"), batch.get(label_field)
+  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
+      data.shape[1] != 3 * CIFAR_SIDE * CIFAR_SIDE):
+    got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+    raise DataError(f"{where} is not a CIFAR python batch: 'data' must be uint8 [N, 3072], "
+                    f"got {got}")
+  if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
+    raise DataError(f"{where} is not a CIFAR python batch: {label_field.decode()!r} must be a "
+                    f"list of {len(data)} labels")
+  labels = np.asarray(labels)
+  if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or
+                                                        labels.max() >= num_classes)):
+    raise DataError(f"{where} is not a CIFAR python batch: {label_field.decode()!r} must be "
+                    f"integers in [0, {num_classes})")
+  images = data.reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1)
+  return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+def _concat(splits: list[Split]) -> Split:
+  return Split(np.concatenate([s.images for s in splits]),
+               np.concatenate([s.labels for s in splits]))
+
+
+def _cifar_member_reader(path: str):
+  """Returns (layout folder name, read(file name) -> bytes, where(file name) -> str) for a
+  folder or a tar(.gz) archive; (None, None, None) when `path` holds neither layout."""
+  if os.path.isdir(path):
+    for layout in CIFAR_LAYOUTS:
+      for folder in (path, os.path.join(path, layout)):  # the folder itself or torchvision's root
+        if os.path.basename(os.path.normpath(folder)) == layout and os.path.isdir(folder):
+
+          def read(name, folder=folder):
+            with open(os.path.join(folder, name), "rb") as f:
+              return f.read()
+
+          return layout, read, lambda name, folder=folder: os.path.join(folder, name)
+    return None, None, None
+  if os.path.isfile(path) and tarfile.is_tarfile(path):
+    archive = tarfile.open(path, "r:*")  # read members in memory; nothing is extracted
+    members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isfile()}
+    for layout in CIFAR_LAYOUTS:
+      if any(name.startswith(layout + "/") for name in members):
+
+        def read(name, layout=layout):
+          member = members.get(f"{layout}/{name}")
+          if member is None:
+            raise FileNotFoundError(f"{layout}/{name}")
+          return archive.extractfile(member).read()
+
+        return layout, read, lambda name, layout=layout: f"{path}:{layout}/{name}"
+  return None, None, None
+
+
+def load_cifar_python(dataset_config) -> DatasetArrays:
+  """torchvision's `cifar-10-batches-py` / `cifar-100-python` folder or its .tar.gz, in memory."""
+  path = os.path.expanduser(dataset_config.path)
+  expected = f"the {' or '.join(CIFAR_LAYOUTS)} folder (or torchvision's .tar.gz, or their parent)"
+  if not path:
+    raise DataError(f"dataset.source='cifar_python' needs dataset.path: {expected}")
+  if not os.path.exists(path):
+    raise DataError(f"dataset.path {path!r} does not exist; expected {expected}")
+  layout, read, where_is = _cifar_member_reader(path)
+  if layout is None:
+    raise DataError(f"dataset.path {path!r} is not a CIFAR python archive; expected {expected}")
+  name, label_field, train_files, test_files = CIFAR_LAYOUTS[layout]
+  if dataset_config.name != name:
+    raise DataError(f"dataset.path {path!r} holds {name} ({layout}) but dataset.name is "
+                    f"{dataset_config.name!r}; set dataset.name={name!r}")
+  files = {"train": train_files, "test": test_files}
+  splits = []
+  for split in (dataset_config.train_split, dataset_config.test_split):
+    if split not in files:
+      raise DataError(f"dataset.source='cifar_python' has splits {list(files)}, not {split!r}")
+    batches = []
+    for file_name in files[split]:
+      where = where_is(file_name)
+      try:
+        raw = read(file_name)
+      except (OSError, KeyError) as e:
+        raise DataError(f"{where} is missing; {path!r} is not a complete {layout} archive") from e
+      batches.append(_read_cifar_batch(raw, where, label_field, CIFAR_CLASSES[name]))
+    splits.append(_concat(batches))
+  return _make_dataset(name, splits[0], splits[1], CIFAR_CLASSES[name])
+
+
 # -------------------------------------------------------------------------------------- registry
 
 SOURCES: dict[str, Callable] = {
     "digits": load_digits,
+    "tfds": load_tfds,
+    "cifar_python": load_cifar_python,
 }
 
 # Names that select their own source whatever `dataset.source` says.
