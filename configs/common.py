@@ -38,6 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.num_epochs = 10
   config.max_steps = 0  # 0 = no cap; > 0 stops after this many train steps (quick runs)
+  config.label_smoothing = 0.0
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 256  # global
 
@@ -58,6 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sam.variant = "sam"  # sam | asam | gsam
   config.sam.eta = 0.01  # ASAM: T_w = |w| + eta
   config.sam.alpha = 0.0  # GSAM: weight of the orthogonal-gradient ascent term
+  config.sam.rho_min = 0.0  # GSAM: rho decays with the lr from sam.rho to this
   config.sam.eps = 1e-12  # added to gradient norms (no NaN on a zero gradient)
   config.sam.sync = False  # True: average the ascent gradient over devices (no m-sharpness)
   config.sam.m = 0  # examples per ascent group; 0 = the per-device batch

@@ -1,0 +1,89 @@
+"""The one place that turns a config into an optax chain: schedule, base optimizer, SAM.
+
+SGD follows torch.optim.SGD exactly (the original project's optimizer): weight decay is coupled L2
+added to the gradient before momentum, clipping (when on) acts on the averaged loss gradient first.
+"""
+
+from collections.abc import Callable
+
+import ml_collections
+import optax
+
+from jaxsam import errors
+from jaxsam import sam as sam_lib
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate per step: optional linear warmup from 0, then cosine to 0 or constant."""
+  peak = config.optimizer.learning_rate
+  total_steps = max(1, int(config.num_epochs * steps_per_epoch))
+  warmup_steps = int(config.schedule.warmup_epochs * steps_per_epoch)
+  name = config.schedule.name
+  if name not in SCHEDULES:
+    raise errors.ConfigError(
+        f"schedule.name={name!r} is unknown; known: {', '.join(sorted(SCHEDULES))}")
+  main = SCHEDULES[name](peak, max(1, total_steps - warmup_steps))
+  if warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+SCHEDULES: dict[str, Callable[[float, int], optax.Schedule]] = {
+    "cosine": lambda peak, steps: optax.cosine_decay_schedule(peak, steps),
+    "constant": lambda peak, steps: optax.constant_schedule(peak),
+}
+
+
+def _sgd(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  # add_decayed_weights before sgd == torch's `d_p = d_p.add(p, alpha=weight_decay)`.
+  return optax.chain(
+      optax.add_decayed_weights(opt.weight_decay) if opt.weight_decay else optax.identity(),
+      optax.sgd(lr, momentum=opt.momentum or None, nesterov=opt.nesterov))
+
+
+def _adamw(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  return optax.adamw(lr, weight_decay=opt.weight_decay)
+
+
+OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
+
+
+def make_base_optimizer(config: ml_collections.ConfigDict,
+                        lr: optax.Schedule) -> optax.GradientTransformation:
+  """Clipping (optional) followed by the named optimizer, with the given lr schedule."""
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    raise errors.ConfigError(
+        f"optimizer.name={opt.name!r} is unknown; known: {', '.join(sorted(OPTIMIZERS))}")
+  if opt.grad_clip_norm < 0:
+    raise errors.ConfigError(f"optimizer.grad_clip_norm={opt.grad_clip_norm} must be >= 0")
+  base = OPTIMIZERS[opt.name](opt, lr)
+  if opt.grad_clip_norm:
+    base = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), base)
+  return base
+
+
+def make_rho(config: ml_collections.ConfigDict, lr: optax.Schedule,
+             steps_per_epoch: int) -> float | optax.Schedule:
+  """SAM's radius: constant, or (GSAM) following the lr schedule from rho down to sam.rho_min."""
+  if config.sam.variant != "gsam" or not config.sam.rho:
+    return float(config.sam.rho)
+  total_steps = max(1, int(config.num_epochs * steps_per_epoch))
+  lr_values = [float(lr(s)) for s in range(0, total_steps + 1, max(1, total_steps // 1000))]
+  return sam_lib.gsam_rho_schedule(lr, lr_max=max(lr_values), lr_min=min(lr_values),
+                                   rho_max=config.sam.rho, rho_min=config.sam.rho_min)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
+                   axis_name: str | tuple[str, ...] | None
+                   ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+  """The full optimizer: SAM around the base chain (rho = 0 compiles the plain one-pass step)."""
+  lr = make_schedule(config, steps_per_epoch)
+  base = make_base_optimizer(config, lr)
+  s = config.sam
+  tx = sam_lib.sam(
+      base, make_rho(config, lr, steps_per_epoch), variant=s.variant, eta=s.eta, alpha=s.alpha,
+      eps=s.eps, sync=s.sync, axis_name=axis_name,
+      ascent_weight_decay=config.optimizer.weight_decay if s.ascent_weight_decay else 0.0)
+  return tx, lr

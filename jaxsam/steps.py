@@ -1,0 +1,161 @@
+"""The compiled train and eval steps: on-device preprocessing, SAM with BN-safe passes, metrics.
+
+Each step runs per device inside `jax.shard_map` over the data axis, because SAM's semantics are
+per device: every device (or every group of `sam.m` examples) ascends along its own gradient
+(m-sharpness), BatchNorm normalises with its own batch statistics (as torch DDP without SyncBN),
+and only the final SAM gradient, the BN running statistics and the metrics are averaged.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxsam import losses
+from jaxsam.parallel import DATA_AXIS
+
+GROUP_AXIS = "sam_group"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; replicated over devices, saved whole in checkpoints."""
+  step: jax.Array  # int32 scalar: train steps taken
+  params: Any
+  batch_stats: Any  # BN running statistics (empty for models without BN)
+  opt_state: Any  # SAMState around the base optimizer state
+  rng: jax.Array  # uint32[2] raw key; per-step keys are folded from it and the step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static settings a compiled step closes over (hashable, read once from the config)."""
+  image_size: int  # resolution the model sees; uint8 batches arrive at native size
+  mean: tuple[float, float, float]  # per-channel, 0-1 scale
+  std: tuple[float, float, float]
+  dtype: Any = jnp.float32  # compute dtype of the input; params stay fp32
+  label_smoothing: float = 0.0
+  sam_group_size: int = 0  # examples per ascent group; 0 = the per-device batch
+
+
+def preprocess(images: jax.Array, cfg: StepConfig) -> jax.Array:
+  """uint8 NHWC at native size -> normalised float at `image_size`, on device (bilinear upscale).
+
+  Upscaling here instead of on the host moves 49x fewer bytes at 32 -> 224 px.
+  """
+  x = images.astype(jnp.float32) / 255.0
+  n, h, w, c = x.shape
+  if (h, w) != (cfg.image_size, cfg.image_size):
+    x = jax.image.resize(x, (n, cfg.image_size, cfg.image_size, c), method="bilinear")
+  x = (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+  return x.astype(cfg.dtype)
+
+
+def _loss_fn(params, batch_stats, images, labels, dropout_key, *, model: nn.Module,
+             cfg: StepConfig):
+  """Mean cross-entropy of one forward pass in train mode; aux = (logits, new BN statistics)."""
+  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                 train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+  loss = jnp.mean(losses.cross_entropy(logits, labels, cfg.label_smoothing))
+  return loss, (logits, new_vars.get("batch_stats", {}))
+
+
+def _group_update(state: TrainState, images, labels, dropout_key, *, model, tx, cfg,
+                  axis_names):
+  """One optimizer update from one ascent group: clean pass, SAM's perturbed pass, base update."""
+  loss_fn = functools.partial(_loss_fn, model=model, cfg=cfg)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels,
+                                              dropout_key)
+
+  def perturbed_grad(params):
+    # Same batch, same dropout key; batch statistics normalise this pass, but its BN running
+    # statistics are discarded: only the clean pass updates them.
+    (p_loss, _), p_grads = grad_fn(params, state.batch_stats, images, labels, dropout_key)
+    return p_loss, p_grads
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=perturbed_grad)
+  params = optax.apply_updates(state.params, updates)
+  batch_stats = jax.lax.pmean(new_stats, axis_names)
+  metrics = {"train/loss": loss,
+             "train/accuracy": jnp.mean(losses.correct_top1(logits, labels))}
+  metrics = jax.lax.pmean(metrics, axis_names)
+  return params, batch_stats, opt_state, metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformationExtraArgs, lr_schedule: optax.Schedule,
+               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SAM (or plain, when rho = 0) step on this device's slice of the global batch."""
+  images = preprocess(batch["image"], cfg)
+  labels = batch["label"]
+  device = jax.lax.axis_index(DATA_AXIS)
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
+  update = functools.partial(_group_update, model=model, tx=tx, cfg=cfg)
+  per_device = images.shape[0]
+  group = cfg.sam_group_size or per_device
+  if group == per_device:
+    params, batch_stats, opt_state, metrics = update(state, images, labels, key,
+                                                     axis_names=DATA_AXIS)
+  else:
+    # sam.m < per-device batch: each group of m examples acts as a device would (own ascent, own
+    # BN batch statistics). vmap keeps one compiled step; it costs one copy of the perturbed
+    # weights and gradients per group, and per-group weight gradients (grouped convolutions).
+    num_groups = per_device // group
+    split = lambda x: x.reshape((num_groups, group) + x.shape[1:])
+    keys = jax.random.split(key, num_groups)
+    vmapped = jax.vmap(
+        lambda im, lb, k: update(state, im, lb, k, axis_names=(DATA_AXIS, GROUP_AXIS)),
+        axis_name=GROUP_AXIS)
+    outs = vmapped(split(images), split(labels), keys)
+    params, batch_stats, opt_state, metrics = jax.tree.map(lambda x: x[0], outs)
+  metrics.update(sam_metrics(opt_state))
+  metrics["lr"] = lr_schedule(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def sam_metrics(opt_state) -> dict[str, jax.Array]:
+  """SAM's diagnostics of the last update, as recorded in its state (see jaxsam.sam.SAMState)."""
+  return {
+      "sam/rho": opt_state.rho,
+      "sam/perturbed_loss": opt_state.perturbed_loss,
+      "sam/clean_grad_norm": opt_state.clean_grad_norm,
+      "sam/grad_norm": opt_state.sam_grad_norm,
+      "sam/cosine": opt_state.cosine,
+  }
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              cfg: StepConfig) -> dict[str, jax.Array]:
+  """Masked sums (loss, top-1, top-5, per class) over the global batch; BN in inference mode."""
+  images = preprocess(batch["image"], cfg)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                       train=False)
+  sums = losses.eval_sums(logits, batch["label"], batch["mask"])
+  return jax.lax.psum(sums, DATA_AXIS)
+
+
+def compile_train_step(mesh: Mesh, **kwargs):
+  """jit(shard_map(train_step)): state replicated, batch sharded over the data axis, state donated."""
+  fn = functools.partial(train_step, **kwargs)
+  sharded = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+                          out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def compile_eval_step(mesh: Mesh, **kwargs):
+  """jit(shard_map(eval_step)) returning replicated sums."""
+  fn = functools.partial(eval_step, **kwargs)
+  sharded = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+                          out_specs=PartitionSpec(), check_vma=False)
+  return jax.jit(sharded)

@@ -1,0 +1,340 @@
+"""The training loop: build everything from a config, train, evaluate, checkpoint, resume.
+
+`train_and_evaluate(config, workdir)` is the whole program behind `launch.py`; the compiled steps
+live in `jaxsam.steps`, devices in `jaxsam.parallel`, checkpoints in `jaxsam.checkpoint`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxsam import checkpoint as ckpt_lib
+from jaxsam import errors, models, optim, parallel, steps, writers
+from jaxsam.data import augment as augment_lib
+from jaxsam.data import pipeline, sources
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a config resolves to once the data is known (shared by train, eval and analysis)."""
+  data: sources.DatasetArrays
+  model: Any  # flax module
+  step_config: steps.StepConfig
+  num_classes: int
+  mesh: Any
+  steps_per_epoch: int
+  total_steps: int
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  if config.dtype not in DTYPES:
+    raise errors.ConfigError(f"dtype={config.dtype!r} is unknown; known: {', '.join(DTYPES)}")
+  return DTYPES[config.dtype]
+
+
+def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays):
+  """ImageNet statistics for pretrained backbones (what their weights expect), else the data's."""
+  mode = config.model.normalization
+  if mode == "auto":
+    mode = "imagenet" if config.model.pretrained else "dataset"
+  if mode == "imagenet":
+    return steps.IMAGENET_MEAN, steps.IMAGENET_STD
+  if mode == "dataset":
+    return tuple(data.mean), tuple(data.std)
+  raise errors.ConfigError(
+      f"model.normalization={mode!r} is unknown; known: auto, imagenet, dataset")
+
+
+def sam_group_size(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
+  """Examples per SAM ascent group (m); checks that sam.m divides the per-device batch."""
+  m = config.sam.m
+  if m < 0 or (m and per_device_batch % m):
+    raise errors.ConfigError(
+        f"sam.m={m} must be 0 (the per-device batch) or divide the per-device batch "
+        f"{per_device_batch}")
+  return m or per_device_batch
+
+
+def build_setup(config: ml_collections.ConfigDict, mesh=None,
+                data: sources.DatasetArrays | None = None) -> Setup:
+  """Loads the data and resolves model, step settings and step counts from the config."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  parallel.per_process_batch_size(config.batch_size, mesh)
+  parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
+  data = sources.load_dataset(config.dataset) if data is None else data
+  num_classes = config.model.num_classes or data.num_classes
+  native = data.train.images.shape[1]
+  image_size = config.model.image_size or native
+  mean, std = normalization(config, data)
+  per_device = config.batch_size // mesh.devices.size
+  step_config = steps.StepConfig(
+      image_size=image_size, mean=mean, std=std, dtype=compute_dtype(config),
+      label_smoothing=config.label_smoothing,
+      sam_group_size=0 if not config.sam.rho else sam_group_size(config, per_device))
+  model = models.create_model(config.model, num_classes=num_classes, dtype=step_config.dtype)
+  spe = pipeline.steps_per_epoch(len(data.train.labels), config.batch_size)
+  total = int(config.num_epochs * spe)
+  if config.max_steps:
+    total = min(total, config.max_steps)
+  return Setup(data=data, model=model, step_config=step_config, num_classes=num_classes,
+               mesh=mesh, steps_per_epoch=spe, total_steps=total)
+
+
+def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
+  """Fresh (or pretrained) variables and optimizer state on the host."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
+  size = setup.step_config.image_size
+  dummy = jnp.zeros((1, size, size, 3), setup.step_config.dtype)
+  variables = jax.jit(lambda r, d: setup.model.init({"params": r, "dropout": d}, dummy,
+                                                    train=False))(init_rng, dropout_rng)
+  if config.model.pretrained:
+    variables = models.pretrained.load_pretrained(config.model.pretrained, config.model, variables)
+  params = variables["params"]
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=step_rng)
+
+
+def make_optimizer(config, setup: Setup):
+  axis = parallel.DATA_AXIS
+  if setup.step_config.sam_group_size and (
+      setup.step_config.sam_group_size < config.batch_size // setup.mesh.devices.size):
+    axis = (parallel.DATA_AXIS, steps.GROUP_AXIS)
+  return optim.make_optimizer(config, setup.steps_per_epoch, axis_name=axis)
+
+
+def evaluate(eval_step, state: steps.TrainState, setup: Setup, global_batch: int) -> dict:
+  """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
+  totals = None
+  for batch in pipeline.eval_batches(setup.data.test, global_batch=global_batch,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = parallel.fetch(totals)
+  count = float(totals["count"])
+  return {
+      "test/loss": float(totals["loss"]) / count,
+      "test/accuracy": float(totals["correct"]) / count,
+      "test/top5": float(totals["correct_top5"]) / count,
+      "test/count": int(count),
+      "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)
+                             ).tolist(),
+  }
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Creates the workdir and writes config.json; refuses a workdir holding another config's run."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.ConfigError(f"--workdir={workdir} is a file; give a directory path")
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = config_to_json(config)
+  if os.path.exists(path) and not overwrite:
+    with open(path) as f:
+      old = json.load(f)
+    diff = _config_diff(old, json.loads(new))
+    if diff:
+      raise errors.ConfigError(
+          f"--workdir={workdir} holds a run of another config (differs in {', '.join(diff[:5])}); "
+          "use a new --workdir, or --overwrite to replace it")
+  if not parallel.is_main_process():
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(new)
+    os.replace(path + ".tmp", path)
+  except OSError as e:
+    raise errors.ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from e
+
+
+# Keys that may change between a run and its resumption without making it another run.
+_RESUMABLE_KEYS = {"max_steps", "progress_bar", "wandb.mode", "log_every_steps"}
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+  keys = sorted(set(old) | set(new))
+  out = []
+  for k in keys:
+    name = prefix + k
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_diff(a, b, name + ".")
+    elif a != b and name not in _RESUMABLE_KEYS:
+      out.append(name)
+  return out
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit 0)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _mean_window(window: list[dict]) -> dict:
+  return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+
+
+def _first_nonfinite(window: list[dict], first_step: int) -> int | None:
+  for i, w in enumerate(window):
+    if not math.isfinite(w["train/loss"]):
+      return first_step + i
+  return None
+
+
+class TrainingError(Exception):
+  """Training cannot go on (e.g. the loss became non-finite); the last good checkpoint is kept."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       overwrite: bool = False) -> dict:
+  """Trains and evaluates as the config says; resumes from the workdir's latest checkpoint."""
+  pipeline.hide_gpus_from_tf()
+  prepare_workdir(config, workdir, overwrite)
+  setup = build_setup(config)
+  tx, lr_schedule = make_optimizer(config, setup)
+  state = create_train_state(config, setup, tx)
+  state = parallel.replicate(state, setup.mesh)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
+  meta = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
+  latest = checkpointer.latest_path()
+  if latest:
+    state, meta = ckpt_lib.restore(latest, ckpt_lib.abstract_like(state))
+  start_step = int(parallel.fetch(state.step))
+  main = parallel.is_main_process()
+  writer = writers.JsonlWriter(workdir, resume_step=start_step if latest else None) if main \
+      else writers.MultiWriter([])
+  if main:
+    print(f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
+          f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
+          f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
+          + (f"resuming at step {start_step}" if latest else "fresh start"), flush=True)
+  train_step = steps.compile_train_step(setup.mesh, model=setup.model, tx=tx,
+                                        lr_schedule=lr_schedule, cfg=setup.step_config)
+  eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
+  augment = augment_lib.make_train_augment(config.augment,
+                                           image_shape=setup.data.train.images.shape[1:])
+  batches = pipeline.train_batches(setup.data.train, augment, seed=config.seed,
+                                   global_batch=config.batch_size, start_step=start_step,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  spe, total = setup.steps_per_epoch, setup.total_steps
+  window = list(meta["window"])
+  last_eval = None
+  t_start, t_window = time.time(), time.time()
+  wall_before = float(meta["wall_time"])
+  bar = tqdm.tqdm(total=total, initial=start_step, disable=not (main and config.progress_bar),
+                  unit="step", dynamic_ncols=True, leave=False)
+  pending = []  # device metrics not yet fetched (fetching every step would stall the pipeline)
+  step = saved_step = start_step
+  with _Preemption() as preemption:
+    while step < total:
+      state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh))
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      epoch_end = step % spe == 0 or step == total
+      if step % config.log_every_steps == 0 or epoch_end or preemption.requested:
+        window += [{k: float(v) for k, v in m.items()} for m in parallel.fetch(pending)]
+        pending = []
+        bad = _first_nonfinite(window, step - len(window) + 1)
+        if bad is not None:
+          raise TrainingError(
+              f"non-finite train loss at step {bad}; last good checkpoint: "
+              f"{checkpointer.latest_path() or 'none'}; try a lower optimizer.learning_rate")
+        if step % config.log_every_steps == 0 or epoch_end:
+          now = time.time()
+          record = {"step": step, "epoch": step / spe, **_mean_window(window),
+                    "images_per_sec": len(window) * config.batch_size / max(now - t_window, 1e-9)}
+          writer.write(record)
+          bar.set_postfix(loss=f"{record['train/loss']:.4f}",
+                          acc=f"{100 * record['train/accuracy']:.2f}%",
+                          img_s=f"{record['images_per_sec']:.0f}")
+          window, t_window = [], now
+      if epoch_end:
+        epoch = math.ceil(step / spe)
+        is_last = step == total
+        best_metrics = None
+        if epoch % config.eval_every_epochs == 0 or is_last:
+          last_eval = evaluate(eval_step, state, setup, config.eval_batch_size)
+          writer.write({"step": step, "epoch": epoch,
+                        **{k: v for k, v in last_eval.items() if k.startswith("test/")
+                           and k != "test/count"}})
+          acc = last_eval["test/accuracy"]
+          if meta["best_accuracy"] is None or acc > meta["best_accuracy"]:
+            meta["best_accuracy"], meta["best_epoch"] = acc, epoch
+          best_metrics = {"test/accuracy": acc}
+          if main:
+            bar.write(f"epoch {epoch:3d} | step {step} | train loss {record['train/loss']:.4f} "
+                      f"acc {100 * record['train/accuracy']:.2f}% | test loss "
+                      f"{last_eval['test/loss']:.4f} acc {100 * acc:.2f}% top5 "
+                      f"{100 * last_eval['test/top5']:.2f}% | {record['images_per_sec']:.0f} img/s")
+        meta.update(epoch=epoch, wall_time=wall_before + time.time() - t_start, window=window,
+                    last_accuracy=None if last_eval is None else last_eval["test/accuracy"])
+        if epoch % config.checkpoint_every_epochs == 0 or is_last:
+          checkpointer.save(step, state, meta, best_metrics=best_metrics)
+          saved_step = step
+        t_window = time.time()  # images/s measures training, not eval or checkpointing
+      if preemption.requested:
+        meta.update(wall_time=wall_before + time.time() - t_start, window=window)
+        if saved_step != step:
+          checkpointer.save(step, state, meta)
+        if main:
+          bar.write(f"jaxsam: preempted at step {step}; checkpoint saved, rerun to resume")
+        break
+  bar.close()
+  checkpointer.close()
+  writer.close()
+  summary = {
+      "final_test_accuracy": meta.get("last_accuracy"),
+      "best_test_accuracy": meta["best_accuracy"],
+      "best_epoch": meta["best_epoch"],
+      "steps": step,
+      "epochs": step / spe,
+      "wall_time_s": wall_before + time.time() - t_start,
+      "num_devices": int(setup.mesh.devices.size),
+      "num_processes": jax.process_count(),
+      "sam_m": setup.step_config.sam_group_size,
+      "completed": step >= total,
+  }
+  if main and step >= total:
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary

@@ -1,0 +1,70 @@
+"""Command line: `python launch.py --config=configs/quickstart.py [--workdir=DIR] [--config.KEY=V]`.
+
+Thin by design: parses flags, then calls `jaxsam.train.train_and_evaluate` (or the eval mode).
+Bad input (unknown key, wrong type, missing file, bad workdir...) prints one line and exits 2.
+"""
+
+import datetime
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py); override keys with --config.KEY=V.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder (default runs/<config-name>-<UTC timestamp>); rerun to resume.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or eval a saved model.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval: checkpoint folder (default latest).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Reuse a workdir that holds a run of a different config.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, but a bad flag is one line and exit code 2 (absl's default prints usage, 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  return os.path.join("runs", f"{name}-{stamp}")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
+  if _CONFIG.value is None:
+    _fail("--config is required, e.g. --config=configs/quickstart.py")
+  # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
+  from jaxsam import errors, train
+
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  try:
+    if _MODE.value == "train":
+      summary = train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
+      if summary["completed"] and summary["final_test_accuracy"] is not None:
+        print(f"jaxsam: done in {summary['wall_time_s']:.0f}s: final test accuracy "
+              f"{100 * summary['final_test_accuracy']:.2f}% (best "
+              f"{100 * summary['best_test_accuracy']:.2f}%), workdir {workdir}")
+    else:
+      from jaxsam import evaluate
+      evaluate.evaluate_checkpoint(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value)
+  except errors.UserError as e:
+    _fail(str(e))
+  except train.TrainingError as e:
+    _fail(str(e), code=1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
