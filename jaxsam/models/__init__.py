@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxsam.errors import ConfigError
-from jaxsam.models import resnet
+from jaxsam.models import efficientnet, pretrained, resnet, wide_resnet  # noqa: F401
 
 
 def _opt(model_config, key: str, default):
@@ -50,11 +50,43 @@ def _cifar_resnet(depth: int, model_config, num_classes: int, dtype: Any) -> nn.
   )
 
 
+def _wide_resnet(depth: int, k: int, model_config, num_classes: int, dtype: Any) -> nn.Module:
+  return wide_resnet.wide_resnet(
+    depth,
+    k,
+    num_classes,
+    dropout_rate=_rate(model_config, "dropout_rate", 0.0),
+    freeze_bn=bool(_opt(model_config, "freeze_bn", False)),
+    dtype=dtype,
+  )
+
+
+def _efficientnet(variant: str, layout: str, model_config, num_classes: int, dtype: Any) -> nn.Module:
+  default_dropout = efficientnet.VARIANTS[variant][3]
+  return efficientnet.efficientnet(
+    variant,
+    num_classes,
+    dropout_rate=_rate(model_config, "dropout_rate", default_dropout),
+    drop_connect_rate=_rate(model_config, "drop_connect_rate", 0.2),
+    layout=layout,
+    freeze_bn=bool(_opt(model_config, "freeze_bn", False)),
+    dtype=dtype,
+  )
+
+
 Constructor = Callable[[Any, int, Any], nn.Module]
 
 MODELS: dict[str, Constructor] = {
   **{f"resnet{d}": functools.partial(_imagenet_resnet, d) for d in (18, 34, 50, 101, 152)},
   **{f"resnet{d}": functools.partial(_cifar_resnet, d) for d in (8, 20, 32, 56)},
+  "wrn28_10": functools.partial(_wide_resnet, 28, 10),
+  # Keras / TF layout (TF "SAME" padding): imports Keras EfficientNetB0..B7 weight files.
+  **{f"efficientnet_{v}": functools.partial(_efficientnet, v, "keras") for v in efficientnet.VARIANTS},
+  # torchvision layout (symmetric padding, torch BN eps): imports torchvision efficientnet_b0..b7.
+  **{
+    f"efficientnet_{v}_torchvision": functools.partial(_efficientnet, v, "torchvision")
+    for v in efficientnet.VARIANTS
+  },
 }
 
 

@@ -1,0 +1,56 @@
+r"""Converts a torchvision/timm/Keras weight file once into jaxsam's own format, for fast launches.
+
+  python -m jaxsam.convert --model=resnet50 --input=resnet50.pth --output=resnet50.safetensors
+  python -m jaxsam.convert --model=resnet50 --resnet_v1 --input=resnet50_keras.h5 \
+      --output=resnet50_v1.safetensors
+  python -m jaxsam.convert --model=efficientnet_b0 --input=efficientnetb0.h5 --output=b0.msgpack
+
+The output (.safetensors or .msgpack) holds the Flax variables under '/'-joined names and records
+the model's layout; point `config.model.pretrained` at it. Every tensor is checked against the
+model's shapes (computed with jax.eval_shape, so nothing is compiled).
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+
+from jaxsam import models
+from jaxsam.errors import UserError
+from jaxsam.models import pretrained
+
+_MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. resnet50", required=True)
+_INPUT = flags.DEFINE_string("input", None, "weight file to convert", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "output .safetensors or .msgpack", required=True)
+_RESNET_V1 = flags.DEFINE_bool("resnet_v1", False, "v1 layout (Keras' ResNet50 weights)")
+
+
+def convert(model_name: str, input_path: str, output_path: str, resnet_v1: bool = False) -> int:
+  """Converts `input_path` for `model_name`; returns the number of tensors written."""
+  model_config = ml_collections.ConfigDict({"name": model_name, "resnet_v1": resnet_v1})
+  tensors = pretrained.to_flax_names(input_path, model_config)
+  head = [v for k, v in tensors.items() if k in ("params/fc/bias", "params/predictions/bias")]
+  num_classes = int(head[0].shape[0]) if head else 1000
+  module = models.create_model(model_config, num_classes=num_classes)
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
+  flat_shapes = {k: v.shape for k, v in pretrained._flatten(shapes).items()}
+  taken = pretrained.match(tensors, flat_shapes, repr(input_path))
+  pretrained.save_variables(output_path, {k: tensors[k] for k in taken}, model_config)
+  return len(taken)
+
+
+def main(argv):
+  del argv
+  try:
+    count = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, _RESNET_V1.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"wrote {count} tensors for {_MODEL.value} to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
