@@ -90,3 +90,58 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint_keep = 2
   config.progress_bar = True
   return config
+
+
+# Augmentation presets: the study configs differ from one another in one of these calls.
+def use_cutout(config: ml_collections.ConfigDict, size: int = 16) -> ml_collections.ConfigDict:
+  """Crop + flip + Cutout of `size` native pixels (the original applied 16 px after upscaling to
+  224, i.e. about 2 px of the 32 px image; 16 native px is DeVries & Taylor's CIFAR setting)."""
+  config.augment.cutout_size = size
+  config.augment.randaugment.num_ops = 0
+  config.augment.autoaugment = ""
+  return config
+
+
+def use_randaugment(config: ml_collections.ConfigDict, num_ops: int = 2,
+                    magnitude: int = 9) -> ml_collections.ConfigDict:
+  """Crop + flip + RandAugment(N, M) (Cubuk et al. 2019), no Cutout, as the original's RA runs."""
+  config.augment.cutout_size = 0
+  config.augment.randaugment.num_ops = num_ops
+  config.augment.randaugment.magnitude = magnitude
+  config.augment.autoaugment = ""
+  return config
+
+
+def use_autoaugment(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Crop + flip + AutoAugment's CIFAR-10 policy + Cutout 16 (Cubuk et al. 2018's CIFAR recipe)."""
+  config.augment.cutout_size = 16
+  config.augment.randaugment.num_ops = 0
+  config.augment.autoaugment = "cifar10"
+  return config
+
+
+PRETRAINED_RESNET50 = "weights/resnet50_torchvision.msgpack"
+
+
+def original_study(rho: float) -> ml_collections.ConfigDict:
+  """The original report's setup, made apples to apples: ImageNet-pretrained ResNet-50 on
+  CIFAR-100 at 224 px, 50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay
+  1e-4 for both optimizers (the original's SAM runs silently had a constant lr and no decay)."""
+  config = get_base_config()
+  config.dataset.name = "cifar100"
+  config.model.name = "resnet50"
+  config.model.image_size = 224
+  config.model.pretrained = PRETRAINED_RESNET50
+  config.num_epochs = 50
+  config.batch_size = 256
+  config.eval_batch_size = 500
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 1e-4
+  config.schedule.name = "cosine"
+  config.sam.rho = rho
+  config.augment.crop_padding = 4
+  config.augment.crop_fill = "constant"  # torchvision RandomCrop(32, padding=4), as the original
+  config.augment.flip = True
+  config.log_every_steps = 100
+  return config

@@ -1,0 +1,17 @@
+"""The original study, SAM (rho 0.05) + RandAugment(2, 9): ImageNet-pretrained ResNet-50, CIFAR-100 at 224 px.
+
+  python -m jaxsam.convert --model=resnet50 --input=resnet50-0676ba61.pth \
+      --output=weights/resnet50_torchvision.msgpack      # once: torchvision's ImageNet weights
+  python launch.py --config=configs/sam_ra.py
+
+50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay 1e-4.
+The original PyTorch run reported 78.72 % test accuracy (with a constant lr and no weight
+decay on its SAM runs, and Cutout applied after upscaling). jaxsam's number: not measured yet (needs CIFAR-100 and a GPU).
+Runtime: about 50 x 196 steps; a few hours on 4 GPUs (SAM costs 2x SGD per step).
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.use_randaugment(common.original_study(rho=0.05))
