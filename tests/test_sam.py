@@ -16,6 +16,10 @@ from jaxsam import sam as sam_lib
 from jaxsam.errors import ConfigError
 
 RHO = 0.05
+# Tiny problems: compile time dominates and run time is irrelevant, so skip XLA's slow CPU passes.
+fast_jit = functools.partial(
+  jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+)
 
 
 def rel_err(a, b):
@@ -58,10 +62,11 @@ def test_matches_optax_contrib_sam(model):
   # adv_opt = chain(normalize(), sgd(rho)) (i.e. +rho g/||g||) and feeds the gradient at the
   # perturbed point to the outer optimizer: one update call = one SAM step, as ours. It has no
   # epsilon, so ours runs with eps=0.
-  keys = jax.random.split(jax.random.key(0), 3)
-  xs = jax.random.normal(keys[0], (4, 16, 8, 8, 3))
-  ys = jax.random.randint(keys[1], (4, 16), 0, 4)
-  params = model.init(keys[2], xs[0])
+  # numpy data and a jitted init: eager jax.random and flax init cost seconds of op-by-op compiles.
+  rng = np.random.default_rng(0)
+  xs = jnp.asarray(rng.normal(size=(4, 16, 8, 8, 3)), jnp.float32)
+  ys = jnp.asarray(rng.integers(0, 4, size=(4, 16)))
+  params = fast_jit(model.init)(jax.random.key(0), xs[0])
 
   def loss(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
@@ -71,7 +76,7 @@ def test_matches_optax_contrib_sam(model):
   )
   ours = sam_lib.sam(base_opt(), RHO, eps=0.0)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(fast_jit, static_argnums=0)
   def step(tx, p, state, x, y):
     grads = jax.grad(loss)(p, x, y)
     if tx is peer:
@@ -262,12 +267,12 @@ def test_zero_gradient_gives_finite_updates(variant, alpha):
 N_DEV = 8
 
 
-def mlp_params(key):
-  k1, k2 = jax.random.split(key)
+def mlp_params(seed=0):
+  rng = np.random.default_rng(seed)
   return {
-    "w1": 0.5 * jax.random.normal(k1, (5, 8)),
+    "w1": jnp.asarray(0.5 * rng.normal(size=(5, 8)), jnp.float32),
     "b1": jnp.zeros(8),
-    "w2": 0.5 * jax.random.normal(k2, (8,)),
+    "w2": jnp.asarray(0.5 * rng.normal(size=(8,)), jnp.float32),
     "b2": jnp.zeros(()),
   }
 
@@ -279,9 +284,9 @@ def mlp_loss(p, x, y):
 
 
 def dp_data(steps=3, per_dev=4):
-  kx, ky = jax.random.split(jax.random.key(1))
-  xs = jax.random.normal(kx, (steps, N_DEV * per_dev, 5))
-  ys = jax.random.normal(ky, (steps, N_DEV * per_dev))
+  rng = np.random.default_rng(1)
+  xs = jnp.asarray(rng.normal(size=(steps, N_DEV * per_dev, 5)), jnp.float32)
+  ys = jnp.asarray(rng.normal(size=(steps, N_DEV * per_dev)), jnp.float32)
   return xs, ys
 
 
@@ -290,7 +295,7 @@ def run_sharded(tx, params, xs, ys):
   assert len(jax.devices()) >= N_DEV, "tests/conftest.py forces 8 CPU devices"
   mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Auto,))
 
-  @jax.jit
+  @fast_jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()))
   def step(p, state, x, y):
     local = jax.lax.pcast(p, "data", to="varying")  # else autodiff psums the gradient of replicated params
@@ -306,11 +311,15 @@ def run_sharded(tx, params, xs, ys):
 
 
 def run_single(tx, params, xs, ys):
-  loss = jax.jit(jax.value_and_grad(mlp_loss))
+  @fast_jit
+  def step(p, state, x, y):
+    grad_fn = lambda q: jax.value_and_grad(mlp_loss)(q, x, y)  # noqa: E731
+    updates, state = tx.update(jax.grad(mlp_loss)(p, x, y), state, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, updates), state
+
   state = tx.init(params)
   for x, y in zip(xs, ys):
-    updates, state = tx.update(jax.grad(mlp_loss)(params, x, y), state, params, grad_fn=lambda q: loss(q, x, y))
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state, x, y)
   return params, state
 
 
@@ -318,7 +327,7 @@ def per_shard_reference(params, xs, ys, variant="sam", alpha=0.0):
   """Hand-computed m-sharpness: each shard ascends with its own gradient; perturbed gradients are averaged."""
   base = base_opt()
   b_state = base.init(params)
-  grad = jax.grad(mlp_loss)
+  grad = fast_jit(jax.grad(mlp_loss))
   for x, y in zip(xs, ys):
     gs, gcs = [], []
     for xi, yi in zip(jnp.split(x, N_DEV), jnp.split(y, N_DEV)):
@@ -338,7 +347,7 @@ def per_shard_reference(params, xs, ys, variant="sam", alpha=0.0):
 
 
 def test_sync_sharded_equals_single_device_full_batch():
-  params, (xs, ys) = mlp_params(jax.random.key(0)), dp_data()
+  params, (xs, ys) = mlp_params(), dp_data()
   tx_dp = sam_lib.sam(base_opt(), RHO, sync=True, axis_name="data")
   p_dp, s_dp = run_sharded(tx_dp, params, xs, ys)
   p_one, s_one = run_single(sam_lib.sam(base_opt(), RHO), params, xs, ys)
@@ -349,7 +358,7 @@ def test_sync_sharded_equals_single_device_full_batch():
 
 @pytest.mark.parametrize("variant,alpha", [("sam", 0.0), ("gsam", 0.5)])
 def test_per_device_ascent_equals_per_shard_reference(variant, alpha):
-  params, (xs, ys) = mlp_params(jax.random.key(0)), dp_data()
+  params, (xs, ys) = mlp_params(), dp_data()
   tx = sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha, sync=False, axis_name="data")
   p_dp, _ = run_sharded(tx, params, xs, ys)
   p_ref = per_shard_reference(params, xs, ys, variant, alpha)
@@ -360,7 +369,7 @@ def test_per_device_ascent_equals_per_shard_reference(variant, alpha):
 
 
 def test_rho_zero_sharded_is_base_on_the_averaged_gradient():
-  params, (xs, ys) = mlp_params(jax.random.key(0)), dp_data()
+  params, (xs, ys) = mlp_params(), dp_data()
   p_dp, _ = run_sharded(sam_lib.sam(base_opt(), 0.0, axis_name="data"), params, xs, ys)
   base = base_opt()
   state = base.init(params)
@@ -449,3 +458,10 @@ def test_bad_base_and_gsam_schedule_arguments():
     sam_lib.gsam_rho_schedule(0.1, lr_max=0.1, lr_min=0.0, rho_max=0.01, rho_min=0.05)
   with pytest.raises(ConfigError, match="lr_max=0.0 < lr_min=0.1"):
     sam_lib.gsam_rho_schedule(0.1, lr_max=0.0, lr_min=0.1, rho_max=0.05, rho_min=0.0)
+
+
+def test_docstring_examples_run():
+  import doctest
+
+  result = doctest.testmod(sam_lib, verbose=False)
+  assert result.attempted >= 2 and result.failed == 0
