@@ -1,0 +1,671 @@
+"""Train-time augmentation of uint8 batches in core TF ops: RandAugment / AutoAugment, crop, flip, Cutout.
+
+Every op works on a whole batch [B, H, W, C] with one argument per example, so a batch costs a
+handful of TF kernels instead of B per-example `tf.switch_case` calls (the per-example form ran at
+~1-2k images/s on 2 cores). A RandAugment round decomposes its 14 ops into three kinds and applies
+each kind once to the whole batch, examples that drew another kind passing through unchanged:
+  * per-channel lookup tables (identity, autocontrast, equalize, solarize, posterize, contrast,
+    brightness, invert): one LUT [B, C, 256] per example, one gather;
+  * affine maps (rotate, shear_x/y, translate_x/y): one `ImageProjectiveTransformV3` call;
+  * blends with a derived image (color: grey, sharpness: 3x3 smooth).
+Ops reproduce PIL (ImageOps / ImageEnhance / Image.transform with NEAREST) bit for bit up to float
+rounding: blends compute in float32 and truncate as PIL's C code does; affine maps use PIL's
+pixel-centre convention. Randomness is stateless and per example: a counter-based hash of each
+example's seed, so an example's augmentation does not depend on which batch or process holds it.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Sequence
+
+import tensorflow as tf
+
+from jaxsam.errors import ConfigError
+
+MAX_LEVEL = 10.0  # TF's RandAugment magnitude scale: 0..10
+FILL_VALUE = 128  # grey for pixels an affine op uncovers and for Cutout (TF's `replace` value)
+# Max translation as a fraction of the side: 10 px at 32 px, as the CIFAR AutoAugment code that
+# searched the CIFAR-10 policy (TF's ImageNet code uses 100 px at 224, ~0.45).
+TRANSLATE_FRACTION = 10.0 / 32.0
+CROP_FILLS = ("reflect", "constant")
+
+# ------------------------------------------------------------------------- per-example randomness
+
+
+def _mix32(x: tf.Tensor) -> tf.Tensor:
+  """A 32-bit integer hash with good avalanche (C. Wellons' "lowbias32")."""
+  x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+  x = x * tf.constant(0x7FEB352D, tf.uint32)
+  x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+  x = x * tf.constant(0x846CA68B, tf.uint32)
+  return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def uniform(seeds: tf.Tensor, stream: int) -> tf.Tensor:
+  """Per-example uniform float32 in [0, 1) for random stream `stream`; seeds int [B, 2].
+
+  Why a hash: TF's stateless samplers take one seed per call, and `index_shuffle`'s batched seeds
+  give correlated values for neighbouring counters. Hashing (seed, stream) keeps every example's
+  draws a pure function of its own seed, vectorised over the batch.
+  """
+  seeds = tf.cast(seeds, tf.int64)
+  x = tf.fill(tf.shape(seeds)[:1], tf.constant(stream * 0x9E3779B9 % 2**32 + 1, tf.uint32))
+  x = _mix32(x)
+  for column in range(2):
+    word = seeds[:, column]
+    for shift in (0, 32):
+      part = tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, shift), 0xFFFFFFFF),
+                     tf.uint32)
+      x = _mix32(tf.bitwise.bitwise_xor(x, part))
+  # Top 24 bits: exactly representable in float32, so the result is < 1.
+  return tf.cast(tf.bitwise.right_shift(x, 8), tf.float32) * (1.0 / 2**24)
+
+
+def _randint(seeds: tf.Tensor, stream: int, n) -> tf.Tensor:
+  """Per-example integer uniform in [0, n) (int32 [B])."""
+  n = tf.cast(n, tf.float32)
+  return tf.minimum(tf.cast(tf.floor(uniform(seeds, stream) * n), tf.int32),
+                    tf.cast(n, tf.int32) - 1)
+
+
+# Stream numbers: each random decision draws from its own stream of the example's seed.
+_STREAM_CROP_Y, _STREAM_CROP_X, _STREAM_FLIP, _STREAM_CUTOUT_Y, _STREAM_CUTOUT_X = range(5)
+_STREAM_AA_POLICY = 10
+_STREAM_AA_APPLY = 11  # + stage
+_STREAM_AA_SIGN = 13  # + stage
+_STREAM_RA = 100  # + 2 * round (op) and + 2 * round + 1 (sign)
+
+# ------------------------------------------------------------------------------- shared helpers
+
+
+def _batch_arg(arg, images: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+  """An op argument as a [B] tensor (a scalar is broadcast over the batch)."""
+  arg = tf.cast(tf.convert_to_tensor(arg), dtype)
+  return tf.broadcast_to(tf.reshape(arg, [-1]), tf.shape(images)[:1])
+
+
+def _single_or_batch(op):
+  """Lets a batched op take one HWC image with scalar arguments too (for tests and users)."""
+
+  @functools.wraps(op)
+  def wrapper(images, *args):
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank == 3:
+      args = [tf.reshape(tf.convert_to_tensor(a), [1]) for a in args]
+      return op(images[None], *args)[0]
+    return op(images, *args)
+
+  return wrapper
+
+
+def _blend(degenerate: tf.Tensor, images: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """PIL's Image.blend(degenerate, image, factor): float32 a + f * (b - a), truncated, clipped."""
+  a = tf.cast(degenerate, tf.float32)
+  diff = tf.cast(tf.cast(images, tf.int32) - tf.cast(degenerate, tf.int32), tf.float32)
+  out = a + tf.reshape(factor, [-1, 1, 1, 1]) * diff
+  return tf.cast(tf.clip_by_value(tf.floor(out), 0.0, 255.0), tf.uint8)
+
+
+def _grey(images: tf.Tensor) -> tf.Tensor:
+  """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 2**15) >> 16, int32 [B, H, W, 1]."""
+  x = tf.cast(images, tf.int32)
+  weighted = x[..., 0:1] * 19595 + x[..., 1:2] * 38470 + x[..., 2:3] * 7471 + 0x8000
+  return tf.bitwise.right_shift(weighted, 16)
+
+
+# ---------------------------------------------------------------------------- lookup-table ops
+
+
+class _Stats:
+  """Per-image statistics that LUT ops need, computed once per batch on first use."""
+
+  def __init__(self, images: tf.Tensor):
+    self.images = images
+    self.batch = tf.shape(images)[0]
+    self.channels = images.shape[-1]
+    self._hist = None
+    self._grey_mean = None
+
+  @property
+  def hist(self) -> tf.Tensor:
+    """Per-image, per-channel histograms, int32 [B, C, 256], by one bincount."""
+    if self._hist is None:
+      self._hist = tf.reshape(
+          tf.math.bincount(_lut_index(self.images), minlength=self.batch * self.channels * 256,
+                           maxlength=self.batch * self.channels * 256, dtype=tf.int32),
+          [self.batch, self.channels, 256])
+    return self._hist
+
+  @property
+  def grey_mean(self) -> tf.Tensor:
+    """int(mean(L) + 0.5) per image, as PIL's ImageEnhance.Contrast; float32 [B]."""
+    if self._grey_mean is None:
+      mean = tf.reduce_mean(tf.cast(_grey(self.images), tf.float64), axis=[1, 2, 3])
+      self._grey_mean = tf.cast(tf.floor(mean + 0.5), tf.float32)
+    return self._grey_mean
+
+  def identity(self) -> tf.Tensor:
+    return tf.broadcast_to(tf.range(256, dtype=tf.int32), [self.batch, self.channels, 256])
+
+
+def _lut_index(images: tf.Tensor) -> tf.Tensor:
+  """Flat index (b * C + c) * 256 + value of every pixel, int32 [B, H, W, C]."""
+  batch, channels = tf.shape(images)[0], images.shape[-1]
+  offsets = tf.reshape(tf.range(batch * channels, dtype=tf.int32) * 256, [-1, 1, 1, channels])
+  return tf.cast(images, tf.int32) + offsets
+
+
+def _apply_lut(images: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
+  """Maps every pixel through its image's and channel's table (lut int32 [B, C, 256])."""
+  flat = tf.reshape(tf.clip_by_value(lut, 0, 255), [-1])
+  return tf.cast(tf.gather(flat, _lut_index(images)), tf.uint8)
+
+
+def _autocontrast_lut(stats: _Stats, arg) -> tf.Tensor:
+  """ImageOps.autocontrast: stretch [lo, hi] of each channel to [0, 255] (float64, truncated)."""
+  del arg
+  present = stats.hist > 0
+  bins = tf.range(256, dtype=tf.int32)
+  lo = tf.reduce_min(tf.where(present, bins, 256), axis=-1, keepdims=True)
+  hi = tf.reduce_max(tf.where(present, bins, -1), axis=-1, keepdims=True)
+  scale = 255.0 / tf.cast(tf.maximum(hi - lo, 1), tf.float64)
+  offset = -tf.cast(lo, tf.float64) * scale
+  stretched = tf.cast(tf.floor(tf.cast(bins, tf.float64) * scale + offset), tf.int32)
+  return tf.where(hi > lo, tf.clip_by_value(stretched, 0, 255), stats.identity())
+
+
+def _equalize_lut(stats: _Stats, arg) -> tf.Tensor:
+  """ImageOps.equalize: lut[i] = (step // 2 + #pixels below i) // step, step from the histogram."""
+  del arg
+  hist = stats.hist
+  bins = tf.range(256, dtype=tf.int32)
+  last_bin = tf.reduce_max(tf.where(hist > 0, bins, -1), axis=-1, keepdims=True)
+  last_count = tf.reduce_sum(tf.where(tf.equal(bins, last_bin), hist, 0), axis=-1, keepdims=True)
+  step = (tf.reduce_sum(hist, axis=-1, keepdims=True) - last_count) // 255
+  below = tf.cumsum(hist, axis=-1, exclusive=True)
+  equalized = (step // 2 + below) // tf.maximum(step, 1)
+  keep = tf.logical_or(tf.equal(step, 0),
+                       tf.reduce_sum(tf.cast(hist > 0, tf.int32), -1, keepdims=True) <= 1)
+  return tf.where(keep, stats.identity(), equalized)
+
+
+def _invert_lut(stats: _Stats, arg) -> tf.Tensor:
+  """ImageOps.invert: 255 - value."""
+  del arg
+  return 255 - stats.identity()
+
+
+def _identity_lut(stats: _Stats, arg) -> tf.Tensor:
+  del arg
+  return stats.identity()
+
+
+def _solarize_lut(stats: _Stats, threshold) -> tf.Tensor:
+  """ImageOps.solarize: values >= threshold are inverted."""
+  values = stats.identity()
+  threshold = tf.reshape(tf.cast(threshold, tf.int32), [-1, 1, 1])
+  return tf.where(values < threshold, values, 255 - values)
+
+
+def _posterize_lut(stats: _Stats, bits) -> tf.Tensor:
+  """ImageOps.posterize: keep the `bits` most significant bits (0 bits: black)."""
+  shift = 8 - tf.reshape(tf.cast(bits, tf.int32), [-1, 1, 1])
+  return tf.bitwise.left_shift(tf.bitwise.right_shift(stats.identity(), shift), shift)
+
+
+def _brightness_lut(stats: _Stats, factor) -> tf.Tensor:
+  """ImageEnhance.Brightness: blend with black, float32 factor * value, truncated."""
+  values = tf.cast(stats.identity(), tf.float32)
+  return tf.cast(tf.floor(tf.reshape(factor, [-1, 1, 1]) * values), tf.int32)
+
+
+def _contrast_lut(stats: _Stats, factor) -> tf.Tensor:
+  """ImageEnhance.Contrast: blend with the image's mean grey level, truncated."""
+  mean = tf.reshape(stats.grey_mean, [-1, 1, 1])
+  diff = tf.cast(stats.identity(), tf.float32) - mean
+  return tf.cast(tf.floor(mean + tf.reshape(factor, [-1, 1, 1]) * diff), tf.int32)
+
+
+def _lut_op(build: Callable) -> Callable:
+  """Turns a LUT builder into an op on images: images, arg [B] -> images."""
+
+  def op(images, arg=0.0):
+    images = tf.convert_to_tensor(images)
+    return _apply_lut(images, build(_Stats(images), _batch_arg(arg, images)))
+
+  return op
+
+
+# ---------------------------------------------------------------------------------- affine ops
+
+
+def _rotate_matrix(degrees, height: int, width: int) -> tf.Tensor:
+  """PIL Image.rotate's inverse map about the centre (w/2, h/2): [B, 6] (a, b, c, d, e, f)."""
+  angle = -tf.cast(degrees, tf.float64) * (math.pi / 180.0)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  cx, cy = width / 2.0, height / 2.0
+  return tf.stack([cos, sin, -cos * cx - sin * cy + cx,
+                   -sin, cos, sin * cx - cos * cy + cy], axis=-1)
+
+
+def _shear_x_matrix(level, height: int, width: int) -> tf.Tensor:
+  """Image.transform AFFINE (1, level, 0, 0, 1, 0): x_in = x + level * y."""
+  del height, width
+  level = tf.cast(level, tf.float64)
+  zero, one = tf.zeros_like(level), tf.ones_like(level)
+  return tf.stack([one, level, zero, zero, one, zero], axis=-1)
+
+
+def _shear_y_matrix(level, height: int, width: int) -> tf.Tensor:
+  """Image.transform AFFINE (1, 0, 0, level, 1, 0): y_in = level * x + y."""
+  del height, width
+  level = tf.cast(level, tf.float64)
+  zero, one = tf.zeros_like(level), tf.ones_like(level)
+  return tf.stack([one, zero, zero, level, one, zero], axis=-1)
+
+
+def _translate_x_matrix(pixels, height: int, width: int) -> tf.Tensor:
+  """Image.transform AFFINE (1, 0, pixels, 0, 1, 0): content moves left by `pixels`."""
+  del height, width
+  pixels = tf.cast(pixels, tf.float64)
+  zero, one = tf.zeros_like(pixels), tf.ones_like(pixels)
+  return tf.stack([one, zero, pixels, zero, one, zero], axis=-1)
+
+
+def _translate_y_matrix(pixels, height: int, width: int) -> tf.Tensor:
+  """Image.transform AFFINE (1, 0, 0, 0, 1, pixels): content moves up by `pixels`."""
+  del height, width
+  pixels = tf.cast(pixels, tf.float64)
+  zero, one = tf.zeros_like(pixels), tf.ones_like(pixels)
+  return tf.stack([one, zero, zero, zero, one, pixels], axis=-1)
+
+
+def _identity_matrix(batch) -> tf.Tensor:
+  return tf.broadcast_to(tf.constant([1, 0, 0, 0, 1, 0], tf.float64), [batch, 6])
+
+
+def _apply_affine(images: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+  """Samples images at PIL's affine inverse map [B, 6], nearest neighbour, grey outside.
+
+  PIL maps output pixel centres (x + .5, y + .5) and floors; TF maps integer pixel indices and
+  rounds. Shifting the offset by (a + b - 1) / 2 makes TF's round() land on PIL's floor().
+  """
+  a, b, c, d, e, f = tf.unstack(matrix, axis=-1)
+  c = c + 0.5 * (a + b) - 0.5
+  f = f + 0.5 * (d + e) - 0.5
+  zero = tf.zeros_like(a)
+  transforms = tf.cast(tf.stack([a, b, c, d, e, f, zero, zero], axis=-1), tf.float32)
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+      fill_value=tf.constant(FILL_VALUE, tf.float32), interpolation="NEAREST",
+      fill_mode="CONSTANT")
+  out.set_shape(images.shape)  # the op's static shape is unknown in graph mode
+  return out
+
+
+def _affine_op(build: Callable) -> Callable:
+  """Turns a matrix builder into an op on images: images, arg [B] -> images."""
+
+  def op(images, arg):
+    images = tf.convert_to_tensor(images)
+    height, width = images.shape[1], images.shape[2]
+    return _apply_affine(images, build(_batch_arg(arg, images, tf.float64), height, width))
+
+  return op
+
+
+# ------------------------------------------------------------------------------------ blend ops
+
+
+def _color(images: tf.Tensor, factor) -> tf.Tensor:
+  """ImageEnhance.Color: blend with the image's grey version (PIL's L conversion)."""
+  images = tf.convert_to_tensor(images)
+  grey = tf.broadcast_to(_grey(images), tf.shape(images))
+  return _blend(grey, images, _batch_arg(factor, images))
+
+
+def _smooth(images: tf.Tensor) -> tf.Tensor:
+  """ImageFilter.SMOOTH (3x3 kernel 1,1,1 / 1,5,1 / 1,1,1, sum 13, rounded); border pixels kept."""
+  x = tf.cast(images, tf.int32)
+  padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+  height, width = tf.shape(x)[1], tf.shape(x)[2]
+  total = 4 * x
+  for dy in range(3):
+    for dx in range(3):
+      total += padded[:, dy:dy + height, dx:dx + width, :]
+  smoothed = (total + 6) // 13  # round(total / 13); never a tie as 13 is odd
+  rows = tf.range(height)
+  cols = tf.range(width)
+  inner_rows = tf.logical_and(rows > 0, rows < height - 1)
+  inner_cols = tf.logical_and(cols > 0, cols < width - 1)
+  inner = tf.logical_and(inner_rows[:, None], inner_cols[None, :])[None, :, :, None]
+  return tf.cast(tf.where(inner, smoothed, x), tf.uint8)
+
+
+def _sharpness(images: tf.Tensor, factor) -> tf.Tensor:
+  """ImageEnhance.Sharpness: blend with the SMOOTH-filtered image."""
+  images = tf.convert_to_tensor(images)
+  return _blend(_smooth(images), images, _batch_arg(factor, images))
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+  """How an op is applied: kind 'lut' | 'affine' | 'blend' and its builder or function."""
+
+  kind: str
+  build: Callable
+
+
+_SPECS = {
+    "identity": OpSpec("lut", _identity_lut),
+    "autocontrast": OpSpec("lut", _autocontrast_lut),
+    "equalize": OpSpec("lut", _equalize_lut),
+    "invert": OpSpec("lut", _invert_lut),
+    "solarize": OpSpec("lut", _solarize_lut),
+    "posterize": OpSpec("lut", _posterize_lut),
+    "brightness": OpSpec("lut", _brightness_lut),
+    "contrast": OpSpec("lut", _contrast_lut),
+    "color": OpSpec("blend", _color),
+    "sharpness": OpSpec("blend", _sharpness),
+    "rotate": OpSpec("affine", _rotate_matrix),
+    "shear_x": OpSpec("affine", _shear_x_matrix),
+    "shear_y": OpSpec("affine", _shear_y_matrix),
+    "translate_x": OpSpec("affine", _translate_x_matrix),
+    "translate_y": OpSpec("affine", _translate_y_matrix),
+}
+
+
+def _as_op(name: str) -> Callable:
+  spec = _SPECS[name]
+  if spec.kind == "lut":
+    op = _lut_op(spec.build)
+  elif spec.kind == "affine":
+    op = _affine_op(spec.build)
+  else:
+    op = spec.build
+  op = _single_or_batch(op)
+  op.__name__ = name
+  op.__doc__ = spec.build.__doc__
+  return op
+
+
+# name -> op(images uint8 [B, H, W, C] or [H, W, C], arg [B] or scalar) -> images. The argument
+# is the op's own (degrees, pixels, factor, bits, threshold); ops without one ignore it.
+OPS: dict[str, Callable] = {name: _as_op(name) for name in _SPECS}
+
+# RandAugment's 14 ops (Cubuk et al. 2019, section 3).
+RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color",
+                   "posterize", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
+                   "translate_x", "translate_y")
+
+# ------------------------------------------------------------------------ magnitude -> argument
+
+
+def _signed(value: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
+  return tf.where(negate, -value, value)
+
+
+def _enhance_arg(level, negate, size):
+  del negate, size
+  return level / MAX_LEVEL * 1.8 + 0.1
+
+
+def _no_arg(level, negate, size):
+  del negate, size
+  return tf.zeros_like(level)
+
+
+# TF's RandAugment mapping (tensorflow/models official/vision/ops/augment.py `level_to_arg`),
+# except translate: TRANSLATE_FRACTION of the side instead of a fixed 100 px.
+RANDAUGMENT_ARGS: dict[str, Callable] = {
+    "identity": _no_arg,
+    "autocontrast": _no_arg,
+    "equalize": _no_arg,
+    "invert": _no_arg,
+    "rotate": lambda level, negate, size: _signed(level / MAX_LEVEL * 30.0, negate),
+    "solarize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 256.0),
+    "posterize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 4.0),
+    "color": _enhance_arg,
+    "contrast": _enhance_arg,
+    "brightness": _enhance_arg,
+    "sharpness": _enhance_arg,
+    "shear_x": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
+    "shear_y": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
+    "translate_x": lambda level, negate, size: _signed(
+        level / MAX_LEVEL * TRANSLATE_FRACTION * size[1], negate),
+    "translate_y": lambda level, negate, size: _signed(
+        level / MAX_LEVEL * TRANSLATE_FRACTION * size[0], negate),
+}
+
+# The CIFAR-10 policy was searched with the AutoAugment code's mapping, where posterize and
+# solarize grow stronger with the level (TF's RandAugment mapping runs them the other way):
+# bits = 4 - int(level * 4 / 10), threshold = 256 - int(level * 256 / 10).
+AUTOAUGMENT_ARGS: dict[str, Callable] = {
+    **RANDAUGMENT_ARGS,
+    "posterize": lambda level, negate, size: 4.0 - tf.floor(level / MAX_LEVEL * 4.0),
+    "solarize": lambda level, negate, size: 256.0 - tf.floor(level / MAX_LEVEL * 256.0),
+}
+
+# AutoAugment's CIFAR-10 policy (Cubuk et al. 2018, appendix table): 25 sub-policies of two
+# (op, probability, level) steps; levels of argument-free ops are unused.
+AUTOAUGMENT_POLICIES: dict[str, tuple] = {
+    "cifar10": (
+        (("invert", 0.1, 7), ("contrast", 0.2, 6)),
+        (("rotate", 0.7, 2), ("translate_x", 0.3, 9)),
+        (("sharpness", 0.8, 1), ("sharpness", 0.9, 3)),
+        (("shear_y", 0.5, 8), ("translate_y", 0.7, 9)),
+        (("autocontrast", 0.5, 8), ("equalize", 0.9, 2)),
+        (("shear_y", 0.2, 7), ("posterize", 0.3, 7)),
+        (("color", 0.4, 3), ("brightness", 0.6, 7)),
+        (("sharpness", 0.3, 9), ("brightness", 0.7, 9)),
+        (("equalize", 0.6, 5), ("equalize", 0.5, 1)),
+        (("contrast", 0.6, 7), ("sharpness", 0.6, 5)),
+        (("color", 0.7, 7), ("translate_x", 0.5, 8)),
+        (("equalize", 0.3, 7), ("autocontrast", 0.4, 8)),
+        (("translate_y", 0.4, 3), ("sharpness", 0.2, 6)),
+        (("brightness", 0.9, 6), ("color", 0.2, 8)),
+        (("solarize", 0.5, 2), ("invert", 0.0, 3)),
+        (("equalize", 0.2, 0), ("autocontrast", 0.6, 0)),
+        (("equalize", 0.2, 8), ("equalize", 0.6, 4)),
+        (("color", 0.9, 9), ("equalize", 0.6, 6)),
+        (("autocontrast", 0.8, 4), ("solarize", 0.2, 8)),
+        (("brightness", 0.1, 3), ("color", 0.7, 0)),
+        (("solarize", 0.4, 5), ("autocontrast", 0.9, 3)),
+        (("translate_y", 0.9, 9), ("translate_y", 0.7, 9)),
+        (("autocontrast", 0.9, 2), ("solarize", 0.8, 3)),
+        (("equalize", 0.8, 8), ("invert", 0.1, 3)),
+        (("translate_y", 0.7, 9), ("autocontrast", 0.9, 1)),
+    ),
+}
+
+# ------------------------------------------------------------------------ batched op application
+
+
+def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: tf.Tensor,
+              negate: tf.Tensor, level_to_arg: dict[str, Callable]) -> tf.Tensor:
+  """Applies op `names[index[i]]` at `level[i]` to example i, for the whole batch at once.
+
+  Each kind runs once for the batch; an example whose op is of another kind gets the identity
+  table / matrix / no blend, so the result equals applying each example's op on its own.
+  """
+  height, width = images.shape[1], images.shape[2]
+  stats = _Stats(images)
+  lut, matrix, blends = None, None, []
+  for k, name in enumerate(names):
+    spec = _SPECS[name]
+    chosen = tf.equal(index, k)
+    arg = tf.cast(level_to_arg[name](level, negate, (height, width)), tf.float32)
+    if spec.kind == "lut":
+      lut = stats.identity() if lut is None else lut
+      lut = tf.where(chosen[:, None, None], spec.build(stats, arg), lut)
+    elif spec.kind == "affine":
+      matrix = _identity_matrix(stats.batch) if matrix is None else matrix
+      matrix = tf.where(chosen[:, None], spec.build(tf.cast(arg, tf.float64), height, width),
+                        matrix)
+    else:
+      blends.append((spec.build, chosen, arg))
+  if lut is not None:
+    images = _apply_lut(images, lut)
+  if matrix is not None:
+    images = _apply_affine(images, matrix)
+  for blend, chosen, arg in blends:
+    images = tf.where(chosen[:, None, None, None], blend(images, arg), images)
+  return images
+
+
+def randaugment(images: tf.Tensor, seeds: tf.Tensor, num_ops: int, magnitude: float) -> tf.Tensor:
+  """RandAugment: `num_ops` rounds, each applying one of the 14 ops, uniformly drawn per example,
+  at `magnitude` (0..10) with a random sign for the signed ops."""
+  level = tf.fill(tf.shape(images)[:1], tf.constant(magnitude, tf.float32))
+  for round_ in range(num_ops):
+    index = _randint(seeds, _STREAM_RA + 2 * round_, len(RANDAUGMENT_OPS))
+    negate = uniform(seeds, _STREAM_RA + 2 * round_ + 1) < 0.5
+    images = apply_ops(images, RANDAUGMENT_OPS, index, level, negate, RANDAUGMENT_ARGS)
+  return images
+
+
+def autoaugment(images: tf.Tensor, seeds: tf.Tensor, policy: str) -> tf.Tensor:
+  """AutoAugment: one sub-policy per example; each of its two steps applies with its probability."""
+  subpolicies = AUTOAUGMENT_POLICIES[policy]
+  names = ("identity",) + tuple(sorted({op for sub in subpolicies for op, _, _ in sub}))
+  choice = _randint(seeds, _STREAM_AA_POLICY, len(subpolicies))
+  for stage in range(2):
+    ops = tf.constant([names.index(sub[stage][0]) for sub in subpolicies], tf.int32)
+    probs = tf.constant([sub[stage][1] for sub in subpolicies], tf.float32)
+    levels = tf.constant([sub[stage][2] for sub in subpolicies], tf.float32)
+    apply = uniform(seeds, _STREAM_AA_APPLY + stage) < tf.gather(probs, choice)
+    index = tf.where(apply, tf.gather(ops, choice), 0)
+    negate = uniform(seeds, _STREAM_AA_SIGN + stage) < 0.5
+    images = apply_ops(images, names, index, tf.gather(levels, choice), negate, AUTOAUGMENT_ARGS)
+  return images
+
+
+# ------------------------------------------------------------------------- crop, flip, Cutout
+
+
+def random_crop(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str) -> tf.Tensor:
+  """Pads each side by `padding` (numpy-style reflect, or zeros) and crops back at a random offset."""
+  if padding == 0:
+    return images
+  height, width = tf.shape(images)[1], tf.shape(images)[2]
+  mode = "REFLECT" if fill == "reflect" else "CONSTANT"
+  padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode=mode)
+  dy = _randint(seeds, _STREAM_CROP_Y, 2 * padding + 1)
+  dx = _randint(seeds, _STREAM_CROP_X, 2 * padding + 1)
+  rows = dy[:, None] + tf.range(height)[None, :]
+  cols = dx[:, None] + tf.range(width)[None, :]
+  cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+  return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+def random_flip(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+  """Mirrors each example left-right with probability 1/2."""
+  flip = uniform(seeds, _STREAM_FLIP) < 0.5
+  return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
+def cutout(images: tf.Tensor, seeds: tf.Tensor, size: int) -> tf.Tensor:
+  """Cutout (DeVries & Taylor 2017): a `size` square of FILL_VALUE at a uniformly drawn centre,
+  clipped at the borders (so it can be smaller near an edge)."""
+  if size == 0:
+    return images
+  height, width = tf.shape(images)[1], tf.shape(images)[2]
+  top = _randint(seeds, _STREAM_CUTOUT_Y, height) - size // 2
+  left = _randint(seeds, _STREAM_CUTOUT_X, width) - size // 2
+  rows = tf.range(height)[None, :]
+  cols = tf.range(width)[None, :]
+  in_rows = tf.logical_and(rows >= top[:, None], rows < top[:, None] + size)
+  in_cols = tf.logical_and(cols >= left[:, None], cols < left[:, None] + size)
+  mask = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])[..., None]
+  return tf.where(mask, tf.constant(FILL_VALUE, images.dtype), images)
+
+
+# ------------------------------------------------------------------------------------ factory
+
+
+def _check_config(augment_config, image_shape) -> None:
+  """ConfigError (one line) for any augment value out of range or inconsistent."""
+  height, width = image_shape[0], image_shape[1]
+  padding = augment_config.crop_padding
+  if not isinstance(padding, int) or padding < 0:
+    raise ConfigError(f"augment.crop_padding={padding!r}; expected an int >= 0 (0 = no crop)")
+  if augment_config.crop_fill not in CROP_FILLS:
+    raise ConfigError(f"augment.crop_fill={augment_config.crop_fill!r}; expected one of "
+                      f"{list(CROP_FILLS)}")
+  if augment_config.crop_fill == "reflect" and padding >= min(height, width):
+    raise ConfigError(f"augment.crop_padding={padding} with crop_fill='reflect' must be < the "
+                      f"image side {min(height, width)}")
+  size = augment_config.cutout_size
+  if not isinstance(size, int) or size < 0:
+    raise ConfigError(f"augment.cutout_size={size!r}; expected an int >= 0 (0 = off)")
+  num_ops = augment_config.randaugment.num_ops
+  if not isinstance(num_ops, int) or num_ops < 0:
+    raise ConfigError(f"augment.randaugment.num_ops={num_ops!r}; expected an int >= 0 (0 = off)")
+  magnitude = augment_config.randaugment.magnitude
+  if not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= MAX_LEVEL:
+    raise ConfigError(f"augment.randaugment.magnitude={magnitude!r}; expected a number in "
+                      f"[0, {MAX_LEVEL:g}] (TF's RandAugment scale)")
+  policy = augment_config.autoaugment
+  if policy and policy not in AUTOAUGMENT_POLICIES:
+    raise ConfigError(f"augment.autoaugment={policy!r}; expected '' (off) or one of "
+                      f"{list(AUTOAUGMENT_POLICIES)}")
+  if policy and num_ops > 0:
+    raise ConfigError(f"augment.autoaugment={policy!r} and augment.randaugment.num_ops={num_ops} "
+                      f"are both set; use one of them (set the other to '' / 0)")
+  if len(image_shape) != 3 or image_shape[2] != 3:
+    raise ConfigError(f"augmentation needs RGB images [H, W, 3], got image_shape={image_shape}")
+
+
+def make_train_augment(augment_config, image_shape=(32, 32, 3)):
+  """Builds the train augmentation from `config.augment`.
+
+  Order: RandAugment or AutoAugment, then random crop with padding, horizontal flip, Cutout —
+  as the CIFAR AutoAugment code. All work on uint8 at native resolution. Cutout's size is in
+  native pixels: the original project applied 16 px Cutout after upscaling to 224 px, i.e.
+  ~2 px of a 32 px image; `cutout_size=16` here is the 16-of-32 px of DeVries & Taylor.
+
+  Args:
+    augment_config: `config.augment` (crop_padding, crop_fill, flip, cutout_size,
+      randaugment.num_ops, randaugment.magnitude, autoaugment).
+    image_shape: (H, W, 3) of the images the function will see.
+
+  Returns:
+    `augment(images, seeds)`: images uint8 [B, H, W, 3], seeds int32/int64 [B, 2] (one stateless
+    seed per example) -> uint8 [B, H, W, 3]. A pure function of its inputs: usable eagerly and
+    in `tf.data.Dataset.map` after `.batch()`.
+
+  Raises:
+    ConfigError: a value out of range, an unknown name, or RandAugment and AutoAugment both set.
+
+  Example:
+    >>> fn = make_train_augment(config.augment)
+    >>> dataset = dataset.batch(256).map(lambda x, y, s: (fn(x, s), y))
+  """
+  _check_config(augment_config, tuple(image_shape))
+  padding = augment_config.crop_padding
+  fill = augment_config.crop_fill
+  flip = bool(augment_config.flip)
+  cutout_size = augment_config.cutout_size
+  num_ops = augment_config.randaugment.num_ops
+  magnitude = float(augment_config.randaugment.magnitude)
+  policy = augment_config.autoaugment
+
+  def augment(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+    images = tf.ensure_shape(tf.convert_to_tensor(images), [None, *image_shape])
+    if images.dtype != tf.uint8:
+      raise TypeError(f"augment expects uint8 images, got {images.dtype}")
+    seeds = tf.ensure_shape(tf.convert_to_tensor(seeds), [None, 2])
+    if num_ops > 0:
+      images = randaugment(images, seeds, num_ops, magnitude)
+    if policy:
+      images = autoaugment(images, seeds, policy)
+    images = random_crop(images, seeds, padding, fill)
+    if flip:
+      images = random_flip(images, seeds)
+    return cutout(images, seeds, cutout_size)
+
+  return augment
