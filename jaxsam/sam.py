@@ -58,18 +58,23 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
   return sum(parts)
 
 
-def _as_device_local(tree: Any, axis_name: str) -> Any:
-  """Marks every leaf as varying over `axis_name` (shard_map's check_vma types), once.
+def _as_device_local(tree: Any, axis_name: str | tuple[str, ...]) -> Any:
+  """Marks every leaf as varying over the mesh axes among `axis_name` (shard_map's check_vma types).
 
   Autodiff sums the gradient of a value that is the same on every device over the axis; after a
   synchronised ascent the perturbed weights are such a value, so without this the perturbed-pass
   gradient would be a sum over devices, not the device-local gradient that is then averaged.
-  Under check_vma=False nothing is tracked and the cast is a no-op.
+  Under check_vma=False nothing is tracked and the cast is a no-op; vmap axes (ascent groups)
+  carry no varying-ness and are skipped.
   """
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
   def one(x):
-    varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", frozenset())
-    return x if axis_name in varying else jax.lax.pcast(x, axis_name, to="varying")
+    aval = jax.typeof(x)
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    mesh_axes = getattr(getattr(getattr(aval, "sharding", None), "mesh", None), "axis_names", ())
+    missing = tuple(n for n in names if n not in varying and n in mesh_axes)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(one, tree)
 
@@ -176,7 +181,7 @@ def sam(
   alpha: float = 0.0,
   eps: float = 1e-12,
   sync: bool = False,
-  axis_name: str | None = None,
+  axis_name: str | tuple[str, ...] | None = None,
   ascent_weight_decay: float = 0.0,
   asam_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -222,7 +227,10 @@ def sam(
     alpha: GSAM's weight of the orthogonal ascent term (must be 0 unless variant="gsam").
     eps: added to every global norm, so a zero gradient gives a zero perturbation, not NaN.
     sync: average the ascent gradient over `axis_name` (no m-sharpness). No effect without one.
-    axis_name: the data-parallel axis when called inside `shard_map`; None on a single device.
+    axis_name: the data-parallel axis when called inside `shard_map`, or a tuple of axes, e.g.
+      (devices, ascent groups) with the groups of `sam.m` examples vmapped inside each device
+      (JAX 0.10 mixes vmap-axis collectives with shard_map only under check_vma=False); None on
+      a single device.
     ascent_weight_decay: adds this times w (every leaf) to the ascent gradient only, i.e. the L2
       term enters the ascent; the descent's weight decay is the base optimizer's business.
     asam_mask: ASAM only: a pytree of bools like params, or a callable params -> such a tree,
@@ -259,8 +267,11 @@ def sam(
     raise ConfigError(f"sam asam_mask is only used by variant='asam' (got variant={variant!r}); leave it None")
   if not isinstance(sync, bool):
     raise ConfigError(f"sam sync={sync!r} is invalid; accepted: True or False")
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise ConfigError(f"sam axis_name={axis_name!r} is invalid; accepted: None or an axis name string")
+  names_ok = isinstance(axis_name, str) or (
+    isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
+  )
+  if axis_name is not None and not names_ok:
+    raise ConfigError(f"sam axis_name={axis_name!r} is invalid; accepted: None, an axis name or a tuple of names")
 
   base = optax.with_extra_args_support(base)
   ascent = _ASCENTS[variant]

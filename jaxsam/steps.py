@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxsam import losses
+from jaxsam import errors, losses
 from jaxsam.parallel import DATA_AXIS
 
 GROUP_AXIS = "sam_group"
@@ -44,6 +44,15 @@ class StepConfig:
   dtype: Any = jnp.float32  # compute dtype of the input; params stay fp32
   label_smoothing: float = 0.0
   sam_group_size: int = 0  # examples per ascent group; 0 = the per-device batch
+
+
+def sam_group_size(m: int, per_device_batch: int) -> int:
+  """Examples per SAM ascent group: `sam.m`, or the per-device batch when m = 0."""
+  if m < 0 or (m and per_device_batch % m):
+    raise errors.ConfigError(
+        f"sam.m={m} must be 0 (the per-device batch) or divide the per-device batch "
+        f"{per_device_batch}")
+  return m or per_device_batch
 
 
 def preprocess(images: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -118,6 +127,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     outs = vmapped(split(images), split(labels), keys)
     params, batch_stats, opt_state, metrics = jax.tree.map(lambda x: x[0], outs)
   metrics.update(sam_metrics(opt_state))
+  metrics["sam/gap"] = metrics["sam/perturbed_loss"] - metrics["train/loss"]
   metrics["lr"] = lr_schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)

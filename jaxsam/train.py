@@ -4,10 +4,12 @@
 live in `jaxsam.steps`, devices in `jaxsam.parallel`, checkpoints in `jaxsam.checkpoint`.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 import tqdm
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, models, optim, parallel, steps, writers
+from jaxsam import errors, models, optim, parallel, plots, steps, writers
 from jaxsam.data import augment as augment_lib
 from jaxsam.data import pipeline, sources
 
@@ -59,23 +61,15 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
       f"model.normalization={mode!r} is unknown; known: auto, imagenet, dataset")
 
 
-def sam_group_size(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
-  """Examples per SAM ascent group (m); checks that sam.m divides the per-device batch."""
-  m = config.sam.m
-  if m < 0 or (m and per_device_batch % m):
-    raise errors.ConfigError(
-        f"sam.m={m} must be 0 (the per-device batch) or divide the per-device batch "
-        f"{per_device_batch}")
-  return m or per_device_batch
-
-
 def build_setup(config: ml_collections.ConfigDict, mesh=None,
                 data: sources.DatasetArrays | None = None) -> Setup:
   """Loads the data and resolves model, step settings and step counts from the config."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.per_process_batch_size(config.batch_size, mesh)
   parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
-  data = sources.load_dataset(config.dataset) if data is None else data
+  if data is None:
+    with parallel.main_process_first("load_dataset"):  # process 0 downloads/prepares alone
+      data = sources.load_dataset(config.dataset)
   num_classes = config.model.num_classes or data.num_classes
   native = data.train.images.shape[1]
   image_size = config.model.image_size or native
@@ -84,7 +78,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None,
   step_config = steps.StepConfig(
       image_size=image_size, mean=mean, std=std, dtype=compute_dtype(config),
       label_smoothing=config.label_smoothing,
-      sam_group_size=0 if not config.sam.rho else sam_group_size(config, per_device))
+      sam_group_size=0 if not config.sam.rho else steps.sam_group_size(config.sam.m, per_device))
   model = models.create_model(config.model, num_classes=num_classes, dtype=step_config.dtype)
   spe = pipeline.steps_per_epoch(len(data.train.labels), config.batch_size)
   total = int(config.num_epochs * spe)
@@ -108,6 +102,19 @@ def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> s
   return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}),
                           opt_state=tx.init(params), rng=step_rng)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
+  """Shapes, dtypes and (replicated) shardings of the train state, computed without allocating it.
+
+  The restore target for evaluation and analysis; pretrained weights are not read (the checkpoint
+  replaces them anyway).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.pretrained = ""
+  shapes = jax.eval_shape(lambda: create_train_state(config, setup, tx))
+  sharding = parallel.replicated(setup.mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 def make_optimizer(config, setup: Setup):
@@ -158,6 +165,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
           "use a new --workdir, or --overwrite to replace it")
   if not parallel.is_main_process():
     return
+  if overwrite and os.path.exists(path):
+    clear_run(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -165,6 +174,22 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
     os.replace(path + ".tmp", path)
   except OSError as e:
     raise errors.ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from e
+
+
+# What a run leaves in its workdir; `--overwrite` removes these (and nothing else) before a new run.
+RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, writers.METRICS_FILE, writers.WANDB_ID_FILE,
+             plots.CURVES_FILE, "eval.json", ckpt_lib.LAST_DIR, ckpt_lib.BEST_DIR,
+             ckpt_lib.CORRUPT_DIR)
+
+
+def clear_run(workdir: str) -> None:
+  """Removes the previous run's files (checkpoints, metrics...) so a new run cannot resume them."""
+  for name in RUN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
 
 
 # Keys that may change between a run and its resumption without making it another run.
@@ -219,8 +244,52 @@ def _first_nonfinite(window: list[dict], first_step: int) -> int | None:
   return None
 
 
+def _agreed_stop(requested: bool, sync_point: bool) -> bool:
+  """Whether to stop for preemption now, the same answer on every process (they save one step).
+
+  One process checks its own flag every step; several OR their flags at sync points only (log
+  steps, epoch ends), because a collective every step would stall the input pipeline.
+  """
+  if jax.process_count() == 1:
+    return requested
+  return sync_point and parallel.global_any(requested)
+
+
 class TrainingError(Exception):
   """Training cannot go on (e.g. the loss became non-finite); the last good checkpoint is kept."""
+
+
+def _make_writer(config: ml_collections.ConfigDict, workdir: str, start_step: int):
+  """metrics.jsonl (records past `start_step` dropped: the resumed run redoes them) + wandb."""
+  jsonl = writers.JsonlWriter(workdir, resume_step=start_step)
+  try:
+    wandb_writer = writers.create_wandb_writer(
+        config.wandb, workdir, config.to_dict(),
+        credentials=writers.wandb_credentials_found(os.environ))
+  except BaseException:
+    jsonl.close()
+    raise
+  return writers.MultiWriter([jsonl] + [wandb_writer] * bool(wandb_writer)), wandb_writer
+
+
+def _write_curves(workdir: str) -> None:
+  records = writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+  plots.write_curves({"": records}, os.path.join(workdir, plots.CURVES_FILE),
+                     title=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
+
+
+@contextlib.contextmanager
+def _close_on_error(writer, wandb_writer, checkpointer, bar):
+  """On any exception (non-finite loss, Ctrl-C twice...) close sinks; wandb marks the run failed."""
+  try:
+    yield
+  except BaseException:
+    bar.close()
+    checkpointer.close()
+    if wandb_writer is not None:
+      wandb_writer.close(exit_code=1)
+    writer.close()
+    raise
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -234,13 +303,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = parallel.replicate(state, setup.mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
   meta = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
-  latest = checkpointer.latest_path()
-  if latest:
-    state, meta = ckpt_lib.restore(latest, ckpt_lib.abstract_like(state))
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
+  latest = None
+  if restored:
+    state, meta, latest = restored
   start_step = int(parallel.fetch(state.step))
   main = parallel.is_main_process()
-  writer = writers.JsonlWriter(workdir, resume_step=start_step if latest else None) if main \
-      else writers.MultiWriter([])
+  writer, wandb_writer = _make_writer(config, workdir, start_step) if main \
+      else (writers.MultiWriter([]), None)
   if main:
     print(f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
           f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
@@ -264,14 +334,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   unit="step", dynamic_ncols=True, leave=False)
   pending = []  # device metrics not yet fetched (fetching every step would stall the pipeline)
   step = saved_step = start_step
-  with _Preemption() as preemption:
+  with _Preemption() as preemption, _close_on_error(writer, wandb_writer, checkpointer, bar):
     while step < total:
       state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh))
       pending.append(metrics)
       step += 1
       bar.update(1)
       epoch_end = step % spe == 0 or step == total
-      if step % config.log_every_steps == 0 or epoch_end or preemption.requested:
+      stop = _agreed_stop(preemption.requested, step % config.log_every_steps == 0 or epoch_end)
+      if step % config.log_every_steps == 0 or epoch_end or stop:
         window += [{k: float(v) for k, v in m.items()} for m in parallel.fetch(pending)]
         pending = []
         bad = _first_nonfinite(window, step - len(window) + 1)
@@ -306,22 +377,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       f"acc {100 * record['train/accuracy']:.2f}% | test loss "
                       f"{last_eval['test/loss']:.4f} acc {100 * acc:.2f}% top5 "
                       f"{100 * last_eval['test/top5']:.2f}% | {record['images_per_sec']:.0f} img/s")
+            _write_curves(workdir)
         meta.update(epoch=epoch, wall_time=wall_before + time.time() - t_start, window=window,
                     last_accuracy=None if last_eval is None else last_eval["test/accuracy"])
         if epoch % config.checkpoint_every_epochs == 0 or is_last:
-          checkpointer.save(step, state, meta, best_metrics=best_metrics)
+          path = checkpointer.save(step, state, meta, best_metrics=best_metrics)
           saved_step = step
+          if wandb_writer is not None and config.wandb.log_checkpoints:
+            is_best = best_metrics is not None and meta["best_epoch"] == epoch
+            wandb_writer.log_checkpoint(path, step, ["latest", f"step-{step}"] + ["best"] * is_best)
         t_window = time.time()  # images/s measures training, not eval or checkpointing
-      if preemption.requested:
+      if stop:
         meta.update(wall_time=wall_before + time.time() - t_start, window=window)
         if saved_step != step:
           checkpointer.save(step, state, meta)
         if main:
           bar.write(f"jaxsam: preempted at step {step}; checkpoint saved, rerun to resume")
+        if wandb_writer is not None:
+          wandb_writer.run.mark_preempting()
         break
   bar.close()
   checkpointer.close()
-  writer.close()
   summary = {
       "final_test_accuracy": meta.get("last_accuracy"),
       "best_test_accuracy": meta["best_accuracy"],
@@ -334,6 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "sam_m": setup.step_config.sam_group_size,
       "completed": step >= total,
   }
+  if wandb_writer is not None:
+    wandb_writer.finish(summary)
+  writer.close()
   if main and step >= total:
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
       json.dump(summary, f, indent=2)
