@@ -20,6 +20,13 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or eval a 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval: checkpoint folder (default latest).")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Reuse a workdir that holds a run of a different config.")
+# Multi-process runs (jaxsam.distributed); under SLURM all three are read from the job.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0 (same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process, 0..N-1.")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Multi-process: seconds to wait for the coordinator and peers.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -47,7 +54,14 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=configs/quickstart.py")
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
-  from jaxsam import errors, train
+  from jaxsam import distributed, errors
+  try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
+    distributed.initialize(
+        distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                            env=os.environ), timeout_s=_DIST_TIMEOUT.value)
+  except errors.UserError as e:
+    _fail(str(e))
+  from jaxsam import train
 
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   try:

@@ -4,7 +4,8 @@ jaxsam is data-parallel over one mesh axis, `DATA_AXIS`, that spans every device
 Parameters and optimizer state are replicated; batches are sharded along their first dimension.
 """
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -42,7 +43,13 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batc
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree on every device of the mesh (replicated global arrays)."""
-  return jax.device_put(tree, replicated(mesh))
+  if jax.process_count() == 1:
+    return jax.device_put(tree, replicated(mesh))
+  # Several processes: device_put would compare values across processes, and NaN leaves (SAM's
+  # not-yet-measured diagnostics) never compare equal; every process holds the same tree anyway.
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -60,3 +67,37 @@ def fetch(tree: Any) -> Any:
 def is_main_process() -> bool:
   """Process 0 alone writes logs, metrics, plots and wandb."""
   return jax.process_index() == 0
+
+
+# --- Multi-process helpers (issue 7): host-level agreement between processes. ---------------------
+
+
+def global_any(flag: bool) -> bool:
+  """True on every process when `flag` is True on any of them (a cross-process OR).
+
+  A collective: every process must call it at the same point, e.g. so that all save the same step
+  when only some of them received SIGTERM.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
+def barrier(name: str) -> None:
+  """Blocks until every process reaches the barrier `name` (no-op for a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[None]:
+  """Process 0 runs the body first (e.g. downloads and prepares data), then the others do."""
+  if not is_main_process():
+    barrier(name)
+  try:
+    yield
+  finally:  # even when process 0 fails: the others then fail on their own, rather than hang
+    if is_main_process():
+      barrier(name)

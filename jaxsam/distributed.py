@@ -1,0 +1,227 @@
+"""Multi-process start-up: who the processes are, and `jax.distributed` initialised from that.
+
+A run spans several processes (one per host, or one per GPU) when launched under SLURM or given
+`--coordinator_address`, `--num_processes` and `--process_id`. This is the one module that reads
+the environment, and only when `launch.py` asks it to (`resolve(..., env=os.environ)`): SLURM's
+variables say how many tasks there are and which one this is. Everything after `initialize` is
+plain JAX: one global mesh over all processes' devices (see jaxsam.parallel).
+
+Failures are bounded and one line: inconsistent flags fail before any network traffic, and an
+unreachable coordinator fails after `timeout_s` instead of hanging.
+"""
+
+import dataclasses
+import errno
+import socket
+import time
+from collections.abc import Mapping
+
+import jax
+
+from jaxsam import errors
+
+DEFAULT_TIMEOUT_S = 300
+# The SLURM variables that must all be present for a run to count as a SLURM job step.
+_SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+class DistributedError(errors.UserError):
+  """The processes of a multi-process run are inconsistent or cannot reach each other."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+  """Where this process sits in a multi-process run (what `jax.distributed.initialize` needs)."""
+  coordinator_address: str  # host:port of process 0's coordination service
+  num_processes: int
+  process_id: int
+  local_device_ids: tuple[int, ...] | None = None  # None: every local accelerator
+  source: str = "flags"  # flags | slurm (for messages)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+  """'host:port' (or '[v6]:port') -> (host, port); a malformed address is a DistributedError."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedError(
+        f"--coordinator_address={address!r} is not host:port (e.g. 10.0.0.1:12345)")
+  return host.strip("[]"), int(port)
+
+
+def first_slurm_host(node_list: str) -> str:
+  """The first host of a SLURM node list: 'n[003-005,9],m1' -> 'n003', 'a,b' -> 'a'.
+
+  Written by hand because SLURM ships `scontrol show hostnames` but no Python parser, and the
+  coordinator only needs the first name.
+  """
+  node_list = node_list.strip()
+  cut = min((i for i in (node_list.find(","), node_list.find("[")) if i >= 0),
+            default=len(node_list))
+  if cut == len(node_list) or node_list[cut] == ",":
+    return node_list[:cut]
+  first = node_list[cut + 1:].split(",")[0].split("-")[0].rstrip("]")
+  return node_list[:cut] + first
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
+  """Tasks this job step runs per node; SLURM_STEP_TASKS_PER_NODE looks like '4(x2)' or '2,1'."""
+  spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+  return max(int(part.split("(")[0]) for part in spec.split(","))
+
+
+def slurm_spec(env: Mapping[str, str]) -> ProcessSpec | None:
+  """The process layout of a SLURM job step (None outside SLURM or for a single task).
+
+  The coordinator is the step's first node on a port derived from the job id (the rule JAX's own
+  SLURM detection uses, so that every task computes the same address without talking). With
+  several tasks on a node each task takes the GPU at its local rank, as `srun` with
+  `--ntasks-per-node=G --gpus-per-node=G` expects; with one task per node it takes them all.
+  """
+  if not all(k in env for k in _SLURM_REQUIRED):
+    return None
+  try:
+    num = int(env["SLURM_NTASKS"])
+    pid = int(env["SLURM_PROCID"])
+    local = int(env["SLURM_LOCALID"])
+    port = int(env["SLURM_JOB_ID"]) % 2**12 + (65535 - 2**12 + 1)
+  except ValueError as e:
+    raise DistributedError(f"SLURM variables are not integers ({e})") from e
+  if num <= 1:
+    return None
+  nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+  visible = env.get("CUDA_VISIBLE_DEVICES", "")
+  # SLURM's --gpus-per-task binds one GPU per task already (then it is local device 0).
+  one_gpu_bound = visible != "" and "," not in visible
+  per_node = _slurm_tasks_on_node(env)
+  local_ids = (local,) if per_node > 1 and not one_gpu_bound else None
+  return ProcessSpec(coordinator_address=f"{first_slurm_host(nodes)}:{port}", num_processes=num,
+                     process_id=pid, local_device_ids=local_ids, source="slurm")
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, *,
+            env: Mapping[str, str] | None = None) -> ProcessSpec | None:
+  """The process layout from explicit flags, completed by SLURM's variables when `env` is given.
+
+  Returns None for a single-process run. Explicit values win over SLURM's, but a count or id that
+  contradicts SLURM's is an error (the job would hang waiting for processes that never come).
+
+  >>> resolve("10.0.0.1:1234", 2, 1)
+  ProcessSpec(coordinator_address='10.0.0.1:1234', num_processes=2, process_id=1, ...)
+  """
+  slurm = slurm_spec(env) if env is not None else None
+  given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+           "--process_id": process_id}
+  if slurm is None:
+    if all(v is None for v in given.values()):
+      return None
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      have = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+      raise DistributedError(
+          f"{have} needs {' and '.join(missing)} too (or run under SLURM, which sets them)")
+    spec = ProcessSpec(coordinator_address, num_processes, process_id)
+  else:
+    for flag, value, slurm_value, var in (
+        ("--num_processes", num_processes, slurm.num_processes, "SLURM_NTASKS"),
+        ("--process_id", process_id, slurm.process_id, "SLURM_PROCID")):
+      if value is not None and value != slurm_value:
+        raise DistributedError(
+            f"{flag}={value} does not match {var}={slurm_value}; drop the flag under SLURM")
+    spec = dataclasses.replace(slurm, coordinator_address=coordinator_address
+                               or slurm.coordinator_address)
+  check(spec)
+  return spec
+
+
+def check(spec: ProcessSpec) -> None:
+  """Static consistency: a positive count, an id in [0, count), a host:port address."""
+  if spec.num_processes < 1:
+    raise DistributedError(f"--num_processes={spec.num_processes} must be >= 1")
+  if not 0 <= spec.process_id < spec.num_processes:
+    raise DistributedError(
+        f"--process_id={spec.process_id} must be in [0, {spec.num_processes - 1}] for "
+        f"--num_processes={spec.num_processes}")
+  parse_address(spec.coordinator_address)
+
+
+def _wait_for_coordinator(host: str, port: int, deadline: float) -> bool:
+  """Polls a TCP connection to the coordinator until it accepts or the deadline passes."""
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.time()))):
+        return True
+    except OSError:
+      if time.time() >= deadline:
+        return False
+      time.sleep(0.2)
+
+
+def _check_port_free(port: int, spec: ProcessSpec) -> None:
+  """Process 0 serves the coordinator: a taken port would otherwise abort deep inside XLA."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise DistributedError(
+            f"coordinator port {port} of {spec.coordinator_address} is in use on process 0; "
+            "pick another port") from e
+      raise
+
+
+def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+  """Initialises `jax.distributed` for `spec` (None: single process, nothing to do).
+
+  Must run before anything touches a JAX backend. On CPU, cross-process collectives go through
+  gloo. Process k > 0 first waits at most `timeout_s` for the coordinator to accept connections and
+  raises a one-line DistributedError if it never does; JAX itself then bounds the rendezvous of all
+  processes by the same timeout.
+
+  Args:
+    spec: from `resolve`.
+    timeout_s: seconds to wait for the coordinator and the other processes (> 0).
+  """
+  if spec is None:
+    return
+  if timeout_s <= 0:
+    raise DistributedError(f"--distributed_timeout_s={timeout_s} must be > 0")
+  check(spec)
+  host, port = parse_address(spec.coordinator_address)
+  deadline = time.time() + timeout_s
+  if spec.process_id == 0:
+    _check_port_free(port, spec)
+  elif not _wait_for_coordinator(host, port, deadline):
+    raise DistributedError(
+        f"coordinator {spec.coordinator_address} unreachable after {timeout_s}s (process "
+        f"{spec.process_id} of {spec.num_processes}); is process 0 running there, and the port open?")
+  # CPU runs (tests, debugging) need a cross-process collectives backend; GPUs use NCCL regardless.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
+      process_id=spec.process_id,
+      local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
+      cluster_detection_method="deactivate",
+      initialization_timeout=max(1, int(deadline - time.time())))
+  verify(spec)
+
+
+def verify(spec: ProcessSpec, process_count: int | None = None,
+           process_index: int | None = None) -> None:
+  """After initialisation: the runtime agrees with what this process was told."""
+  count = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if process_index is None else process_index
+  if count != spec.num_processes or index != spec.process_id:
+    raise DistributedError(
+        f"this process was started as {spec.process_id} of {spec.num_processes} but the "
+        f"coordinator {spec.coordinator_address} runs {count} processes (this is {index}); "
+        "start every process with the same --num_processes")
+
+
+def describe(spec: ProcessSpec | None) -> str:
+  """One line for logs."""
+  if spec is None:
+    return "single process"
+  return (f"process {spec.process_id} of {spec.num_processes} via {spec.source}, coordinator "
+          f"{spec.coordinator_address}")
