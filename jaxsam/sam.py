@@ -25,7 +25,8 @@ class SAMState(NamedTuple):
     count: int32 number of `update` calls so far (the step a rho schedule is evaluated at).
     base_state: state of the wrapped base optimizer.
     rho: fp32 perturbation radius used by the last step (the schedule's value at that step).
-    clean_grad_norm: fp32 global L2 norm of the clean gradient, averaged over `axis_name` when set.
+    clean_grad_norm: fp32 global L2 norm of the clean gradient (averaged over `axis_name` when
+      set). Also kept with a static rho = 0: its 2 flops per weight are the only cost over `base`.
     sam_grad_norm: fp32 global L2 norm of the perturbed-pass gradient, averaged over `axis_name`
       when set, before the GSAM decomposition. With a static rho = 0 it is `clean_grad_norm`.
     cosine: fp32 cos(g_clean, g_sam) of the two averaged gradients; 1 with a static rho = 0.
@@ -45,7 +46,7 @@ class SAMState(NamedTuple):
 
 
 def global_norm(tree: Any) -> jax.Array:
-  """Global L2 norm of every leaf of `tree` together, accumulated in fp32 (bf16 squares overflow)."""
+  """Global L2 norm of every leaf of `tree` together, accumulated in fp32 (bf16 sums lose digits)."""
   leaves = jax.tree.leaves(tree)
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 

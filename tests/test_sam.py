@@ -254,6 +254,29 @@ def test_rho_zero_is_the_base_bit_for_bit(variant):
   assert float(state.sam_grad_norm) == float(state.clean_grad_norm) > 0
 
 
+def test_cost_rho_zero_is_one_pass_and_sam_two():
+  # XLA's flop count of the whole step (no compile needed): rho = 0 adds only the logged gradient
+  # norm (2 flops per weight) to the base step; SAM adds one forward-backward pass.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+  params = {"w": jnp.asarray(rng.normal(size=(32, 64)), jnp.float32), "v": jnp.zeros(64)}
+  n_weights = 32 * 64 + 64
+  loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) @ p["v"])  # noqa: E731
+
+  def flops(tx):
+    def step(p, s):
+      kw = {} if tx is base else {"grad_fn": jax.value_and_grad(loss)}
+      updates, s = tx.update(jax.grad(loss)(p), s, p, **kw)
+      return optax.apply_updates(p, updates), s
+
+    return jax.jit(step).lower(params, tx.init(params)).cost_analysis()["flops"]
+
+  base = base_opt()
+  f_base, f_zero, f_sam = flops(base), flops(sam_lib.sam(base, 0.0)), flops(sam_lib.sam(base, RHO))
+  assert f_base <= f_zero <= f_base + 3 * n_weights
+  assert 1.9 * f_base <= f_sam <= 2.1 * f_base
+
+
 @pytest.mark.parametrize("variant,alpha", [("sam", 0.0), ("asam", 0.0), ("gsam", 0.3)])
 def test_zero_gradient_gives_finite_updates(variant, alpha):
   a, _ = quadratic()
