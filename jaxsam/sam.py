@@ -46,7 +46,7 @@ class SAMState(NamedTuple):
 
 
 def global_norm(tree: Any) -> jax.Array:
-  """Global L2 norm of every leaf of `tree` together, accumulated in fp32 (bf16 sums lose digits)."""
+  """Global L2 norm of every leaf of `tree` together, accumulated in fp32 (bf16 sums lose bits)."""
   leaves = jax.tree.leaves(tree)
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
@@ -145,13 +145,17 @@ def gsam_rho_schedule(
   >>> round(float(rho(0)), 4), round(float(rho(100)), 4)
   (0.05, 0.01)
   """
-  for name, value in (("lr_max", lr_max), ("lr_min", lr_min), ("rho_max", rho_max), ("rho_min", rho_min)):
+  bounds = {"lr_max": lr_max, "lr_min": lr_min, "rho_max": rho_max, "rho_min": rho_min}
+  for name, value in bounds.items():
     if not _is_real(value) or not math.isfinite(value) or value < 0:
-      raise ConfigError(f"gsam_rho_schedule {name}={value!r} is invalid; accepted: a finite float >= 0")
-  if lr_max < lr_min:
-    raise ConfigError(f"gsam_rho_schedule lr_max={lr_max!r} < lr_min={lr_min!r}; accepted: lr_max >= lr_min")
-  if rho_max < rho_min:
-    raise ConfigError(f"gsam_rho_schedule rho_max={rho_max!r} < rho_min={rho_min!r}; accepted: rho_max >= rho_min")
+      raise ConfigError(
+        f"gsam_rho_schedule {name}={value!r} is invalid; accepted: a finite float >= 0"
+      )
+  for hi, lo in (("lr_max", "lr_min"), ("rho_max", "rho_min")):
+    if bounds[hi] < bounds[lo]:
+      raise ConfigError(
+        f"gsam_rho_schedule {hi}={bounds[hi]!r} < {lo}={bounds[lo]!r}; accepted: {hi} >= {lo}"
+      )
   lr_fn = lr_schedule if callable(lr_schedule) else (lambda step: lr_schedule)
   span = lr_max - lr_min
 
@@ -253,9 +257,10 @@ def sam(
   """
   if not (hasattr(base, "init") and hasattr(base, "update")):
     raise ConfigError(f"sam base={base!r} is not an optax GradientTransformation")
-  if not callable(rho):
-    if not _is_real(rho) or not math.isfinite(rho) or rho < 0:
-      raise ConfigError(f"sam rho={rho!r} is invalid; accepted: a finite float >= 0 or an optax schedule")
+  if not callable(rho) and (not _is_real(rho) or not math.isfinite(rho) or rho < 0):
+    raise ConfigError(
+      f"sam rho={rho!r} is invalid; accepted: a finite float >= 0 or an optax schedule"
+    )
   if variant not in _ASCENTS:
     raise ConfigError(f"sam variant={variant!r} is unknown; known: {', '.join(VARIANTS)}")
   _check_nonneg("eta", eta)
@@ -263,16 +268,22 @@ def sam(
   _check_nonneg("eps", eps)
   _check_nonneg("ascent_weight_decay", ascent_weight_decay)
   if alpha != 0 and variant != "gsam":
-    raise ConfigError(f"sam alpha={alpha!r} is only used by variant='gsam' (got variant={variant!r}); set alpha=0")
+    raise ConfigError(
+      f"sam alpha={alpha!r} is only used by variant='gsam' (got {variant!r}); set alpha=0"
+    )
   if asam_mask is not None and variant != "asam":
-    raise ConfigError(f"sam asam_mask is only used by variant='asam' (got variant={variant!r}); leave it None")
+    raise ConfigError(
+      f"sam asam_mask is only used by variant='asam' (got {variant!r}); leave it None"
+    )
   if not isinstance(sync, bool):
     raise ConfigError(f"sam sync={sync!r} is invalid; accepted: True or False")
   names_ok = isinstance(axis_name, str) or (
     isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
   )
   if axis_name is not None and not names_ok:
-    raise ConfigError(f"sam axis_name={axis_name!r} is invalid; accepted: None, an axis name or a tuple of names")
+    raise ConfigError(
+      f"sam axis_name={axis_name!r} is invalid; accepted: None, an axis name or a tuple of names"
+    )
 
   base = optax.with_extra_args_support(base)
   ascent = _ASCENTS[variant]
@@ -295,7 +306,7 @@ def sam(
     )
 
   def to_param_dtype(updates, params):
-    return jax.tree.map(lambda u, p: u if u.dtype == p.dtype else u.astype(p.dtype), updates, params)
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)  # no-op when equal
 
   def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
     if params is None:
@@ -326,7 +337,8 @@ def sam(
     # pmean(g) + wd*w, so the averaged clean gradient is reused.
     g_ascent = g_clean if sync else grads
     if ascent_weight_decay:
-      g_ascent = jax.tree.map(lambda g, p: g + ascent_weight_decay * p.astype(g.dtype), g_ascent, params)
+      wd = ascent_weight_decay
+      g_ascent = jax.tree.map(lambda g, p: g + wd * p.astype(g.dtype), g_ascent, params)
     mask = None
     if variant == "asam":
       mask = asam_mask(params) if callable(asam_mask) else asam_mask

@@ -1,4 +1,4 @@
-"""Tests of jaxsam.sam against optax.contrib.sam, closed forms on a quadratic and per-shard references."""
+"""Tests of jaxsam.sam: optax.contrib.sam as peer, closed forms, per-shard references."""
 
 import functools
 
@@ -17,9 +17,8 @@ from jaxsam.errors import ConfigError
 
 RHO = 0.05
 # Tiny problems: compile time dominates and run time is irrelevant, so skip XLA's slow CPU passes.
-fast_jit = functools.partial(
-  jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def rel_err(a, b):
@@ -38,7 +37,7 @@ def never_called(params):
   raise AssertionError("grad_fn must not be called when rho is a static 0")
 
 
-# --- peer: optax.contrib.sam -----------------------------------------------------------------------
+# --- peer: optax.contrib.sam -------------------------------------------------------------------
 
 
 class MLP(nn.Module):
@@ -71,18 +70,17 @@ def test_matches_optax_contrib_sam(model):
   def loss(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
 
-  peer = optax.contrib.sam(
-    base_opt(), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), sync_period=2, opaque_mode=True
-  )
+  adv = optax.chain(optax.contrib.normalize(), optax.sgd(RHO))
+  peer = optax.contrib.sam(base_opt(), adv, sync_period=2, opaque_mode=True)
   ours = sam_lib.sam(base_opt(), RHO, eps=0.0)
 
   @functools.partial(fast_jit, static_argnums=0)
   def step(tx, p, state, x, y):
     grads = jax.grad(loss)(p, x, y)
     if tx is peer:
-      grad_fn = lambda q, _: jax.grad(loss)(q, x, y)  # noqa: E731
+      grad_fn = lambda q, _: jax.grad(loss)(q, x, y)
     else:
-      grad_fn = lambda q: jax.value_and_grad(loss)(q, x, y)  # noqa: E731
+      grad_fn = lambda q: jax.value_and_grad(loss)(q, x, y)
     updates, state = tx.update(grads, state, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), state
 
@@ -91,11 +89,12 @@ def test_matches_optax_contrib_sam(model):
     p_peer, s_peer = step(peer, p_peer, s_peer, x, y)
     p_ours, s_ours = step(ours, p_ours, s_ours, x, y)
   assert int(s_ours.count) == len(xs)
-  assert rel_err(jax.tree.map(jnp.subtract, p_ours, params), jax.tree.map(jnp.subtract, p_peer, params)) <= 1e-6
+  moved = lambda p: jax.tree.map(jnp.subtract, p, params)
+  assert rel_err(moved(p_ours), moved(p_peer)) <= 1e-6
   assert rel_err(p_ours, p_peer) <= 1e-6
 
 
-# --- closed forms on L(w) = 1/2 w^T A w --------------------------------------------------------------
+# --- closed forms on L(w) = 1/2 w^T A w --------------------------------------------------------
 
 SHAPES = {"b": (3,), "k": (2, 3)}  # a bias-like vector and a kernel-like matrix: 9 weights in all
 
@@ -114,7 +113,7 @@ def to_tree(v, dtype=jnp.float32):
 
 
 def to_vec(tree):
-  return np.concatenate([np.asarray(tree["b"], np.float64).ravel(), np.asarray(tree["k"], np.float64).ravel()])
+  return np.concatenate([np.asarray(tree[k], np.float64).ravel() for k in ("b", "k")])
 
 
 def quad_fns(a):
@@ -183,11 +182,12 @@ def test_asam_closed_form_default_mask_excludes_vectors():
   g_asam = asam_closed_form(a, w, eta, kernel)
   updates, _ = one_step(sam_lib.sam(base_opt(), RHO, variant="asam", eta=eta), a, w)
   np.testing.assert_allclose(to_vec(updates), base_step(a, g_asam, w), rtol=1e-5, atol=1e-7)
-  # The mask matters: rescaling every leaf gives a different gradient, and a callable mask is honoured.
+  # The mask matters: rescaling every leaf gives another gradient; a callable mask is honoured.
   g_all = asam_closed_form(a, w, eta, np.ones(9, bool))
   assert rel_err(g_all, g_asam) > 1e-3
-  all_mask = lambda p: jax.tree.map(lambda _: True, p)  # noqa: E731
-  updates, _ = one_step(sam_lib.sam(base_opt(), RHO, variant="asam", eta=eta, asam_mask=all_mask), a, w)
+  all_mask = lambda p: jax.tree.map(lambda _: True, p)
+  tx = sam_lib.sam(base_opt(), RHO, variant="asam", eta=eta, asam_mask=all_mask)
+  updates, _ = one_step(tx, a, w)
   np.testing.assert_allclose(to_vec(updates), base_step(a, g_all, w), rtol=1e-5, atol=1e-7)
 
 
@@ -245,7 +245,8 @@ def test_rho_zero_is_the_base_bit_for_bit(variant):
   state, b_state = tx.init(params), base.init(params)
   for _ in range(3):
     grads = jax.grad(loss)(params)
-    updates, state = jax.jit(functools.partial(tx.update, grad_fn=never_called))(grads, state, params)
+    update = jax.jit(functools.partial(tx.update, grad_fn=never_called))
+    updates, state = update(grads, state, params)
     b_updates, b_state = jax.jit(base.update)(grads, b_state, params)
     chex.assert_trees_all_equal(updates, b_updates)
     params = optax.apply_updates(params, updates)
@@ -261,7 +262,7 @@ def test_cost_rho_zero_is_one_pass_and_sam_two():
   x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
   params = {"w": jnp.asarray(rng.normal(size=(32, 64)), jnp.float32), "v": jnp.zeros(64)}
   n_weights = 32 * 64 + 64
-  loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) @ p["v"])  # noqa: E731
+  loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) @ p["v"])
 
   def flops(tx):
     def step(p, s):
@@ -280,7 +281,8 @@ def test_cost_rho_zero_is_one_pass_and_sam_two():
 @pytest.mark.parametrize("variant,alpha", [("sam", 0.0), ("asam", 0.0), ("gsam", 0.3)])
 def test_zero_gradient_gives_finite_updates(variant, alpha):
   a, _ = quadratic()
-  updates, state = one_step(sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha), a, np.zeros(9))
+  tx = sam_lib.sam(base_opt(), RHO, variant=variant, alpha=alpha)
+  updates, state = one_step(tx, a, np.zeros(9))
   chex.assert_tree_all_finite((updates, state.clean_grad_norm, state.sam_grad_norm, state.cosine))
   assert float(state.clean_grad_norm) == 0.0
 
@@ -301,7 +303,7 @@ def mlp_params(seed=0):
 
 
 def mlp_loss(p, x, y):
-  """Mean-reduced squared error of a tiny MLP: the per-device mean of equal shards averages to the global mean."""
+  """Mean squared error of a tiny MLP: means of equal shards average to the global mean."""
   h = jnp.tanh(x @ p["w1"] + p["b1"])
   return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
 
@@ -317,15 +319,16 @@ def run_sharded(tx, params, xs, ys, check_vma=True):
   """3 SAM steps inside shard_map over 8 devices, with device-local clean gradients."""
   assert len(jax.devices()) >= N_DEV, "tests/conftest.py forces 8 CPU devices"
   mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Auto,))
-  specs = dict(in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()), check_vma=check_vma)
+  specs = {"in_specs": (P(), P(), P("data"), P("data")), "out_specs": (P(), P())}
 
   @fast_jit
-  @functools.partial(jax.shard_map, mesh=mesh, **specs)
+  @functools.partial(jax.shard_map, mesh=mesh, check_vma=check_vma, **specs)
   def step(p, state, x, y):
     # With check_vma, autodiff psums the gradient of replicated params: cast them to varying first.
     local = jax.lax.pcast(p, "data", to="varying") if check_vma else p
     grads = jax.grad(mlp_loss)(local, x, y)
-    updates, state = tx.update(grads, state, p, grad_fn=lambda q: jax.value_and_grad(mlp_loss)(q, x, y))
+    grad_fn = lambda q: jax.value_and_grad(mlp_loss)(q, x, y)
+    updates, state = tx.update(grads, state, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), state
 
   state = tx.init(params)
@@ -338,7 +341,7 @@ def run_sharded(tx, params, xs, ys, check_vma=True):
 def run_single(tx, params, xs, ys):
   @fast_jit
   def step(p, state, x, y):
-    grad_fn = lambda q: jax.value_and_grad(mlp_loss)(q, x, y)  # noqa: E731
+    grad_fn = lambda q: jax.value_and_grad(mlp_loss)(q, x, y)
     updates, state = tx.update(jax.grad(mlp_loss)(p, x, y), state, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), state
 
@@ -349,18 +352,19 @@ def run_single(tx, params, xs, ys):
 
 
 def per_shard_reference(params, xs, ys, variant="sam", alpha=0.0, n_shards=N_DEV):
-  """Hand-computed m-sharpness: each shard ascends with its own gradient; perturbed gradients are averaged."""
+  """Hand-computed m-sharpness: each shard ascends along its own gradient; the gradients at the
+  perturbed points are averaged."""
   base = base_opt()
   grad = jax.grad(mlp_loss)
-  mean = lambda trees: jax.tree.map(lambda *t: sum(t) / n_shards, *trees)  # noqa: E731
+  mean = lambda trees: jax.tree.map(lambda *t: sum(t) / n_shards, *trees)
 
   @fast_jit  # one compile for the unrolled loop over shards, instead of hundreds of eager ops
   def step(params, b_state, x, y):
     gs, gcs = [], []
     for xi, yi in zip(jnp.split(x, n_shards), jnp.split(y, n_shards)):
       g = grad(params, xi, yi)
-      norm = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g)))
-      gs.append(grad(jax.tree.map(lambda p, gi: p + RHO * gi / norm, params, g), xi, yi))
+      scale = RHO / jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g)))
+      gs.append(grad(jax.tree.map(lambda p, gi, s=scale: p + s * gi, params, g), xi, yi))
       gcs.append(g)
     g_sam = mean(gs)
     if variant == "gsam":  # decomposed with the averaged gradients, as documented in sam.py
@@ -408,17 +412,18 @@ def test_ascent_groups_via_vmap_inside_shard_map():
   groups = 2  # per device: 4 examples = 2 groups of m = 2
   mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Auto,))
   tx = sam_lib.sam(base_opt(), RHO, axis_name=("data", "group"))
-  specs = dict(in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()), check_vma=False)
+  specs = {"in_specs": (P(), P(), P("data"), P("data")), "out_specs": (P(), P())}
 
   @fast_jit
-  @functools.partial(jax.shard_map, mesh=mesh, **specs)
+  @functools.partial(jax.shard_map, mesh=mesh, check_vma=False, **specs)
   def step(p, state, x, y):
     def one_group(x, y):
       grads = jax.grad(mlp_loss)(p, x, y)
-      updates, new_state = tx.update(grads, state, p, grad_fn=lambda q: jax.value_and_grad(mlp_loss)(q, x, y))
+      grad_fn = lambda q: jax.value_and_grad(mlp_loss)(q, x, y)
+      updates, new_state = tx.update(grads, state, p, grad_fn=grad_fn)
       return optax.apply_updates(p, updates), new_state
 
-    split = lambda a: a.reshape((groups, -1) + a.shape[1:])  # noqa: E731
+    split = lambda a: a.reshape((groups, -1) + a.shape[1:])
     return jax.vmap(one_group, axis_name="group", out_axes=None)(split(x), split(y))
 
   state = tx.init(params)
@@ -451,7 +456,7 @@ def test_rho_zero_sharded_is_base_on_the_averaged_gradient():
 def test_bf16_gradients(param_dtype, variant, alpha):
   a, w = quadratic(7)
   loss, _ = quad_fns(a)
-  bf16 = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)  # noqa: E731
+  bf16 = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
 
   def grad_fn(p):
     value, g = jax.value_and_grad(loss)(p)
