@@ -51,8 +51,11 @@ def default_workdir(config_path: str) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and _MODE.value == "train":
     _fail("--config is required, e.g. --config=configs/quickstart.py")
+  if _MODE.value == "eval" and not _WORKDIR.value:
+    _fail("--mode=eval needs --workdir=DIR (a training run's folder; its config.json is used "
+          "unless --config is given)")
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
   from jaxsam import distributed, errors
   try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
@@ -64,6 +67,8 @@ def main(argv: list[str]) -> None:
   from jaxsam import train
 
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  if _MODE.value == "eval" and not os.path.isdir(workdir):
+    _fail(f"--workdir={workdir} is not a folder; give a training run's folder")
   try:
     if _MODE.value == "train":
       summary = train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)

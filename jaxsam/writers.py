@@ -1,14 +1,26 @@
 """Metric sinks. Each record is one dict with `step` and `epoch`; only process 0 writes.
 
-`metrics.jsonl` is the source of truth (one JSON object per line); other sinks mirror it.
+`metrics.jsonl` is the source of truth (one JSON object per line); other sinks mirror it:
+`WandbWriter` logs every record to Weights & Biases (online, offline or disabled), with the
+resolved config, a final summary and optionally checkpoint artifacts. A resumed run continues the
+same wandb run: its id lives in `<workdir>/wandb_run_id`.
 """
 
 import json
 import math
+import netrc
 import os
+import sys
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+from jaxsam import errors
+
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+WANDB_HOST = "api.wandb.ai"
+WANDB_INIT_TIMEOUT_S = 30.0  # an unreachable server falls back to offline after this long
 
 
 class Writer(Protocol):
@@ -41,11 +53,22 @@ class JsonlWriter:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl file (a missing file has none)."""
+  """All records of a metrics.jsonl file (a missing file has none).
+
+  A last line cut short by a kill mid-write is skipped: it belongs to steps the resumed run redoes.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return records
 
 
 def truncate_after(path: str, step: int) -> None:
@@ -72,3 +95,115 @@ class MultiWriter:
   def close(self) -> None:
     for w in self.writers:
       w.close()
+
+
+def wandb_credentials_found(environ: Mapping[str, str], netrc_path: str | None = None,
+                            host: str = WANDB_HOST) -> bool:
+  """True when wandb could log in without a prompt: WANDB_API_KEY, or a netrc entry for `host`.
+
+  The same two sources wandb reads; checked here so that `wandb.mode=auto` never waits on a login.
+  """
+  if environ.get("WANDB_API_KEY"):
+    return True
+  path = netrc_path or environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+  try:
+    return netrc.netrc(path).authenticators(host) is not None
+  except (OSError, netrc.NetrcParseError):
+    return False
+
+
+def resolve_wandb_mode(mode: str, credentials: bool) -> str:
+  """`auto` becomes online with credentials and offline without; other modes pass through."""
+  if mode not in WANDB_MODES:
+    raise errors.ConfigError(f"wandb.mode={mode!r} is unknown; known: {', '.join(WANDB_MODES)}")
+  if mode == "auto":
+    return "online" if credentials else "offline"
+  return mode
+
+
+def read_wandb_run_id(workdir: str) -> str | None:
+  path = os.path.join(workdir, WANDB_ID_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().strip() or None
+
+
+def _write_wandb_run_id(workdir: str, run_id: str) -> None:
+  path = os.path.join(workdir, WANDB_ID_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.write(run_id + "\n")
+  os.replace(path + ".tmp", path)
+
+
+class WandbWriter:
+  """Mirrors metrics.jsonl records to one wandb run; x-axis = train step, `epoch` logged too."""
+
+  def __init__(self, run):
+    self.run = run
+    self._closed = False
+    # A resumed online run already holds the steps up to `starting_step`: wandb rejects (with a
+    # warning each) steps below its current one, and those values were logged by the killed run.
+    self._first_step = int(getattr(run, "starting_step", 0) or 0)
+
+  def write(self, record: dict[str, Any]) -> None:
+    step = int(record["step"])
+    if step < self._first_step:
+      return
+    # Plain floats, NaN included: wandb charts NaN as a gap, where metrics.jsonl needs a string.
+    self.run.log({k: v.item() if hasattr(v, "item") else v for k, v in record.items()
+                  if k != "step"}, step=step)
+
+  def log_checkpoint(self, path: str, step: int, aliases: list[str]) -> None:
+    """Uploads one checkpoint folder as a `model` artifact named after the run."""
+    import wandb
+    artifact = wandb.Artifact(f"{self.run.id}-checkpoint", type="model", metadata={"step": step})
+    artifact.add_dir(path)
+    self.run.log_artifact(artifact, aliases=aliases)
+
+  def finish(self, summary: dict[str, Any]) -> None:
+    self.run.summary.update({k: _jsonable(v) for k, v in summary.items()})
+
+  def close(self, exit_code: int = 0) -> None:
+    """Ends the run (uploads what is left when online); exit_code != 0 marks it failed."""
+    if not self._closed:
+      self._closed = True
+      self.run.finish(exit_code=exit_code)
+
+
+def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], *,
+                        credentials: bool) -> WandbWriter | None:
+  """Starts (or resumes) the workdir's wandb run as `wandb_config` says; None when disabled.
+
+  Args:
+    wandb_config: the config's `wandb` section (mode, project, entity, name, tags, group).
+    workdir: the run folder; wandb writes under `<workdir>/wandb/` and the run id goes to
+      `<workdir>/wandb_run_id`, so that rerunning the same command continues the same wandb run.
+    run_config: the resolved config, logged as the wandb run's config.
+    credentials: whether an API key is available (see `wandb_credentials_found`); decides `auto`.
+
+  An online start that fails (no network, bad key) falls back to offline with a warning line:
+  training never waits on wandb, and an offline run can be uploaded later with `wandb sync`.
+  """
+  mode = resolve_wandb_mode(wandb_config.mode, credentials)
+  if mode == "disabled":
+    return None
+  import wandb
+  kwargs = dict(
+      project=wandb_config.project or None, entity=wandb_config.entity or None,
+      name=wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+      group=wandb_config.group or None,
+      tags=[t.strip() for t in wandb_config.tags.split(",") if t.strip()] or None,
+      config=run_config, dir=workdir, resume="allow", id=read_wandb_run_id(workdir))
+  try:
+    run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
+                     **kwargs)
+  except Exception as e:  # wandb raises CommError, UsageError, timeouts...: all mean "not online"
+    if mode != "online":
+      raise
+    print(f"warning: wandb online start failed ({type(e).__name__}: "
+          f"{(str(e).splitlines() or [''])[0][:200]}); logging offline, upload later with "
+          f"`wandb sync {os.path.join(workdir, 'wandb')}`", file=sys.stderr)
+    run = wandb.init(mode="offline", **kwargs)
+  _write_wandb_run_id(workdir, run.id)
+  return WandbWriter(run)
