@@ -79,7 +79,7 @@ def model_layout(model_ref) -> tuple[str, str]:
 def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
   """Reads a weight file into ({source name: array}, source kind, metadata).
 
-  The kind is 'torch' (state-dict names), 'keras' ('layer/variable' names) or 'jaxsam'.
+  The kind is 'torchvision' (torch state-dict names), 'keras' ('layer/variable' names) or 'jaxsam'.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -90,7 +90,7 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
       f"unknown weight file type {suffix!r} for {path!r}; accepted: {', '.join(SUFFIXES)}"
     )
   if suffix in TORCH_SUFFIXES:
-    return _read_torch(path), "torch", {}
+    return _read_torch(path), "torchvision", {}
   try:
     if suffix == ".safetensors":
       return _read_safetensors(path)
@@ -117,7 +117,7 @@ def _read_safetensors(path: str):
   with safe_open(path, framework="numpy") as f:
     metadata = f.metadata() or {}
     tensors = {k: f.get_tensor(k) for k in f.keys()}
-  kind = JAXSAM_FORMAT if metadata.get("format") == JAXSAM_FORMAT else "torch"
+  kind = JAXSAM_FORMAT if metadata.get("format") == JAXSAM_FORMAT else "torchvision"
   return tensors, kind, metadata
 
 
@@ -384,6 +384,7 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   Raises PretrainedError when the file's layout is not the model's (e.g. Keras weights for a
   torchvision-layout model) or a tensor has no Flax counterpart.
   """
+  path = os.fspath(path)
   name, layout = model_layout(model_ref)
   tensors, kind, metadata = read_file(path)
   if kind == JAXSAM_FORMAT:
@@ -402,7 +403,7 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   if kind != layout:
     raise PretrainedError(f"{path!r} holds {kind} weights but {name} is in the {layout} layout; "
                           f"{_LAYOUT_FIX[_family(name), kind]}")
-  mapped, unknown = (map_torch if kind == "torch" else map_keras)(tensors, _family(name))
+  mapped, unknown = (map_torch if kind == "torchvision" else map_keras)(tensors, _family(name))
   if unknown:
     raise PretrainedError(
       f"{path!r} does not fit {name}: unexpected tensors {_names(unknown)} "
@@ -413,8 +414,8 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
 
 _LAYOUT_FIX = {
   ("resnet", "keras"): "Keras' ResNet50 needs config.model.resnet_v1=True",
-  ("resnet", "torch"): "torchvision/timm ResNets need config.model.resnet_v1=False",
-  ("efficientnet", "torch"): "torchvision's EfficientNet needs model name efficientnet_bN_torchvision",
+  ("resnet", "torchvision"): "torchvision/timm ResNets need config.model.resnet_v1=False",
+  ("efficientnet", "torchvision"): "torchvision's EfficientNet needs model name efficientnet_bN_torchvision",
   ("efficientnet", "keras"): "Keras' EfficientNet needs model name efficientnet_bN (TF padding)",
 }
 
@@ -479,6 +480,7 @@ def load_pretrained(path: str, model_ref, variables):
     PretrainedError: wrong path, unreadable/truncated/non-weight file, `.pth` without torch,
       another layout, or missing / unexpected / wrongly shaped tensors (named, one line).
   """
+  path = os.fspath(path)
   file_tensors = to_flax_names(path, model_ref)
   flat = _flatten(variables)
   taken = match(file_tensors, {k: v.shape for k, v in flat.items()}, repr(os.fspath(path)))
@@ -496,7 +498,11 @@ def load_pretrained(path: str, model_ref, variables):
 def save_variables(path: str, variables, model_ref) -> None:
   """Writes variables as a jaxsam weight file (.safetensors or .msgpack) that records the layout."""
   name, layout = model_layout(model_ref)
-  flat = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in _flatten(variables).items()}
+  # Contiguous copies: safetensors writes a transposed view's buffer in memory order, scrambled.
+  flat = {
+    k: np.ascontiguousarray(jax.device_get(v), dtype=np.float32)
+    for k, v in _flatten(variables).items()
+  }
   metadata = {"format": JAXSAM_FORMAT, "model": str(name), "layout": layout}
   suffix = os.path.splitext(os.fspath(path))[1].lower()
   if suffix == ".safetensors":

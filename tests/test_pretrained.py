@@ -1,0 +1,176 @@
+"""Pretrained import proven against the source frameworks: torchvision and Keras compute the same logits.
+
+Each reference model gets random weights (BN running statistics too, so a wrong mapping shows),
+is saved in its real file format, imported through `load_pretrained`, and run on the same batch.
+"""
+
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxsam import models
+from jaxsam.convert import convert
+from jaxsam.errors import PretrainedError
+from jaxsam.models import pretrained
+
+torch = pytest.importorskip("torch")  # CI installs the torch extra; this skips only without it
+torchvision = pytest.importorskip("torchvision")
+keras = pytest.importorskip("keras")
+
+SIZE = 112  # 112 -> ... -> 7 -> 4: stride-2 convs meet both even and odd inputs
+BATCH = 2
+LOGIT_TOL = 1e-4
+
+
+def model_config(name: str, **kw) -> ml_collections.ConfigDict:
+  cfg = {"name": name, "resnet_v1": False, "dropout_rate": -1.0, "drop_connect_rate": -1.0}
+  cfg.update(kw)
+  return ml_collections.ConfigDict(cfg)
+
+
+def random_batch(seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def flat(tree) -> dict:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+
+
+def init_zeros(module, x):
+  """Variables of the right structure without compiling an init (every tensor is replaced)."""
+  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def forward(module, variables, x):
+  """(eval logits, train logits, batch_stats after one train-mode step)."""
+
+  def both(v):  # one program, one compile
+    eval_logits = module.apply(v, x, train=False)
+    train_logits, state = module.apply(
+      v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+    )
+    return eval_logits, train_logits, state
+
+  eval_logits, train_logits, state = jax.jit(both)(variables)
+  return np.asarray(eval_logits), np.asarray(train_logits), flat(state["batch_stats"])
+
+
+def param_count(module) -> int:
+  x = jnp.zeros((1, 64, 64, 3))
+  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(shapes["params"]))
+
+
+# --------------------------------------------------------------------------------------- torch
+
+
+def randomise_torch_bn(model, seed: int) -> None:
+  """Random BN scales/offsets; running statistics from a calibration batch, slightly perturbed.
+
+  Calibrating keeps activations O(1) through 50 layers (logits of a few units, as a trained net's),
+  so the 1e-4 tolerance tests the mapping rather than float32 rounding of huge logits; the stats
+  are still per-channel values far from torch's defaults (0 and 1), so a wrong mapping shows.
+  """
+  g = torch.Generator().manual_seed(seed)
+  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  for m in bns:
+    with torch.no_grad():
+      m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+      m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    m.reset_running_stats()
+    m.momentum = None  # cumulative average: one batch sets the running stats to its statistics
+  with torch.no_grad():
+    model.train()(torch.randn(8, 3, SIZE, SIZE, generator=g))
+  for m in bns:
+    m.momentum = 0.1
+    with torch.no_grad():
+      noise = torch.randn(m.num_features, generator=g) * 0.05  # in units of the channel's std
+      m.running_mean.add_(noise * m.running_var.sqrt())
+      m.running_var.mul_(torch.rand(m.num_features, generator=g) * 0.2 + 0.9)
+
+
+def bn_element_counts(model, x) -> dict:
+  """{torch BN name: elements per channel in the batch}, from forward hooks (for Bessel's factor)."""
+  counts, hooks = {}, []
+  for name, m in model.named_modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      hooks.append(m.register_forward_hook(
+        lambda mod, inp, out, name=name: counts.__setitem__(name, inp[0].numel() // inp[0].shape[1])
+      ))
+  with torch.no_grad():
+    model.eval()(x)
+  for h in hooks:
+    h.remove()
+  return counts
+
+
+def check_against_torch(torch_model, name: str, tmp_path, seed: int):
+  torch.manual_seed(seed)
+  randomise_torch_bn(torch_model, seed)
+  torch_model.eval()
+  state = {k: v.clone().contiguous() for k, v in torch_model.state_dict().items()}
+  from safetensors.torch import save_file  # noqa: PLC0415
+
+  save_file(state, tmp_path / "w.safetensors")
+  torch.save(state, tmp_path / "w.pth")
+
+  # No dropout / drop-connect, so train-mode logits are deterministic on both sides.
+  module = models.create_model(model_config(name, dropout_rate=0.0, drop_connect_rate=0.0), 1000)
+  family = "efficientnet" if name.startswith("efficientnet") else "resnet"
+  assert param_count(module) == sum(p.numel() for p in torch_model.parameters())
+  x = random_batch(seed)
+  fresh = init_zeros(module, x)
+  variables = pretrained.load_pretrained(tmp_path / "w.safetensors", name, fresh)
+  from_pth = pretrained.load_pretrained(tmp_path / "w.pth", name, fresh)
+  jax.tree.map(np.testing.assert_array_equal, variables, from_pth)
+
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+  counts = bn_element_counts(torch_model, xt)
+  with torch.no_grad():
+    ref_eval = torch_model.eval()(xt).numpy()
+    ref_train = torch_model.train()(xt).numpy()
+  eval_logits, train_logits, stats = forward(module, variables, x)
+  assert np.abs(ref_eval).max() > 1e-2  # the comparison is not vacuous
+  np.testing.assert_allclose(eval_logits, ref_eval, rtol=0, atol=LOGIT_TOL)
+  np.testing.assert_allclose(train_logits, ref_train, rtol=0, atol=LOGIT_TOL)
+
+  # Running statistics after one train step. torch updates the variance with the unbiased batch
+  # variance, Flax with the biased one (the one both normalise with): undo Bessel's factor.
+  new_state = torch_model.state_dict()
+  updated, _ = pretrained.map_torch({k: v.numpy() for k, v in new_state.items()}, family)
+  before, _ = pretrained.map_torch({k: v.numpy() for k, v in state.items()}, family)
+  n_by_name, _ = pretrained.map_torch(
+    {f"{k}.running_var": np.full(1, n, np.float32) for k, n in counts.items()}, "efficientnet" if "eff" in name else "resnet"
+  )
+  for key, value in stats.items():
+    ref = updated[f"batch_stats/{key}"]
+    if key.endswith("/var"):
+      n = n_by_name[f"batch_stats/{key}"][0]
+      old = 0.9 * before[f"batch_stats/{key}"]
+      np.testing.assert_allclose((value - old) * n / (n - 1), ref - old, rtol=1e-3, atol=1e-5, err_msg=key)
+    else:
+      np.testing.assert_allclose(value, ref, rtol=1e-4, atol=1e-5, err_msg=key)
+  return variables
+
+
+@pytest.mark.slow
+def test_resnet50_matches_torchvision(tmp_path):
+  ref = torchvision.models.resnet50(weights=None)
+  variables = check_against_torch(ref, "resnet50", tmp_path, seed=0)
+  # A converted file loads to the same variables, in both of jaxsam's formats.
+  for out in ("c.safetensors", "c.msgpack"):
+    convert("resnet50", str(tmp_path / "w.pth"), str(tmp_path / out))
+    again = pretrained.load_pretrained(tmp_path / out, "resnet50", variables)
+    jax.tree.map(np.testing.assert_array_equal, variables, again)
+
+
+@pytest.mark.slow
+def test_efficientnet_b0_matches_torchvision(tmp_path):
+  ref = torchvision.models.efficientnet_b0(weights=None, dropout=0.0, stochastic_depth_prob=0.0)
+  check_against_torch(ref, "efficientnet_b0_torchvision", tmp_path, seed=1)
