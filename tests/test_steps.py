@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import common
-from jaxsam import errors, models, optim, parallel, steps
+from jaxsam import errors, optim, parallel, steps
 
 NUM_CLASSES = 5
 
@@ -22,6 +22,18 @@ class TinyNet(nn.Module):
     x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
     x = x.reshape((x.shape[0], -1))
     return nn.Dense(NUM_CLASSES)(x)
+
+
+class TinyBNNet(nn.Module):
+  """Conv + BatchNorm + dense: the smallest model whose BN statistics a step must get right."""
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(4, (3, 3), strides=2, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+    x = nn.relu(x).reshape((x.shape[0], -1))
+    return nn.Dense(NUM_CLASSES, dtype=self.dtype)(x)
 
 
 def make_config(rho=0.0, sync=False, m=0, lr=0.1):
@@ -127,14 +139,8 @@ def test_sam_m_groups_on_one_device_equal_one_group_per_device():
   assert_trees_close(grouped.params, on_8.params)
 
 
-def resnet8():
-  model_config = common.get_base_config().model
-  model_config.name = "resnet8"
-  return models.create_model(model_config, num_classes=NUM_CLASSES, dtype=jnp.float32)
-
-
 def test_bn_running_statistics_come_from_the_clean_pass_only():
-  model = resnet8()
+  model = TinyBNNet()
   batch = make_batch()
   got, _, _ = run_steps(make_config(rho=0.5), MESH_1(), model, [batch])
   state = init_state(model, optax.sgd(0.1))
@@ -150,7 +156,7 @@ def test_bn_running_statistics_come_from_the_clean_pass_only():
 
 def test_bn_statistics_are_averaged_over_devices():
   """Per-device running statistics, averaged, equal the mean of each device's clean update."""
-  model = resnet8()
+  model = TinyBNNet()
   batch = make_batch()
   got, _, _ = run_steps(make_config(rho=0.05), MESH_8(), model, [batch])
   state = init_state(model, optax.sgd(0.1))
@@ -179,7 +185,7 @@ def _flops(rho):
   mesh = MESH_1()
   config = make_config(rho=rho)
   tx, lr = optim.make_optimizer(config, steps_per_epoch=10, axis_name=parallel.DATA_AXIS)
-  model = resnet8()
+  model = TinyBNNet()
   step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=step_cfg())
   state = parallel.replicate(init_state(model, tx), mesh)
   cost = step.lower(state, parallel.shard_batch(batch, mesh)).compile().cost_analysis()
@@ -193,9 +199,7 @@ def test_sam_costs_two_passes_and_rho_zero_costs_one():
 
 
 def test_bf16_compute_keeps_fp32_params_and_finite_updates():
-  model_config = common.get_base_config().model
-  model_config.name = "resnet8"
-  model = models.create_model(model_config, num_classes=NUM_CLASSES, dtype=jnp.bfloat16)
+  model = TinyBNNet(dtype=jnp.bfloat16)
   cfg = step_cfg(dtype=jnp.bfloat16)
   state, metrics, _ = run_steps(make_config(rho=0.05), MESH_8(), model,
                                 [make_batch(seed=s) for s in range(2)], cfg=cfg)
