@@ -126,13 +126,21 @@ class _Stats:
     self.channels = images.shape[-1]
     self._hist = None
     self._grey_mean = None
+    self._index = None
+
+  @property
+  def index(self) -> tf.Tensor:
+    """Every pixel's flat LUT index (shared by the histogram and the LUT gather)."""
+    if self._index is None:
+      self._index = _lut_index(self.images)
+    return self._index
 
   @property
   def hist(self) -> tf.Tensor:
     """Per-image, per-channel histograms, int32 [B, C, 256], by one bincount."""
     if self._hist is None:
       self._hist = tf.reshape(
-          tf.math.bincount(_lut_index(self.images), minlength=self.batch * self.channels * 256,
+          tf.math.bincount(self.index, minlength=self.batch * self.channels * 256,
                            maxlength=self.batch * self.channels * 256, dtype=tf.int32),
           [self.batch, self.channels, 256])
     return self._hist
@@ -156,10 +164,13 @@ def _lut_index(images: tf.Tensor) -> tf.Tensor:
   return tf.cast(images, tf.int32) + offsets
 
 
-def _apply_lut(images: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
-  """Maps every pixel through its image's and channel's table (lut int32 [B, C, 256])."""
-  flat = tf.reshape(tf.clip_by_value(lut, 0, 255), [-1])
-  return tf.cast(tf.gather(flat, _lut_index(images)), tf.uint8)
+def _apply_lut(images: tf.Tensor, lut: tf.Tensor, index: tf.Tensor | None = None) -> tf.Tensor:
+  """Maps every pixel through its image's and channel's table (lut int32 [B, C, 256]).
+
+  `index`: `_lut_index(images)` when the caller already has it.
+  """
+  flat = tf.cast(tf.reshape(tf.clip_by_value(lut, 0, 255), [-1]), tf.uint8)
+  return tf.gather(flat, _lut_index(images) if index is None else index)
 
 
 def _autocontrast_lut(stats: _Stats, arg) -> tf.Tensor:
@@ -285,15 +296,20 @@ def _identity_matrix(batch) -> tf.Tensor:
   return tf.broadcast_to(tf.constant([1, 0, 0, 0, 1, 0], tf.float64), [batch, 6])
 
 
+_TIE_BREAK = 2.0**-14
+
+
 def _apply_affine(images: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
   """Samples images at PIL's affine inverse map [B, 6], nearest neighbour, grey outside.
 
   PIL maps output pixel centres (x + .5, y + .5) and floors; TF maps integer pixel indices and
-  rounds. Shifting the offset by (a + b - 1) / 2 makes TF's round() land on PIL's floor().
+  rounds half away from zero. Shifting the offset by (a + b - 1) / 2 makes TF's round() land on
+  PIL's floor(); the extra 2**-14 breaks the tie at exactly integer coordinates (half-pixel
+  translations), where round(-0.5) = -1 would drop a column that PIL's floor(0) = 0 keeps.
   """
   a, b, c, d, e, f = tf.unstack(matrix, axis=-1)
-  c = c + 0.5 * (a + b) - 0.5
-  f = f + 0.5 * (d + e) - 0.5
+  c = c + 0.5 * (a + b) - 0.5 + _TIE_BREAK
+  f = f + 0.5 * (d + e) - 0.5 + _TIE_BREAK
   zero = tf.zeros_like(a)
   transforms = tf.cast(tf.stack([a, b, c, d, e, f, zero, zero], axis=-1), tf.float32)
   out = tf.raw_ops.ImageProjectiveTransformV3(
@@ -489,32 +505,51 @@ def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: 
               negate: tf.Tensor, level_to_arg: dict[str, Callable]) -> tf.Tensor:
   """Applies op `names[index[i]]` at `level[i]` to example i, for the whole batch at once.
 
-  Each kind runs once for the batch; an example whose op is of another kind gets the identity
-  table / matrix / no blend, so the result equals applying each example's op on its own.
+  Examples are partitioned by the kind of their op (pass-through, lookup table, affine, each
+  blend), each group is processed by one batched computation, and the groups are stitched back
+  in order: every pixel is touched once per round whatever the mix of ops.
   """
   height, width = images.shape[1], images.shape[2]
-  stats = _Stats(images)
-  lut, matrix, blends = None, None, []
+  groups = ["identity", "lut", "affine"] + [n for n in names if _SPECS[n].kind == "blend"]
+  group_of_op = [groups.index(n if _SPECS[n].kind == "blend" else _SPECS[n].kind)
+                 if n != "identity" else 0 for n in names]
+  group = tf.gather(tf.constant(group_of_op, tf.int32), index)
+  # Each example's own argument: its op's level -> argument mapping.
+  arg = tf.zeros_like(level)
   for k, name in enumerate(names):
-    spec = _SPECS[name]
-    chosen = tf.equal(index, k)
-    arg = tf.cast(level_to_arg[name](level, negate, (height, width)), tf.float32)
-    if spec.kind == "lut":
-      lut = stats.identity() if lut is None else lut
-      lut = tf.where(chosen[:, None, None], spec.build(stats, arg), lut)
-    elif spec.kind == "affine":
-      matrix = _identity_matrix(stats.batch) if matrix is None else matrix
-      matrix = tf.where(chosen[:, None], spec.build(tf.cast(arg, tf.float64), height, width),
-                        matrix)
+    op_arg = tf.cast(level_to_arg[name](level, negate, (height, width)), tf.float32)
+    arg = tf.where(tf.equal(index, k), op_arg, arg)
+
+  positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), group, len(groups))
+  parts = tf.dynamic_partition(images, group, len(groups))
+  part_index = tf.dynamic_partition(index, group, len(groups))
+  part_arg = tf.dynamic_partition(arg, group, len(groups))
+  outputs = []
+  for g, kind in enumerate(groups):
+    x, op_index, op_arg = parts[g], part_index[g], part_arg[g]
+    x.set_shape([None, *images.shape[1:]])
+    if kind == "identity":
+      outputs.append(x)
+    elif kind == "lut":
+      stats = _Stats(x)
+      lut = stats.identity()
+      for k, name in enumerate(names):
+        if _SPECS[name].kind == "lut" and name != "identity":
+          lut = tf.where(tf.equal(op_index, k)[:, None, None], _SPECS[name].build(stats, op_arg),
+                         lut)
+      outputs.append(_apply_lut(x, lut, stats.index))
+    elif kind == "affine":
+      matrix = _identity_matrix(tf.shape(x)[0])
+      for k, name in enumerate(names):
+        if _SPECS[name].kind == "affine":
+          built = _SPECS[name].build(tf.cast(op_arg, tf.float64), height, width)
+          matrix = tf.where(tf.equal(op_index, k)[:, None], built, matrix)
+      outputs.append(_apply_affine(x, matrix))
     else:
-      blends.append((spec.build, chosen, arg))
-  if lut is not None:
-    images = _apply_lut(images, lut)
-  if matrix is not None:
-    images = _apply_affine(images, matrix)
-  for blend, chosen, arg in blends:
-    images = tf.where(chosen[:, None, None, None], blend(images, arg), images)
-  return images
+      outputs.append(_SPECS[kind].build(x, op_arg))
+  out = tf.dynamic_stitch(positions, outputs)
+  out.set_shape(images.shape)
+  return out
 
 
 def randaugment(images: tf.Tensor, seeds: tf.Tensor, num_ops: int, magnitude: float) -> tf.Tensor:
@@ -547,41 +582,73 @@ def autoaugment(images: tf.Tensor, seeds: tf.Tensor, policy: str) -> tf.Tensor:
 # ------------------------------------------------------------------------- crop, flip, Cutout
 
 
-def random_crop(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str) -> tf.Tensor:
-  """Pads each side by `padding` (numpy-style reflect, or zeros) and crops back at a random offset."""
-  if padding == 0:
+def _reflect(index: tf.Tensor, size: int) -> tf.Tensor:
+  """numpy/torch 'reflect' padding index (edge not repeated) for -size < index < 2 * size - 1."""
+  index = tf.abs(index)
+  return tf.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def crop_flip_cutout(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str, flip: bool,
+                     cutout_size: int) -> tf.Tensor:
+  """Random crop with padding, then horizontal flip, then Cutout, as ONE gather of pixels.
+
+  Crop: pad each side by `padding` (numpy-style reflect, or zeros) and crop back at a uniformly
+  drawn offset. Flip: mirror left-right with probability 1/2. Cutout (DeVries & Taylor 2017): a
+  `cutout_size` square of FILL_VALUE at a uniformly drawn centre, clipped at the borders. Each
+  output pixel's source (an input pixel, the zero pad or the Cutout fill) is computed from small
+  per-example row/column maps, so the three steps cost one pass over the batch.
+  """
+  if padding == 0 and not flip and cutout_size == 0:
     return images
-  height, width = tf.shape(images)[1], tf.shape(images)[2]
-  mode = "REFLECT" if fill == "reflect" else "CONSTANT"
-  padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode=mode)
-  dy = _randint(seeds, _STREAM_CROP_Y, 2 * padding + 1)
-  dx = _randint(seeds, _STREAM_CROP_X, 2 * padding + 1)
-  rows = dy[:, None] + tf.range(height)[None, :]
-  cols = dx[:, None] + tf.range(width)[None, :]
-  cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-  return tf.gather(cropped, cols, axis=2, batch_dims=1)
+  batch = tf.shape(images)[0]
+  height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+  rows = tf.broadcast_to(tf.range(height)[None, :], [batch, height])
+  cols = tf.broadcast_to(tf.range(width)[None, :], [batch, width])
+  if padding:
+    rows += _randint(seeds, _STREAM_CROP_Y, 2 * padding + 1)[:, None] - padding
+    cols += _randint(seeds, _STREAM_CROP_X, 2 * padding + 1)[:, None] - padding
+  if flip:
+    mirror = uniform(seeds, _STREAM_FLIP) < 0.5
+    cols = tf.where(mirror[:, None], tf.reverse(cols, axis=[1]), cols)
+  if fill == "reflect":
+    rows, cols = _reflect(rows, height), _reflect(cols, width)
+  inside = tf.logical_and(
+      tf.logical_and(rows >= 0, rows < height)[:, :, None],
+      tf.logical_and(cols >= 0, cols < width)[:, None, :])
+  first = tf.range(batch)[:, None, None] * (height * width)
+  source = (first + tf.clip_by_value(rows, 0, height - 1)[:, :, None] * width
+            + tf.clip_by_value(cols, 0, width - 1)[:, None, :])
+  pad_pixel, cutout_pixel = batch * height * width, batch * height * width + 1
+  source = tf.where(inside, source, pad_pixel)
+  if cutout_size:
+    top = _randint(seeds, _STREAM_CUTOUT_Y, height) - cutout_size // 2
+    left = _randint(seeds, _STREAM_CUTOUT_X, width) - cutout_size // 2
+    out_rows, out_cols = tf.range(height)[None, :], tf.range(width)[None, :]
+    in_rows = tf.logical_and(out_rows >= top[:, None], out_rows < top[:, None] + cutout_size)
+    in_cols = tf.logical_and(out_cols >= left[:, None], out_cols < left[:, None] + cutout_size)
+    source = tf.where(tf.logical_and(in_rows[:, :, None], in_cols[:, None, :]), cutout_pixel,
+                      source)
+  pixels = tf.concat([tf.reshape(images, [-1, channels]),
+                      tf.zeros([1, channels], images.dtype),
+                      tf.fill([1, channels], tf.constant(FILL_VALUE, images.dtype))], axis=0)
+  out = tf.gather(pixels, source)
+  out.set_shape(images.shape)
+  return out
+
+
+def random_crop(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str) -> tf.Tensor:
+  """Pads each side by `padding` (reflect or zeros) and crops back at a random offset."""
+  return crop_flip_cutout(images, seeds, padding, fill, flip=False, cutout_size=0)
 
 
 def random_flip(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
   """Mirrors each example left-right with probability 1/2."""
-  flip = uniform(seeds, _STREAM_FLIP) < 0.5
-  return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+  return crop_flip_cutout(images, seeds, 0, "constant", flip=True, cutout_size=0)
 
 
 def cutout(images: tf.Tensor, seeds: tf.Tensor, size: int) -> tf.Tensor:
-  """Cutout (DeVries & Taylor 2017): a `size` square of FILL_VALUE at a uniformly drawn centre,
-  clipped at the borders (so it can be smaller near an edge)."""
-  if size == 0:
-    return images
-  height, width = tf.shape(images)[1], tf.shape(images)[2]
-  top = _randint(seeds, _STREAM_CUTOUT_Y, height) - size // 2
-  left = _randint(seeds, _STREAM_CUTOUT_X, width) - size // 2
-  rows = tf.range(height)[None, :]
-  cols = tf.range(width)[None, :]
-  in_rows = tf.logical_and(rows >= top[:, None], rows < top[:, None] + size)
-  in_cols = tf.logical_and(cols >= left[:, None], cols < left[:, None] + size)
-  mask = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])[..., None]
-  return tf.where(mask, tf.constant(FILL_VALUE, images.dtype), images)
+  """A `size` square of FILL_VALUE at a uniformly drawn centre, clipped at the borders."""
+  return crop_flip_cutout(images, seeds, 0, "constant", flip=False, cutout_size=size)
 
 
 # ------------------------------------------------------------------------------------ factory
@@ -663,9 +730,6 @@ def make_train_augment(augment_config, image_shape=(32, 32, 3)):
       images = randaugment(images, seeds, num_ops, magnitude)
     if policy:
       images = autoaugment(images, seeds, policy)
-    images = random_crop(images, seeds, padding, fill)
-    if flip:
-      images = random_flip(images, seeds)
-    return cutout(images, seeds, cutout_size)
+    return crop_flip_cutout(images, seeds, padding, fill, flip, cutout_size)
 
   return augment
