@@ -264,8 +264,7 @@ def _make_writer(config: ml_collections.ConfigDict, workdir: str, start_step: in
   jsonl = writers.JsonlWriter(workdir, resume_step=start_step)
   try:
     wandb_writer = writers.create_wandb_writer(
-        config.wandb, workdir, config.to_dict(),
-        credentials=writers.wandb_credentials_found(os.environ))
+        config.wandb, workdir, config.to_dict(), environ=os.environ)
   except BaseException:
     jsonl.close()
     raise

@@ -112,13 +112,23 @@ def wandb_credentials_found(environ: Mapping[str, str], netrc_path: str | None =
     return False
 
 
-def resolve_wandb_mode(mode: str, credentials: bool) -> str:
-  """`auto` becomes online with credentials and offline without; other modes pass through."""
+# WANDB_MODE values wandb itself accepts, as our modes.
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+              "disabled": "disabled"}
+
+
+def resolve_wandb_mode(mode: str, environ: Mapping[str, str],
+                       netrc_path: str | None = None) -> str:
+  """The mode wandb runs in: an explicit config mode wins; `auto` follows WANDB_MODE when set,
+  else online with credentials (see `wandb_credentials_found`) and offline without."""
   if mode not in WANDB_MODES:
     raise errors.ConfigError(f"wandb.mode={mode!r} is unknown; known: {', '.join(WANDB_MODES)}")
-  if mode == "auto":
-    return "online" if credentials else "offline"
-  return mode
+  if mode != "auto":
+    return mode
+  env_mode = _ENV_MODES.get(environ.get("WANDB_MODE", "").strip().lower())
+  if env_mode:
+    return env_mode
+  return "online" if wandb_credentials_found(environ, netrc_path) else "offline"
 
 
 def read_wandb_run_id(workdir: str) -> str | None:
@@ -172,7 +182,7 @@ class WandbWriter:
 
 
 def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], *,
-                        credentials: bool) -> WandbWriter | None:
+                        environ: Mapping[str, str]) -> WandbWriter | None:
   """Starts (or resumes) the workdir's wandb run as `wandb_config` says; None when disabled.
 
   Args:
@@ -180,12 +190,12 @@ def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], 
     workdir: the run folder; wandb writes under `<workdir>/wandb/` and the run id goes to
       `<workdir>/wandb_run_id`, so that rerunning the same command continues the same wandb run.
     run_config: the resolved config, logged as the wandb run's config.
-    credentials: whether an API key is available (see `wandb_credentials_found`); decides `auto`.
+    environ: the process environment (WANDB_MODE, WANDB_API_KEY, NETRC), which decides `auto`.
 
   An online start that fails (no network, bad key) falls back to offline with a warning line:
   training never waits on wandb, and an offline run can be uploaded later with `wandb sync`.
   """
-  mode = resolve_wandb_mode(wandb_config.mode, credentials)
+  mode = resolve_wandb_mode(wandb_config.mode, environ)
   if mode == "disabled":
     return None
   import wandb

@@ -1,0 +1,163 @@
+"""Metric sinks: metrics.jsonl (resume truncation, kill mid-line), wandb mode resolution, and a real
+offline wandb run read back from its `.wandb` file (no network)."""
+
+import glob
+import json
+import os
+import struct
+
+import ml_collections
+import pytest
+
+from jaxsam import errors, writers
+
+
+def _wandb_config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(dict(mode="offline", project="jaxsam-test", entity="",
+                                          name="", tags="a, b", group="g",
+                                          log_checkpoints=False))
+  config.update(overrides)
+  return config
+
+
+def wandb_records(run_file: str):
+  """Records of a `.wandb` transaction log (LevelDB log format of wandb Record protobufs).
+
+  wandb >= 0.19 reads these only in its Go core; this is the format's reference layout: a 7-byte
+  header (":W&B", magic 0xBEE1, version), then 32 KiB blocks of chunks with a 7-byte header
+  (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
+  """
+  from wandb.proto import wandb_internal_pb2
+  with open(run_file, "rb") as f:
+    data = f.read()
+  assert data[:4] == b":W&B", run_file
+  pos, block, buf = 7, 32768, b""
+  while pos + 7 <= len(data):
+    left = block - pos % block
+    if left < 7:  # block trailer padding
+      pos += left
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if kind == 0 and length == 0:
+      pos += left
+      continue
+    chunk = data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    buf = chunk if kind in (1, 2) else buf + chunk
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(buf)
+      yield record
+
+
+def wandb_history(run_file: str) -> list[dict]:
+  rows = []
+  for record in wandb_records(run_file):
+    if record.WhichOneof("record_type") == "history":
+      rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item})
+  return rows
+
+
+def test_jsonl_roundtrip_nan_and_resume_truncation(tmp_path):
+  w = writers.JsonlWriter(str(tmp_path))
+  for step in (1, 2, 3, 4):
+    w.write({"step": step, "epoch": step / 2, "train/loss": float("nan") if step == 2 else 1.0})
+  w.close()
+  path = os.path.join(tmp_path, writers.METRICS_FILE)
+  records = writers.read_metrics(path)
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  assert records[1]["train/loss"] == "nan"  # valid JSON, still visible
+  # A resumed run drops what was logged after its checkpoint, then appends.
+  w = writers.JsonlWriter(str(tmp_path), resume_step=2)
+  w.write({"step": 3, "epoch": 1.5, "train/loss": 0.5})
+  w.close()
+  assert [(r["step"], r["train/loss"]) for r in writers.read_metrics(path)] == [
+      (1, 1.0), (2, "nan"), (3, 0.5)]
+  # A fresh start (step 0) drops a killed run's records.
+  writers.JsonlWriter(str(tmp_path), resume_step=0).close()
+  assert writers.read_metrics(path) == []
+
+
+def test_read_metrics_skips_only_a_cut_last_line(tmp_path):
+  path = os.path.join(tmp_path, writers.METRICS_FILE)
+  with open(path, "w") as f:
+    f.write('{"step": 1, "epoch": 0.5}\n{"step": 2, "ep')  # killed mid-write
+  assert writers.read_metrics(path) == [{"step": 1, "epoch": 0.5}]
+  writers.truncate_after(path, 5)
+  with open(path, "w") as f:
+    f.write('{"step": 1, "ep\n{"step": 2, "epoch": 1}\n')
+  with pytest.raises(json.JSONDecodeError):
+    writers.read_metrics(path)
+
+
+def test_wandb_mode_resolution(tmp_path):
+  no_netrc = str(tmp_path / "absent-netrc")
+  env = {"NETRC": no_netrc}
+  assert writers.resolve_wandb_mode("auto", env) == "offline"
+  assert writers.resolve_wandb_mode("auto", {**env, "WANDB_API_KEY": "x" * 40}) == "online"
+  netrc_file = tmp_path / "netrc"
+  netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+  os.chmod(netrc_file, 0o600)
+  assert writers.resolve_wandb_mode("auto", {"NETRC": str(netrc_file)}) == "online"
+  other = tmp_path / "other-netrc"
+  other.write_text("machine example.com login u password p\n")
+  os.chmod(other, 0o600)
+  assert writers.resolve_wandb_mode("auto", {"NETRC": str(other)}) == "offline"
+  # WANDB_MODE decides `auto` when set; an explicit config mode always wins.
+  assert writers.resolve_wandb_mode("auto", {**env, "WANDB_MODE": "disabled"}) == "disabled"
+  assert writers.resolve_wandb_mode("auto", {**env, "WANDB_MODE": "dryrun"}) == "offline"
+  assert writers.resolve_wandb_mode("offline", {"WANDB_MODE": "disabled"}) == "offline"
+  assert writers.resolve_wandb_mode("disabled", {"WANDB_API_KEY": "x" * 40}) == "disabled"
+  with pytest.raises(errors.ConfigError, match=r"wandb.mode='cloud' is unknown; known: auto"):
+    writers.resolve_wandb_mode("cloud", env)
+
+
+def test_disabled_wandb_creates_nothing(tmp_path):
+  assert writers.create_wandb_writer(_wandb_config(mode="disabled"), str(tmp_path), {},
+                                     environ={}) is None
+  assert os.listdir(tmp_path) == []
+
+
+def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # nothing outside tmp, whatever wandb defaults
+  monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  run_config = {"seed": 3, "optimizer": {"learning_rate": 0.1}}
+  records = [{"step": 5, "epoch": 0.5, "train/loss": 2.0, "lr": 0.1},
+             {"step": 10, "epoch": 1.0, "train/loss": 1.5, "lr": 0.05},
+             {"step": 10, "epoch": 1, "test/loss": 1.25, "test/accuracy": 0.75}]
+  writer = writers.create_wandb_writer(_wandb_config(), workdir, run_config,
+                                       environ={"WANDB_MODE": "disabled"})
+  assert writer is not None and writer.run.settings.mode == "offline"
+  for r in records:
+    writer.write(r)
+  writer.finish({"final_test_accuracy": 0.75})
+  writer.close()
+  import wandb
+  wandb.teardown()  # the wandb service finishes writing the .wandb file when it shuts down
+  run_id = writers.read_wandb_run_id(workdir)
+  assert run_id == writer.run.id
+  files = glob.glob(os.path.join(workdir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+  assert len(files) == 1, os.listdir(os.path.join(workdir, "wandb"))
+  history = wandb_history(files[0])
+  # Train and test records of one step share a wandb row (x-axis = train step).
+  assert [(h["_step"], h.get("train/loss"), h.get("test/accuracy")) for h in history] == [
+      (5, 2.0, None), (10, 1.5, 0.75)]
+  assert history[1]["lr"] == 0.05 and history[1]["test/loss"] == 1.25
+  run = next(r.run for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run")
+  config = {u.key: json.loads(u.value_json) for u in run.config.update}
+  assert config["optimizer"] == {"learning_rate": 0.1} and config["seed"] == 3
+  assert sorted(run.tags) == ["a", "b"] and run.run_group == "g" and run.display_name == "run"
+  summary = {}
+  for r in wandb_records(files[0]):
+    if r.WhichOneof("record_type") == "summary":
+      summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json)
+                      for u in r.summary.update})
+  assert summary["final_test_accuracy"] == 0.75
+  # Rerunning in the same workdir continues the same wandb run id.
+  again = writers.create_wandb_writer(_wandb_config(), workdir, run_config, environ={})
+  assert again.run.id == run_id
+  again.close()
