@@ -515,9 +515,12 @@ def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: 
                  if n != "identity" else 0 for n in names]
   group = tf.gather(tf.constant(group_of_op, tf.int32), index)
   # Each example's own argument: its op's level -> argument mapping.
-  arg = tf.zeros_like(level)
+  arg = tf.zeros(tf.shape(level), tf.float32)
   for k, name in enumerate(names):
-    op_arg = tf.cast(level_to_arg[name](level, negate, (height, width)), tf.float32)
+    # float64 mapping, then float32: the factor PIL gets is float32(python float), and an FMA
+    # that graph optimisation may form in float32 would move it by an ulp.
+    op_arg = tf.cast(level_to_arg[name](tf.cast(level, tf.float64), negate, (height, width)),
+                     tf.float32)
     arg = tf.where(tf.equal(index, k), op_arg, arg)
 
   positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), group, len(groups))
@@ -722,14 +725,18 @@ def make_train_augment(augment_config, image_shape=(32, 32, 3)):
   policy = augment_config.autoaugment
 
   def augment(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
-    images = tf.ensure_shape(tf.convert_to_tensor(images), [None, *image_shape])
-    if images.dtype != tf.uint8:
-      raise TypeError(f"augment expects uint8 images, got {images.dtype}")
-    seeds = tf.ensure_shape(tf.convert_to_tensor(seeds), [None, 2])
     if num_ops > 0:
       images = randaugment(images, seeds, num_ops, magnitude)
     if policy:
       images = autoaugment(images, seeds, policy)
     return crop_flip_cutout(images, seeds, padding, fill, flip, cutout_size)
 
-  return augment
+  # Traced once (a fixed signature; tracing takes seconds): eager calls run as one graph and
+  # Dataset.map calls the same function. Python control flow depends only on the config.
+  traced = tf.function(augment, autograph=False, input_signature=[
+      tf.TensorSpec([None, *image_shape], tf.uint8), tf.TensorSpec([None, 2], tf.int64)])
+
+  def augment_batch(images, seeds):
+    return traced(tf.convert_to_tensor(images), tf.cast(seeds, tf.int64))
+
+  return augment_batch
