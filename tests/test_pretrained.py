@@ -25,6 +25,10 @@ keras = pytest.importorskip("keras")
 SIZE = 112  # 112 -> ... -> 7 -> 4: stride-2 convs meet both even and odd inputs
 BATCH = 2
 LOGIT_TOL = 1e-4
+# Train mode normalises with statistics of a 2-image batch (32 values per channel in the last
+# stage), which amplifies float32 reduction-order differences between TF and XLA; torch agrees to
+# LOGIT_TOL, Keras' ResNet50 to ~1.2e-4 on its random weights.
+TRAIN_LOGIT_TOL = 3e-4
 
 
 def model_config(name: str, **kw) -> ml_collections.ConfigDict:
@@ -174,3 +178,103 @@ def test_resnet50_matches_torchvision(tmp_path):
 def test_efficientnet_b0_matches_torchvision(tmp_path):
   ref = torchvision.models.efficientnet_b0(weights=None, dropout=0.0, stochastic_depth_prob=0.0)
   check_against_torch(ref, "efficientnet_b0_torchvision", tmp_path, seed=1)
+
+
+# --------------------------------------------------------------------------------------- Keras
+
+
+def randomise_keras(model, x_calibrate: np.ndarray, seed: int) -> None:
+  """As `randomise_torch_bn`, for Keras: random BN affine and conv biases, calibrated statistics."""
+  rng = np.random.default_rng(seed)
+  bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.Conv2D) and layer.use_bias and layer.name.endswith("_conv"):
+      kernel, bias = layer.get_weights()  # ResNet50's conv biases: zero at init, so randomise
+      layer.set_weights([kernel, rng.normal(0, 0.1, bias.shape).astype(np.float32)])
+    if isinstance(layer, keras.layers.Dropout):
+      layer.rate = 0.0  # deterministic train-mode logits, as the Flax side with rates 0
+  for layer in bns:
+    gamma, beta, mean, var = layer.get_weights()
+    layer.set_weights([rng.uniform(0.5, 1.0, gamma.shape), rng.normal(0, 0.1, beta.shape), mean, var])
+    layer.momentum = 0.0  # one training call sets the moving statistics to the batch's
+  model(x_calibrate, training=True)
+  for layer in bns:
+    layer.momentum = 0.99
+    gamma, beta, mean, var = layer.get_weights()
+    mean = mean + rng.normal(0, 0.05, mean.shape) * np.sqrt(var)
+    var = var * rng.uniform(0.9, 1.1, var.shape)
+    layer.set_weights([gamma, beta, mean.astype(np.float32), var.astype(np.float32)])
+
+
+def keras_weights(model) -> dict:
+  """The model's weights under 'layer/variable' names, as the weight-file readers return them."""
+  return {f"{l.name}/{w.name}": np.asarray(w) for l in model.layers for w in l.weights}
+
+
+def save_legacy_h5(model, path) -> None:
+  """The legacy save_weights layout of Keras' official ImageNet files (efficientnetb0.h5, ...)."""
+  import h5py  # noqa: PLC0415
+  from keras.src.legacy.saving import legacy_h5_format  # noqa: PLC0415
+
+  with h5py.File(path, "w") as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+
+def check_against_keras(ref, name: str, files: list, config_kw: dict, family: str, seed: int):
+  x_raw = np.random.default_rng(seed).normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
+  randomise_keras(ref, np.random.default_rng(seed + 100).normal(size=(8, SIZE, SIZE, 3)), seed)
+  # EfficientNet's own input Rescaling/Normalization layers: the Flax model sees their output.
+  norm = [l for l in ref.layers if isinstance(l, keras.layers.Normalization)]
+  x = np.asarray(keras.Model(ref.inputs, norm[0].output)(x_raw)) if norm else x_raw
+  before = keras_weights(ref)
+  for save, path in files:
+    save(ref, path)
+
+  module = models.create_model(model_config(name, **config_kw), 1000)
+  fresh = init_zeros(module, x)
+  loaded = [pretrained.load_pretrained(path, model_config(name, **config_kw), fresh) for _, path in files]
+  for other in loaded[1:]:
+    jax.tree.map(np.testing.assert_array_equal, loaded[0], other)
+  variables = loaded[0]
+
+  ref_eval = np.asarray(ref(x_raw, training=False))
+  ref_train = np.asarray(ref(x_raw, training=True))  # also updates the moving statistics
+  eval_logits, train_logits, stats = forward(module, variables, x)
+  assert np.abs(ref_eval).max() > 1e-2
+  np.testing.assert_allclose(eval_logits, ref_eval, rtol=0, atol=LOGIT_TOL)
+  np.testing.assert_allclose(train_logits, ref_train, rtol=0, atol=TRAIN_LOGIT_TOL)
+  # Keras, like Flax, updates the moving variance with the biased batch variance.
+  updated, _ = pretrained.map_keras(keras_weights(ref), family)
+  for key, value in stats.items():
+    np.testing.assert_allclose(value, updated[f"batch_stats/{key}"], rtol=1e-4, atol=1e-5, err_msg=key)
+  return module, before
+
+
+@pytest.mark.slow
+def test_resnet50_v1_matches_keras(tmp_path):
+  ref = keras.applications.ResNet50(weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+  files = [
+    (save_legacy_h5, tmp_path / "resnet50.h5"),
+    (lambda m, p: m.save(p), tmp_path / "resnet50.keras"),
+  ]
+  module, weights = check_against_keras(ref, "resnet50", files, {"resnet_v1": True}, "resnet", seed=2)
+  # Keras' conv biases fold into the BN means, so ours has exactly the bias-free count.
+  conv_biases = sum(
+    v.size for k, v in weights.items() if k.endswith("_conv/bias")
+  )
+  assert param_count(module) == 25_557_032 == ref.count_params() - 53_120 - conv_biases  # 53,120 BN stats
+
+
+@pytest.mark.slow
+def test_efficientnet_b0_matches_keras(tmp_path):
+  ref = keras.applications.EfficientNetB0(
+    weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None
+  )
+  files = [
+    (lambda m, p: m.save_weights(p), tmp_path / "b0.weights.h5"),
+    (lambda m, p: m.save(p), tmp_path / "b0_model.h5"),
+  ]
+  cfg = {"dropout_rate": 0.0, "drop_connect_rate": 0.0}
+  module, _ = check_against_keras(ref, "efficientnet_b0", files, cfg, "efficientnet", seed=3)
+  trainable = sum(int(np.prod(w.shape)) for w in ref.trainable_weights)
+  assert param_count(module) == trainable == 5_288_548
