@@ -50,7 +50,12 @@ def hessian_matvec(loss_fn: LossFn, params: Params, batches: Sequence[Batch]
   def one(p, v, batch):
     return ravel_pytree(hvp(loss_fn, p, unravel(v), batch))[0]
 
+  # Vectors go where the params live: a committed input after an uncommitted first one would
+  # make jit compile the HVP a second time.
+  sharding = jax.tree.leaves(params)[0].sharding
+
   def matvec(v: jax.Array) -> jax.Array:
+    v = jax.device_put(v, sharding)
     total = None
     for batch in batches:
       hv = one(params, v, batch)
@@ -70,18 +75,29 @@ class Eigen(NamedTuple):
   num_matvecs: int
 
 
+# The small vector operations below are jitted as whole steps: run eagerly, each jnp op would be
+# a separate compile per shape and sharding (seconds each on a busy CPU).
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "dtype"))
 def _random_unit(key: jax.Array, dim: int, dtype) -> jax.Array:
   v = jax.random.normal(key, (dim,), dtype)
   return v / jnp.linalg.norm(v)
 
 
 @jax.jit
-def _lanczos_orthogonalise(basis: jax.Array, w: jax.Array) -> jax.Array:
+def _lanczos_step(basis: jax.Array, j: jax.Array, q: jax.Array, w: jax.Array):
+  """Stores q as row j; returns (basis, alpha, beta, next q) for w = H q."""
+  basis = basis.at[j].set(q)
+  alpha = jnp.vdot(w, q)
   # Full reorthogonalisation, twice ("twice is enough", Parlett): without it float32 Lanczos
   # loses orthogonality after a few iterations and reports ghost copies of the top eigenvalue.
-  # Rows of `basis` not yet filled are zero and project nothing.
+  # Rows of `basis` not yet filled are zero and project nothing; this also removes alpha q and
+  # beta q_prev, the three-term recurrence's own terms.
   w = w - basis.T @ (basis @ w)
-  return w - basis.T @ (basis @ w)
+  w = w - basis.T @ (basis @ w)
+  beta = jnp.linalg.norm(w)
+  return basis, alpha, beta, w / jnp.where(beta > 0, beta, 1.0)
 
 
 def lanczos(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: jax.Array,
@@ -113,17 +129,13 @@ def lanczos(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: jax.Array,
   alphas, betas = [], []
   beta = 0.0
   for j in tqdm.trange(num_iters, desc="hessian lanczos", disable=not progress, leave=False):
-    basis = basis.at[j].set(q)
-    w = matvec(q)
-    alpha = float(jnp.vdot(w, q))
-    w = _lanczos_orthogonalise(basis, w)
-    beta = float(jnp.linalg.norm(w))
+    basis, alpha, beta, q = _lanczos_step(basis, j, q, matvec(q))
+    alpha, beta = float(alpha), float(beta)
     alphas.append(alpha)
     # An invariant subspace (beta ~ 0) means the Ritz values are exact: stop there.
     if j + 1 == num_iters or beta <= 1e-10 * max(abs(a) for a in alphas):
       break
     betas.append(beta)
-    q = w / beta
   m = len(alphas)
   tri = np.diag(np.asarray(alphas, np.float64))
   off = np.asarray(betas[:m - 1], np.float64)
@@ -141,40 +153,57 @@ def power_iteration(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: ja
   Each eigenvector is iterated orthogonal to the ones found before; iteration stops when the
   Rayleigh quotient changes by less than `tol` (relative) or after `num_iters` matvecs.
   """
-  found: list[jax.Array] = []
+  k = min(k, dim)
+  found = jnp.zeros((k, dim), dtype)  # rows: the eigenvectors found so far (zeros project nothing)
   values, residuals = [], []
   used = 0
   bar = tqdm.tqdm(total=k * num_iters, desc="hessian power", disable=not progress, leave=False)
-  for i in range(min(k, dim)):
+  for i in range(k):
     v = _random_unit(jax.random.fold_in(key, i), dim, dtype)
-    value, hv = None, None
+    value = None
     for _ in range(num_iters):
-      for u in found:
-        v = v - jnp.vdot(u, v) * u
-      v = v / jnp.linalg.norm(v)
+      v = _deflate(found, v)
       hv = matvec(v)
       used += 1
       bar.update(1)
-      new = float(jnp.vdot(v, hv))
+      new = float(_dot(v, hv))
       converged = value is not None and abs(new - value) <= tol * (abs(value) + 1e-12)
       value = new
       if converged:
         break
       v = hv
-    for u in found:  # measure the residual of the (deflated) Rayleigh pair
-      v = v - jnp.vdot(u, v) * u
-    v = v / jnp.linalg.norm(v)
+    v = _deflate(found, v)  # measure the residual of the (deflated) Rayleigh pair
     hv = matvec(v)
     used += 1
-    value = float(jnp.vdot(v, hv))
-    residuals.append(float(jnp.linalg.norm(hv - value * v)))
-    values.append(value)
-    found.append(v)
+    value, residual = _rayleigh_residual(v, hv)
+    values.append(float(value))
+    residuals.append(float(residual))
+    found = found.at[i].set(v)
   bar.close()
   return Eigen(eigenvalues=np.asarray(values), residuals=np.asarray(residuals), num_matvecs=used)
 
 
+@jax.jit
+def _deflate(found: jax.Array, v: jax.Array) -> jax.Array:
+  v = v - found.T @ (found @ v)
+  return v / jnp.linalg.norm(v)
+
+
+@jax.jit
+def _rayleigh_residual(v: jax.Array, hv: jax.Array):
+  value = jnp.vdot(v, hv)
+  return value, jnp.linalg.norm(hv - value * v)
+
+
 # ------------------------------------------------------------------------------- trace
+
+
+_dot = jax.jit(jnp.vdot)
+
+
+@functools.partial(jax.jit, static_argnames=("dim", "dtype"))
+def _rademacher(key: jax.Array, i: int, dim: int, dtype) -> jax.Array:
+  return jax.random.rademacher(jax.random.fold_in(key, i), (dim,), dtype)
 
 
 class Trace(NamedTuple):
@@ -193,8 +222,8 @@ def hutchinson_trace(matvec: MatVec, dim: int, *, num_probes: int, key: jax.Arra
   """
   samples = []
   for i in tqdm.trange(num_probes, desc="hessian trace", disable=not progress, leave=False):
-    v = jax.random.rademacher(jax.random.fold_in(key, i), (dim,), dtype)
-    samples.append(float(jnp.vdot(v, matvec(v))))
+    v = _rademacher(key, i, dim, dtype)
+    samples.append(float(_dot(v, matvec(v))))
   samples = np.asarray(samples, np.float64)
   stderr = float(samples.std(ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
   return Trace(trace=float(samples.mean()), stderr=stderr, samples=samples)
