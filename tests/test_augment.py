@@ -139,7 +139,8 @@ def _torchvision_cifar10_policy():
   if spec is None:
     pytest.skip("torchvision is not installed")
   path = os.path.join(os.path.dirname(spec.origin), "transforms", "autoaugment.py")
-  tree = ast.parse(open(path).read())
+  with open(path) as f:
+    tree = ast.parse(f.read())
   for node in ast.walk(tree):
     if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
         and ast.unparse(node.test).endswith("AutoAugmentPolicy.CIFAR10")):

@@ -17,7 +17,7 @@ example's seed, so an example's augmentation does not depend on which batch or p
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 

@@ -12,7 +12,7 @@ import os
 import pickle
 import socket
 import tarfile
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -283,18 +283,21 @@ def _cifar_member_reader(path: str):
           return layout, read, lambda name, folder=folder: os.path.join(folder, name)
     return None, None, None
   if os.path.isfile(path) and tarfile.is_tarfile(path):
-    archive = tarfile.open(path, "r:*")  # read members in memory; nothing is extracted
-    members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isfile()}
-    for layout in CIFAR_LAYOUTS:
-      if any(name.startswith(layout + "/") for name in members):
+    # Members are read into memory (the whole split is loaded anyway); nothing is extracted.
+    with tarfile.open(path, "r:*") as archive:
+      members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isfile()}
+      for layout in CIFAR_LAYOUTS:
+        prefix = layout + "/"
+        if any(name.startswith(prefix) for name in members):
+          contents = {name.removeprefix(prefix): archive.extractfile(member).read()
+                      for name, member in members.items() if name.startswith(prefix)}
 
-        def read(name, layout=layout):
-          member = members.get(f"{layout}/{name}")
-          if member is None:
-            raise FileNotFoundError(f"{layout}/{name}")
-          return archive.extractfile(member).read()
+          def read(name, contents=contents, layout=layout):
+            if name not in contents:
+              raise FileNotFoundError(f"{layout}/{name}")
+            return contents[name]
 
-        return layout, read, lambda name, layout=layout: f"{path}:{layout}/{name}"
+          return layout, read, lambda name, layout=layout: f"{path}:{layout}/{name}"
   return None, None, None
 
 
