@@ -20,12 +20,12 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs import common  # noqa: E402
-from jaxsam import models, optim, parallel, steps  # noqa: E402
+from configs import common
+from jaxsam import models, optim, parallel, steps
 
 CIFAR_MEAN = (0.507, 0.487, 0.441)
 CIFAR_STD = (0.267, 0.256, 0.276)
