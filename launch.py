@@ -64,7 +64,9 @@ def main(argv: list[str]) -> None:
                             env=os.environ), timeout_s=_DIST_TIMEOUT.value)
   except errors.UserError as e:
     _fail(str(e))
-  from jaxsam import train
+  from jaxsam import parallel, train
+  if _WORKDIR.value is None and not parallel.is_single_process():
+    _fail("a multi-process run needs --workdir=DIR, one folder that every process can reach")
 
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   if _MODE.value == "eval" and not os.path.isdir(workdir):
@@ -72,7 +74,8 @@ def main(argv: list[str]) -> None:
   try:
     if _MODE.value == "train":
       summary = train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
-      if summary["completed"] and summary["final_test_accuracy"] is not None:
+      if (summary["completed"] and summary["final_test_accuracy"] is not None
+          and parallel.is_main_process()):
         print(f"jaxsam: done in {summary['wall_time_s']:.0f}s: final test accuracy "
               f"{100 * summary['final_test_accuracy']:.2f}% (best "
               f"{100 * summary['best_test_accuracy']:.2f}%), workdir {workdir}")

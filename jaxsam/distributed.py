@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from jaxsam import errors
 
@@ -207,16 +208,32 @@ def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) 
   verify(spec)
 
 
-def verify(spec: ProcessSpec, process_count: int | None = None,
-           process_index: int | None = None) -> None:
-  """After initialisation: the runtime agrees with what this process was told."""
-  count = jax.process_count() if process_count is None else process_count
-  index = jax.process_index() if process_index is None else process_index
-  if count != spec.num_processes or index != spec.process_id:
+def verify(spec: ProcessSpec) -> None:
+  """After initialisation: every process was told the same count, and the runtime agrees.
+
+  All processes exchange what they were told first, so that all of them fail together with the
+  same message instead of some failing and the others hanging in their first collective.
+  """
+  from jax.experimental import multihost_utils
+  claims = multihost_utils.process_allgather(
+      np.asarray([spec.num_processes, spec.process_id], np.int32))
+  check_claims(spec, np.asarray(claims).reshape(-1, 2), jax.process_count(),
+               jax.process_index())
+
+
+def check_claims(spec: ProcessSpec, claims: np.ndarray, process_count: int,
+                 process_index: int) -> None:
+  """`claims[k]` = (num_processes, process_id) that process k was started with."""
+  for k, (count, pid) in enumerate(claims.tolist()):
+    if count != process_count or pid != k:
+      raise DistributedError(
+          f"process {k} was started with --num_processes={count} --process_id={pid} but the "
+          f"coordinator {spec.coordinator_address} runs {process_count} processes; start every "
+          "process with the same --num_processes and a distinct --process_id")
+  if process_index != spec.process_id:
     raise DistributedError(
-        f"this process was started as {spec.process_id} of {spec.num_processes} but the "
-        f"coordinator {spec.coordinator_address} runs {count} processes (this is {index}); "
-        "start every process with the same --num_processes")
+        f"--process_id={spec.process_id} but the coordinator numbered this process "
+        f"{process_index}; give every process a distinct --process_id")
 
 
 def describe(spec: ProcessSpec | None) -> str:

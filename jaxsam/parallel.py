@@ -101,3 +101,7 @@ def main_process_first(name: str) -> Iterator[None]:
   finally:  # even when process 0 fails: the others then fail on their own, rather than hang
     if is_main_process():
       barrier(name)
+
+
+def is_single_process() -> bool:
+  return jax.process_count() == 1
