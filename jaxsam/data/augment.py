@@ -370,21 +370,22 @@ def _sharpness(images: tf.Tensor, factor) -> tf.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
-  """How an op is applied: kind 'lut' | 'affine' | 'blend' and its builder or function."""
+  """How an op is applied and its builder or function. Kinds: 'identity'; 'lut' (a table from
+  the argument alone); 'lut_stats' (a table from image statistics too); 'affine'; 'blend'."""
 
   kind: str
   build: Callable
 
 
 _SPECS = {
-    "identity": OpSpec("lut", _identity_lut),
-    "autocontrast": OpSpec("lut", _autocontrast_lut),
-    "equalize": OpSpec("lut", _equalize_lut),
+    "identity": OpSpec("identity", _identity_lut),
+    "autocontrast": OpSpec("lut_stats", _autocontrast_lut),
+    "equalize": OpSpec("lut_stats", _equalize_lut),
     "invert": OpSpec("lut", _invert_lut),
     "solarize": OpSpec("lut", _solarize_lut),
     "posterize": OpSpec("lut", _posterize_lut),
     "brightness": OpSpec("lut", _brightness_lut),
-    "contrast": OpSpec("lut", _contrast_lut),
+    "contrast": OpSpec("lut_stats", _contrast_lut),
     "color": OpSpec("blend", _color),
     "sharpness": OpSpec("blend", _sharpness),
     "rotate": OpSpec("affine", _rotate_matrix),
@@ -397,7 +398,7 @@ _SPECS = {
 
 def _as_op(name: str) -> Callable:
   spec = _SPECS[name]
-  if spec.kind == "lut":
+  if spec.kind in ("identity", "lut", "lut_stats"):
     op = _lut_op(spec.build)
   elif spec.kind == "affine":
     op = _affine_op(spec.build)
@@ -505,15 +506,14 @@ def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: 
               negate: tf.Tensor, level_to_arg: dict[str, Callable]) -> tf.Tensor:
   """Applies op `names[index[i]]` at `level[i]` to example i, for the whole batch at once.
 
-  Examples are partitioned by the kind of their op (pass-through, lookup table, affine, each
-  blend), each group is processed by one batched computation, and the groups are stitched back
-  in order: every pixel is touched once per round whatever the mix of ops.
+  Examples are partitioned by the kind of their op (pass-through, lookup table without / with
+  image statistics, affine, each blend), each group is processed by one batched computation, and
+  the groups are stitched back in order: every pixel is touched once per round whatever the mix.
   """
   height, width = images.shape[1], images.shape[2]
-  groups = ["identity", "lut", "affine"] + [n for n in names if _SPECS[n].kind == "blend"]
-  group_of_op = [groups.index(n if _SPECS[n].kind == "blend" else _SPECS[n].kind)
-                 if n != "identity" else 0 for n in names]
-  group = tf.gather(tf.constant(group_of_op, tf.int32), index)
+  group_key = [n if _SPECS[n].kind == "blend" else _SPECS[n].kind for n in names]
+  groups = list(dict.fromkeys(group_key))
+  group = tf.gather(tf.constant([groups.index(key) for key in group_key], tf.int32), index)
   # Each example's own argument: its op's level -> argument mapping.
   arg = tf.zeros(tf.shape(level), tf.float32)
   for k, name in enumerate(names):
@@ -533,11 +533,11 @@ def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: 
     x.set_shape([None, *images.shape[1:]])
     if kind == "identity":
       outputs.append(x)
-    elif kind == "lut":
+    elif kind in ("lut", "lut_stats"):
       stats = _Stats(x)
       lut = stats.identity()
       for k, name in enumerate(names):
-        if _SPECS[name].kind == "lut" and name != "identity":
+        if _SPECS[name].kind == kind:
           lut = tf.where(tf.equal(op_index, k)[:, None, None], _SPECS[name].build(stats, op_arg),
                          lut)
       outputs.append(_apply_lut(x, lut, stats.index))
