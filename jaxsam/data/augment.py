@@ -614,16 +614,18 @@ def crop_flip_cutout(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: st
   if flip:
     mirror = uniform(seeds, _STREAM_FLIP) < 0.5
     cols = tf.where(mirror[:, None], tf.reverse(cols, axis=[1]), cols)
-  if fill == "reflect":
-    rows, cols = _reflect(rows, height), _reflect(cols, width)
-  inside = tf.logical_and(
-      tf.logical_and(rows >= 0, rows < height)[:, :, None],
-      tf.logical_and(cols >= 0, cols < width)[:, None, :])
-  first = tf.range(batch)[:, None, None] * (height * width)
-  source = (first + tf.clip_by_value(rows, 0, height - 1)[:, :, None] * width
-            + tf.clip_by_value(cols, 0, width - 1)[:, None, :])
   pad_pixel, cutout_pixel = batch * height * width, batch * height * width + 1
-  source = tf.where(inside, source, pad_pixel)
+  first = tf.range(batch)[:, None, None] * (height * width)
+  if fill == "reflect" or padding == 0:
+    rows, cols = _reflect(rows, height), _reflect(cols, width)
+    source = first + rows[:, :, None] * width + cols[:, None, :]
+  else:  # constant: sources outside the image read the zero pixel
+    inside = tf.logical_and(
+        tf.logical_and(rows >= 0, rows < height)[:, :, None],
+        tf.logical_and(cols >= 0, cols < width)[:, None, :])
+    source = (first + tf.clip_by_value(rows, 0, height - 1)[:, :, None] * width
+              + tf.clip_by_value(cols, 0, width - 1)[:, None, :])
+    source = tf.where(inside, source, pad_pixel)
   if cutout_size:
     top = _randint(seeds, _STREAM_CUTOUT_Y, height) - cutout_size // 2
     left = _randint(seeds, _STREAM_CUTOUT_X, width) - cutout_size // 2
