@@ -150,7 +150,8 @@ def _wait_for_coordinator(host: str, port: int, deadline: float) -> bool:
   """Polls a TCP connection to the coordinator until it accepts or the deadline passes."""
   while True:
     try:
-      with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.time()))):
+      timeout = max(0.1, min(2.0, deadline - time.time()))
+      with socket.create_connection((host, port), timeout=timeout):
         return True
     except OSError:
       if time.time() >= deadline:
@@ -196,7 +197,7 @@ def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) 
   elif not _wait_for_coordinator(host, port, deadline):
     raise DistributedError(
         f"coordinator {spec.coordinator_address} unreachable after {timeout_s}s (process "
-        f"{spec.process_id} of {spec.num_processes}); is process 0 running there, and the port open?")
+        f"{spec.process_id} of {spec.num_processes}); is process 0 running there, the port open?")
   # CPU runs (tests, debugging) need a cross-process collectives backend; GPUs use NCCL regardless.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(

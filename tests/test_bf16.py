@@ -73,7 +73,7 @@ def test_bf16_convolutions_compute_in_bf16(bf16_run):
 
 
 def test_bf16_first_loss_matches_fp32_forward(bf16_run):
-  """Same parameters, same batch: the bf16 step's first loss differs from fp32's by rounding only."""
+  """Same parameters and batch: the bf16 step's first loss differs from fp32's by rounding only."""
   setup, state0, images, labels = bf16_run["fp32_inputs"]
   model = setup.model.clone(dtype=jnp.float32)
   cfg = dataclasses.replace(setup.step_config, dtype=jnp.float32)

@@ -158,8 +158,8 @@ def test_two_processes_end_like_one_process_with_the_same_global_batch(runs):
   multi = load_state(runs["multi_dir"] / "checkpoints" / str(STEPS))
   for part in ("params", "batch_stats", "opt_state", "step"):
     # NaN-equal: SAM's diagnostics are NaN while rho = 0.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=part),
-                 single[part], multi[part])
+    for a, b in zip(jax.tree.leaves(single[part]), jax.tree.leaves(multi[part]), strict=True):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=part)
   timing = {"images_per_sec"}
   records = [{k: v for k, v in r.items() if k not in timing}
              for r in read_records(runs["multi_dir"])]
@@ -222,7 +222,7 @@ def test_global_batch_not_divisible_by_all_devices(tmp_path):
     assert "batch_size=6 must be a positive multiple of the device count 4" in one_error_line(p)
 
 
-# --- Process layout resolution (pure). -------------------------------------------------------------
+# --- Process layout resolution (pure). ------------------------------------------------------------
 
 
 SLURM = {"SLURM_JOB_ID": "4321", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
