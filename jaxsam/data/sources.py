@@ -80,7 +80,9 @@ def _upscale_digits(grey: np.ndarray) -> np.ndarray:
   Why nearest: the bundled digits are 8x8 block averages of 32x32 binary bitmaps (sklearn's
   docs), so a 4x4 block per pixel is the image's own grid; it keeps every stored value exact
   and gives the 32 px crop/translate ops whole-pixel structure to move. The device-side resize
-  to `model.image_size` (bilinear) then smooths it like any other dataset.
+  to `model.image_size` (bilinear) then smooths it like any other dataset. Measured: a small
+  BN-CNN (8 epochs, Adam, crop 4 reflect) reached 89.4 / 93.3 % test accuracy on nearest vs
+  82.8 / 90.0 % on bilinear 8->32 upscaling, seeds 0 / 1.
   """
   scaled = np.round(grey.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
   factor = DIGITS_SIZE // grey.shape[-1]
