@@ -157,12 +157,18 @@ def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -
   return -(-batch // num_devices) * num_devices
 
 
+def _local_rows(global_rows: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of a global batch's rows (as jaxsam.data.pipeline slices)."""
+  local = len(global_rows) // jax.process_count()
+  return global_rows[jax.process_index() * local:(jax.process_index() + 1) * local]
+
+
 def example_batches(subset: sources.Split, batch_size: int, mesh) -> list[dict[str, jax.Array]]:
   """Sharded batches covering the subset once; padding rows in the last one carry mask 0."""
   n = len(subset.labels)
   out = []
   for start in range(0, n, batch_size):
-    index = np.arange(start, start + batch_size)
+    index = _local_rows(np.arange(start, start + batch_size))
     mask = index < n
     index = np.where(mask, index, 0)
     out.append(parallel.shard_batch(
@@ -185,11 +191,12 @@ def group_batches(subset: sources.Split, m: int, batch_size: int, mesh
   labels = subset.labels[:num_groups * m].reshape(num_groups, m).astype(np.int32)
   out = []
   for start in range(0, num_groups, per_batch):
-    index = np.arange(start, start + per_batch)
+    index = _local_rows(np.arange(start, start + per_batch))
     weight = (index < num_groups).astype(np.float32)
     index = np.where(weight > 0, index, 0)
-    out.append((parallel.shard_batch({"image": images[index], "label": labels[index]}, mesh),
-                weight))
+    batch = parallel.shard_batch({"image": images[index], "label": labels[index],
+                                  "weight": weight}, mesh)
+    out.append(({"image": batch["image"], "label": batch["label"]}, batch["weight"]))
   return out, num_groups
 
 
@@ -312,7 +319,7 @@ def landscape_analysis(metrics_fn, params, batches, num_examples: int,
 
 
 def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | None = None,
-            mesh=None, wandb_credentials: bool = False) -> dict[str, Any]:
+            mesh=None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Runs the analyses asked for on one checkpoint; writes analysis.json and PNGs; returns the dict.
 
   Args:
@@ -320,7 +327,8 @@ def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | 
     settings: what to measure (see Settings); checked first.
     checkpoint: a checkpoint step folder; default the run's newest.
     mesh: the device mesh (default all devices).
-    wandb_credentials: whether a wandb API key is available (decides wandb.mode=auto).
+    environ: the process environment, which decides wandb.mode=auto (see
+      jaxsam.writers.resolve_wandb_mode); None = no credentials, WANDB_MODE unset.
 
   Returns:
     The analysis.json record: checkpoint, step, subset, train loss and accuracy at the
@@ -368,7 +376,7 @@ def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | 
     pngs = write_outputs(workdir, result)
     print(summary_line(result), flush=True)
     if settings.wandb:
-      log_to_wandb(run.config, workdir, result, pngs, credentials=wandb_credentials)
+      log_to_wandb(run.config, workdir, result, pngs, environ=environ or {})
   return result
 
 
@@ -401,10 +409,9 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def log_to_wandb(config: ml_collections.ConfigDict, workdir: str, result: dict[str, Any],
-                 pngs: Mapping[str, str], *, credentials: bool) -> None:
+                 pngs: Mapping[str, str], *, environ: Mapping[str, str]) -> None:
   """Adds the scalars (as `analysis/...` summary values) and PNGs to the run's wandb run."""
-  writer = writers.create_wandb_writer(config.wandb, workdir, config.to_dict(),
-                                       credentials=credentials)
+  writer = writers.create_wandb_writer(config.wandb, workdir, config.to_dict(), environ=environ)
   if writer is None:
     return
   import wandb
@@ -478,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return e.code
   try:
     analyze(args.workdir, settings, checkpoint=args.checkpoint,
-            wandb_credentials=writers.wandb_credentials_found(os.environ))
+            environ=os.environ)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

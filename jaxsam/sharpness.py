@@ -283,24 +283,35 @@ def m_sharpness(loss_fn: LossFn, params: Params, group_batches: Iterable[tuple[B
     loss_fn: the MEAN loss of one group of m examples (batch leaves lead with m).
     params: the weights w.
     group_batches: (batch, weight) pairs; batch leaves lead with [groups, m], weight is float
-      [groups] (1 for a real group, 0 for padding). Groups within a batch run vmapped, so a batch
-      sharded on its group axis runs data-parallel.
+      [groups] (1 for a real group, 0 for padding), sharded as the batch. Groups within a batch
+      run vmapped, so a batch sharded on its group axis runs data-parallel.
     rho: radius of the ascent ball.
     steps: ascent steps; see `ascent_sharpness`.
     progress: a tqdm bar over batches.
   """
-  per_group = jax.jit(jax.vmap(
-      lambda p, b: ascent_sharpness(loss_fn, p, b, rho=rho, steps=steps), in_axes=(None, 0)))
-  values, weights = [], []
+  ascend = jax.vmap(lambda p, b: ascent_sharpness(loss_fn, p, b, rho=rho, steps=steps),
+                    in_axes=(None, 0))
+
+  @jax.jit
+  def moments(p, batch, weight):
+    # Weighted sums, not per-group values, leave the device: they are replicated scalars even when
+    # the groups are sharded over devices of several processes.
+    values = ascend(p, batch)
+    w = jnp.asarray(weight, values.dtype)[:, None]
+    return jnp.sum(w), jnp.sum(w * values, 0), jnp.sum(w * values ** 2, 0)
+
+  count, total, squares = 0.0, 0.0, 0.0
   for batch, weight in tqdm.tqdm(group_batches, desc="m-sharpness", disable=not progress,
                                  leave=False):
-    values.append(np.asarray(jax.device_get(per_group(params, batch)), np.float64))
-    weights.append(np.asarray(weight, np.float64))
-  values, weights = np.concatenate(values), np.concatenate(weights)
-  real = values[weights > 0]
-  n = len(real)
-  mean = real.mean(0)
-  stderr = real.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full_like(mean, np.nan)
+    c, t, q = (np.asarray(x, np.float64) for x in jax.device_get(moments(params, batch, weight)))
+    count, total, squares = count + c, total + t, squares + q
+  n = int(round(float(count)))
+  mean = total / count
+  if n > 1:
+    variance = np.maximum(squares - count * mean ** 2, 0.0) / (count - 1)
+    stderr = np.sqrt(variance / count)
+  else:
+    stderr = np.full_like(mean, np.nan)
   return Sharpness(values=mean, stderr=stderr, num_groups=n)
 
 

@@ -155,3 +155,12 @@ def test_too_many_examples(run_dir, capsys):
 def test_bad_flags(flag, needle, tmp_path, capsys):
   # Checked before anything is loaded, so the workdir need not even exist.
   one_line_error(capsys, [f"--workdir={tmp_path}", flag], needle)
+
+
+def test_wandb_is_skipped_when_the_run_has_it_disabled(tmp_path):
+  # Real call into jaxsam.writers (catches a signature drift); a disabled run starts no wandb.
+  config = quickstart.get_config()
+  config.wandb.mode = "disabled"
+  analyze.log_to_wandb(config, str(tmp_path), {"step": 1, "train_loss": 0.1, "train_accuracy": 1.0},
+                       {}, environ={})
+  assert not os.path.exists(tmp_path / "wandb")
