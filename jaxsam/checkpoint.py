@@ -35,10 +35,14 @@ BEST_DIR = "best"
 CORRUPT_DIR = "corrupt"
 
 
-def _manager(directory: str, **options) -> ocp.CheckpointManager:
+def _manager(directory: str, barrier_prefix: str, **options) -> ocp.CheckpointManager:
+  # Distinct barrier names per manager: with several processes, `checkpoints/` and `best/` save
+  # the same step, and shared names would pair one manager's barrier with the other's.
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(
-          create=True, cleanup_tmp_directories=True, **options))
+          create=True, cleanup_tmp_directories=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=barrier_prefix), **options))
 
 
 def _one_line(e: BaseException) -> str:
@@ -59,8 +63,9 @@ class Checkpointer:
     self._open()
 
   def _open(self) -> None:
-    self.last = _manager(os.path.join(self.workdir, LAST_DIR), max_to_keep=self.keep)
-    self.best = _manager(os.path.join(self.workdir, BEST_DIR), max_to_keep=1,
+    self.last = _manager(os.path.join(self.workdir, LAST_DIR), "jaxsam_last",
+                         max_to_keep=self.keep)
+    self.best = _manager(os.path.join(self.workdir, BEST_DIR), "jaxsam_best", max_to_keep=1,
                          best_fn=lambda m: m["test/accuracy"], best_mode="max")
 
   def save(self, step: int, state: Any, meta: dict, *, best_metrics: dict | None = None) -> str:
