@@ -125,7 +125,7 @@ def _read_msgpack(path: str):
   with open(path, "rb") as f:
     tree = flax.serialization.msgpack_restore(f.read())
   if not isinstance(tree, dict) or "__jaxsam__" not in tree:
-    raise PretrainedError(f"{path!r} is a msgpack file but not one written by jaxsam.convert")
+    raise PretrainedError(f"cannot read {path!r}: a msgpack file not written by jaxsam.convert")
   metadata = {k: str(v) for k, v in tree.pop("__jaxsam__").items()}
   flat = flax.traverse_util.flatten_dict(tree, sep="/")
   return {k: np.asarray(v) for k, v in flat.items()}, JAXSAM_FORMAT, metadata
