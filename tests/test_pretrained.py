@@ -5,6 +5,7 @@ is saved in its real file format, imported through `load_pretrained`, and run on
 """
 
 import os
+import sys
 
 import flax
 import jax
@@ -18,6 +19,9 @@ from jaxsam.convert import convert
 from jaxsam.errors import PretrainedError
 from jaxsam.models import pretrained
 
+# torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when
+# TensorFlow was imported first, as other test modules do; these CPU tests never use triton.
+sys.modules.setdefault("triton", None)
 torch = pytest.importorskip("torch")  # CI installs the torch extra; this skips only without it
 torchvision = pytest.importorskip("torchvision")
 keras = pytest.importorskip("keras")
@@ -278,3 +282,138 @@ def test_efficientnet_b0_matches_keras(tmp_path):
   module, _ = check_against_keras(ref, "efficientnet_b0", files, cfg, "efficientnet", seed=3)
   trainable = sum(int(np.prod(w.shape)) for w in ref.trainable_weights)
   assert param_count(module) == trainable == 5_288_548
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def resnet18_state():
+  torch.manual_seed(0)
+  return {k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+
+
+def save_state(state, path):
+  from safetensors.torch import save_file  # noqa: PLC0415
+
+  save_file(state, path)
+  return path
+
+
+def random_fill(shapes, seed: int = 0):
+  leaves, treedef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=s.shape), s.dtype) for s in leaves])
+
+
+def fresh_variables(name: str, num_classes: int, **kw):
+  module = models.create_model(model_config(name, **kw), num_classes)
+  x = jnp.zeros((1, 32, 32, 3))
+  return random_fill(jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False)))
+
+
+def load_error(path, name, variables, **kw) -> str:
+  with pytest.raises(PretrainedError) as info:
+    pretrained.load_pretrained(path, model_config(name, **kw), variables)
+  message = str(info.value)
+  assert "\n" not in message
+  return message
+
+
+def test_head_of_another_class_count_stays_fresh(resnet18_state, tmp_path):
+  path = save_state(resnet18_state, tmp_path / "r18.safetensors")
+  fresh = fresh_variables("resnet18", 10)
+  loaded = flat(pretrained.load_pretrained(path, "resnet18", fresh))
+  np.testing.assert_array_equal(loaded["params/fc/kernel"], flat(fresh)["params/fc/kernel"])
+  np.testing.assert_array_equal(loaded["params/conv1/kernel"], resnet18_state["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(loaded["batch_stats/layer4_1/bn2/var"], resnet18_state["layer4.1.bn2.running_var"].numpy())
+  # A headless file (include_top=False style) loads too, with the head kept.
+  headless = {k: v for k, v in resnet18_state.items() if not k.startswith("fc.")}
+  loaded = flat(pretrained.load_pretrained(save_state(headless, tmp_path / "h.safetensors"), "resnet18", fresh))
+  np.testing.assert_array_equal(loaded["params/fc/bias"], flat(fresh)["params/fc/bias"])
+
+
+def test_weights_of_another_architecture_are_named(resnet18_state, tmp_path):
+  path = save_state(resnet18_state, tmp_path / "r18.safetensors")
+  message = load_error(path, "resnet34", fresh_variables("resnet34", 1000))
+  assert "missing batch_stats/layer1_2/bn1/mean" in message
+  message = load_error(path, "resnet50", fresh_variables("resnet50", 1000))
+  assert "missing batch_stats/layer1_0/bn3/mean" in message and "wrong shape batch_stats/" in message
+  effnet = {k: v.contiguous() for k, v in torchvision.models.efficientnet_b0().state_dict().items()}
+  path = save_state(effnet, tmp_path / "b0.safetensors")
+  message = load_error(path, "resnet18", fresh_variables("resnet18", 1000))
+  assert "does not fit resnet18: unexpected tensors classifier.1.bias" in message
+  # torchvision's EfficientNet (symmetric padding) into the TF-layout model: refused with the fix.
+  message = load_error(path, "efficientnet_b0", fresh_variables("efficientnet_b0", 1000))
+  assert "efficientnet_bN_torchvision" in message
+
+
+def test_unexpected_and_wrongly_shaped_tensors_are_named(resnet18_state, tmp_path):
+  fresh = fresh_variables("resnet18", 1000)
+  extra = dict(resnet18_state, **{"layer1.0.bn1.extra_buffer": torch.zeros(3)})
+  message = load_error(save_state(extra, tmp_path / "a.safetensors"), "resnet18", fresh)
+  assert "unexpected params/layer1_0/bn1/extra_buffer" in message
+  bad = dict(resnet18_state, **{"layer2.0.conv1.weight": torch.zeros(128, 64, 5, 5)})
+  message = load_error(save_state(bad, tmp_path / "b.safetensors"), "resnet18", fresh)
+  assert "wrong shape params/layer2_0/conv1/kernel (5, 5, 64, 128) vs model (3, 3, 64, 128)" in message
+
+
+def test_wrong_path_truncated_and_non_weight_files(resnet18_state, tmp_path):
+  fresh = fresh_variables("resnet18", 1000)
+  assert "not found" in load_error(tmp_path / "nope.safetensors", "resnet18", fresh)
+  assert "unknown weight file type '.npz'" in load_error(
+    save_state(resnet18_state, tmp_path / "x.safetensors").rename(tmp_path / "x.npz"), "resnet18", fresh
+  )
+  data = save_state(resnet18_state, tmp_path / "w.safetensors").read_bytes()
+  torch.save(resnet18_state, tmp_path / "w.pth")
+  pth = (tmp_path / "w.pth").read_bytes()
+  for name, content in [
+    ("t.safetensors", data[: len(data) // 2]),
+    ("t.pth", pth[: len(pth) // 2]),
+    ("text.safetensors", b"hello, not weights"),
+    ("text.h5", b"hello, not weights"),
+    ("text.keras", b"hello, not weights"),
+    ("text.msgpack", b"\x93\x01"),
+    ("text.pth", b"hello"),
+  ]:
+    (tmp_path / name).write_bytes(content)
+    assert "cannot read" in load_error(tmp_path / name, "resnet18", fresh), name
+
+
+def test_pth_without_torch_says_how_to_fix(resnet18_state, tmp_path, monkeypatch):
+  torch.save(resnet18_state, tmp_path / "w.pth")
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` fails, as uninstalled
+  message = load_error(tmp_path / "w.pth", "resnet18", fresh_variables("resnet18", 1000))
+  assert "needs torch" in message and ".safetensors" in message
+
+
+def test_layout_mismatches_are_refused(resnet18_state, tmp_path):
+  import h5py  # noqa: PLC0415
+
+  keras_file = tmp_path / "k.h5"  # a minimal legacy Keras weight file
+  with h5py.File(keras_file, "w") as f:
+    f.attrs["layer_names"] = [b"conv1_conv"]
+    f.create_group("conv1_conv").attrs["weight_names"] = [b"conv1_conv/kernel:0"]
+    f["conv1_conv"].create_dataset("conv1_conv/kernel:0", data=np.zeros((7, 7, 3, 64), np.float32))
+  fresh = fresh_variables("resnet50", 1000)
+  assert "resnet_v1=True" in load_error(keras_file, "resnet50", fresh)
+  tv = save_state(resnet18_state, tmp_path / "r18.safetensors")
+  assert "resnet_v1=False" in load_error(tv, "resnet18", fresh_variables("resnet18", 1000), resnet_v1=True)
+  assert "no torchvision/Keras layout" in load_error(tv, "resnet20", fresh_variables("resnet20", 10))
+  # A converted file remembers its layout.
+  convert("resnet18", str(tv), str(tmp_path / "c.safetensors"))
+  message = load_error(tmp_path / "c.safetensors", "resnet18", fresh_variables("resnet18", 1000), resnet_v1=True)
+  assert "'torchvision'-layout" in message
+
+
+def test_convert_cli_reports_one_line_errors(tmp_path):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  out = subprocess.run(
+    [sys.executable, "-m", "jaxsam.convert", "--model=resnet50", f"--input={tmp_path / 'missing.pth'}",
+     f"--output={tmp_path / 'o.safetensors'}"],
+    capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith("error: pretrained weight file not found")
