@@ -26,8 +26,18 @@ import ml_collections
 import numpy as np
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, evaluate, landscape_plots, losses, models, parallel, sharpness, train
-from jaxsam import steps, writers
+from jaxsam import (
+  errors,
+  evaluate,
+  landscape_plots,
+  losses,
+  models,
+  parallel,
+  sharpness,
+  steps,
+  train,
+  writers,
+)
 from jaxsam.data import sources
 
 ANALYSIS_DIR = "analysis"
@@ -282,7 +292,7 @@ def sharpness_analysis(group_loss_fn, params, subset, mesh, settings: Settings) 
   """m-sharpness for every (rho, m) asked; `value` is the first pair's after all ascent steps."""
   results = []
   for m in settings.m:
-    batches, num_groups = group_batches(subset, m, settings.batch_size, mesh)
+    batches, _ = group_batches(subset, m, settings.batch_size, mesh)
     for rho in settings.rho:
       s = sharpness.m_sharpness(group_loss_fn, params, batches, rho=rho,
                                 steps=settings.ascent_steps, progress=settings.progress)
@@ -396,8 +406,8 @@ def write_outputs(workdir: str, result: dict[str, Any]) -> dict[str, str]:
 
 
 def summary_line(result: dict[str, Any]) -> str:
-  parts = [f"jaxsam analyze: step {result['step']}: train loss {result['train_loss']:.4f} "
-           f"acc {100 * result['train_accuracy']:.2f}% on {result['subset']['num_examples']}"]
+  parts = [(f"jaxsam analyze: step {result['step']}: train loss {result['train_loss']:.4f} "
+            f"acc {100 * result['train_accuracy']:.2f}% on {result['subset']['num_examples']}")]
   if "hessian" in result:
     h = result["hessian"]
     parts.append(f"lambda_max {h['lambda_max']:.4g}, trace {h['trace']:.4g} "

@@ -255,9 +255,9 @@ def ascent_sharpness(loss_fn: LossFn, params: Params, batch: Batch, *, rho: floa
   out = []
   for s in range(steps):
     scale = rho / (_global_norm(grads) + 1e-12)
-    eps = jax.tree.map(lambda e, g: e + scale * g, eps, grads)
+    eps = jax.tree.map(lambda e, g, c=scale: e + c * g, eps, grads)
     shrink = jnp.minimum(1.0, rho / (_global_norm(eps) + 1e-12))
-    eps = jax.tree.map(lambda e: e * shrink, eps)
+    eps = jax.tree.map(lambda e, c=shrink: e * c, eps)
     perturbed = jax.tree.map(jnp.add, params, eps)
     if s + 1 < steps:
       loss, grads = value_and_grad(perturbed, batch)
@@ -305,7 +305,7 @@ def m_sharpness(loss_fn: LossFn, params: Params, group_batches: Iterable[tuple[B
                                  leave=False):
     c, t, q = (np.asarray(x, np.float64) for x in jax.device_get(moments(params, batch, weight)))
     count, total, squares = count + c, total + t, squares + q
-  n = int(round(float(count)))
+  n = round(float(count))
   mean = total / count
   if n > 1:
     variance = np.maximum(squares - count * mean ** 2, 0.0) / (count - 1)

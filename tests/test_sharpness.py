@@ -59,7 +59,7 @@ def test_hvp_of_quadratic_is_a_times_v():
 
 
 def test_lanczos_top_k_matches_spectrum():
-  a, lam = spectrum_matrix()
+  a, _ = spectrum_matrix()
   loss_fn, unflat, _, batches = quadratic_params(a)
   matvec, dim = sharpness.hessian_matvec(loss_fn, unflat(jnp.zeros(DIM)), batches)
   eig = sharpness.lanczos(matvec, dim, num_iters=30, k=4, key=jax.random.PRNGKey(0))
@@ -113,7 +113,7 @@ def test_hutchinson_unbiased_within_its_standard_error():
 
 def test_landscape_equals_closed_form():
   a, _ = spectrum_matrix()
-  loss_fn, unflat, flat, batches = quadratic_params(a)
+  loss_fn, unflat, _, batches = quadratic_params(a)
   rng = np.random.default_rng(2)
   w = rng.normal(size=DIM)
   d1, d2 = rng.normal(size=DIM), rng.normal(size=DIM)
@@ -183,7 +183,7 @@ def test_multi_step_ascent_approaches_the_true_maximum():
 
 
 def test_m_sharpness_is_the_mean_over_groups_and_ignores_padding():
-  loss_fn, params, x, y, w = linear_regression(groups=6)
+  loss_fn, params, x, y, _ = linear_regression(groups=6)
   rho = 0.1
   as_batch = lambda i: (jnp.asarray(x[i], jnp.float32), jnp.asarray(y[i], jnp.float32))
   singles = [float(sharpness.ascent_sharpness(loss_fn, params, as_batch(i), rho=rho)[0])
