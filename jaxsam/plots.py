@@ -5,6 +5,7 @@
 global state and no display needed.
 """
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
   xs, ys = [], []
   for r in records:
     v = r.get(key)
-    if isinstance(v, (int, float)) and v == v and abs(v) != float("inf"):
+    if isinstance(v, (int, float)) and math.isfinite(v):
       xs.append(float(r["epoch"]))
       ys.append(float(v))
   return xs, ys

@@ -42,7 +42,7 @@ class JsonlWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     if resume_step is not None:
       truncate_after(self.path, resume_step)
-    self._file = open(self.path, "a")
+    self._file = open(self.path, "a")  # noqa: SIM115 (open for the run; closed in close())
 
   def write(self, record: dict[str, Any]) -> None:
     self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
@@ -199,12 +199,12 @@ def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], 
   if mode == "disabled":
     return None
   import wandb
-  kwargs = dict(
-      project=wandb_config.project or None, entity=wandb_config.entity or None,
-      name=wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
-      group=wandb_config.group or None,
-      tags=[t.strip() for t in wandb_config.tags.split(",") if t.strip()] or None,
-      config=run_config, dir=workdir, resume="allow", id=read_wandb_run_id(workdir))
+  kwargs = {
+      "project": wandb_config.project or None, "entity": wandb_config.entity or None,
+      "name": wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+      "group": wandb_config.group or None,
+      "tags": [t.strip() for t in wandb_config.tags.split(",") if t.strip()] or None,
+      "config": run_config, "dir": workdir, "resume": "allow", "id": read_wandb_run_id(workdir)}
   try:
     run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
                      **kwargs)

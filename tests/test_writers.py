@@ -13,9 +13,9 @@ from jaxsam import errors, writers
 
 
 def _wandb_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(mode="offline", project="jaxsam-test", entity="",
-                                          name="", tags="a, b", group="g",
-                                          log_checkpoints=False))
+  config = ml_collections.ConfigDict({"mode": "offline", "project": "jaxsam-test", "entity": "",
+                                      "name": "", "tags": "a, b", "group": "g",
+                                      "log_checkpoints": False})
   config.update(overrides)
   return config
 
