@@ -6,6 +6,7 @@ Bad input (unknown key, wrong type, missing file, bad workdir...) prints one lin
 
 import datetime
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -38,8 +39,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad flag is one line and exit code 2 (absl's default prints usage, 1)."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown --config.KEY as AttributeError/KeyError, a wrong type as
+    # TypeError/ValueError: all are the user's flags, none deserves a traceback.
+    message = " ".join(re.sub(r"[\\'\"]+", "", str(e).replace("\\n", " ")).split())
+    kind = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad flag"
+    _fail(f"{kind}: {message or type(e).__name__}")
 
 
 def default_workdir(config_path: str) -> str:
@@ -56,6 +61,12 @@ def main(argv: list[str]) -> None:
   if _MODE.value == "eval" and not _WORKDIR.value:
     _fail("--mode=eval needs --workdir=DIR (a training run's folder; its config.json is used "
           "unless --config is given)")
+  # --mode=eval may go without --config (then the workdir's config.json is used).
+  config_file = (flags.FLAGS["config"].config_filename.split(":")[0]
+                 if _CONFIG.value is not None else None)
+  if config_file is not None and not os.path.isfile(config_file):
+    _fail(f"--config={config_file} does not exist; give a config file such as "
+          "configs/quickstart.py")
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
   from jaxsam import distributed, errors
   try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
@@ -68,7 +79,7 @@ def main(argv: list[str]) -> None:
   if _WORKDIR.value is None and not parallel.is_single_process():
     _fail("a multi-process run needs --workdir=DIR, one folder that every process can reach")
 
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  workdir = _WORKDIR.value or default_workdir(config_file)
   if _MODE.value == "eval" and not os.path.isdir(workdir):
     _fail(f"--workdir={workdir} is not a folder; give a training run's folder")
   try:

@@ -51,7 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # 0 = off; applied to the averaged gradient
 
   config.schedule = ml_collections.ConfigDict()
-  config.schedule.name = "cosine"  # cosine | constant | step
+  config.schedule.name = "cosine"  # cosine | constant
   config.schedule.warmup_epochs = 0.0
 
   config.sam = ml_collections.ConfigDict()

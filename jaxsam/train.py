@@ -295,10 +295,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overwrite: bool = False) -> dict:
   """Trains and evaluates as the config says; resumes from the workdir's latest checkpoint."""
   pipeline.hide_gpus_from_tf()
-  prepare_workdir(config, workdir, overwrite)
+  # Everything that can reject the config runs before the workdir is touched.
   setup = build_setup(config)
   tx, lr_schedule = make_optimizer(config, setup)
+  augment_lib.make_train_augment(config.augment, image_shape=setup.data.train.images.shape[1:])
   state = create_train_state(config, setup, tx)
+  prepare_workdir(config, workdir, overwrite)
   state = parallel.replicate(state, setup.mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
   meta = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}

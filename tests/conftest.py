@@ -1,6 +1,7 @@
 """Test session setup: 8 forced CPU devices, set once before JAX initialises its backends."""
 
 import os
+import sys
 
 # Must run before any jax import touches the backend; tests that need 1 device build a 1-device mesh.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,3 +9,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+# torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when
+# TensorFlow was imported first; no CPU test uses triton, so make its import fail cleanly.
+sys.modules.setdefault("triton", None)

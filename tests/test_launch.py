@@ -1,0 +1,156 @@
+"""launch.py end to end: config files, overrides, bad input, and the workdir contract."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the loader launch.py uses)
+
+from configs import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+QUICK = ["--config.num_epochs=1", "--config.model.image_size=8", "--config.batch_size=64",
+         "--config.log_every_steps=5", "--config.progress_bar=False", "--config.wandb.mode=disabled"]
+
+
+def launch(*args, cwd=ROOT, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def load_config(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES
+                                  if os.path.basename(p) not in ("common.py", "__init__.py")],
+                         ids=os.path.basename)
+def test_every_config_file_loads_with_every_base_key(path):
+  config = load_config(path)
+  base = common.get_base_config()
+
+  def keys(d, prefix=""):
+    return {prefix + k for k, v in d.items() if not hasattr(v, "items")} | {
+        x for k, v in d.items() if hasattr(v, "items") for x in keys(v, prefix + k + ".")}
+
+  assert keys(config) == keys(base)
+  doc = open(path).read()
+  assert "python launch.py --config=configs/" in doc  # the docstring gives the command
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("quick") / "run")
+  result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", "--config.seed=7",
+                  *QUICK)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return workdir, result
+
+
+def test_quick_run_writes_the_workdir_contract(quick_run):
+  workdir, result = quick_run
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  assert config["seed"] == 7 and config["model"]["image_size"] == 8  # overrides resolved
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if "train/loss" in r]
+  evals = [r for r in records if "test/accuracy" in r]
+  assert train and evals
+  for r in records:
+    assert {"step", "epoch"} <= set(r)
+  for r in train:
+    assert {"train/loss", "train/accuracy", "lr", "images_per_sec"} <= set(r)
+  assert {"test/loss", "test/accuracy", "test/top5"} <= set(evals[-1])
+  assert train[-1]["step"] == 22  # 1,437 digits // 64 = 22 steps in the epoch
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["final_test_accuracy"] == pytest.approx(evals[-1]["test/accuracy"])
+  assert summary["steps"] == 22 and summary["num_devices"] == 2
+  assert {"best_test_accuracy", "wall_time_s"} <= set(summary)
+  assert "epoch   1" in result.stdout  # one summary line per epoch
+
+
+def assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  err = result.stderr.strip()
+  assert "Traceback" not in err, err
+  last = err.splitlines()[-1]
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
+                  "--config.sam.rhoo=0.1")
+  assert_one_line_error(result, "rhoo")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_wrong_typed_override_is_one_line_error(tmp_path):
+  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
+                  "--config.batch_size=lots")
+  assert_one_line_error(result, "lots")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_missing_config_file_is_one_line_error(tmp_path):
+  result = launch("--config=configs/nope.py", f"--workdir={tmp_path}/w")
+  assert_one_line_error(result, "nope.py")
+
+
+def test_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
+  path = tmp_path / "afile"
+  path.write_text("precious")
+  result = launch("--config=configs/quickstart.py", f"--workdir={path}", *QUICK)
+  assert_one_line_error(result, str(path))
+  assert path.read_text() == "precious"
+
+
+def test_unwritable_workdir_is_one_line_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  result = launch("--config=configs/quickstart.py", f"--workdir={blocker}/sub", *QUICK)
+  assert_one_line_error(result, "not writable")
+
+
+def test_workdir_of_another_config_is_refused(quick_run):
+  workdir, _ = quick_run
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", *QUICK,
+                  "--config.optimizer.learning_rate=0.5")
+  assert_one_line_error(result, "optimizer.learning_rate", "--overwrite")
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def test_bad_config_value_exits_2_with_one_line_and_creates_nothing(tmp_path):
+  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w", *QUICK,
+                  "--config.sam.rho=-1.0")
+  assert_one_line_error(result, "rho=-1.0")
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("sam.variant", "bsam", "bsam"), ("model.name", "resnet9000", "resnet9000"),
+    ("batch_size", 63, "batch_size=63"), ("dataset.name", "imagenet_nope", "imagenet_nope"),
+    ("augment.randaugment.magnitude", 11, "11"), ("schedule.name", "wavy", "wavy"),
+    ("optimizer.name", "lion9", "lion9"), ("dtype", "float8", "float8"), ("sam.m", 3, "sam.m=3")])
+def test_bad_config_values_raise_user_errors_before_the_workdir_exists(tmp_path, key, value,
+                                                                       fragment):
+  from jaxsam import errors, train
+  config = load_config(os.path.join(ROOT, "configs", "quickstart.py"))
+  config.sam.rho = 0.05
+  node, *path = [config] + key.split(".")
+  for part in path[:-1]:
+    node = node[part]
+  node[path[-1]] = value
+  with pytest.raises(errors.UserError, match=fragment) as info:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "\n" not in str(info.value)
+  assert not os.path.exists(tmp_path / "w")
