@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,11 +49,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def default_workdir(config_path: str) -> str:
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
   return os.path.join("runs", f"{name}-{stamp}")
 
 
 def main(argv: list[str]) -> None:
+  # orbax logs every save step at INFO; jaxsam's own per-epoch lines are the run's log.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
   if _CONFIG.value is None and _MODE.value == "train":

@@ -1,16 +1,18 @@
-"""Quickstart: a small ResNet on scikit-learn's bundled digits, no network needed.
+"""Quickstart: SAM + RandAugment on a small ResNet and scikit-learn's bundled digits, no network.
 
   python launch.py --config=configs/quickstart.py
 
-1,797 real 8x8 digit images made 32x32 RGB, seeded 80/20 split (1,437 train / 360 test).
-Runtime: about 1-2 minutes on a 2-core CPU. Expected test accuracy: >= 97 %.
+1,797 real 8x8 digit images made 32x32 RGB, seeded 80/20 split (1,437 train / 360 test); the model
+sees them at 16 px. SAM rho 0.05, RandAugment(2, 9), crop with 2 px padding, no flip.
+Runtime: about 1.5 minutes on a 2-core CPU (of which ~20 s start-up and compiling).
+Expected test accuracy: about 98 % (>= 95 %). Plain SGD: --config.sam.rho=0.
 """
 
 from configs import common
 
 
 def get_config():
-  config = common.get_base_config()
+  config = common.use_randaugment(common.get_base_config(), num_ops=2, magnitude=9)
   config.dataset.name = "digits"
   config.model.name = "resnet8"
   config.model.image_size = 16  # the digits are 8x8 at heart: 16 px loses nothing, trains 4x faster
@@ -20,6 +22,7 @@ def get_config():
   config.optimizer.learning_rate = 0.1
   config.optimizer.weight_decay = 5e-4
   config.schedule.warmup_epochs = 1
+  config.sam.rho = 0.05
   config.augment.crop_padding = 2
   config.augment.flip = False  # digits are not mirror-symmetric
   config.log_every_steps = 10

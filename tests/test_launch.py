@@ -17,9 +17,14 @@ QUICK = ["--config.num_epochs=1", "--config.model.image_size=8", "--config.batch
          "--config.log_every_steps=5", "--config.progress_bar=False", "--config.wandb.mode=disabled"]
 
 
+def read(path):
+  with open(path) as f:
+    return f.read()
+
+
 def launch(*args, cwd=ROOT, timeout=300):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd,
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd, check=False,
                         capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -43,7 +48,7 @@ def test_every_config_file_loads_with_every_base_key(path):
         x for k, v in d.items() if hasattr(v, "items") for x in keys(v, prefix + k + ".")}
 
   assert keys(config) == keys(base)
-  doc = open(path).read()
+  doc = read(path)
   assert "python launch.py --config=configs/" in doc  # the docstring gives the command
 
 
@@ -58,9 +63,9 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_the_workdir_contract(quick_run):
   workdir, result = quick_run
-  config = json.load(open(os.path.join(workdir, "config.json")))
+  config = json.loads(read(os.path.join(workdir, "config.json")))
   assert config["seed"] == 7 and config["model"]["image_size"] == 8  # overrides resolved
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(line) for line in read(os.path.join(workdir, "metrics.jsonl")).splitlines()]
   train = [r for r in records if "train/loss" in r]
   evals = [r for r in records if "test/accuracy" in r]
   assert train and evals
@@ -70,7 +75,7 @@ def test_quick_run_writes_the_workdir_contract(quick_run):
     assert {"train/loss", "train/accuracy", "lr", "images_per_sec"} <= set(r)
   assert {"test/loss", "test/accuracy", "test/top5"} <= set(evals[-1])
   assert train[-1]["step"] == 22  # 1,437 digits // 64 = 22 steps in the epoch
-  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  summary = json.loads(read(os.path.join(workdir, "summary.json")))
   assert summary["final_test_accuracy"] == pytest.approx(evals[-1]["test/accuracy"])
   assert summary["steps"] == 22 and summary["num_devices"] == 2
   assert {"best_test_accuracy", "wall_time_s"} <= set(summary)
@@ -122,11 +127,11 @@ def test_unwritable_workdir_is_one_line_error(tmp_path):
 
 def test_workdir_of_another_config_is_refused(quick_run):
   workdir, _ = quick_run
-  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  before = read(os.path.join(workdir, "metrics.jsonl"))
   result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", *QUICK,
                   "--config.optimizer.learning_rate=0.5")
   assert_one_line_error(result, "optimizer.learning_rate", "--overwrite")
-  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+  assert read(os.path.join(workdir, "metrics.jsonl")) == before
 
 
 def test_bad_config_value_exits_2_with_one_line_and_creates_nothing(tmp_path):

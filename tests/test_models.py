@@ -18,7 +18,7 @@ from jaxsam.models import resnet, wide_resnet
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """A config.model with the keys of configs/common.py."""
-  from configs.common import get_base_config  # noqa: PLC0415
+  from configs.common import get_base_config
 
   cfg = get_base_config().model
   cfg.name = name
@@ -166,7 +166,7 @@ def test_stems_and_stride_placement():
   for v1 in (False, True):
     module = models.create_model(model_config("resnet50", resnet_v1=v1), 3)
     _, inter = jax.eval_shape(
-      lambda v: module.apply(v, x, train=False, capture_intermediates=True),
+      lambda v, module=module: module.apply(v, x, train=False, capture_intermediates=True),
       abstract_variables(module, 64),
     )
     block = inter["intermediates"]["layer2_0"]

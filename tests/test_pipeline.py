@@ -49,9 +49,9 @@ def test_same_seed_same_batches_and_epochs_are_permutations():
     np.testing.assert_array_equal(x["label"], y["label"])
   assert any(ids(x) != ids(z) for x, z in zip(a, c))
   spe = pipeline.steps_per_epoch(50, 8)  # 6 full batches; the last 2 examples wait a turn
-  epoch0 = sum((ids(x) for x in a[:spe]), [])
+  epoch0 = [i for x in a[:spe] for i in ids(x)]
   assert len(set(epoch0)) == spe * 8
-  assert sum((ids(x) for x in a[spe:2 * spe]), []) != epoch0  # a new order every epoch
+  assert [i for x in a[spe:2 * spe] for i in ids(x)] != epoch0  # a new order every epoch
 
 
 def test_resumed_stream_continues_the_same_batches():

@@ -123,7 +123,7 @@ def check_against_torch(torch_model, name: str, tmp_path, seed: int):
   randomise_torch_bn(torch_model, seed)
   torch_model.eval()
   state = {k: v.clone().contiguous() for k, v in torch_model.state_dict().items()}
-  from safetensors.torch import save_file  # noqa: PLC0415
+  from safetensors.torch import save_file
 
   save_file(state, tmp_path / "w.safetensors")
   torch.save(state, tmp_path / "w.pth")
@@ -217,8 +217,8 @@ def keras_weights(model) -> dict:
 
 def save_legacy_h5(model, path) -> None:
   """The legacy save_weights layout of Keras' official ImageNet files (efficientnetb0.h5, ...)."""
-  import h5py  # noqa: PLC0415
-  from keras.src.legacy.saving import legacy_h5_format  # noqa: PLC0415
+  import h5py
+  from keras.src.legacy.saving import legacy_h5_format
 
   with h5py.File(path, "w") as f:
     legacy_h5_format.save_weights_to_hdf5_group(f, model)
@@ -294,7 +294,7 @@ def resnet18_state():
 
 
 def save_state(state, path):
-  from safetensors.torch import save_file  # noqa: PLC0415
+  from safetensors.torch import save_file
 
   save_file(state, path)
   return path
@@ -388,7 +388,7 @@ def test_pth_without_torch_says_how_to_fix(resnet18_state, tmp_path, monkeypatch
 
 
 def test_layout_mismatches_are_refused(resnet18_state, tmp_path):
-  import h5py  # noqa: PLC0415
+  import h5py
 
   keras_file = tmp_path / "k.h5"  # a minimal legacy Keras weight file
   with h5py.File(keras_file, "w") as f:
@@ -407,8 +407,8 @@ def test_layout_mismatches_are_refused(resnet18_state, tmp_path):
 
 
 def test_convert_cli_reports_one_line_errors(tmp_path):
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
+  import subprocess
+  import sys
 
   out = subprocess.run(
     [sys.executable, "-m", "jaxsam.convert", "--model=resnet50", f"--input={tmp_path / 'missing.pth'}",

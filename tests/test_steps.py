@@ -121,7 +121,7 @@ def test_per_device_sam_matches_hand_computed_per_shard_reference():
     x, y = images[shard * 4:(shard + 1) * 4], batch["label"][shard * 4:(shard + 1) * 4]
     g = grad(params, x, y)
     norm = optax.global_norm(g)
-    perturbed = jax.tree.map(lambda p, gi: p + rho * gi / norm, params, g)
+    perturbed = jax.tree.map(lambda p, gi, norm=norm: p + rho * gi / norm, params, g)
     sam_grads.append(grad(perturbed, x, y))
   mean_grad = jax.tree.map(lambda *g: sum(g) / 8, *sam_grads)
   expected = jax.tree.map(lambda p, g: p - lr * g, params, mean_grad)

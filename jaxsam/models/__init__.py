@@ -6,7 +6,8 @@ dropout / drop-connect draw from the `dropout` rng.
 """
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

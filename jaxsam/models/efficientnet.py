@@ -9,7 +9,8 @@ stride-2 convs), which TF-trained weights need; `padding="torch"` is torchvision
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ def round_filters(filters: int, width: float, divisor: int = 8) -> int:
 
 def round_repeats(repeats: int, depth: float) -> int:
   """Scales a stage's block count, rounding up."""
-  return int(math.ceil(depth * repeats))
+  return math.ceil(depth * repeats)
 
 
 def conv_padding(kernel: int, stride: int, padding: str):

@@ -21,7 +21,8 @@ import io
 import os
 import re
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import jax
@@ -48,7 +49,7 @@ def model_layout(model_ref) -> tuple[str, str]:
   `model_ref` is a registered name, a `config.model` ConfigDict, or a module built by
   `jaxsam.models` (whose attributes tell the layout).
   """
-  from jaxsam.models import efficientnet, resnet  # noqa: PLC0415  (models imports this module)
+  from jaxsam.models import efficientnet, resnet
 
   if isinstance(model_ref, resnet.ResNet):
     if model_ref.stem == "imagenet" and model_ref.shortcut == "projection":
@@ -99,7 +100,7 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     return _read_keras(path, suffix), "keras", {}
   except PretrainedError:
     raise
-  except Exception as e:  # noqa: BLE001  (any reader failure means an unreadable or truncated file)
+  except Exception as e:
     raise PretrainedError(
       f"cannot read {path!r} as a {suffix} weight file (truncated or not a weight file?): "
       f"{_one_line(e)}"
@@ -112,11 +113,11 @@ def _one_line(e: Exception) -> str:
 
 
 def _read_safetensors(path: str):
-  from safetensors import safe_open  # noqa: PLC0415
+  from safetensors import safe_open
 
   with safe_open(path, framework="numpy") as f:
     metadata = f.metadata() or {}
-    tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
   kind = JAXSAM_FORMAT if metadata.get("format") == JAXSAM_FORMAT else "torchvision"
   return tensors, kind, metadata
 
@@ -133,7 +134,7 @@ def _read_msgpack(path: str):
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch  # noqa: PLC0415  (optional extra)
+    import torch
   except ImportError:
     raise PretrainedError(
       f"reading {path!r} needs torch (pip install 'jaxsam[torch]'), or convert it to "
@@ -142,7 +143,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     # weights_only=True: never unpickle arbitrary objects from a downloaded file.
     state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise PretrainedError(
       f"cannot read {path!r} as a torch state dict (truncated or not a weight file?): "
       f"{_one_line(e)}"
@@ -156,7 +157,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_keras(path: str, suffix: str) -> dict[str, np.ndarray]:
-  import h5py  # noqa: PLC0415
+  import h5py
 
   if suffix == ".keras":
     with zipfile.ZipFile(path) as archive:
@@ -506,7 +507,7 @@ def save_variables(path: str, variables, model_ref) -> None:
   metadata = {"format": JAXSAM_FORMAT, "model": str(name), "layout": layout}
   suffix = os.path.splitext(os.fspath(path))[1].lower()
   if suffix == ".safetensors":
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    from safetensors.numpy import save_file
 
     save_file(flat, path, metadata=metadata)
   elif suffix == ".msgpack":

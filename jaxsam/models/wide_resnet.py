@@ -5,7 +5,8 @@ pre-activated input when the shape changes. From scratch at 32 px, so no pretrai
 """
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
