@@ -149,28 +149,40 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Creates the workdir and writes config.json; refuses a workdir holding another config's run."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Refuses, before anything is built or written, a workdir that is a file, cannot be created
+  or written, or holds a run of another config (unless `overwrite`)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.ConfigError(f"--workdir={workdir} is a file; give a directory path")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.ConfigError(
+        f"--workdir={workdir} is not writable ({existing} is not a writable directory)")
   path = os.path.join(workdir, CONFIG_FILE)
-  new = config_to_json(config)
   if os.path.exists(path) and not overwrite:
     with open(path) as f:
       old = json.load(f)
-    diff = _config_diff(old, json.loads(new))
+    diff = _config_diff(old, json.loads(config_to_json(config)))
     if diff:
       raise errors.ConfigError(
           f"--workdir={workdir} holds a run of another config (differs in {', '.join(diff[:5])}); "
           "use a new --workdir, or --overwrite to replace it")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Creates the workdir and writes config.json (process 0); `check_workdir` has vetted it."""
+  check_workdir(config, workdir, overwrite)
   if not parallel.is_main_process():
     return
+  path = os.path.join(workdir, CONFIG_FILE)
   if overwrite and os.path.exists(path):
     clear_run(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-      f.write(new)
+      f.write(config_to_json(config))
     os.replace(path + ".tmp", path)
   except OSError as e:
     raise errors.ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from e
@@ -295,7 +307,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overwrite: bool = False) -> dict:
   """Trains and evaluates as the config says; resumes from the workdir's latest checkpoint."""
   pipeline.hide_gpus_from_tf()
-  # Everything that can reject the config runs before the workdir is touched.
+  # Everything that can reject the config runs before the workdir is touched; the cheap
+  # workdir checks first, so a bad --workdir fails in a second.
+  check_workdir(config, workdir, overwrite)
   setup = build_setup(config)
   tx, lr_schedule = make_optimizer(config, setup)
   augment_lib.make_train_augment(config.augment, image_shape=setup.data.train.images.shape[1:])

@@ -26,7 +26,10 @@ LAUNCH = str(REPO / "launch.py")
 STEPS = 60  # < 89 steps per epoch at batch 16: one epoch-end (eval + checkpoint) at the last step
 TINY = [f"--config={REPO / 'configs' / 'quickstart.py'}", "--config.model.image_size=8",
         "--config.batch_size=16", "--config.eval_batch_size=32", "--config.progress_bar=false",
-        "--config.log_every_steps=2", f"--config.max_steps={STEPS}"]
+        "--config.log_every_steps=2", f"--config.max_steps={STEPS}",
+        # Plain SGD, no RandAugment: this file tests the process plumbing; SAM over devices is
+        # checked against per-shard references in test_steps.py and test_sam.py.
+        "--config.sam.rho=0.0", "--config.augment.randaugment.num_ops=0"]
 TIMEOUT = 400  # a hung run fails the test instead of blocking CI
 
 

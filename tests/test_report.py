@@ -21,7 +21,9 @@ def run_dirs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("report")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  variants = {"sgd": [], "sam": ["--config.sam.rho=0.05", "--config.augment.cutout_size=4"]}
+  no_ra = "--config.augment.randaugment.num_ops=0"
+  variants = {"sgd": ["--config.sam.rho=0.0", no_ra],
+              "sam": ["--config.sam.rho=0.05", no_ra, "--config.augment.cutout_size=4"]}
   procs = {name: subprocess.Popen(
       [sys.executable, "launch.py", f"--workdir={tmp / name}", *TINY, *extra], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

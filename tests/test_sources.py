@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
 
+from cifar_files import write_cifar
 from configs import common
 from jaxsam.data import sources
 from jaxsam.errors import DataError
@@ -129,74 +130,6 @@ def test_tfds_unknown_name_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------- cifar_python
 
 
-def _cifar_batch(rng, n, label_field, num_classes):
-  """A batch in the real CIFAR python format: bytes keys, uint8 [N, 3072] planes, list labels."""
-  data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-  labels = [int(v) for v in rng.integers(0, num_classes, size=n)]
-  batch = {b"batch_label": b"testing batch", label_field: labels, b"data": data,
-           b"filenames": [b"img_%d.png" % i for i in range(n)]}
-  if label_field == b"fine_labels":
-    batch[b"coarse_labels"] = [v // 5 for v in labels]
-  return batch
-
-
-def _py2_pickle(obj) -> bytes:
-  """Pickles like Python 2's cPickle at protocol 2, as the real CIFAR files were written.
-
-  Python 2 `str` (CIFAR's keys, file names and the arrays' raw data) is stored with the
-  (SHORT_)BINSTRING opcodes, which Python 3 reads back as bytes (encoding='bytes', our reader)
-  or as str (encoding='latin1', torchvision's). Python 3 would write bytes via _codecs.encode.
-  """
-  import io
-  import pickle
-  import struct
-  from typing import ClassVar
-
-  class Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch can be extended
-    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, data):
-      if len(data) < 256:
-        self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-      else:
-        self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-      self.memoize(data)
-
-    dispatch[bytes] = save_py2_str
-
-  buffer = io.BytesIO()
-  Py2Pickler(buffer, protocol=2).dump(obj)
-  return buffer.getvalue()
-
-
-def _write_cifar(root, layout, as_tar, rng):
-  """Writes torchvision's CIFAR layout (folder or .tar.gz) as Python 2 pickles; returns
-  (path, train batches, test batches, label field)."""
-  import tarfile
-
-  if layout == "cifar-10-batches-py":
-    field, classes, train_files, test_files = b"labels", 10, [f"data_batch_{i}" for i in
-                                                              range(1, 6)], ["test_batch"]
-    meta = ("batches.meta", {b"label_names": [b"c%d" % i for i in range(10)]})
-  else:
-    field, classes, train_files, test_files = b"fine_labels", 100, ["train"], ["test"]
-    meta = ("meta", {b"fine_label_names": [b"c%d" % i for i in range(100)]})
-  folder = root / layout
-  folder.mkdir()
-  batches = {}
-  for file_name in train_files + test_files:
-    batches[file_name] = _cifar_batch(rng, 4, field, classes)
-  batches[meta[0]] = meta[1]
-  for file_name, content in batches.items():
-    (folder / file_name).write_bytes(_py2_pickle(content))
-  path = folder
-  if as_tar:
-    path = root / (layout.replace("-batches-py", "-python") + ".tar.gz")
-    with tarfile.open(path, "w:gz") as tar:
-      tar.add(folder, arcname=layout)
-  return path, [batches[f] for f in train_files], [batches[f] for f in test_files], field
-
-
 def _expected(batches, field):
   images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
   return images.transpose(0, 2, 3, 1), np.concatenate([b[field] for b in batches])
@@ -206,7 +139,7 @@ def _expected(batches, field):
 @pytest.mark.parametrize("layout, name, classes", [("cifar-10-batches-py", "cifar10", 10),
                                                    ("cifar-100-python", "cifar100", 100)])
 def test_cifar_python_reads_torchvision_layouts(tmp_path, layout, name, classes, as_tar):
-  path, train, test, field = _write_cifar(tmp_path, layout, as_tar, np.random.default_rng(0))
+  path, train, test, field = write_cifar(tmp_path, layout, as_tar, np.random.default_rng(0))
   data = sources.load_dataset(_dataset_config(name=name, source="cifar_python", path=str(path)))
   assert data.name == name and data.num_classes == classes
   for split, batches in ((data.train, train), (data.test, test)):
@@ -221,7 +154,7 @@ def test_cifar_python_pixel_layout_matches_torchvision(tmp_path):
   import subprocess
   import sys
 
-  path, _, _, _ = _write_cifar(tmp_path, "cifar-100-python", False, np.random.default_rng(1))
+  path, _, _, _ = write_cifar(tmp_path, "cifar-100-python", False, np.random.default_rng(1))
   data = sources.load_dataset(_dataset_config(name="cifar100", source="cifar_python",
                                               path=str(path)))
   # torchvision in a child process: importing torch next to TensorFlow can crash the process.
@@ -245,7 +178,7 @@ def test_cifar_python_pixel_layout_matches_torchvision(tmp_path):
 
 
 def test_cifar_python_accepts_torchvision_root(tmp_path):
-  _write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(2))
+  write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(2))
   data = sources.load_dataset(_dataset_config(name="cifar10", source="cifar_python",
                                               path=str(tmp_path)))
   assert data.train.images.shape == (20, 32, 32, 3)
@@ -270,7 +203,7 @@ def test_cifar_python_bad_paths(tmp_path):
 
 
 def test_cifar_python_wrong_name_or_split(tmp_path):
-  path, _, _, _ = _write_cifar(tmp_path, "cifar-10-batches-py", True, np.random.default_rng(3))
+  path, _, _, _ = write_cifar(tmp_path, "cifar-10-batches-py", True, np.random.default_rng(3))
   _one_line_error(_dataset_config(name="cifar100", source="cifar_python", path=str(path)),
                   r"holds cifar10 .* set dataset.name='cifar10'")
   _one_line_error(_dataset_config(name="cifar10", source="cifar_python", path=str(path),
@@ -280,7 +213,7 @@ def test_cifar_python_wrong_name_or_split(tmp_path):
 def test_cifar_python_malformed_batches(tmp_path):
   import pickle
 
-  path, _, _, _ = _write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(4))
+  path, _, _, _ = write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(4))
   config = _dataset_config(name="cifar10", source="cifar_python", path=str(path))
   batch = path / "data_batch_3"
   good = batch.read_bytes()
@@ -305,7 +238,7 @@ def test_cifar_python_refuses_pickles_that_name_other_globals(tmp_path):
     def __reduce__(self):
       return (os.system, ("echo pwned",))
 
-  path, _, _, _ = _write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(5))
+  path, _, _, _ = write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(5))
   (path / "test_batch").write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
   _one_line_error(_dataset_config(name="cifar10", source="cifar_python", path=str(path)),
                   r"test_batch is not a CIFAR python batch \(UnpicklingError: global .*system "
