@@ -39,13 +39,17 @@ def param_count(module, image_size: int = 64) -> int:
 
 
 def random_variables(module, size: int, seed: int = 0):
-  """Variables of the right structure with random values (BN variances positive), no init compile."""
+  """Variables of the right structure with random values (BN variances positive), no init compile.
+
+  Drawn with numpy in tree order: per-leaf jax.random calls would compile once per leaf shape
+  (40 s for an EfficientNet on 2 cores).
+  """
+  rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
-    key = jax.random.fold_in(jax.random.key(seed), hash(jax.tree_util.keystr(path)) % 2**31)
-    value = 0.1 * jax.random.normal(key, leaf.shape, leaf.dtype)
+    value = 0.1 * rng.standard_normal(leaf.shape).astype(leaf.dtype)
     name = jax.tree_util.keystr(path[-1:])
-    return jnp.abs(value) + 0.5 if ("var" in name or "scale" in name) else value
+    return jnp.asarray(np.abs(value) + 0.5 if ("var" in name or "scale" in name) else value)
 
   return jax.tree_util.tree_map_with_path(fill, abstract_variables(module, size))
 

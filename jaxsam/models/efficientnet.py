@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsam.models.resnet import batch_norm
+
 # Keras' CONV_KERNEL_INITIALIZER and DENSE_KERNEL_INITIALIZER for EfficientNet.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
 DENSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
@@ -157,14 +159,7 @@ class EfficientNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train or self.freeze_bn,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-    )
+    norm = batch_norm(self, train)
     conv = functools.partial(
       nn.Conv, use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=jnp.float32
     )

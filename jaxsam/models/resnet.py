@@ -41,6 +41,15 @@ def conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.C
   )
 
 
+
+def batch_norm(model: nn.Module, train: bool) -> Callable[..., nn.BatchNorm]:
+  """BatchNorm factory for a model with `freeze_bn`, `bn_momentum`, `bn_epsilon` and `dtype`
+  fields: batch statistics while training (running ones when frozen or evaluating), fp32 params."""
+  return functools.partial(
+      nn.BatchNorm, use_running_average=not train or model.freeze_bn,
+      momentum=model.bn_momentum, epsilon=model.bn_epsilon, dtype=model.dtype,
+      param_dtype=jnp.float32)
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets); `shortcut` 'projection' or 'zero_pad'."""
 
@@ -141,14 +150,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train or self.freeze_bn,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-    )
+    norm = batch_norm(self, train)
     x = x.astype(self.dtype)
     if self.stem == "cifar":
       x = conv(self.stem_width, 3, 1, "conv1", self.dtype)(x)

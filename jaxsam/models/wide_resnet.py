@@ -4,14 +4,13 @@ Pre-activation blocks: BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3; a 1x1 projection
 pre-activated input when the shape changes. From scratch at 32 px, so no pretrained layout to match.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxsam.models.resnet import conv
+from jaxsam.models.resnet import batch_norm, conv
 
 
 class WideBlock(nn.Module):
@@ -63,14 +62,7 @@ class WideResNet(nn.Module):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n+4, got {self.depth}")
     n = (self.depth - 4) // 6
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train or self.freeze_bn,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-    )
+    norm = batch_norm(self, train)
     x = conv(16, 3, 1, "conv1", self.dtype)(x.astype(self.dtype))
     for i, width in enumerate((16, 32, 64)):
       for j in range(n):
