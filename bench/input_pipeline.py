@@ -55,6 +55,7 @@ def torchvision_rate(num_batches: int, batch_size: int, passes: int) -> list[flo
   # torchvision imports triton, whose LLVM segfaults after TensorFlow's; nothing here needs it.
   sys.modules.setdefault("triton", None)
   import torch
+  from PIL import Image
   from torchvision import transforms
 
   def cutout(image: torch.Tensor, size: int = 16) -> torch.Tensor:  # the original's own Cutout
@@ -76,7 +77,6 @@ def torchvision_rate(num_batches: int, batch_size: int, passes: int) -> list[flo
       return len(images)
 
     def __getitem__(self, i):
-      from PIL import Image
       return transform(Image.fromarray(images[i])), 0
 
   loader = torch.utils.data.DataLoader(Data(), batch_size=batch_size, shuffle=True,

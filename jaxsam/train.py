@@ -312,7 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_workdir(config, workdir, overwrite)
   setup = build_setup(config)
   tx, lr_schedule = make_optimizer(config, setup)
-  augment_lib.make_train_augment(config.augment, image_shape=setup.data.train.images.shape[1:])
+  augment = augment_lib.make_train_augment(config.augment,
+                                           image_shape=setup.data.train.images.shape[1:])
   state = create_train_state(config, setup, tx)
   prepare_workdir(config, workdir, overwrite)
   state = parallel.replicate(state, setup.mesh)
@@ -334,8 +335,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = steps.compile_train_step(setup.mesh, model=setup.model, tx=tx,
                                         lr_schedule=lr_schedule, cfg=setup.step_config)
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
-  augment = augment_lib.make_train_augment(config.augment,
-                                           image_shape=setup.data.train.images.shape[1:])
   batches = pipeline.train_batches(setup.data.train, augment, seed=config.seed,
                                    global_batch=config.batch_size, start_step=start_step,
                                    process_index=jax.process_index(),

@@ -49,7 +49,7 @@ def model_layout(model_ref) -> tuple[str, str]:
   `model_ref` is a registered name, a `config.model` ConfigDict, or a module built by
   `jaxsam.models` (whose attributes tell the layout).
   """
-  from jaxsam.models import efficientnet, resnet
+  from jaxsam.models import efficientnet, resnet  # here: jaxsam.models imports this module
 
   if isinstance(model_ref, resnet.ResNet):
     if model_ref.stem == "imagenet" and model_ref.shortcut == "projection":
@@ -100,7 +100,7 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     return _read_keras(path, suffix), "keras", {}
   except PretrainedError:
     raise
-  except Exception as e:
+  except Exception as e:  # any reader failure means an unreadable or truncated file
     raise PretrainedError(
       f"cannot read {path!r} as a {suffix} weight file (truncated or not a weight file?): "
       f"{_one_line(e)}"
@@ -134,7 +134,7 @@ def _read_msgpack(path: str):
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # the optional `torch` extra, imported only for .pth files
   except ImportError:
     raise PretrainedError(
       f"reading {path!r} needs torch (pip install 'jaxsam[torch]'), or convert it to "

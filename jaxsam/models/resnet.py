@@ -41,7 +41,6 @@ def conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.C
   )
 
 
-
 def batch_norm(model: nn.Module, train: bool) -> Callable[..., nn.BatchNorm]:
   """BatchNorm factory for a model with `freeze_bn`, `bn_momentum`, `bn_epsilon` and `dtype`
   fields: batch statistics while training (running ones when frozen or evaluating), fp32 params."""
@@ -49,6 +48,7 @@ def batch_norm(model: nn.Module, train: bool) -> Callable[..., nn.BatchNorm]:
       nn.BatchNorm, use_running_average=not train or model.freeze_bn,
       momentum=model.bn_momentum, epsilon=model.bn_epsilon, dtype=model.dtype,
       param_dtype=jnp.float32)
+
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets); `shortcut` 'projection' or 'zero_pad'."""
