@@ -395,9 +395,7 @@ def write_outputs(workdir: str, result: dict[str, Any]) -> dict[str, str]:
   out_dir = os.path.join(workdir, ANALYSIS_DIR)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, ANALYSIS_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
+  writers.write_json(path, result)
   pngs = {}
   if "landscape" in result:
     title = f"{os.path.basename(os.path.normpath(workdir))} step {result['step']}"

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, parallel, steps, train
+from jaxsam import errors, parallel, steps, train, writers
 
 EVAL_FILE = "eval.json"
 
@@ -85,9 +85,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   }
   if parallel.is_main_process():
     out = os.path.join(workdir, EVAL_FILE)
-    with open(out + ".tmp", "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(out + ".tmp", out)
+    writers.write_json(out, result)
     print(f"jaxsam eval: {path} (step {result['step']}): loss {result['loss']:.4f}, top-1 "
           f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% over "
           f"{result['count']} test images -> {out}", flush=True)

@@ -29,16 +29,21 @@ def _save(fig: Figure, path: str) -> str:
   return path
 
 
+def _floats(values) -> np.ndarray:
+  """Numbers as read from analysis.json, where null stands for a non-finite value: NaN."""
+  return np.array(values, np.float64)  # None -> NaN
+
+
 def line_figure(line: Mapping[str, Sequence[float]], title: str = "") -> Figure:
   """Train loss (left axis) and accuracy (right axis) along one direction."""
   fig = Figure(figsize=(5.5, 3.8), layout="constrained")
   ax = fig.add_subplot()
-  x = np.asarray(line["x"])
-  ax.plot(x, line["loss"], color="tab:blue", marker=".", label="train loss")
+  x = _floats(line["x"])
+  ax.plot(x, _floats(line["loss"]), color="tab:blue", marker=".", label="train loss")
   ax.set_xlabel("step along a filter-normalised direction")
   ax.set_ylabel("train loss", color="tab:blue")
   acc = ax.twinx()
-  acc.plot(x, 100 * np.asarray(line["accuracy"]), color="tab:orange", ls="--",
+  acc.plot(x, 100 * _floats(line["accuracy"]), color="tab:orange", ls="--",
            label="train accuracy")
   acc.set_ylabel("train accuracy (%)", color="tab:orange")
   ax.axvline(0.0, color="grey", lw=0.5)
@@ -49,14 +54,14 @@ def line_figure(line: Mapping[str, Sequence[float]], title: str = "") -> Figure:
 def contour_figure(surface: Mapping[str, Any], title: str = "") -> Figure:
   """Filled contours of train loss and accuracy on the 2-D grid; the checkpoint at the origin."""
   fig = Figure(figsize=(10, 4.2), layout="constrained")
-  x, y = np.asarray(surface["x"]), np.asarray(surface["y"])
+  x, y = _floats(surface["x"]), _floats(surface["y"])
   # log10 of the loss: it grows by orders of magnitude towards the edges and linear contours
   # would spend every level there, leaving the basin around the checkpoint one flat colour.
   panels = (("loss", "log10 train loss", "viridis", lambda z: np.log10(np.maximum(z, 1e-12))),
             ("accuracy", "train accuracy (%)", "magma", lambda z: 100 * z))
   for i, (key, label, cmap, transform) in enumerate(panels):
     ax = fig.add_subplot(1, 2, i + 1)
-    z = transform(np.asarray(surface[key], np.float64).T)  # [x, y] -> rows are y for contourf
+    z = transform(_floats(surface[key]).T)  # [x, y] -> rows are y for contourf
     filled = ax.contourf(x, y, z, levels=20, cmap=cmap)
     ax.contour(x, y, z, levels=10, colors="white", linewidths=0.4)
     fig.colorbar(filled, ax=ax, label=label)
@@ -87,7 +92,7 @@ def comparison_figure(analyses: Mapping[str, Mapping[str, Any]], title: str = ""
   colors = [f"C{i}" for i in range(len(labels))]
   for label, color in zip(labels, colors):
     line = analyses[label]["landscape"]["1d"]
-    ax.plot(line["x"], line["loss"], color=color, marker=".", label=label)
+    ax.plot(_floats(line["x"]), _floats(line["loss"]), color=color, marker=".", label=label)
   ax.set_xlabel("step along a filter-normalised direction")
   ax.set_yscale("log")  # the walls rise by orders of magnitude; the basin needs the resolution
   ax.set_ylabel("train loss (log scale)")
@@ -96,11 +101,11 @@ def comparison_figure(analyses: Mapping[str, Mapping[str, Any]], title: str = ""
   for i, (key, err, name) in enumerate((("lambda_max", None, "Hessian $\\lambda_{max}$"),
                                         ("trace", "trace_stderr", "Hessian trace"))):
     bar = fig.add_subplot(1, 3, i + 2)
-    values = [analyses[lb]["hessian"][key] for lb in labels]
-    errs = [analyses[lb]["hessian"][err] for lb in labels] if err else None
+    values = _floats([analyses[lb]["hessian"][key] for lb in labels])
+    errs = _floats([analyses[lb]["hessian"][err] for lb in labels]) if err else None
     bar.bar(labels, values, yerr=errs, color=colors, capsize=4)
     for j, v in enumerate(values):
-      top = v + (errs[j] if errs else 0.0)
+      top = v + (errs[j] if errs is not None else 0.0)
       bar.annotate(f"{v:.3g}", (j, top), ha="center", va="bottom", xytext=(0, 3),
                    textcoords="offset points")
     bar.set_title(name + (" (Hutchinson, $\\pm$1 s.e.)" if err else ""))

@@ -8,6 +8,7 @@ analysis.json` has one); writes the runs' learning curves in one PNG.
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -65,7 +66,8 @@ def load_run(run_dir: str) -> dict[str, Any]:
   with open(config_path) as f:
     config = json.load(f)
   records = writers.read_metrics(os.path.join(run_dir, writers.METRICS_FILE))
-  accuracies = [r["test/accuracy"] for r in records if isinstance(r.get("test/accuracy"), float)]
+  accuracies = [r["test/accuracy"] for r in records
+                if isinstance(r.get("test/accuracy"), float) and math.isfinite(r["test/accuracy"])]
   epochs = [r["epoch"] for r in records if "test/accuracy" in r]
   lambda_max = None
   analysis_path = os.path.join(run_dir, ANALYSIS_FILE)

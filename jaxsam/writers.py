@@ -28,10 +28,46 @@ class Writer(Protocol):
   def close(self) -> None: ...
 
 
-def _jsonable(value: Any) -> Any:
-  value = value.item() if hasattr(value, "item") else value
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)  # JSON has no NaN/inf; keep them visible rather than invalid
+def json_safe(value: Any) -> Any:
+  """`value` as plain JSON data: arrays as lists, array scalars as numbers, NaN and inf as None.
+
+  JSON has no NaN or infinity: null keeps the key and the file valid JSON for every reader, and a
+  metric stays a number or null (never a string). Metrics, summary, eval and analysis files use it.
+  """
+  if hasattr(value, "tolist"):  # numpy / jax arrays and scalars
+    value = value.tolist()
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
+def dumps_json(value: Any, **kwargs) -> str:
+  """json.dumps of `json_safe(value)`; allow_nan=False, so nothing non-finite slips through."""
+  return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` to `path` as indented JSON (see `json_safe`), atomically (tmp + rename)."""
+  text = dumps_json(value, indent=2)  # before opening: a failure leaves no half-written file
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+# Non-finite floats as older metrics.jsonl files hold them (strings); read back as floats.
+_NONFINITE_STRINGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _metric_value(value: Any) -> Any:
+  """A metrics.jsonl value as a float where it stands for a non-finite one (null or a string)."""
+  if value is None:
+    return math.nan
+  if isinstance(value, str):
+    return _NONFINITE_STRINGS.get(value, value)
   return value
 
 
@@ -45,7 +81,7 @@ class JsonlWriter:
     self._file = open(self.path, "a")  # noqa: SIM115 (open for the run; closed in close())
 
   def write(self, record: dict[str, Any]) -> None:
-    self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+    self._file.write(dumps_json(record) + "\n")
     self._file.flush()
 
   def close(self) -> None:
@@ -55,7 +91,9 @@ class JsonlWriter:
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl file (a missing file has none).
 
-  A last line cut short by a kill mid-write is skipped: it belongs to steps the resumed run redoes.
+  Non-finite values (null, or the strings "nan", "inf", "-inf" of older files) read as float NaN
+  and inf, so that a metric is always a number. A last line cut short by a kill mid-write is skipped:
+  it belongs to steps the resumed run redoes.
   """
   if not os.path.exists(path):
     return []
@@ -64,7 +102,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   records = []
   for i, line in enumerate(lines):
     try:
-      records.append(json.loads(line))
+      records.append({k: _metric_value(v) for k, v in json.loads(line).items()})
     except json.JSONDecodeError:
       if i != len(lines) - 1:
         raise
@@ -78,7 +116,7 @@ def truncate_after(path: str, step: int) -> None:
   if len(kept) != len(records):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
+      f.writelines(dumps_json(r) + "\n" for r in kept)
     os.replace(tmp, path)
 
 
@@ -160,7 +198,7 @@ class WandbWriter:
     step = int(record["step"])
     if step < self._first_step:
       return
-    # Plain floats, NaN included: wandb charts NaN as a gap, where metrics.jsonl needs a string.
+    # Plain floats, NaN included: wandb charts NaN as a gap, where metrics.jsonl writes null.
     self.run.log({k: v.item() if hasattr(v, "item") else v for k, v in record.items()
                   if k != "step"}, step=step)
 
@@ -172,7 +210,7 @@ class WandbWriter:
     self.run.log_artifact(artifact, aliases=aliases)
 
   def finish(self, summary: dict[str, Any]) -> None:
-    self.run.summary.update({k: _jsonable(v) for k, v in summary.items()})
+    self.run.summary.update(json_safe(dict(summary)))
 
   def close(self, exit_code: int = 0) -> None:
     """Ends the run (uploads what is left when online); exit_code != 0 marks it failed."""

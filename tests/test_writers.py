@@ -3,10 +3,13 @@ offline wandb run read back from its `.wandb` file (no network)."""
 
 import glob
 import json
+import math
 import os
 import struct
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from jaxsam import errors, writers
@@ -59,24 +62,60 @@ def wandb_history(run_file: str) -> list[dict]:
   return rows
 
 
+def strict_json(text: str):
+  """json.loads that rejects the NaN / Infinity tokens JSON does not have."""
+  def reject(token):
+    raise ValueError(f"non-JSON constant {token}")
+  return json.loads(text, parse_constant=reject)
+
+
 def test_jsonl_roundtrip_nan_and_resume_truncation(tmp_path):
   w = writers.JsonlWriter(str(tmp_path))
   for step in (1, 2, 3, 4):
     w.write({"step": step, "epoch": step / 2, "train/loss": float("nan") if step == 2 else 1.0})
   w.close()
   path = os.path.join(tmp_path, writers.METRICS_FILE)
+  with open(path) as f:
+    assert strict_json(f.readlines()[1]) == {"step": 2, "epoch": 1.0, "train/loss": None}
   records = writers.read_metrics(path)
   assert [r["step"] for r in records] == [1, 2, 3, 4]
-  assert records[1]["train/loss"] == "nan"  # valid JSON, still visible
+  assert math.isnan(records[1]["train/loss"])  # null reads back as NaN: a metric is a number
   # A resumed run drops what was logged after its checkpoint, then appends.
   w = writers.JsonlWriter(str(tmp_path), resume_step=2)
   w.write({"step": 3, "epoch": 1.5, "train/loss": 0.5})
   w.close()
-  assert [(r["step"], r["train/loss"]) for r in writers.read_metrics(path)] == [
-      (1, 1.0), (2, "nan"), (3, 0.5)]
+  with open(path) as f:
+    assert [strict_json(line)["train/loss"] for line in f] == [1.0, None, 0.5]
   # A fresh start (step 0) drops a killed run's records.
   writers.JsonlWriter(str(tmp_path), resume_step=0).close()
   assert writers.read_metrics(path) == []
+
+
+def test_metrics_with_nonfinite_strings_still_read(tmp_path):
+  """Files that hold non-finite values as the strings "nan", "inf", "-inf" read as floats."""
+  path = os.path.join(tmp_path, writers.METRICS_FILE)
+  with open(path, "w") as f:
+    f.write('{"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": "nan"}\n'
+            '{"step": 2, "epoch": 1.0, "train/loss": "inf", "sam/gap": "-inf"}\n')
+  records = writers.read_metrics(path)
+  assert math.isnan(records[0]["sam/gap"])
+  assert records[1]["train/loss"] == math.inf and records[1]["sam/gap"] == -math.inf
+  writers.truncate_after(path, 1)  # a rewrite stores them as null
+  with open(path) as f:
+    assert [strict_json(line) for line in f] == [
+        {"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": None}]
+
+
+def test_write_json_makes_every_nonfinite_value_null(tmp_path):
+  path = str(tmp_path / "out.json")
+  writers.write_json(path, {"a": np.float32(np.nan), "b": [1.5, float("inf"), -np.inf],
+                            "c": {"d": np.array([0.25, np.nan]), "e": (jnp.asarray(2.0),)},
+                            "f": "nan", "g": None, "h": 3})
+  with open(path) as f:
+    assert strict_json(f.read()) == {"a": None, "b": [1.5, None, None],
+                                     "c": {"d": [0.25, None], "e": [2.0]}, "f": "nan", "g": None,
+                                     "h": 3}
+  assert not os.path.exists(path + ".tmp")
 
 
 def test_read_metrics_skips_only_a_cut_last_line(tmp_path):
