@@ -34,7 +34,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = -1.0  # classifier dropout; -1 = the architecture's default
   config.model.drop_connect_rate = -1.0  # EfficientNet stochastic depth; -1 = default
   config.model.width = 0  # small ResNets: base width (0 = architecture default)
-  config.model.normalization = "auto"  # auto | imagenet | dataset (auto: imagenet when pretrained)
+  # auto | imagenet | caffe | dataset. auto: caffe (BGR, mean on 0-255) for Keras' ResNet50 weights,
+  # imagenet for other pretrained weights, dataset without; see the README's weight table.
+  config.model.normalization = "auto"
 
   config.num_epochs = 10
   config.max_steps = 0  # 0 = no cap; > 0 stops after this many train steps (quick runs)

@@ -4,9 +4,13 @@ r"""Converts a torchvision/timm/Keras weight file once into jaxsam's own format,
   python -m jaxsam.convert --model=resnet50 --resnet_v1 --input=resnet50_keras.h5 \
       --output=resnet50_v1.safetensors
   python -m jaxsam.convert --model=efficientnet_b0 --input=efficientnetb0.h5 --output=b0.msgpack
+  python -m jaxsam.convert --model=resnet50 --origin=timm --input=timm_resnet50.safetensors \
+      --output=resnet50_timm.safetensors
 
 The output (.safetensors or .msgpack) holds the Flax variables under '/'-joined names and records
-the model's layout; point `config.model.pretrained` at it. Every tensor is checked against the
+the model's layout and the weights' origin (Keras files: keras; torch state dicts: torchvision, or
+timm with --origin=timm), from which `model.normalization=auto` picks the input normalisation;
+point `config.model.pretrained` at it. Every tensor is checked against the
 model's shapes (computed with jax.eval_shape, so nothing is compiled).
 """
 
@@ -18,18 +22,22 @@ import ml_collections
 from absl import app, flags
 
 from jaxsam import models
-from jaxsam.errors import UserError
+from jaxsam.errors import ConfigError, UserError
 from jaxsam.models import pretrained
 
 _MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. resnet50", required=True)
 _INPUT = flags.DEFINE_string("input", None, "weight file to convert", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output .safetensors or .msgpack", required=True)
 _RESNET_V1 = flags.DEFINE_bool("resnet_v1", False, "v1 layout (Keras' ResNet50 weights)")
+_ORIGIN = flags.DEFINE_string("origin", "", "who trained the weights: keras, torchvision or timm; "
+                              "'' = from the input's format")
 
 
-def convert(model_name: str, input_path: str, output_path: str, resnet_v1: bool = False) -> int:
+def convert(model_name: str, input_path: str, output_path: str, resnet_v1: bool = False,
+            origin: str = "") -> int:
   """Converts `input_path` for `model_name`; returns the number of tensors written."""
   model_config = ml_collections.ConfigDict({"name": model_name, "resnet_v1": resnet_v1})
+  origin = _origin(input_path, origin)
   tensors = pretrained.to_flax_names(input_path, model_config)
   head = [v for k, v in tensors.items() if k in ("params/fc/bias", "params/predictions/bias")]
   num_classes = int(head[0].shape[0]) if head else 1000
@@ -38,14 +46,26 @@ def convert(model_name: str, input_path: str, output_path: str, resnet_v1: bool 
   shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
   flat_shapes = {k: v.shape for k, v in pretrained._flatten(shapes).items()}
   taken = pretrained.match(tensors, flat_shapes, repr(input_path))
-  pretrained.save_variables(output_path, {k: tensors[k] for k in taken}, model_config)
+  pretrained.save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
   return len(taken)
+
+
+def _origin(input_path: str, origin: str) -> str:
+  """The weights' origin: the input's own, or `origin` where the input's format allows it."""
+  if origin and origin not in pretrained.ORIGINS:
+    raise ConfigError(f"--origin={origin!r} is unknown; known: {', '.join(pretrained.ORIGINS)}")
+  found = pretrained.weights_origin(input_path)
+  allowed = {"keras": ("keras",), "torchvision": ("torchvision", "timm")}.get(found, pretrained.ORIGINS)
+  if origin and origin not in allowed:
+    raise ConfigError(f"--origin={origin!r} does not fit {input_path!r}, a {found} weight file; "
+                      f"accepted: {', '.join(allowed)}")
+  return origin or found
 
 
 def main(argv):
   del argv
   try:
-    count = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, _RESNET_V1.value)
+    count = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, _RESNET_V1.value, _ORIGIN.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

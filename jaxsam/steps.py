@@ -23,6 +23,10 @@ from jaxsam.parallel import DATA_AXIS
 GROUP_AXIS = "sam_group"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Keras' "caffe" input (its ResNet50 weights): BGR, the caffe mean subtracted on 0-255, no scaling;
+# on the 0-1 scale that is this BGR mean and a std of 1/255.
+CAFFE_MEAN_BGR = (103.939 / 255, 116.779 / 255, 123.68 / 255)
+CAFFE_STD = (1 / 255,) * 3
 
 
 @flax.struct.dataclass
@@ -39,8 +43,9 @@ class TrainState:
 class StepConfig:
   """The static settings a compiled step closes over (hashable, read once from the config)."""
   image_size: int  # resolution the model sees; uint8 batches arrive at native size
-  mean: tuple[float, float, float]  # per-channel, 0-1 scale
+  mean: tuple[float, float, float]  # per-channel, 0-1 scale, in the model's channel order
   std: tuple[float, float, float]
+  bgr: bool = False  # feed channels in BGR order (Keras' caffe preprocessing); batches are RGB
   dtype: Any = jnp.float32  # compute dtype of the input; params stay fp32
   label_smoothing: float = 0.0
   sam_group_size: int = 0  # examples per ascent group; 0 = the per-device batch
@@ -64,6 +69,8 @@ def preprocess(images: jax.Array, cfg: StepConfig) -> jax.Array:
   n, h, w, c = x.shape
   if (h, w) != (cfg.image_size, cfg.image_size):
     x = jax.image.resize(x, (n, cfg.image_size, cfg.image_size, c), method="bilinear")
+  if cfg.bgr:
+    x = x[..., ::-1]
   x = (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
   return x.astype(cfg.dtype)
 

@@ -48,17 +48,26 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return DTYPES[config.dtype]
 
 
-def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays):
-  """ImageNet statistics for pretrained backbones (what their weights expect), else the data's."""
+NORMALIZATIONS = ("auto", "imagenet", "caffe", "dataset")
+
+
+def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays) -> dict:
+  """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
+
+  `auto` asks the weight file (`pretrained.input_normalization`): caffe for Keras' ResNet50,
+  imagenet for the rest; `data` is read only for `dataset`.
+  """
   mode = config.model.normalization
-  if mode == "auto":
-    mode = "imagenet" if config.model.pretrained else "dataset"
+  if mode not in NORMALIZATIONS:
+    raise errors.ConfigError(
+        f"model.normalization={mode!r} is unknown; known: {', '.join(NORMALIZATIONS)}")
+  if mode == "auto" and config.model.pretrained:
+    mode = models.pretrained.input_normalization(config.model.pretrained, config.model)
   if mode == "imagenet":
-    return steps.IMAGENET_MEAN, steps.IMAGENET_STD
-  if mode == "dataset":
-    return tuple(data.mean), tuple(data.std)
-  raise errors.ConfigError(
-      f"model.normalization={mode!r} is unknown; known: auto, imagenet, dataset")
+    return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
+  if mode == "caffe":
+    return {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
+  return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
 
 
 def build_setup(config: ml_collections.ConfigDict, mesh=None,
@@ -73,10 +82,9 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None,
   num_classes = config.model.num_classes or data.num_classes
   native = data.train.images.shape[1]
   image_size = config.model.image_size or native
-  mean, std = normalization(config, data)
   per_device = config.batch_size // mesh.devices.size
   step_config = steps.StepConfig(
-      image_size=image_size, mean=mean, std=std, dtype=compute_dtype(config),
+      image_size=image_size, **normalization(config, data), dtype=compute_dtype(config),
       label_smoothing=config.label_smoothing,
       sam_group_size=0 if not config.sam.rho else steps.sam_group_size(config.sam.m, per_device))
   model = models.create_model(config.model, num_classes=num_classes, dtype=step_config.dtype)

@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxsam import models
+from jaxsam import models, steps, train
 from jaxsam.convert import convert
-from jaxsam.errors import PretrainedError
+from jaxsam.errors import ConfigError, PretrainedError
 from jaxsam.models import pretrained
 
 # torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when
@@ -78,10 +78,11 @@ def param_count(module) -> int:
 # --------------------------------------------------------------------------------------- torch
 
 
-def randomise_torch_bn(model, seed: int) -> None:
+def randomise_torch_bn(model, seed: int, x=None) -> None:
   """Random BN scales/offsets; running statistics from a calibration batch, slightly perturbed.
 
-  Calibrating keeps activations O(1) through 50 layers (logits of a few units, as a trained net's),
+  `x` is the calibration batch (NCHW, as the model's input); None draws a normal one. Calibrating
+  keeps activations O(1) through 50 layers (logits of a few units, as a trained net's),
   so the 1e-4 tolerance tests the mapping rather than float32 rounding of huge logits; the stats
   are still per-channel values far from torch's defaults (0 and 1), so a wrong mapping shows.
   """
@@ -94,7 +95,7 @@ def randomise_torch_bn(model, seed: int) -> None:
     m.reset_running_stats()
     m.momentum = None  # cumulative average: one batch sets the running stats to its statistics
   with torch.no_grad():
-    model.train()(torch.randn(8, 3, SIZE, SIZE, generator=g))
+    model.train()(torch.randn(8, 3, SIZE, SIZE, generator=g) if x is None else x)
   for m in bns:
     m.momentum = 0.1
     with torch.no_grad():
@@ -282,6 +283,179 @@ def test_efficientnet_b0_matches_keras(tmp_path):
   module, _ = check_against_keras(ref, "efficientnet_b0", files, cfg, "efficientnet", seed=3)
   trainable = sum(int(np.prod(w.shape)) for w in ref.trainable_weights)
   assert param_count(module) == trainable == 5_288_548
+
+
+# ---------------------------------------------------------------- end to end: uint8 images -> logits
+# Each reference model gets what its own library's preprocessing makes of uint8 images; jaxsam gets
+# the same uint8 images through its own path (train.normalization -> StepConfig -> steps.preprocess
+# -> model). BN statistics are calibrated on those very inputs (see the randomise helpers), so the
+# comparison tests the input convention and the mapping, not float32 round-off of a chaotic net.
+
+E2E_SIZE = 64
+E2E_BATCH = 4
+E2E_TOL = 1e-4  # max |logit difference| / max |reference logit|
+
+
+def uint8_images(seed: int) -> np.ndarray:
+  """Noise images whose channels differ in brightness (R bright, B dark): a channel swap shows."""
+  rng = np.random.default_rng(seed)
+  low, high = np.array([90, 30, 0]), np.array([256, 220, 140])
+  return rng.integers(low, high, size=(E2E_BATCH, E2E_SIZE, E2E_SIZE, 3)).astype(np.uint8)
+
+
+def relative_error(logits: np.ndarray, ref: np.ndarray) -> float:
+  return float(np.abs(logits - ref).max() / np.abs(ref).max())
+
+
+def run_config(name: str, path, normalization: str = "auto", **kw) -> ml_collections.ConfigDict:
+  model = model_config(name, pretrained=str(path), normalization=normalization, **kw)
+  return ml_collections.ConfigDict({"model": model})
+
+
+def jaxsam_logits(path, name: str, images: np.ndarray, modes=("auto",), **kw) -> dict:
+  """{normalization mode: eval logits} of jaxsam's own path from uint8 images, weights from `path`."""
+  module = models.create_model(run_config(name, path, **kw).model, 1000)
+  x = jnp.zeros(images.shape, jnp.float32)
+  variables = pretrained.load_pretrained(path, run_config(name, path, **kw).model,
+                                         init_zeros(module, x))
+  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  out = {}
+  for mode in modes:
+    norm = train.normalization(run_config(name, path, mode, **kw), None)
+    cfg = steps.StepConfig(image_size=images.shape[1], **norm)
+    out[mode] = np.asarray(apply(variables, steps.preprocess(jnp.asarray(images), cfg)))
+  return out
+
+
+def check_end_to_end(ref_logits, path, name, images, wrong: str, **kw) -> float:
+  """jaxsam's `auto` path matches the reference; the `wrong` convention would not (not vacuous)."""
+  logits = jaxsam_logits(path, name, images, ("auto", wrong), **kw)
+  assert np.abs(ref_logits).max() > 1e-2
+  error = relative_error(logits["auto"], ref_logits)
+  print(f"{name} {os.path.basename(str(path))}: end-to-end relative error {error:.2e}")
+  assert error < E2E_TOL, error
+  assert relative_error(logits[wrong], ref_logits) > 100 * E2E_TOL
+  return error
+
+
+@pytest.mark.slow
+def test_keras_resnet50_end_to_end_with_caffe_preprocessing(tmp_path):
+  images = uint8_images(seed=4)
+  ref = keras.applications.ResNet50(weights=None, input_shape=(E2E_SIZE, E2E_SIZE, 3),
+                                    classifier_activation=None)
+  x_ref = keras.applications.resnet50.preprocess_input(images.astype(np.float32))
+  randomise_keras(ref, x_ref, seed=4)
+  ref_logits = np.asarray(ref(x_ref, training=False))
+  save_legacy_h5(ref, tmp_path / "resnet50.h5")
+  convert("resnet50", str(tmp_path / "resnet50.h5"), str(tmp_path / "r.msgpack"), resnet_v1=True)
+  assert pretrained.read_file(tmp_path / "r.msgpack")[2]["origin"] == "keras"
+  for path in (tmp_path / "resnet50.h5", tmp_path / "r.msgpack"):
+    assert train.normalization(run_config("resnet50", path, resnet_v1=True), None)["bgr"]
+  check_end_to_end(ref_logits, tmp_path / "r.msgpack", "resnet50", images, "imagenet",
+                   resnet_v1=True)
+
+
+@pytest.mark.slow
+def test_keras_efficientnet_b0_end_to_end_with_its_own_input_layers(tmp_path):
+  images = uint8_images(seed=5)
+  ref = keras.applications.EfficientNetB0(weights=None, input_shape=(E2E_SIZE, E2E_SIZE, 3),
+                                          classifier_activation=None)
+  # With weights="imagenet" Keras builds Rescaling(1/255), Normalization(ImageNet mean, variance =
+  # std) and Rescaling(1/sqrt(std)): (x/255 - mean)/std. weights=None builds no second Rescaling,
+  # so variance = std**2 gives the same input layers. Keras' models take raw 0-255 input.
+  from keras.src.applications.efficientnet import IMAGENET_STDDEV_RGB
+
+  norm = next(l for l in ref.layers if isinstance(l, keras.layers.Normalization))
+  norm.set_weights([np.array([0.485, 0.456, 0.406]), np.square(IMAGENET_STDDEV_RGB), np.array(0)])
+  norm.finalize_state()
+  x_ref = keras.applications.efficientnet.preprocess_input(images.astype(np.float32))
+  normalised = np.asarray(keras.Model(ref.input, norm.output)(x_ref))
+  expected = (images / 255 - np.array([0.485, 0.456, 0.406])) / np.array(IMAGENET_STDDEV_RGB)
+  np.testing.assert_allclose(normalised, expected, atol=1e-5)
+  randomise_keras(ref, x_ref, seed=5)
+  ref_logits = np.asarray(ref(x_ref, training=False))
+  save_legacy_h5(ref, tmp_path / "b0.h5")  # with the Normalization layer, as efficientnetb0.h5
+  convert("efficientnet_b0", str(tmp_path / "b0.h5"), str(tmp_path / "b0.safetensors"))
+  check_end_to_end(ref_logits, tmp_path / "b0.safetensors", "efficientnet_b0", images, "caffe",
+                   dropout_rate=0.0, drop_connect_rate=0.0)
+
+
+@pytest.mark.slow
+def test_torchvision_resnet50_end_to_end_with_imagenet_transforms(tmp_path):
+  images = uint8_images(seed=6)
+  ref = torchvision.models.resnet50(weights=None)
+  preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
+  transform = torchvision.transforms.Compose([  # the preset without its resize and crop
+    torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(preset.mean, preset.std)])
+  x_ref = torch.stack([transform(image) for image in images])
+  torch.manual_seed(6)
+  randomise_torch_bn(ref, seed=6, x=x_ref)
+  with torch.no_grad():
+    ref_logits = ref.eval()(x_ref).numpy()
+  torch.save(ref.state_dict(), tmp_path / "resnet50.pth")
+  convert("resnet50", str(tmp_path / "resnet50.pth"), str(tmp_path / "r.safetensors"))
+  check_end_to_end(ref_logits, tmp_path / "r.safetensors", "resnet50", images, "caffe")
+
+
+def test_preprocess_matches_each_librarys_preprocessing():
+  """steps.preprocess with each convention equals the library's own on the same uint8 images."""
+  images = uint8_images(seed=7)[:2, :8, :8]
+  ours = lambda mode: np.asarray(steps.preprocess(jnp.asarray(images), steps.StepConfig(
+    image_size=8, **train.normalization(run_config("resnet50", "", mode), None))))
+  caffe = keras.applications.resnet50.preprocess_input(images.astype(np.float32))
+  np.testing.assert_allclose(ours("caffe"), caffe, rtol=0, atol=2e-5)  # values up to ~150
+  preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
+  tv = torchvision.transforms.Normalize(preset.mean, preset.std)(
+    torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+  np.testing.assert_allclose(ours("imagenet"), tv.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
+
+
+def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path):
+  picked = lambda path, name="resnet50", **kw: train.normalization(run_config(name, path, **kw), None)
+  caffe = {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
+  imagenet = {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
+  v1 = model_config("resnet50", resnet_v1=True)
+  tiny = {"params": {"conv1": {"kernel": np.zeros((1, 1, 3, 4), np.float32)}}}
+  # A Keras ResNet file: raw (.h5/.keras, origin by format) or converted (origin recorded).
+  (tmp_path / "raw.h5").write_bytes(b"")
+  assert picked(tmp_path / "raw.h5", resnet_v1=True) == caffe
+  for suffix in (".safetensors", ".msgpack"):
+    pretrained.save_variables(tmp_path / f"k{suffix}", tiny, v1, origin="keras")
+    assert pretrained.weights_origin(tmp_path / f"k{suffix}") == "keras"
+    assert picked(tmp_path / f"k{suffix}", resnet_v1=True) == caffe
+  pretrained.save_variables(tmp_path / "old.safetensors", tiny, v1)  # no origin: its layout says
+  assert picked(tmp_path / "old.safetensors", resnet_v1=True) == caffe
+  # Keras' EfficientNet normalises inside the model with ImageNet mean/std (layers jaxsam drops).
+  (tmp_path / "b0.h5").write_bytes(b"")
+  assert picked(tmp_path / "b0.h5", "efficientnet_b0") == imagenet
+  # torchvision and timm weights, raw or converted.
+  tv = save_state(resnet18_state, tmp_path / "tv.safetensors")
+  torch.save(resnet18_state, tmp_path / "tv.pth")
+  convert("resnet18", str(tv), str(tmp_path / "c.msgpack"))
+  convert("resnet18", str(tv), str(tmp_path / "timm.safetensors"), origin="timm")
+  assert pretrained.weights_origin(tmp_path / "c.msgpack") == "torchvision"
+  assert pretrained.weights_origin(tmp_path / "timm.safetensors") == "timm"
+  for name in ("tv.safetensors", "tv.pth", "c.msgpack", "timm.safetensors"):
+    assert picked(tmp_path / name, "resnet18") == imagenet, name
+  # Explicit modes win; no weights: the data's statistics.
+  assert picked(tmp_path / "tv.pth", "resnet18", normalization="caffe") == caffe
+  assert picked(tmp_path / "raw.h5", resnet_v1=True, normalization="imagenet") == imagenet
+  data = type("Data", (), {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)})
+  assert train.normalization(run_config("resnet18", ""), data)["mean"] == (0.1, 0.2, 0.3)
+
+
+def test_bad_normalization_and_origin_are_one_line_errors(resnet18_state, tmp_path):
+  with pytest.raises(ConfigError) as info:
+    train.normalization(run_config("resnet50", "", normalization="bgr"), None)
+  assert str(info.value) == ("model.normalization='bgr' is unknown; "
+                             "known: auto, imagenet, caffe, dataset")
+  tv = save_state(resnet18_state, tmp_path / "tv.safetensors")
+  with pytest.raises(ConfigError, match=r"--origin='tf' is unknown; known: keras, torchvision, "
+                                        r"timm$"):
+    convert("resnet18", str(tv), str(tmp_path / "o.safetensors"), origin="tf")
+  with pytest.raises(ConfigError, match=r"--origin='keras' does not fit .* a torchvision weight "
+                                        r"file; accepted: torchvision, timm$"):
+    convert("resnet18", str(tv), str(tmp_path / "o.safetensors"), origin="keras")
 
 
 # ------------------------------------------------------------------------------------- bad input

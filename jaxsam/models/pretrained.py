@@ -14,7 +14,10 @@ Formats, chosen by the file's suffix:
 
 jaxsam's own files (`save_variables`) hold the Flax variables under '/'-joined names
 ('params/conv1/kernel', 'batch_stats/bn1/mean') and record the model's layout, so converted files
-load without re-mapping and a file of another layout is refused.
+load without re-mapping and a file of another layout is refused. They also record the weights'
+origin ('keras', 'torchvision', 'timm'), which fixes the input normalisation the weights expect
+(`input_normalization`): Keras' ResNet50 was trained on caffe-style BGR input, the rest on
+ImageNet mean/std.
 """
 
 import io
@@ -38,6 +41,7 @@ SUFFIXES = (".safetensors", ".msgpack") + TORCH_SUFFIXES + KERAS_SUFFIXES
 HEADS = ("fc", "predictions")  # classifier modules, re-initialised when the class count differs
 IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 JAXSAM_FORMAT = "jaxsam"
+ORIGINS = ("keras", "torchvision", "timm")  # who trained the weights: their input convention
 
 
 # --------------------------------------------------------------------------- what the model expects
@@ -83,13 +87,7 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
   The kind is 'torchvision' (torch state-dict names), 'keras' ('layer/variable' names) or 'jaxsam'.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise PretrainedError(f"pretrained weight file not found: {path!r}")
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix not in SUFFIXES:
-    raise PretrainedError(
-      f"unknown weight file type {suffix!r} for {path!r}; accepted: {', '.join(SUFFIXES)}"
-    )
+  suffix = _checked_suffix(path)
   if suffix in TORCH_SUFFIXES:
     return _read_torch(path), "torchvision", {}
   try:
@@ -105,6 +103,61 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
       f"cannot read {path!r} as a {suffix} weight file (truncated or not a weight file?): "
       f"{_one_line(e)}"
     ) from e
+
+
+def _checked_suffix(path: str) -> str:
+  """The weight file's lower-case suffix; PretrainedError when it is absent or of no known type."""
+  if not os.path.isfile(path):
+    raise PretrainedError(f"pretrained weight file not found: {path!r}")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in SUFFIXES:
+    raise PretrainedError(
+      f"unknown weight file type {suffix!r} for {path!r}; accepted: {', '.join(SUFFIXES)}"
+    )
+  return suffix
+
+
+def weights_origin(path: str) -> str:
+  """Who trained the file's weights: 'keras', 'torchvision' or 'timm' (one of ORIGINS), or ''.
+
+  Keras files are Keras' by their format, torch state dicts count as torchvision's (timm's ResNets
+  share its names and its normalisation); jaxsam's files say, or (written before they recorded it)
+  their layout does. '' for a jaxsam file of a jaxsam-only layout.
+  """
+  path = os.fspath(path)
+  suffix = _checked_suffix(path)
+  if suffix in KERAS_SUFFIXES:
+    return "keras"
+  if suffix in TORCH_SUFFIXES:
+    return "torchvision"
+  if suffix == ".safetensors":
+    from safetensors import safe_open
+
+    try:
+      with safe_open(path, framework="numpy") as f:
+        metadata = f.metadata() or {}
+    except Exception as e:
+      raise PretrainedError(f"cannot read {path!r} as a .safetensors weight file: "
+                            f"{_one_line(e)}") from e
+    if metadata.get("format") != JAXSAM_FORMAT:
+      return "torchvision"
+  else:
+    metadata = read_file(path)[2]
+  origin = metadata.get("origin") or metadata.get("layout", "")
+  return origin if origin in ORIGINS else ""
+
+
+def input_normalization(path: str, model_ref) -> str:
+  """The input normalisation the file's weights were trained with: 'caffe' or 'imagenet'.
+
+  Keras' ResNet50 expects `keras.applications.resnet50.preprocess_input` (caffe: BGR, mean
+  subtracted on 0-255, no std). torchvision and timm expect ImageNet mean/std on 0-1 RGB, and so
+  does Keras' EfficientNet, whose in-model Rescaling/Normalization layers jaxsam leaves out.
+  """
+  name, _ = model_layout(model_ref)
+  if _family(name) == "resnet" and weights_origin(path) == "keras":
+    return "caffe"
+  return "imagenet"
 
 
 def _one_line(e: Exception) -> str:
@@ -496,15 +549,20 @@ def load_pretrained(path: str, model_ref, variables):
 # ------------------------------------------------------------------------------ jaxsam's own files
 
 
-def save_variables(path: str, variables, model_ref) -> None:
-  """Writes variables as a jaxsam weight file (.safetensors or .msgpack) that records the layout."""
+def save_variables(path: str, variables, model_ref, origin: str = "") -> None:
+  """Writes variables as a jaxsam weight file (.safetensors or .msgpack) that records the layout.
+
+  `origin` (one of ORIGINS, or '' for none) is recorded too: it decides the input normalisation.
+  """
   name, layout = model_layout(model_ref)
+  if origin and origin not in ORIGINS:
+    raise PretrainedError(f"weights origin {origin!r} is unknown; known: {', '.join(ORIGINS)}")
   # Contiguous copies: safetensors writes a transposed view's buffer in memory order, scrambled.
   flat = {
     k: np.ascontiguousarray(jax.device_get(v), dtype=np.float32)
     for k, v in _flatten(variables).items()
   }
-  metadata = {"format": JAXSAM_FORMAT, "model": str(name), "layout": layout}
+  metadata = {"format": JAXSAM_FORMAT, "model": str(name), "layout": layout, "origin": origin}
   suffix = os.path.splitext(os.fspath(path))[1].lower()
   if suffix == ".safetensors":
     from safetensors.numpy import save_file
