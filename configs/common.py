@@ -15,8 +15,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "digits"  # digits | cifar10 | cifar100 | any tfds image dataset
-  config.dataset.source = "tfds"  # tfds | cifar_python (torchvision's folder or .tar.gz); ignored for digits
-  config.dataset.path = ""  # cifar_python: the cifar-100-python folder or .tar.gz
+  config.dataset.source = "tfds"  # tfds | cifar_python | image_folder; ignored for digits
+  config.dataset.path = ""  # cifar_python: cifar-100-python folder/.tar.gz; image_folder: folder/archive
+  config.dataset.image_size = 0  # image_folder: 0 = native (one size), N = shorter side N + centre crop
+  config.dataset.cache_dir = ""  # image_folder: decoded-array cache ('' = ~/.cache/jaxsam/image_folder)
+  config.dataset.train_examples = 0  # class-balanced seeded subset of the train split; 0 = all
+  config.dataset.label_noise = 0.0  # fraction of train labels replaced by another class (seeded)
   config.dataset.data_dir = ""  # tfds data_dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
   config.dataset.download = True  # tfds: allowed to download and prepare when absent
   config.dataset.train_split = "train"

@@ -65,3 +65,41 @@ def write_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
   fig.savefig(tmp, format="png")
   os.replace(tmp, path)
   return path
+
+
+def mean_test_curves_figure(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+                            title: str = "") -> Figure:
+  """Test accuracy (%) against epoch per group of runs: the mean over the group's runs at each
+  evaluated epoch, with a ± one-standard-deviation band."""
+  fig = Figure(figsize=(8, 4.8), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  for i, (name, runs) in enumerate(groups.items()):
+    by_epoch: dict[float, list[float]] = {}
+    for records in runs:
+      for x, y in zip(*_series(records, "test/accuracy"), strict=True):
+        by_epoch.setdefault(x, []).append(100 * y)
+    xs = sorted(by_epoch)
+    means = [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs]
+    stds = [math.sqrt(sum((v - m) ** 2 for v in by_epoch[x]) / max(len(by_epoch[x]) - 1, 1))
+            for x, m in zip(xs, means, strict=True)]
+    color = f"C{i % 10}"
+    ax.plot(xs, means, "-o", color=color, markersize=3, label=f"{name} (n={len(runs)})")
+    ax.fill_between(xs, [m - s for m, s in zip(means, stds, strict=True)],
+                    [m + s for m, s in zip(means, stds, strict=True)], color=color, alpha=0.15)
+  ax.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title=title)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  return fig
+
+
+def write_mean_test_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str,
+                           title: str = "") -> str:
+  """Draws `mean_test_curves_figure` to a PNG at `path`, replaced atomically; returns the path."""
+  fig = mean_test_curves_figure(groups, title)
+  tmp = path + ".tmp"
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)
+  return path

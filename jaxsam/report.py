@@ -17,10 +17,13 @@ from typing import Any
 from jaxsam import errors, plots, writers
 
 ANALYSIS_FILE = os.path.join("analysis", "analysis.json")
+SUMMARY_FILE = "summary.json"
 AUGMENT_ORDER = ("crop-flip", "cutout", "randaugment", "autoaugment")
 # Flattened config keys never worth a column: bookkeeping, not experimental settings.
 IGNORED_KEYS = ("wandb.", "progress_bar", "log_every_steps", "checkpoint_", "dataset.data_dir",
-                "dataset.download", "dataset.path")
+                "dataset.download", "dataset.path", "dataset.cache_dir")
+# Shown as their own columns (from summary.json, which counts the examples actually used).
+DATA_COLUMNS = ("dataset.label_noise", "dataset.train_examples")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -69,6 +72,12 @@ def load_run(run_dir: str) -> dict[str, Any]:
   accuracies = [r["test/accuracy"] for r in records
                 if isinstance(r.get("test/accuracy"), float) and math.isfinite(r["test/accuracy"])]
   epochs = [r["epoch"] for r in records if "test/accuracy" in r]
+  summary_path = os.path.join(run_dir, SUMMARY_FILE)
+  summary = {}
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  dataset = config.get("dataset", {})
   lambda_max = None
   analysis_path = os.path.join(run_dir, ANALYSIS_FILE)
   if os.path.isfile(analysis_path):
@@ -82,6 +91,10 @@ def load_run(run_dir: str) -> dict[str, Any]:
       "epochs": epochs[-1] if epochs else 0,
       "planned_epochs": config.get("num_epochs"),
       "lambda_max": lambda_max,
+      "label_noise": summary.get("label_noise", dataset.get("label_noise", 0.0)),
+      "train_examples": summary.get("train_examples", dataset.get("train_examples", 0)),
+      "wall_time_s": summary.get("wall_time_s"),
+      "seed": config.get("seed"),
   }
 
 
@@ -118,10 +131,12 @@ def markdown(runs: Sequence[dict]) -> str:
       cells.append("<br>".join(f"{_pct(r['best'])} / {_pct(r['final'])}" + (f" (#{i})" * tag)
                                for i, r in here) or "")
     lines.append(f"| {aug} | " + " | ".join(cells) + " |")
-  diff = [k for k in differing_settings(runs)]
+  diff = [k for k in differing_settings(runs) if k not in DATA_COLUMNS]
+  show_data = any(r["label_noise"] or r["train_examples"] for r in runs)
   show_lambda = any(r["lambda_max"] is not None for r in runs)
-  header = ["#", "run", "augmentation", "optimizer", *diff, "epochs", "best %", "final %"]
-  header += ["λ_max"] * show_lambda
+  header = ["#", "run", "augmentation", "optimizer", *diff]
+  header += ["label noise", "train examples"] * show_data
+  header += ["epochs", "best %", "final %"] + ["λ_max"] * show_lambda
   lines += ["", "Runs" + (" (settings that differ between them)" if diff else "") + ":", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for i, r in enumerate(runs, 1):
@@ -129,12 +144,81 @@ def markdown(runs: Sequence[dict]) -> str:
     epochs = f"{r['epochs']:g}/{r['planned_epochs']}" if r["planned_epochs"] else f"{r['epochs']:g}"
     row = [str(i), os.path.basename(os.path.normpath(r["dir"])), r["augmentation"],
            r["optimizer"], *(json.dumps(flat.get(k)) if isinstance(flat.get(k), str) else
-                             str(flat.get(k)) for k in diff),
-           epochs, _pct(r["best"]), _pct(r["final"])]
+                             str(flat.get(k)) for k in diff)]
+    row += [f"{r['label_noise']:g}", str(r["train_examples"] or "all")] * show_data
+    row += [epochs, _pct(r["best"]), _pct(r["final"])]
     if show_lambda:
       row.append("–" if r["lambda_max"] is None else f"{r['lambda_max']:.4g}")
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
+
+
+# Keys that tell the seeds of one setting apart; everything else must agree within a group.
+SEED_KEYS = ("seed",)
+
+
+def group_by_setting(runs: Sequence[dict]) -> dict[str, list[dict]]:
+  """Runs that differ only in their seed (and bookkeeping), under a label naming the setting."""
+  groups: dict[str, list[dict]] = {}
+  keys: dict[str, str] = {}
+  for r in runs:
+    flat = {k: v for k, v in flatten(r["config"]).items()
+            if k not in SEED_KEYS and not k.startswith(IGNORED_KEYS)}
+    key = json.dumps(flat, sort_keys=True)
+    if key not in keys:
+      label = f"{r['optimizer']} {r['planned_epochs']} ep"
+      if r["label_noise"]:
+        label += f", noise {r['label_noise']:g}"
+      keys[key] = label if label not in keys.values() else f"{label} ({len(keys) + 1})"
+    groups.setdefault(keys[key], []).append(r)
+  return groups
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+  """Mean and sample standard deviation (ddof 1; 0 for one value) of the values that exist."""
+  xs = [v for v in values if v is not None]
+  if not xs:
+    return None, None, 0
+  mean = sum(xs) / len(xs)
+  var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+  return mean, math.sqrt(var), len(xs)
+
+
+def _pct_pm(values: Sequence[float | None]) -> str:
+  mean, std, n = mean_std(values)
+  return "–" if n == 0 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def passes_per_step(config: dict) -> int:
+  """Forward-backward passes of one step: 2 for SAM and its variants, 1 for the base optimizer."""
+  return 2 if config.get("sam", {}).get("rho") else 1
+
+
+def seed_table(runs: Sequence[dict]) -> str:
+  """One row per setting: test accuracy mean ± std over its seeds, the seeds, cost and wall time.
+
+  Cost is epochs x passes per step, in SGD-epochs: equal cost means equal compute.
+  """
+  header = ("| setting | label noise | train examples | cost (SGD epochs) | seeds | best % | "
+            "final % | wall s / run |")
+  lines = [header, "|---|---|---|---|---|---|---|---|"]
+  for label, group in group_by_setting(runs).items():
+    first = group[0]
+    cost = (first["planned_epochs"] or 0) * passes_per_step(first["config"])
+    wall, _, _ = mean_std([r["wall_time_s"] for r in group])
+    seeds = ",".join(str(r["seed"]) for r in group)
+    lines.append(f"| {label} | {first['label_noise']:g} | {first['train_examples'] or 'all'} | "
+                 f"{cost:g} | {seeds} | {_pct_pm([r['best'] for r in group])} | "
+                 f"{_pct_pm([r['final'] for r in group])} | "
+                 f"{'–' if wall is None else f'{wall:.0f}'} |")
+  return "\n".join(lines)
+
+
+def write_seed_curves(runs: Sequence[dict], path: str) -> str:
+  """Test accuracy against epoch, mean ± std over each setting's seeds, one line per setting."""
+  groups = {label: [r["records"] for r in group]
+            for label, group in group_by_setting(runs).items()}
+  return plots.write_mean_test_curves(groups, path, title="test accuracy, mean ± std over seeds")
 
 
 def write_report_curves(runs: Sequence[dict], path: str) -> str:
@@ -152,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     runs = [load_run(d) for d in args.run_dirs]
+    if any(len(g) > 1 for g in group_by_setting(runs).values()):
+      print("Test accuracy (%), mean ± std over seeds:\n\n" + seed_table(runs) + "\n")
     print(markdown(runs))
     print(f"\ncurves: {write_report_curves(runs, args.output)}")
   except errors.UserError as e:

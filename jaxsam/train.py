@@ -23,7 +23,7 @@ import tqdm
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, models, optim, parallel, plots, steps, writers
 from jaxsam.data import augment as augment_lib
-from jaxsam.data import pipeline, sources
+from jaxsam.data import pipeline, sources, train_split
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -79,6 +79,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None,
   if data is None:
     with parallel.main_process_first("load_dataset"):  # process 0 downloads/prepares alone
       data = sources.load_dataset(config.dataset)
+  data = train_split.apply(data, config.dataset, config.seed)
   num_classes = config.model.num_classes or data.num_classes
   native = data.train.images.shape[1]
   image_size = config.model.image_size or native
@@ -430,12 +431,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "num_devices": int(setup.mesh.devices.size),
       "num_processes": jax.process_count(),
       "sam_m": setup.step_config.sam_group_size,
+      "train_examples": len(setup.data.train.labels),
+      "label_noise": config.dataset.label_noise,
       "completed": step >= total,
   }
   if wandb_writer is not None:
     wandb_writer.finish(summary)
   writer.close()
   if main and step >= total:
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
+    writers.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary

@@ -1,0 +1,254 @@
+"""The SGD-vs-SAM study on one dataset, from one command: a grid of ordinary launch.py runs.
+
+  python -m jaxsam.study --size=cpu --data=../shared/data/cifar10-jpeg.tar.gz --out=runs/study_cpu
+  python -m jaxsam.study --size=gpu --data=... --out=runs/study_gpu [--dry_run] [--estimate]
+
+Grid: arm {SGD, SGD with twice the epochs (SAM's compute: a SAM step is two passes), SAM}
+x label noise {0, 0.4} x seeds, each a launch.py run of configs/cifar10_sgd.py or cifar10_sam.py
+with the size's overrides, in its own workdir under --out. A rerun of the same command skips the
+finished runs and resumes an interrupted one. Then it writes `study.md` (jaxsam.report's tables,
+mean ± std over seeds) and `study_curves.png` (test accuracy, mean ± std band per setting).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from jaxsam import errors, report
+
+# (arm, config file, epoch multiplier): the equal-compute SGD arm runs twice SAM's epochs.
+ARMS = (("sgd", "configs/cifar10_sgd.py", 1), ("sgd2x", "configs/cifar10_sgd.py", 2),
+        ("sam", "configs/cifar10_sam.py", 1))
+LABEL_NOISE = (0.0, 0.4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """What one study size changes in the configs; `why` is printed with the plan."""
+  epochs: int
+  seeds: tuple[int, ...]
+  overrides: dict[str, str]
+  why: str
+
+
+SIZES = {
+    # 2-core CPU, <= 60 min: XLA's CPU convolutions run ResNet-8 at 16 px at ~830 images/s for
+    # SGD and ~410 for SAM (measured with the input pipeline on the same 2 cores), so 18 runs of
+    # 4,000 images x 20 epochs (40 for the 2x arm) take ~50 min with start-up and eval. 400 images
+    # per class keep SAM's regime (a model that can overfit) and let SGD, at 20-40 epochs, fit the
+    # clean labels and start on the noisy ones; all 10,000 test images are scored (about 0.5 %
+    # standard error per run), every 5 epochs so eval stays a small part of the time.
+    "cpu": Size(epochs=20, seeds=(0, 1, 2), overrides={
+        "model.name": "resnet8", "model.image_size": "16",
+        "dtype": "float32", "dataset.train_examples": "4000", "batch_size": "128",
+        "eval_batch_size": "1000", "eval_every_epochs": "5", "checkpoint_every_epochs": "5",
+        "log_every_steps": "31"},
+        why="ResNet-8 at 16 px on a class-balanced 4,000-image subset, 20 epochs, batch 128"),
+    # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
+    # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
+    "gpu": Size(epochs=30, seeds=(0, 1, 2), overrides={
+        "eval_every_epochs": "5", "checkpoint_every_epochs": "10"},
+        why="ResNet-18 (CIFAR stem) at 32 px, bf16, all 50,000 images, 30 epochs, batch 256"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  workdir: str
+  argv: tuple[str, ...]
+  images: int  # train images one run passes through the model (for the cost estimate)
+  passes: int  # forward-backward passes per image
+
+
+def repo_root() -> str:
+  """The checkout holding launch.py and configs/ (the study runs them as files)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.isfile(os.path.join(root, "launch.py")):
+    raise errors.ConfigError(f"launch.py not found in {root}; run the study from a jaxsam "
+                             "checkout (pip install -e .)")
+  return root
+
+
+def plan(size: Size, data: str, out: str, seeds: Sequence[int],
+         noises: Sequence[float] = LABEL_NOISE, num_train: int = 50_000) -> list[Run]:
+  """Every run of the grid, in the order they run: by seed, then noise, then arm."""
+  runs = []
+  examples = int(size.overrides.get("dataset.train_examples", 0)) or num_train
+  for seed in seeds:
+    for noise in noises:
+      for arm, config_file, factor in ARMS:
+        name = f"{arm}-noise{noise:g}-seed{seed}"
+        overrides = {**size.overrides, "num_epochs": str(size.epochs * factor),
+                     "seed": str(seed), "dataset.label_noise": str(noise),
+                     "dataset.source": "image_folder", "dataset.path": data,
+                     "wandb.mode": "disabled", "progress_bar": "False"}
+        if factor > 1:  # the same number of curve points as the 1x arms
+          for key in ("eval_every_epochs", "checkpoint_every_epochs"):
+            if key in overrides:
+              overrides[key] = str(int(overrides[key]) * factor)
+        workdir = os.path.join(out, name)
+        argv = ("launch.py", f"--config={config_file}", f"--workdir={workdir}",
+                *(f"--config.{k}={v}" for k, v in overrides.items()))
+        runs.append(Run(name, workdir, argv, images=examples * size.epochs * factor,
+                        passes=2 if arm == "sam" else 1))
+  return runs
+
+
+def finished(workdir: str) -> bool:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return bool(json.load(f).get("completed"))
+
+
+def execute(runs: Sequence[Run], out: str, root: str) -> None:
+  """Runs each unfinished run as its own launch.py process; its output goes to <out>/logs/."""
+  os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+  env = dict(os.environ)
+  # One XLA compilation cache for the whole grid: runs of one arm compile the same steps.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "xla_cache"))
+  for i, run in enumerate(runs, 1):
+    if finished(run.workdir):
+      print(f"[{i}/{len(runs)}] {run.name}: done before, skipped", flush=True)
+      continue
+    start = time.time()
+    log = os.path.join(out, "logs", f"{run.name}.log")
+    with open(log, "a") as f:
+      code = subprocess.call([sys.executable, *run.argv], cwd=root, env=env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    if code != 0:
+      raise errors.ConfigError(f"run {run.name} exited with {code}; see {log} (rerun the same "
+                               "command to resume)")
+    with open(os.path.join(run.workdir, "summary.json")) as f:
+      summary = json.load(f)
+    print(f"[{i}/{len(runs)}] {run.name}: final test accuracy "
+          f"{100 * summary['final_test_accuracy']:.2f}% in {time.time() - start:.0f} s",
+          flush=True)
+
+
+def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | None) -> str:
+  """study.md (the seed table and jaxsam.report's per-run table) and study_curves.png."""
+  loaded = [report.load_run(r.workdir) for r in runs if os.path.isdir(r.workdir)]
+  curves = report.write_seed_curves(loaded, os.path.join(out, "study_curves.png"))
+  lines = [f"# SGD vs SAM: {len(loaded)} runs", "", f"`{command}`", ""]
+  if wall_s is not None:
+    lines += [f"Wall time of this invocation: {wall_s / 60:.1f} min.", ""]
+  lines += ["Test accuracy (%), mean ± std over seeds:", "", report.seed_table(loaded), "",
+            report.markdown(loaded), "", f"![curves]({os.path.basename(curves)})", ""]
+  path = os.path.join(out, "study.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
+  """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  sys.path.insert(0, root)
+  from configs import cifar10_sam, cifar10_sgd  # pylint: disable=import-outside-toplevel
+  from jaxsam import models, optim, parallel, steps  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  batch_size = 8  # FLOPs scale linearly with the batch; a small one compiles fast
+  mesh = parallel.make_mesh(jax.local_devices()[:1])
+  for name, module in (("sgd", cifar10_sgd), ("sam", cifar10_sam)):
+    config = module.get_config()
+    for key, value in size.overrides.items():
+      if key.startswith(("model.", "dtype")):
+        node, leaf = config, key
+        while "." in leaf:
+          head, leaf = leaf.split(".", 1)
+          node = node[head]
+        node[leaf] = type(node[leaf])(value == "True" if isinstance(node[leaf], bool) else value)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    px = config.model.image_size
+    tx, lr = optim.make_optimizer(config, steps_per_epoch=100, axis_name=parallel.DATA_AXIS)
+    model = models.create_model(config.model, num_classes=10, dtype=dtype)
+    cfg = steps.StepConfig(image_size=px, mean=steps.IMAGENET_MEAN, std=steps.IMAGENET_STD,
+                           dtype=dtype)
+    variables = jax.eval_shape(lambda model=model, px=px, dtype=dtype: model.init(
+        {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+        jnp.zeros((1, px, px, 3), dtype), train=False))
+    state = jax.eval_shape(lambda v=variables, tx=tx: steps.TrainState(
+        step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v.get("batch_stats", {}),
+        opt_state=tx.init(v["params"]), rng=jax.random.PRNGKey(2)))
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                        sharding=parallel.replicated(mesh)), state)
+    batch = parallel.shard_batch({"image": np.zeros((batch_size, px, px, 3), np.uint8),
+                                  "label": np.zeros((batch_size,), np.int32)}, mesh)
+    step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg)
+    cost = step.lower(state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out[name] = float(cost["flops"]) / batch_size / 1e9
+  return out
+
+
+def estimate_seconds(runs: Sequence[Run], gflops: dict[str, float], peak_tflops: float,
+                     mfu: float) -> float:
+  """Seconds of training compute for the grid at `mfu` of `peak_tflops` (no eval, no compile)."""
+  total = sum(r.images * gflops["sam" if r.passes == 2 else "sgd"] for r in runs) * 1e9
+  return total / (peak_tflops * 1e12 * mfu)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m jaxsam.study", description=__doc__.split(
+      "\n")[0])
+  parser.add_argument("--size", choices=sorted(SIZES), required=True)
+  parser.add_argument("--data", required=True,
+                      help="CIFAR-10 as an image folder or archive (<split>/<class>/<image>)")
+  parser.add_argument("--out", required=True, help="folder for the runs, study.md and curves")
+  parser.add_argument("--seeds", default="", help="comma-separated (default: the size's)")
+  parser.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
+  parser.add_argument("--estimate", action="store_true",
+                      help="print the grid's FLOP-based GPU time (compiles, runs nothing)")
+  parser.add_argument("--peak_tflops", type=float, default=989.0,
+                      help="--estimate: the GPU's dense bf16 peak (H100 SXM: 989)")
+  parser.add_argument("--mfu", type=float, default=0.25, help="--estimate: assumed MFU")
+  args = parser.parse_args(argv)
+  try:
+    size = SIZES[args.size]
+    try:
+      seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
+    except ValueError as e:
+      raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
+    root = repo_root()
+    data = os.path.abspath(os.path.expanduser(args.data))
+    if not os.path.exists(data):
+      raise errors.ConfigError(f"--data={args.data} does not exist; give CIFAR-10 as an image "
+                               "folder or .tar.gz laid out as <split>/<class>/<image>")
+    out = os.path.abspath(args.out)
+    runs = plan(size, data, out, seeds)
+    print(f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
+          f"({len(ARMS)} arms x {len(LABEL_NOISE)} noise levels x seeds {seeds})", flush=True)
+    if args.estimate:
+      gflops = step_gflops_per_image(size, root)
+      seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
+      print(f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "
+            f"grid's training compute at {100 * args.mfu:.0f}% MFU of {args.peak_tflops:g} "
+            f"TFLOP/s: {seconds / 60:.1f} min (+ eval, start-up, compiles)", flush=True)
+    if args.dry_run or args.estimate:
+      for run in runs:
+        print(" ".join(run.argv))
+      return 0
+    start = time.time()
+    execute(runs, out, root)
+    command = "python -m jaxsam.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"report: {write_report(runs, out, command, time.time() - start)}")
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
