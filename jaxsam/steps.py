@@ -85,8 +85,11 @@ def _loss_fn(params, batch_stats, images, labels, dropout_key, *, model: nn.Modu
 
 
 def _group_update(state: TrainState, images, labels, dropout_key, *, model, tx, cfg,
-                  axis_names):
-  """One optimizer update from one ascent group: clean pass, SAM's perturbed pass, base update."""
+                  axis_names, perturbed: list):
+  """One optimizer update from one ascent group: clean pass, SAM's perturbed pass, base update.
+
+  `perturbed` gets an entry when tracing takes the perturbed pass (never with a static rho = 0).
+  """
   loss_fn = functools.partial(_loss_fn, model=model, cfg=cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels,
@@ -95,6 +98,7 @@ def _group_update(state: TrainState, images, labels, dropout_key, *, model, tx, 
   def perturbed_grad(params):
     # Same batch, same dropout key; batch statistics normalise this pass, but its BN running
     # statistics are discarded: only the clean pass updates them.
+    perturbed.append(True)
     (p_loss, _), p_grads = grad_fn(params, state.batch_stats, images, labels, dropout_key)
     return p_loss, p_grads
 
@@ -110,12 +114,16 @@ def _group_update(state: TrainState, images, labels, dropout_key, *, model, tx, 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformationExtraArgs, lr_schedule: optax.Schedule,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SAM (or plain, when rho = 0) step on this device's slice of the global batch."""
+  """One SAM (or plain, when rho = 0) step on this device's slice of the global batch.
+
+  Metrics: train loss and accuracy, lr, and SAM's `sam/*` diagnostics only when SAM is on.
+  """
   images = preprocess(batch["image"], cfg)
   labels = batch["label"]
   device = jax.lax.axis_index(DATA_AXIS)
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
-  update = functools.partial(_group_update, model=model, tx=tx, cfg=cfg)
+  perturbed = []
+  update = functools.partial(_group_update, model=model, tx=tx, cfg=cfg, perturbed=perturbed)
   per_device = images.shape[0]
   group = cfg.sam_group_size or per_device
   if group == per_device:
@@ -133,8 +141,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
         axis_name=GROUP_AXIS)
     outs = vmapped(split(images), split(labels), keys)
     params, batch_stats, opt_state, metrics = jax.tree.map(lambda x: x[0], outs)
-  metrics.update(sam_metrics(opt_state))
-  metrics["sam/gap"] = metrics["sam/perturbed_loss"] - metrics["train/loss"]
+  if perturbed:  # a plain step (static rho = 0) has no SAM diagnostics to log
+    metrics.update(sam_metrics(opt_state))
+    metrics["sam/gap"] = metrics["sam/perturbed_loss"] - metrics["train/loss"]
   metrics["lr"] = lr_schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxsam import report, writers
+from jaxsam import plots, report, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/quickstart.py", "--config.num_epochs=1", "--config.max_steps=3",
@@ -63,6 +63,65 @@ def test_report_table_and_curves(run_dirs, tmp_path):
   from PIL import Image
   with Image.open(out_png) as image:
     assert image.format == "PNG"
+
+
+def _reject(token):
+  raise ValueError(f"non-JSON constant {token}")
+
+
+def _strict_lines(path):
+  """Every line of a JSON-lines file, parsed without the NaN / Infinity tokens JSON lacks."""
+  with open(path) as f:
+    return [json.loads(line, parse_constant=_reject) for line in f]
+
+
+def _is_number(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def test_metrics_hold_numbers_only_and_sam_keys_only_with_sam(run_dirs):
+  sgd, sam = run_dirs
+  for run_dir in run_dirs:
+    records = _strict_lines(os.path.join(run_dir, writers.METRICS_FILE))
+    assert records
+    for r in records:
+      for k, v in r.items():
+        assert v is None or _is_number(v), (run_dir, k, v)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+      summary = json.load(f, parse_constant=_reject)
+    assert not any(isinstance(v, str) for v in summary.values()), summary
+  plain = _strict_lines(os.path.join(sgd, writers.METRICS_FILE))
+  assert not [k for r in plain for k in r if k.startswith("sam/")]
+  train = [r for r in _strict_lines(os.path.join(sam, writers.METRICS_FILE)) if "train/loss" in r]
+  sam_keys = {"sam/rho", "sam/perturbed_loss", "sam/gap", "sam/clean_grad_norm",
+              "sam/grad_norm", "sam/cosine"}
+  assert train and all(sam_keys <= set(r) for r in train)
+  assert all(_is_number(r[k]) for r in train for k in sam_keys)
+
+
+def test_report_reads_metrics_with_nonfinite_strings(run_dirs, tmp_path):
+  """A metrics.jsonl holding non-finite values as "nan" / "inf" strings still loads and plots."""
+  sgd, _ = run_dirs
+  old = tmp_path / "old"
+  os.makedirs(old)
+  with open(os.path.join(sgd, "config.json")) as f:
+    (old / "config.json").write_text(f.read())
+  with open(old / writers.METRICS_FILE, "w") as f:
+    f.write('{"step": 2, "epoch": 0.5, "train/loss": 2.0, "train/accuracy": 0.25, "lr": 0.1, '
+            '"sam/rho": 0.0, "sam/perturbed_loss": "nan", "sam/gap": "nan"}\n'
+            '{"step": 4, "epoch": 1.0, "train/loss": "inf", "train/accuracy": 0.5, "lr": 0.1, '
+            '"sam/perturbed_loss": "nan", "sam/gap": "-inf"}\n'
+            '{"step": 4, "epoch": 1, "test/loss": 1.5, "test/accuracy": 0.625, "test/top5": 1.0}\n')
+  run = report.load_run(str(old))
+  assert run["best"] == run["final"] == 0.625 and run["epochs"] == 1
+  assert "| crop-flip | 62.50 / 62.50 |" in report.markdown([run])
+  out_png = tmp_path / "old.png"
+  report.write_report_curves([run], str(out_png))
+  plots.write_curves({"": run["records"]}, str(tmp_path / "curves.png"))
+  from PIL import Image
+  for png in (out_png, tmp_path / "curves.png"):
+    with Image.open(png) as image:
+      assert image.format == "PNG"
 
 
 def test_labels_from_config():

@@ -180,6 +180,13 @@ def test_step_compiles_once_and_logs_sam_diagnostics():
       metrics[-1]["sam/perturbed_loss"] - metrics[-1]["train/loss"], abs=1e-6)
 
 
+def test_plain_step_logs_no_sam_diagnostics():
+  """rho = 0 compiles the one-pass step: nothing SAM-specific to report, so no `sam/*` keys."""
+  _, metrics, _ = run_steps(make_config(rho=0.0), MESH_1(), TinyNet(), [make_batch()])
+  assert set(metrics[0]) == {"train/loss", "train/accuracy", "lr"}
+  assert all(np.isfinite(v) for v in metrics[0].values())
+
+
 def _flops(rho):
   batch = make_batch()
   mesh = MESH_1()
