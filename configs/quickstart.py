@@ -4,8 +4,10 @@
 
 1,797 real 8x8 digit images made 32x32 RGB, seeded 80/20 split (1,437 train / 360 test); the model
 sees them at 16 px. SAM rho 0.05, RandAugment(2, 9), crop with 2 px padding, no flip.
-Runtime: about 1.5 minutes on a 2-core CPU (of which ~20 s start-up and compiling).
-Expected test accuracy: about 98 % (>= 95 %). Plain SGD: --config.sam.rho=0.
+Runtime: 2.5-3 minutes on a busy 2-core CPU (142-184 s wall, of which 36-46 s start-up and
+compiling). Expected test accuracy: 98.61 / 98.61 / 98.89 % final (98.61 / 98.89 / 99.17 % best)
+for seeds 0 / 1 / 2, with jax 0.10.2, flax 0.12.8, optax 0.2.8, tensorflow 2.21.0 (>= 95 % on any
+setup). Plain SGD: --config.sam.rho=0.
 """
 
 from configs import common
