@@ -20,7 +20,8 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or eval a saved model.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval: checkpoint folder (default latest).")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Reuse a workdir that holds a run of a different config.")
+    "overwrite", False, "Start afresh in a workdir that holds a run (of any config): its files "
+    "(jaxsam.workdir.CLEARED: config, metrics, checkpoints, eval.json, analysis/...) go first.")
 # Multi-process runs (jaxsam.distributed); under SLURM all three are read from the job.
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: host:port of process 0 (same on every process).")

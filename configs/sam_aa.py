@@ -7,7 +7,7 @@
 50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay 1e-4.
 The original could not run this policy (its AutoAugment failed with a Python error); no
 reference number. jaxsam's number: not measured yet (needs CIFAR-100 and a GPU).
-Runtime: about 50 x 196 steps; a few hours on 4 GPUs (SAM costs 2x SGD per step).
+Runtime: about 50 x 195 steps; a few hours on 4 GPUs (SAM costs 2x SGD per step).
 """
 
 from configs import common

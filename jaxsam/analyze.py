@@ -13,7 +13,6 @@ weight_decay * I). Batches are sharded over all devices like training; the math 
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -28,7 +27,6 @@ import numpy as np
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import (
   errors,
-  evaluate,
   landscape_plots,
   losses,
   models,
@@ -38,17 +36,11 @@ from jaxsam import (
   train,
   writers,
 )
+from jaxsam import workdir as workdir_lib
 from jaxsam.data import sources
 
-ANALYSIS_DIR = "analysis"
-ANALYSIS_FILE = "analysis.json"
 WHAT = ("hessian", "sharpness", "landscape")
 HESSIAN_METHODS = ("lanczos", "power")
-# Keys that may differ between a checkpoint's run and the workdir's config without making the
-# checkpoint belong to another model (they change logging or the length of training only).
-_IGNORED_KEYS = {"max_steps", "num_epochs", "progress_bar", "log_every_steps", "eval_every_epochs",
-                 "checkpoint_every_epochs", "checkpoint_keep"}
-_IGNORED_PREFIXES = ("wandb.",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,25 +104,13 @@ class LoadedRun:
 # --------------------------------------------------------------------------------- loading
 
 
-def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-  out = []
-  for k in sorted(set(old) | set(new)):
-    name, a, b = prefix + k, old.get(k), new.get(k)
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += _config_diff(a, b, name + ".")
-    elif a != b and name not in _IGNORED_KEYS and not name.startswith(_IGNORED_PREFIXES):
-      out.append(name)
-  return out
-
-
 def check_checkpoint_config(checkpoint: str, config: ml_collections.ConfigDict) -> None:
   """A checkpoint inside another run folder must come from a run of the same config."""
   run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-  path = os.path.join(run_dir, train.CONFIG_FILE)
-  if not os.path.isfile(path):
+  if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
     return  # a bare checkpoint folder: restore() still checks every shape
-  with open(path) as f:
-    diff = _config_diff(json.load(f), config.to_dict())
+  diff = workdir_lib.config_diff(workdir_lib.read_config(run_dir).to_dict(), config.to_dict(),
+                                 workdir_lib.ANALYSIS_MAY_DIFFER)
   if diff:
     raise errors.CheckpointError(
         f"checkpoint {checkpoint} belongs to a run of another config (differs in "
@@ -139,8 +119,8 @@ def check_checkpoint_config(checkpoint: str, config: ml_collections.ConfigDict) 
 
 def load_run(workdir: str, checkpoint: str | None = None, mesh=None) -> LoadedRun:
   """Restores a run's checkpoint (default its newest) with the run's own config."""
-  config = evaluate.load_run_config(workdir)
-  path = evaluate.resolve_checkpoint(workdir, checkpoint)
+  config = workdir_lib.read_config(workdir)
+  path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   check_checkpoint_config(path, config)
   setup = train.build_setup(config, mesh=mesh)
   tx, _ = train.make_optimizer(config, setup)
@@ -392,10 +372,9 @@ def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | 
 
 def write_outputs(workdir: str, result: dict[str, Any]) -> dict[str, str]:
   """analysis.json and the landscape PNGs under `<workdir>/analysis/`; returns {name: png path}."""
-  out_dir = os.path.join(workdir, ANALYSIS_DIR)
+  out_dir = os.path.join(workdir, workdir_lib.ANALYSIS_DIR)
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, ANALYSIS_FILE)
-  writers.write_json(path, result)
+  writers.write_json(workdir_lib.analysis_path(workdir), result)
   pngs = {}
   if "landscape" in result:
     title = f"{os.path.basename(os.path.normpath(workdir))} step {result['step']}"
@@ -413,7 +392,7 @@ def summary_line(result: dict[str, Any]) -> str:
   if "sharpness" in result:
     s = result["sharpness"]
     parts.append(f"m-sharpness(rho={s['rho']}, m={s['m']}) {s['value']:.4g} +- {s['stderr']:.2g}")
-  return "; ".join(parts) + f" -> {os.path.join(result['workdir'], ANALYSIS_DIR)}"
+  return "; ".join(parts) + f" -> {os.path.join(result['workdir'], workdir_lib.ANALYSIS_DIR)}"
 
 
 def log_to_wandb(config: ml_collections.ConfigDict, workdir: str, result: dict[str, Any],

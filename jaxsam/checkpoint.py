@@ -29,10 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxsam import errors
-
-LAST_DIR = "checkpoints"
-BEST_DIR = "best"
-CORRUPT_DIR = "corrupt"
+from jaxsam.workdir import BEST_DIR, CORRUPT_DIR, LAST_DIR
 
 
 def _manager(directory: str, barrier_prefix: str, **options) -> ocp.CheckpointManager:

@@ -235,11 +235,3 @@ def check_claims(spec: ProcessSpec, claims: np.ndarray, process_count: int,
     raise DistributedError(
         f"--process_id={spec.process_id} but the coordinator numbered this process "
         f"{process_index}; give every process a distinct --process_id")
-
-
-def describe(spec: ProcessSpec | None) -> str:
-  """One line for logs."""
-  if spec is None:
-    return "single process"
-  return (f"process {spec.process_id} of {spec.num_processes} via {spec.source}, coordinator "
-          f"{spec.coordinator_address}")

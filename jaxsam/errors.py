@@ -10,8 +10,9 @@ class UserError(Exception):
   """Base of every error caused by the user's input rather than a bug in jaxsam."""
 
 
-class ConfigError(UserError):
-  """A config value is unknown, out of range or inconsistent with another."""
+class ConfigError(UserError, ValueError):
+  """A config value is unknown, out of range or inconsistent with another (also a ValueError, so
+  code that checks values the standard way catches it)."""
 
 
 class DataError(UserError):

@@ -6,48 +6,14 @@ else the workdir's latest. The numbers come from the same `train.evaluate` the t
 with the run's `eval_batch_size`, so they reproduce the logged test metrics of that checkpoint.
 """
 
-import json
 import os
 from typing import Any
 
 import ml_collections
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, parallel, steps, train, writers
-
-EVAL_FILE = "eval.json"
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in `<workdir>/config.json`."""
-  path = os.path.join(workdir, train.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise errors.ConfigError(
-        f"--workdir={workdir} has no {train.CONFIG_FILE}; give the folder of a training run or "
-        "pass --config")
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, json.JSONDecodeError) as e:
-    raise errors.ConfigError(f"{path} cannot be read as JSON ({e}); pass --config") from e
-
-
-def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
-  """The checkpoint folder to evaluate: `checkpoint` if given, else the workdir's newest."""
-  if checkpoint:
-    if not os.path.isdir(checkpoint):
-      raise errors.CheckpointError(
-          f"--checkpoint={checkpoint} is not a folder; pass a step folder such as "
-          f"{os.path.join(workdir, ckpt_lib.LAST_DIR, '<step>')}")
-    return os.path.abspath(checkpoint)
-  last = os.path.join(workdir, ckpt_lib.LAST_DIR)
-  found = sorted((int(n) for n in os.listdir(last) if n.isdigit()), reverse=True) \
-      if os.path.isdir(last) else []
-  if not found:
-    raise errors.CheckpointError(
-        f"--workdir={workdir} holds no checkpoint in {ckpt_lib.LAST_DIR}/; train first or pass "
-        "--checkpoint=PATH")
-  return os.path.abspath(os.path.join(last, str(found[0])))
+from jaxsam import parallel, steps, train, writers
+from jaxsam import workdir as workdir_lib
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, *,
@@ -66,8 +32,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   from jaxsam.data import pipeline  # TF import: only once we know there is work to do
   pipeline.hide_gpus_from_tf()
   if config is None:
-    config = load_run_config(workdir)
-  path = resolve_checkpoint(workdir, checkpoint)
+    config = workdir_lib.read_config(workdir)
+  path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   setup = train.build_setup(config)
   tx, _ = train.make_optimizer(config, setup)
   state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
@@ -84,7 +50,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
       "per_class_accuracy": metrics["per_class_accuracy"],
   }
   if parallel.is_main_process():
-    out = os.path.join(workdir, EVAL_FILE)
+    out = os.path.join(workdir, workdir_lib.EVAL_FILE)
     writers.write_json(out, result)
     print(f"jaxsam eval: {path} (step {result['step']}): loss {result['loss']:.4f}, top-1 "
           f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% over "

@@ -8,7 +8,6 @@ draws the runs' 1-D landscapes in one panel with their Hessian lambda_max and tr
 """
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,9 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from jaxsam import errors
+from jaxsam import workdir as workdir_lib
 
 LINE_FILE = "landscape_1d.png"
 CONTOUR_FILE = "landscape_2d.png"
@@ -130,13 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   analyses = {}
   for label, run in zip(labels, runs):
-    path = os.path.join(run, "analysis", "analysis.json")
-    if not os.path.isfile(path):
+    path = workdir_lib.analysis_path(run)
+    try:
+      analyses[label] = workdir_lib.read_analysis(run)
+    except errors.UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    if analyses[label] is None:
       print(f"error: {path} does not exist; run python -m jaxsam.analyze --workdir={run} first",
             file=sys.stderr)
       return 2
-    with open(path) as f:
-      analyses[label] = json.load(f)
     if "hessian" not in analyses[label] or "landscape" not in analyses[label]:
       print(f"error: {path} lacks hessian or landscape; analyse with --what=hessian,landscape",
             file=sys.stderr)

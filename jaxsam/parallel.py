@@ -69,7 +69,7 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-# --- Multi-process helpers (issue 7): host-level agreement between processes. ---------------------
+# --- Multi-process helpers: host-level agreement between processes. -------------------------------
 
 
 def global_any(flag: bool) -> bool:

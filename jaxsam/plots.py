@@ -13,8 +13,6 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-CURVES_FILE = "curves.png"
-
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
   """(epochs, values) of the records holding a finite number under `key`."""

@@ -2,8 +2,9 @@
 
 Prints Markdown: the augmentation x optimizer table of best / final test accuracy (the original
 report's table, rows and columns read from each run's config.json), then one row per run with the
-settings that differ between the runs (and the Hessian's top eigenvalue when `analysis/
-analysis.json` has one); writes the runs' learning curves in one PNG.
+settings that differ between the runs (and the Hessian's top eigenvalue when the run has been
+analysed); writes the runs' learning curves in one PNG. Run folders are read by
+`jaxsam.workdir.read_run`.
 """
 
 import argparse
@@ -14,10 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxsam import errors, plots, writers
+from jaxsam import errors, plots
+from jaxsam import workdir as workdir_lib
 
-ANALYSIS_FILE = os.path.join("analysis", "analysis.json")
-SUMMARY_FILE = "summary.json"
 AUGMENT_ORDER = ("crop-flip", "cutout", "randaugment", "autoaugment")
 # Flattened config keys never worth a column: bookkeeping, not experimental settings.
 IGNORED_KEYS = ("wandb.", "progress_bar", "log_every_steps", "checkpoint_", "dataset.data_dir",
@@ -62,27 +62,13 @@ def optimizer_label(config: dict) -> str:
 
 def load_run(run_dir: str) -> dict[str, Any]:
   """A run's config, metrics, best/final test accuracy and (if analysed) λ_max."""
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(config_path):
-    raise errors.ConfigError(f"{run_dir} is not a run folder (no config.json); give workdirs of "
-                             "launch.py runs")
-  with open(config_path) as f:
-    config = json.load(f)
-  records = writers.read_metrics(os.path.join(run_dir, writers.METRICS_FILE))
+  run = workdir_lib.read_run(run_dir)
+  config, records, summary = run.config, run.records, run.summary
   accuracies = [r["test/accuracy"] for r in records
                 if isinstance(r.get("test/accuracy"), float) and math.isfinite(r["test/accuracy"])]
   epochs = [r["epoch"] for r in records if "test/accuracy" in r]
-  summary_path = os.path.join(run_dir, SUMMARY_FILE)
-  summary = {}
-  if os.path.isfile(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
   dataset = config.get("dataset", {})
-  lambda_max = None
-  analysis_path = os.path.join(run_dir, ANALYSIS_FILE)
-  if os.path.isfile(analysis_path):
-    with open(analysis_path) as f:
-      lambda_max = (json.load(f).get("hessian") or {}).get("lambda_max")
+  lambda_max = ((run.analysis or {}).get("hessian") or {}).get("lambda_max")
   return {
       "dir": run_dir, "config": config, "records": records,
       "augmentation": augmentation_label(config), "optimizer": optimizer_label(config),

@@ -12,7 +12,6 @@ mean ± std over seeds) and `study_curves.png` (test accuracy, mean ± std band 
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from jaxsam import errors, report
+from jaxsam import workdir as workdir_lib
 
 # (arm, config file, epoch multiplier): the equal-compute SGD arm runs twice SAM's epochs.
 ARMS = (("sgd", "configs/cifar10_sgd.py", 1), ("sgd2x", "configs/cifar10_sgd.py", 2),
@@ -102,11 +102,8 @@ def plan(size: Size, data: str, out: str, seeds: Sequence[int],
 
 
 def finished(workdir: str) -> bool:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.isfile(path):
-    return False
-  with open(path) as f:
-    return bool(json.load(f).get("completed"))
+  """Whether the run in `workdir` has completed (its summary.json says so)."""
+  return bool(workdir_lib.read_summary(workdir).get("completed"))
 
 
 def execute(runs: Sequence[Run], out: str, root: str) -> None:
@@ -127,8 +124,7 @@ def execute(runs: Sequence[Run], out: str, root: str) -> None:
     if code != 0:
       raise errors.ConfigError(f"run {run.name} exited with {code}; see {log} (rerun the same "
                                "command to resume)")
-    with open(os.path.join(run.workdir, "summary.json")) as f:
-      summary = json.load(f)
+    summary = workdir_lib.read_summary(run.workdir)
     print(f"[{i}/{len(runs)}] {run.name}: final test accuracy "
           f"{100 * summary['final_test_accuracy']:.2f}% in {time.time() - start:.0f} s",
           flush=True)

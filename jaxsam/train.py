@@ -6,10 +6,8 @@ live in `jaxsam.steps`, devices in `jaxsam.parallel`, checkpoints in `jaxsam.che
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import shutil
 import signal
 import time
 from typing import Any
@@ -22,11 +20,10 @@ import tqdm
 
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, models, optim, parallel, plots, steps, writers
+from jaxsam import workdir as workdir_lib
 from jaxsam.data import augment as augment_lib
 from jaxsam.data import pipeline, sources, train_split
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -154,82 +151,6 @@ def evaluate(eval_step, state: steps.TrainState, setup: Setup, global_batch: int
   }
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
-
-
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Refuses, before anything is built or written, a workdir that is a file, cannot be created
-  or written, or holds a run of another config (unless `overwrite`)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise errors.ConfigError(f"--workdir={workdir} is a file; give a directory path")
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    raise errors.ConfigError(
-        f"--workdir={workdir} is not writable ({existing} is not a writable directory)")
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path) and not overwrite:
-    with open(path) as f:
-      old = json.load(f)
-    diff = _config_diff(old, json.loads(config_to_json(config)))
-    if diff:
-      raise errors.ConfigError(
-          f"--workdir={workdir} holds a run of another config (differs in {', '.join(diff[:5])}); "
-          "use a new --workdir, or --overwrite to replace it")
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Creates the workdir and writes config.json (process 0); `check_workdir` has vetted it."""
-  check_workdir(config, workdir, overwrite)
-  if not parallel.is_main_process():
-    return
-  path = os.path.join(workdir, CONFIG_FILE)
-  if overwrite and os.path.exists(path):
-    clear_run(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      f.write(config_to_json(config))
-    os.replace(path + ".tmp", path)
-  except OSError as e:
-    raise errors.ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from e
-
-
-# What a run leaves in its workdir; `--overwrite` removes these (and nothing else) before a new run.
-RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, writers.METRICS_FILE, writers.WANDB_ID_FILE,
-             plots.CURVES_FILE, "eval.json", ckpt_lib.LAST_DIR, ckpt_lib.BEST_DIR,
-             ckpt_lib.CORRUPT_DIR)
-
-
-def clear_run(workdir: str) -> None:
-  """Removes the previous run's files (checkpoints, metrics...) so a new run cannot resume them."""
-  for name in RUN_FILES:
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
-
-
-# Keys that may change between a run and its resumption without making it another run.
-_RESUMABLE_KEYS = {"max_steps", "progress_bar", "wandb.mode", "log_every_steps"}
-
-
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-  keys = sorted(set(old) | set(new))
-  out = []
-  for k in keys:
-    name = prefix + k
-    a, b = old.get(k), new.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_diff(a, b, name + ".")
-    elif a != b and name not in _RESUMABLE_KEYS:
-      out.append(name)
-  return out
-
-
 class _Preemption:
   """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit 0)."""
 
@@ -293,8 +214,8 @@ def _make_writer(config: ml_collections.ConfigDict, workdir: str, start_step: in
 
 
 def _write_curves(workdir: str) -> None:
-  records = writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-  plots.write_curves({"": records}, os.path.join(workdir, plots.CURVES_FILE),
+  records = writers.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
+  plots.write_curves({"": records}, os.path.join(workdir, workdir_lib.CURVES_FILE),
                      title=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
 
 
@@ -318,13 +239,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pipeline.hide_gpus_from_tf()
   # Everything that can reject the config runs before the workdir is touched; the cheap
   # workdir checks first, so a bad --workdir fails in a second.
-  check_workdir(config, workdir, overwrite)
+  workdir_lib.check(config, workdir, overwrite)
   setup = build_setup(config)
   tx, lr_schedule = make_optimizer(config, setup)
   augment = augment_lib.make_train_augment(config.augment,
                                            image_shape=setup.data.train.images.shape[1:])
   state = create_train_state(config, setup, tx)
-  prepare_workdir(config, workdir, overwrite)
+  workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
   state = parallel.replicate(state, setup.mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
   meta = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
@@ -439,5 +360,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     wandb_writer.finish(summary)
   writer.close()
   if main and step >= total:
-    writers.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    writers.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
   return summary

@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from jaxsam import errors
+from jaxsam.workdir import METRICS_FILE, WANDB_DIR, WANDB_ID_FILE
 
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_run_id"
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WANDB_HOST = "api.wandb.ai"
 WANDB_INIT_TIMEOUT_S = 30.0  # an unreachable server falls back to offline after this long
@@ -251,7 +250,7 @@ def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], 
       raise
     print(f"warning: wandb online start failed ({type(e).__name__}: "
           f"{(str(e).splitlines() or [''])[0][:200]}); logging offline, upload later with "
-          f"`wandb sync {os.path.join(workdir, 'wandb')}`", file=sys.stderr)
+          f"`wandb sync {os.path.join(workdir, WANDB_DIR)}`", file=sys.stderr)
     run = wandb.init(mode="offline", **kwargs)
   _write_wandb_run_id(workdir, run.id)
   return WandbWriter(run)

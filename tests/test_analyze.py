@@ -11,6 +11,7 @@ import pytest
 
 from configs import quickstart
 from jaxsam import analyze, landscape_plots, losses, models, steps, train
+from jaxsam import workdir as workdir_lib
 from jaxsam.data import sources
 
 SETTINGS = analyze.Settings(num_examples=200, batch_size=64, top_k=3, hessian_iters=6,
@@ -54,8 +55,8 @@ def reference_train_loss(run_dir, settings):
 
 
 def test_analysis_json_and_pngs(run_dir, result):
-  out = os.path.join(run_dir, analyze.ANALYSIS_DIR)
-  with open(os.path.join(out, analyze.ANALYSIS_FILE)) as f:
+  out = os.path.join(run_dir, workdir_lib.ANALYSIS_DIR)
+  with open(workdir_lib.analysis_path(run_dir)) as f:
     saved = json.load(f)
   assert saved["step"] == 4 and saved["subset"]["num_examples"] == 200
   h = saved["hessian"]
@@ -98,7 +99,7 @@ def test_cli_reproduces_the_analysis_for_the_same_seed(run_dir, result, capsys):
                        "--no_progress", "--no_wandb"])
   assert code == 0
   assert "train loss" in capsys.readouterr().out
-  with open(os.path.join(run_dir, analyze.ANALYSIS_DIR, analyze.ANALYSIS_FILE)) as f:
+  with open(workdir_lib.analysis_path(run_dir)) as f:
     saved = json.load(f)
   assert "hessian" not in saved and saved["settings"]["what"] == ["landscape"]
   for key in ("landscape", "train_loss", "train_accuracy"):
@@ -118,18 +119,18 @@ def one_line_error(capsys, argv, *needles):
 
 
 def test_workdir_without_checkpoints(run_dir, tmp_path, capsys):
-  shutil.copy(os.path.join(run_dir, train.CONFIG_FILE), tmp_path)
+  shutil.copy(os.path.join(run_dir, workdir_lib.CONFIG_FILE), tmp_path)
   one_line_error(capsys, [f"--workdir={tmp_path}"], "no checkpoint")
   one_line_error(capsys, [f"--workdir={tmp_path / 'absent'}"], "config.json")
 
 
 def test_checkpoint_of_another_config(run_dir, tmp_path, capsys):
-  with open(os.path.join(run_dir, train.CONFIG_FILE)) as f:
+  with open(os.path.join(run_dir, workdir_lib.CONFIG_FILE)) as f:
     config = json.load(f)
   config["model"]["width"] = 8
   other = tmp_path / "other"
   other.mkdir()
-  (other / train.CONFIG_FILE).write_text(json.dumps(config))
+  (other / workdir_lib.CONFIG_FILE).write_text(json.dumps(config))
   checkpoint = os.path.join(run_dir, "checkpoints", "4")
   one_line_error(capsys, [f"--workdir={other}", f"--checkpoint={checkpoint}"],
                  "another config", "model.width")

@@ -9,6 +9,7 @@ import pytest
 from configs import quickstart
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import train, writers
+from jaxsam import workdir as workdir_lib
 
 
 def _tiny_config(**overrides):
@@ -35,8 +36,8 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   # on its own): step 12 starts from checkpoint 11 with a finite loss, its update is not finite,
   # so step 13's loss is the first non-finite one.
   diverging = _tiny_config(max_steps=14, **{"optimizer.learning_rate": math.inf})
-  with open(os.path.join(workdir, train.CONFIG_FILE), "w") as f:
-    f.write(train.config_to_json(diverging))
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
+    f.write(workdir_lib.config_to_json(diverging))
   last_good = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")
   with pytest.raises(train.TrainingError,
                      match=re.escape(f"non-finite train loss at step 13; last good checkpoint: {last_good}")):
@@ -52,6 +53,6 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   assert all(math.isfinite(v) for v in train_losses.values())
   assert max(train_losses) == 12  # logged up to the last finite step
   # The kept checkpoint still resumes: with the original config the run completes.
-  with open(os.path.join(workdir, train.CONFIG_FILE), "w") as f:
-    f.write(train.config_to_json(_tiny_config(max_steps=14)))
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
+    f.write(workdir_lib.config_to_json(_tiny_config(max_steps=14)))
   assert train.train_and_evaluate(_tiny_config(max_steps=14), workdir)["steps"] == 14

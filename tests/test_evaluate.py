@@ -12,6 +12,7 @@ import pytest
 from configs import quickstart
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, evaluate, train, writers
+from jaxsam import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,10 +51,10 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
   assert result["top5"] == logged[14]["test/top5"]
   assert result["loss"] == pytest.approx(logged[14]["test/loss"], rel=1e-6, abs=1e-7)
   assert result["count"] == 360
-  with open(os.path.join(workdir, evaluate.EVAL_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.EVAL_FILE)) as f:
     assert json.load(f) == result
   # Per-class accuracies weighted by class sizes give back top-1.
-  config = evaluate.load_run_config(workdir)
+  config = workdir_lib.read_config(workdir)
   labels = train.build_setup(config).data.test.labels
   sizes = np.bincount(labels, minlength=10)
   assert len(result["per_class_accuracy"]) == 10
@@ -79,7 +80,7 @@ def test_launch_eval_mode_writes_eval_json(run, tmp_path):
                          f"--checkpoint={best_path}"], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(workdir, evaluate.EVAL_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.EVAL_FILE)) as f:
     result = json.load(f)
   step = result["step"]
   assert result["top1"] == logged[step]["test/accuracy"] == max(
@@ -97,7 +98,7 @@ def test_eval_bad_input(tmp_path):
   with pytest.raises(errors.ConfigError, match=r"has no config.json; give the folder of a "):
     evaluate.evaluate_checkpoint(None, str(tmp_path))
   with open(tmp_path / "config.json", "w") as f:
-    f.write(train.config_to_json(_tiny_config()))
+    f.write(workdir_lib.config_to_json(_tiny_config()))
   with pytest.raises(errors.CheckpointError, match=r"holds no checkpoint in checkpoints/"):
     evaluate.evaluate_checkpoint(None, str(tmp_path))
 
@@ -106,20 +107,20 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(run, tmp_path):
   workdir, _ = run
   other = _tiny_config(**{"optimizer.learning_rate": 0.3, "seed": 1})
   with pytest.raises(errors.ConfigError) as e:
-    train.prepare_workdir(other, workdir, overwrite=False)
+    workdir_lib.prepare(other, workdir, overwrite=False)
   assert str(e.value) == (
       f"--workdir={workdir} holds a run of another config (differs in optimizer.learning_rate, "
       "seed); use a new --workdir, or --overwrite to replace it")
   # Keys that only change how a run is watched may differ on resume.
-  train.prepare_workdir(_tiny_config(**{"max_steps": 0, "wandb.mode": "offline"}), workdir,
-                        overwrite=False)
+  workdir_lib.prepare(_tiny_config(**{"max_steps": 0, "wandb.mode": "offline"}), workdir,
+                      overwrite=False)
   # --overwrite replaces the old run: its checkpoints and metrics go, other files stay.
   copy = str(tmp_path / "copy")
   import shutil
   shutil.copytree(workdir, copy)
   with open(os.path.join(copy, "notes.txt"), "w") as f:
     f.write("mine")
-  train.prepare_workdir(other, copy, overwrite=True)
+  workdir_lib.prepare(other, copy, overwrite=True)
   assert sorted(os.listdir(copy)) == ["config.json", "notes.txt"]
   with open(os.path.join(copy, "config.json")) as f:
     assert json.load(f)["optimizer"]["learning_rate"] == 0.3

@@ -59,7 +59,7 @@ def test_unknown_name_lists_known_names():
     models.create_model(model_config("resnet51"), num_classes=10)
 
 
-def test_registry_holds_the_issue_names():
+def test_registry_holds_every_resnet_wrn_and_efficientnet_size():
   expected = {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {"wrn28_10"}
   expected |= {f"efficientnet_b{i}" for i in range(8)}
   assert expected <= set(models.MODELS)

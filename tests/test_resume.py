@@ -20,7 +20,8 @@ import pytest
 from etils import epath
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import train, writers
+from jaxsam import workdir as workdir_lib
+from jaxsam import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 11  # 1,437 digits // 128
@@ -123,9 +124,9 @@ def test_kill9_and_sigterm_resume_equals_uninterrupted(runs):
   b_metrics = writers.read_metrics(os.path.join(runs["b"], writers.METRICS_FILE))
   assert len(a_metrics) == TOTAL + NUM_EPOCHS  # a train record per step, an eval per epoch
   assert _without_time(b_metrics) == _without_time(a_metrics)
-  with open(os.path.join(runs["a"], train.SUMMARY_FILE)) as f:
+  with open(os.path.join(runs["a"], workdir_lib.SUMMARY_FILE)) as f:
     a_summary = json.load(f)
-  with open(os.path.join(runs["b"], train.SUMMARY_FILE)) as f:
+  with open(os.path.join(runs["b"], workdir_lib.SUMMARY_FILE)) as f:
     b_summary = json.load(f)
   for key in ("final_test_accuracy", "best_test_accuracy", "best_epoch", "steps", "completed"):
     assert a_summary[key] == b_summary[key], key

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cifar_files import write_cifar
-from jaxsam import checkpoint, evaluate, train
+from jaxsam import checkpoint, train
+from jaxsam import workdir as workdir_lib
 from jaxsam.models import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def test_study_run_trains_the_converted_backbone(study_run):
   """The saved backbone is the converted torchvision one (lr 0 keeps it), not a fresh init; the
   100-class head (ImageNet has 1000) is fresh; BN statistics moved; normalisation is ImageNet's."""
   workdir, weights, _ = study_run
-  config = evaluate.load_run_config(str(workdir))
+  config = workdir_lib.read_config(str(workdir))
   assert config.model.pretrained == str(weights)
   setup = train.build_setup(config)
   np.testing.assert_allclose(setup.step_config.mean, [0.485, 0.456, 0.406], atol=1e-6)

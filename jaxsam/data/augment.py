@@ -642,21 +642,6 @@ def crop_flip_cutout(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: st
   return out
 
 
-def random_crop(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str) -> tf.Tensor:
-  """Pads each side by `padding` (reflect or zeros) and crops back at a random offset."""
-  return crop_flip_cutout(images, seeds, padding, fill, flip=False, cutout_size=0)
-
-
-def random_flip(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
-  """Mirrors each example left-right with probability 1/2."""
-  return crop_flip_cutout(images, seeds, 0, "constant", flip=True, cutout_size=0)
-
-
-def cutout(images: tf.Tensor, seeds: tf.Tensor, size: int) -> tf.Tensor:
-  """A `size` square of FILL_VALUE at a uniformly drawn centre, clipped at the borders."""
-  return crop_flip_cutout(images, seeds, 0, "constant", flip=False, cutout_size=size)
-
-
 # ------------------------------------------------------------------------------------ factory
 
 

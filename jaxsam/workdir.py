@@ -1,0 +1,213 @@
+"""The run folder (`--workdir`): every file and folder in it, the `--overwrite` policy, its readers.
+
+`ENTRIES` is the one list of what a run, an eval or an analysis writes there; the writers take
+their names from here. `check` and `prepare` vet and create the folder before a run, `clear` is
+what `--overwrite` removes, `config_diff` decides when a config belongs to another run, and
+`read_run` reads a finished (or running) folder back. Light on purpose: no JAX, TF, orbax or
+matplotlib, so reports and plots can use it.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
+
+import ml_collections
+
+from jaxsam import errors
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+LAST_DIR = "checkpoints"
+BEST_DIR = "best"
+CORRUPT_DIR = "corrupt"
+EVAL_FILE = "eval.json"
+ANALYSIS_DIR = "analysis"
+ANALYSIS_FILE = "analysis.json"  # inside ANALYSIS_DIR, with the landscape PNGs
+WANDB_ID_FILE = "wandb_run_id"
+WANDB_DIR = "wandb"
+
+
+class Entry(NamedTuple):
+  """One file or folder of the run folder: what it holds, and whether `--overwrite` removes it."""
+  what: str
+  cleared: bool
+
+
+ENTRIES: dict[str, Entry] = {
+    CONFIG_FILE: Entry("the resolved config; a rerun of another config is refused", True),
+    METRICS_FILE: Entry("one JSON record per line (train and test metrics by step)", True),
+    SUMMARY_FILE: Entry("final and best test accuracy, steps, wall time (a completed run)", True),
+    CURVES_FILE: Entry("train/test loss and accuracy against epoch, redrawn at every eval", True),
+    LAST_DIR: Entry("orbax: the last `checkpoint_keep` train states, by step", True),
+    BEST_DIR: Entry("orbax: the train state with the best test accuracy", True),
+    CORRUPT_DIR: Entry("checkpoints that failed to load, moved aside", True),
+    EVAL_FILE: Entry("--mode=eval: one checkpoint's test loss, top-1, top-5, per class", True),
+    ANALYSIS_DIR: Entry("jaxsam.analyze: analysis.json and the landscape PNGs", True),
+    WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
+    # Kept: offline runs not yet synced live here; the new run gets a new id and its own folder.
+    WANDB_DIR: Entry("wandb's own files, one folder per wandb run (offline runs sync from here)",
+                     False),
+}
+CLEARED = tuple(name for name, entry in ENTRIES.items() if entry.cleared)
+
+# Keys that may change between a run and its resumption without making it another run.
+RESUME_MAY_CHANGE = frozenset({"max_steps", "progress_bar", "wandb.mode", "log_every_steps"})
+# Keys that may differ between a checkpoint's run and the config it is analysed with: they change
+# logging, tracking or the length of training only, never the model. A name ending in "." is a
+# whole section.
+ANALYSIS_MAY_DIFFER = RESUME_MAY_CHANGE | {
+    "num_epochs", "eval_every_epochs", "checkpoint_every_epochs", "checkpoint_keep", "wandb."}
+
+
+def _allowed(name: str, allowed: Collection[str]) -> bool:
+  return name in allowed or any(a.endswith(".") and name.startswith(a) for a in allowed)
+
+
+def config_diff(old: Mapping, new: Mapping, allowed: Collection[str] = (),
+                prefix: str = "") -> list[str]:
+  """Dotted names of the leaf keys whose values differ, sorted, leaving out the `allowed` ones."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    name, a, b = prefix + k, old.get(k), new.get(k)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += config_diff(a, b, allowed, name + ".")
+    elif a != b and not _allowed(name, allowed):
+      out.append(name)
+  return out
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """config.json's text: the resolved config, keys sorted, so that equal configs are equal text."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Refuses, before anything is built or written, a workdir that is a file, cannot be created
+  or written, or holds a run of another config (unless `overwrite`)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.ConfigError(f"--workdir={workdir} is a file; give a directory path")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.ConfigError(
+        f"--workdir={workdir} is not writable ({existing} is not a writable directory)")
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path) and not overwrite:
+    diff = config_diff(_read_json(path, "use a new --workdir, or --overwrite to replace it"),
+                       json.loads(config_to_json(config)), RESUME_MAY_CHANGE)
+    if diff:
+      raise errors.ConfigError(
+          f"--workdir={workdir} holds a run of another config (differs in {', '.join(diff[:5])}); "
+          "use a new --workdir, or --overwrite to replace it")
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, *,
+            main_process: bool = True) -> None:
+  """Checks the workdir; the main process clears it when `overwrite`, then writes config.json."""
+  check(config, workdir, overwrite)
+  if not main_process:
+    return
+  if overwrite:
+    clear(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(config_to_json(config))
+    os.replace(path + ".tmp", path)
+  except OSError as e:
+    raise errors.ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from e
+
+
+def clear(workdir: str) -> None:
+  """Removes every `CLEARED` entry, so that nothing of the previous run is resumed or reported.
+
+  Anything else in the folder (wandb's files, the user's own) stays.
+  """
+  for name in CLEARED:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    elif os.path.lexists(path):
+      os.remove(path)
+
+
+def _read_json(path: str, fix: str) -> Any:
+  """The JSON at `path`; one-line ConfigError saying `fix` when it cannot be read."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise errors.ConfigError(f"{path} cannot be read as JSON ({e}); {fix}") from e
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in `<workdir>/config.json`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise errors.ConfigError(
+        f"--workdir={workdir} has no {CONFIG_FILE}; give the folder of a training run or pass "
+        "--config")
+  return ml_collections.ConfigDict(_read_json(path, "pass --config"))
+
+
+def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
+  """The checkpoint folder to restore: `checkpoint` if given, else the workdir's newest."""
+  if checkpoint:
+    if not os.path.isdir(checkpoint):
+      raise errors.CheckpointError(
+          f"--checkpoint={checkpoint} is not a folder; pass a step folder such as "
+          f"{os.path.join(workdir, LAST_DIR, '<step>')}")
+    return os.path.abspath(checkpoint)
+  last = os.path.join(workdir, LAST_DIR)
+  found = sorted((int(n) for n in os.listdir(last) if n.isdigit()), reverse=True) \
+      if os.path.isdir(last) else []
+  if not found:
+    raise errors.CheckpointError(
+        f"--workdir={workdir} holds no checkpoint in {LAST_DIR}/; train first or pass "
+        "--checkpoint=PATH")
+  return os.path.abspath(os.path.join(last, str(found[0])))
+
+
+def analysis_path(workdir: str) -> str:
+  return os.path.join(workdir, ANALYSIS_DIR, ANALYSIS_FILE)
+
+
+def read_summary(workdir: str) -> dict[str, Any]:
+  """summary.json, or {} when the run has not completed."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  return _read_json(path, "delete it and rerun the run") if os.path.isfile(path) else {}
+
+
+def read_analysis(workdir: str) -> dict[str, Any] | None:
+  """analysis/analysis.json, or None when the run has not been analysed."""
+  path = analysis_path(workdir)
+  return _read_json(path, "rerun python -m jaxsam.analyze") if os.path.isfile(path) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run folder read back: the config, the metrics records and what exists of summary/analysis."""
+  path: str
+  config: dict[str, Any]
+  records: list[dict[str, Any]]
+  summary: dict[str, Any]  # {} until the run completes
+  analysis: dict[str, Any] | None  # None until jaxsam.analyze has run
+
+
+def read_run(workdir: str) -> Run:
+  """Everything a report needs from one run folder; a folder without config.json is refused."""
+  from jaxsam import writers  # writers takes its file names from this module
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"{workdir} is not a run folder (no {CONFIG_FILE}); give workdirs "
+                             "of launch.py runs")
+  return Run(path=workdir, config=_read_json(path, "give workdirs of launch.py runs"),
+             records=writers.read_metrics(os.path.join(workdir, METRICS_FILE)),
+             summary=read_summary(workdir), analysis=read_analysis(workdir))
