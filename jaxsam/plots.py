@@ -58,7 +58,11 @@ def curves_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = 
 def write_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
                  title: str = "") -> str:
   """Draws `runs` ({label: records}) to a PNG at `path`, replaced atomically; returns the path."""
-  fig = curves_figure(runs, title)
+  return save_png(curves_figure(runs, title), path)
+
+
+def save_png(fig: Figure, path: str) -> str:
+  """Writes `fig` as a PNG at `path` through a temporary file, so a reader never sees half of it."""
   tmp = path + ".tmp"
   fig.savefig(tmp, format="png")
   os.replace(tmp, path)
@@ -96,8 +100,4 @@ def mean_test_curves_figure(groups: Mapping[str, Sequence[Sequence[Mapping[str, 
 def write_mean_test_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str,
                            title: str = "") -> str:
   """Draws `mean_test_curves_figure` to a PNG at `path`, replaced atomically; returns the path."""
-  fig = mean_test_curves_figure(groups, title)
-  tmp = path + ".tmp"
-  fig.savefig(tmp, format="png")
-  os.replace(tmp, path)
-  return path
+  return save_png(mean_test_curves_figure(groups, title), path)

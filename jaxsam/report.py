@@ -18,11 +18,11 @@ from typing import Any
 from jaxsam import errors, plots
 from jaxsam import workdir as workdir_lib
 
-AUGMENT_ORDER = ("crop-flip", "cutout", "randaugment", "autoaugment")
+AUGMENT_ORDER = ("none", "flip", "crop", "crop-flip", "cutout", "randaugment", "autoaugment")
 # Flattened config keys never worth a column: bookkeeping, not experimental settings.
 IGNORED_KEYS = ("wandb.", "progress_bar", "log_every_steps", "checkpoint_", "dataset.data_dir",
                 "dataset.download", "dataset.path", "dataset.cache_dir")
-# Shown as their own columns (from summary.json, which counts the examples actually used).
+# Shown as their own columns when a run uses them.
 DATA_COLUMNS = ("dataset.label_noise", "dataset.train_examples")
 
 
@@ -37,8 +37,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def augmentation_label(config: dict) -> str:
-  """cutout / randaugment / autoaugment / crop-flip (joined by '+' when several are on)."""
+  """cutout / randaugment / autoaugment / crop-flip (joined by '+' when several are on); the
+  geometric base alone is crop-flip, flip (no random crop), crop (no flip) or none."""
   aug = config.get("augment", {})
+  crop, flip = aug.get("crop_padding", 4), aug.get("flip", True)
+  base = {(True, True): "crop-flip", (False, True): "flip", (True, False): "crop",
+          (False, False): "none"}[(bool(crop), bool(flip))]
   parts = []
   if aug.get("autoaugment"):
     parts.append("autoaugment")
@@ -46,7 +50,7 @@ def augmentation_label(config: dict) -> str:
     parts.append("randaugment")
   if aug.get("cutout_size", 0):
     parts.append("cutout")
-  return "+".join(parts) or "crop-flip"
+  return "+".join(parts) or base
 
 
 def optimizer_label(config: dict) -> str:
@@ -77,8 +81,9 @@ def load_run(run_dir: str) -> dict[str, Any]:
       "epochs": epochs[-1] if epochs else 0,
       "planned_epochs": config.get("num_epochs"),
       "lambda_max": lambda_max,
-      "label_noise": summary.get("label_noise", dataset.get("label_noise", 0.0)),
-      "train_examples": summary.get("train_examples", dataset.get("train_examples", 0)),
+      "label_noise": dataset.get("label_noise", 0.0),
+      "train_examples": dataset.get("train_examples", 0),  # the subset asked for; 0 = all
+      "num_train": summary.get("train_examples"),  # the examples the run trained on
       "wall_time_s": summary.get("wall_time_s"),
       "seed": config.get("seed"),
   }

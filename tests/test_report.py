@@ -53,12 +53,12 @@ def test_report_table_and_curves(run_dirs, tmp_path):
   a, b = (f"{100 * _final_accuracy(d):.2f}" for d in (sgd, sam))
   # One test eval per run: best == final.
   assert "| augmentation | SGD | SAM(ρ=0.05) |" in lines
-  assert f"| crop-flip | {a} / {a} |  |" in lines
+  assert f"| crop | {a} / {a} |  |" in lines
   assert f"| cutout |  | {b} / {b} |" in lines
   header = next(line for line in lines if line.startswith("| # |"))
   assert header == ("| # | run | augmentation | optimizer | augment.cutout_size | sam.rho | epochs "
                     "| best % | final % | λ_max |")
-  assert f"| 1 | sgd | crop-flip | SGD | 0 | 0.0 | 1/1 | {a} | {a} | – |" in lines
+  assert f"| 1 | sgd | crop | SGD | 0 | 0.0 | 1/1 | {a} | {a} | – |" in lines
   assert f"| 2 | sam | cutout | SAM(ρ=0.05) | 4 | 0.05 | 1/1 | {b} | {b} | 12.5 |" in lines
   from PIL import Image
   with Image.open(out_png) as image:
@@ -114,7 +114,7 @@ def test_report_reads_metrics_with_nonfinite_strings(run_dirs, tmp_path):
             '{"step": 4, "epoch": 1, "test/loss": 1.5, "test/accuracy": 0.625, "test/top5": 1.0}\n')
   run = report.load_run(str(old))
   assert run["best"] == run["final"] == 0.625 and run["epochs"] == 1
-  assert "| crop-flip | 62.50 / 62.50 |" in report.markdown([run])
+  assert "| crop | 62.50 / 62.50 |" in report.markdown([run])
   out_png = tmp_path / "old.png"
   report.write_report_curves([run], str(out_png))
   plots.write_curves({"": run["records"]}, str(tmp_path / "curves.png"))
@@ -128,6 +128,11 @@ def test_labels_from_config():
   base = {"optimizer": {"name": "sgd"}, "sam": {"rho": 0.0, "variant": "sam"},
           "augment": {"cutout_size": 0, "randaugment": {"num_ops": 0}, "autoaugment": ""}}
   assert report.augmentation_label(base) == "crop-flip"
+  flips_only = json.loads(json.dumps(base))
+  flips_only["augment"].update(crop_padding=0, flip=True)
+  assert report.augmentation_label(flips_only) == "flip"
+  flips_only["augment"]["flip"] = False
+  assert report.augmentation_label(flips_only) == "none"
   assert report.optimizer_label(base) == "SGD"
   ra = json.loads(json.dumps(base))
   ra["augment"]["randaugment"]["num_ops"] = 2
