@@ -55,8 +55,10 @@ ENTRIES: dict[str, Entry] = {
 }
 CLEARED = tuple(name for name, entry in ENTRIES.items() if entry.cleared)
 
-# Keys that may change between a run and its resumption without making it another run.
-RESUME_MAY_CHANGE = frozenset({"max_steps", "progress_bar", "wandb.mode", "log_every_steps"})
+# Keys that may change between a run and its resumption without making it another run (where the
+# decoded-image cache lives changes no pixel).
+RESUME_MAY_CHANGE = frozenset({"max_steps", "progress_bar", "wandb.mode", "log_every_steps",
+                               "dataset.cache_dir"})
 # Keys that may differ between a checkpoint's run and the config it is analysed with: they change
 # logging, tracking or the length of training only, never the model. A name ending in "." is a
 # whole section.

@@ -66,6 +66,8 @@ def test_config_diff_names_leaves_and_leaves_out_allowed_keys_and_sections():
     ("checkpoint_keep", 9, False, True),
     ("optimizer.learning_rate", 0.5, False, False),
     ("model.width", 4, False, False),
+    ("dataset.cache_dir", "/elsewhere", True, True),
+    ("dataset.label_noise", 0.4, False, False),
 ])
 def test_what_may_change_on_resume_and_what_may_differ_for_analysis(key, value, resumes,
                                                                     analyses):
