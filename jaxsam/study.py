@@ -32,7 +32,7 @@ class Size:
   """What one study size changes in the configs; `why` is printed with the plan."""
   epochs: int
   seeds: tuple[int, ...]
-  overrides: dict[str, str]
+  overrides: dict[str, int | float | str]  # typed as the config keys, so they apply directly
   why: str
 
 
@@ -46,15 +46,15 @@ SIZES = {
     # epochs: 64 % train accuracy on clean labels.) All 10,000 test images are scored (about 0.5 %
     # standard error per run), every 10 epochs.
     "cpu": Size(epochs=40, seeds=(0, 1, 2), overrides={
-        "model.name": "resnet8", "model.image_size": "16",
-        "dtype": "float32", "dataset.train_examples": "1500", "augment.crop_padding": "0",
-        "batch_size": "128", "eval_batch_size": "1000", "eval_every_epochs": "10",
-        "checkpoint_every_epochs": "10", "log_every_steps": "11"},
+        "model.name": "resnet8", "model.image_size": 16,
+        "dtype": "float32", "dataset.train_examples": 1500, "augment.crop_padding": 0,
+        "batch_size": 128, "eval_batch_size": 1000, "eval_every_epochs": 10,
+        "checkpoint_every_epochs": 10, "log_every_steps": 11},
         why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, batch 128"),
     # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
     # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
     "gpu": Size(epochs=30, seeds=(0, 1, 2), overrides={
-        "eval_every_epochs": "5", "checkpoint_every_epochs": "10"},
+        "eval_every_epochs": 5, "checkpoint_every_epochs": 10},
         why="ResNet-18 (CIFAR stem) at 32 px, bf16, all 50,000 images, 30 epochs, batch 256"),
 }
 
@@ -81,19 +81,19 @@ def plan(size: Size, data: str, out: str, seeds: Sequence[int],
          noises: Sequence[float] = LABEL_NOISE, num_train: int = 50_000) -> list[Run]:
   """Every run of the grid, in the order they run: by seed, then noise, then arm."""
   runs = []
-  examples = int(size.overrides.get("dataset.train_examples", 0)) or num_train
+  examples = size.overrides.get("dataset.train_examples", 0) or num_train
   for seed in seeds:
     for noise in noises:
       for arm, config_file, factor in ARMS:
         name = f"{arm}-noise{noise:g}-seed{seed}"
-        overrides = {**size.overrides, "num_epochs": str(size.epochs * factor),
-                     "seed": str(seed), "dataset.label_noise": str(noise),
+        overrides = {**size.overrides, "num_epochs": size.epochs * factor,
+                     "seed": seed, "dataset.label_noise": noise,
                      "dataset.source": "image_folder", "dataset.path": data,
                      "wandb.mode": "disabled", "progress_bar": "False"}
         if factor > 1:  # the same number of curve points as the 1x arms
           for key in ("eval_every_epochs", "checkpoint_every_epochs"):
             if key in overrides:
-              overrides[key] = str(int(overrides[key]) * factor)
+              overrides[key] *= factor
         workdir = os.path.join(out, name)
         argv = ("launch.py", f"--config={config_file}", f"--workdir={workdir}",
                 *(f"--config.{k}={v}" for k, v in overrides.items()))
@@ -161,13 +161,8 @@ def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   mesh = parallel.make_mesh(jax.local_devices()[:1])
   for name, module in (("sgd", cifar10_sgd), ("sam", cifar10_sam)):
     config = module.get_config()
-    for key, value in size.overrides.items():
-      if key.startswith(("model.", "dtype")):
-        node, leaf = config, key
-        while "." in leaf:
-          head, leaf = leaf.split(".", 1)
-          node = node[head]
-        node[leaf] = type(node[leaf])(value == "True" if isinstance(node[leaf], bool) else value)
+    config.update_from_flattened_dict(
+        {k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))})
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     px = config.model.image_size
     tx, lr = optim.make_optimizer(config, steps_per_epoch=100, axis_name=parallel.DATA_AXIS)
