@@ -190,16 +190,18 @@ def _split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[l
   if not classes:
     raise DataError(f"split folder {tree.where(root)!r} holds no class folders; expected "
                     f"{split}/<class>/<image>")
-  members = []
-  for name in classes:
-    prefix = posixpath.join(root, name) + "/"
-    images = [f for f in tree.files if f.startswith(prefix) and
-              f.lower().endswith(IMAGE_EXTENSIONS)]
+  by_class: dict[str, list[str]] = {name: [] for name in classes}
+  prefix = root + "/"
+  for f in tree.files:  # one pass (tree.files is sorted, so each class's list is too)
+    if f.startswith(prefix) and f.lower().endswith(IMAGE_EXTENSIONS):
+      name = f[len(prefix):].split("/", 1)[0]
+      if name in by_class:
+        by_class[name].append(f)
+  for name, images in by_class.items():
     if not images:
-      raise DataError(f"class folder {tree.where(prefix.rstrip('/'))!r} holds no images "
+      raise DataError(f"class folder {tree.where(posixpath.join(root, name))!r} holds no images "
                       f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
-    members.append(images)
-  return classes, members
+  return classes, list(by_class.values())
 
 
 def _resize_and_crop(image, size: int):
