@@ -33,6 +33,9 @@ LOGIT_TOL = 1e-4
 # stage), which amplifies float32 reduction-order differences between TF and XLA; torch agrees to
 # LOGIT_TOL, Keras' ResNet50 to ~1.2e-4 on its random weights.
 TRAIN_LOGIT_TOL = 3e-4
+# Eval mode against Keras: TF's CPU kernels (oneDNN when enabled) sum the 2048-wide last layers in
+# an order that varies from run to run; Keras' ResNet50 has been seen 1.09e-4 off in 1 of 2000.
+KERAS_EVAL_LOGIT_TOL = 2e-4
 
 
 def model_config(name: str, **kw) -> ml_collections.ConfigDict:
@@ -246,7 +249,7 @@ def check_against_keras(ref, name: str, files: list, config_kw: dict, family: st
   ref_train = np.asarray(ref(x_raw, training=True))  # also updates the moving statistics
   eval_logits, train_logits, stats = forward(module, variables, x)
   assert np.abs(ref_eval).max() > 1e-2
-  np.testing.assert_allclose(eval_logits, ref_eval, rtol=0, atol=LOGIT_TOL)
+  np.testing.assert_allclose(eval_logits, ref_eval, rtol=0, atol=KERAS_EVAL_LOGIT_TOL)
   np.testing.assert_allclose(train_logits, ref_train, rtol=0, atol=TRAIN_LOGIT_TOL)
   # Keras, like Flax, updates the moving variance with the biased batch variance.
   updated, _ = pretrained.map_keras(keras_weights(ref), family)
