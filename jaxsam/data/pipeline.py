@@ -43,44 +43,47 @@ def _process_rows(global_batch: int, process_index: int, process_count: int) -> 
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def _epoch_dataset(split: sources.Split, augment: AugmentFn | None, *, seed: int, epoch: int,
-                   first_step: int, num_steps: int, global_batch: int, process_index: int,
-                   process_count: int) -> tf.data.Dataset:
-  """This process's batches of steps [first_step, num_steps) of one epoch, as a tf.data pipeline."""
-  order = epoch_order(seed, epoch, len(split.labels))[:num_steps * global_batch]
-  order = order.reshape(num_steps, global_batch)[first_step:]
+def _step_rows(split: sources.Split, *, seed: int, start_step: int, global_batch: int,
+               process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's unaugmented rows of every step from `start_step` on, with their seeds."""
+  num_steps = steps_per_epoch(len(split.labels), global_batch)
   rows = _process_rows(global_batch, process_index, process_count)
-  # Global position of each example in the run, for its augmentation seed.
-  positions = (epoch * num_steps + np.arange(first_step, num_steps))[:, None] * global_batch
-  positions = positions + np.arange(global_batch)[None, :]
-  index = order[:, rows].reshape(-1)
-  position = positions[:, rows].reshape(-1)
-  seeds = np.stack([np.full_like(position, seed), position], axis=-1).astype(np.int64)
-  local_batch = global_batch // process_count
-  ds = tf.data.Dataset.from_tensor_slices(
-      {"image": split.images[index], "label": split.labels[index].astype(np.int32),
-       "seed": seeds})
-  ds = ds.batch(local_batch, drop_remainder=True)
-
-  def apply_augment(batch):
-    image = batch["image"] if augment is None else augment(batch["image"], batch["seed"])
-    return {"image": image, "label": batch["label"]}
-
-  return ds.map(apply_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  step = start_step
+  while True:
+    epoch, first = divmod(step, num_steps)
+    order = epoch_order(seed, epoch, len(split.labels))[:num_steps * global_batch]
+    for i in range(first, num_steps):
+      index = order[i * global_batch:(i + 1) * global_batch][rows]
+      # Global position of each example in the run, for its augmentation seed.
+      position = (epoch * num_steps + i) * global_batch + np.arange(global_batch)[rows]
+      yield {"image": split.images[index], "label": split.labels[index].astype(np.int32),
+             "seed": np.stack([np.full_like(position, seed), position], -1).astype(np.int64)}
+    step = (epoch + 1) * num_steps
 
 
 def train_batches(split: sources.Split, augment: AugmentFn | None, *, seed: int,
                   global_batch: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Endless stream of this process's slices of the global train batches, from `start_step`."""
-  num_steps = steps_per_epoch(len(split.labels), global_batch)
-  epoch, first = divmod(start_step, num_steps)
-  while True:
-    ds = _epoch_dataset(split, augment, seed=seed, epoch=epoch, first_step=first,
-                        num_steps=num_steps, global_batch=global_batch,
-                        process_index=process_index, process_count=process_count)
-    yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-    epoch, first = epoch + 1, 0
+  """Endless stream of this process's slices of the global train batches, from `start_step`.
+
+  One tf.data pipeline for the whole run: the augmentation is traced once, and prefetching runs
+  across epoch ends (a pipeline per epoch re-traced it and stalled each epoch's first step).
+  """
+  local = global_batch // process_count
+  image_shape = split.images.shape[1:]
+  rows = tf.data.Dataset.from_generator(
+      lambda: _step_rows(split, seed=seed, start_step=start_step, global_batch=global_batch,
+                         process_index=process_index, process_count=process_count),
+      output_signature={"image": tf.TensorSpec((local, *image_shape), tf.as_dtype(split.images.dtype)),
+                        "label": tf.TensorSpec((local,), tf.int32),
+                        "seed": tf.TensorSpec((local, 2), tf.int64)})
+
+  def apply_augment(batch):
+    image = batch["image"] if augment is None else augment(batch["image"], batch["seed"])
+    return {"image": image, "label": batch["label"]}
+
+  ds = rows.map(apply_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def eval_batches(split: sources.Split, *, global_batch: int, process_index: int = 0,
