@@ -1,7 +1,7 @@
 """Prints SAM's cost over plain SGD: the step-time ratio of jaxsam's real compiled train step.
 
-Both steps come from the same config (sam.rho = 0 vs 0.05) through `optim.make_optimizer` and
-`steps.compile_train_step`, on a one-device mesh, with the batch already on device. After compile
+Both steps come from the same config (sam.rho = 0 vs 0.05) through `jaxsam.stepcost.build_step`
+(`optim.make_optimizer` and `steps.compile_train_step`), on a one-device mesh, with the batch already on device. After compile
 and warm-up the two steps are timed ALTERNATELY in one process (SGD, SAM, SGD, SAM, ...), each
 blocking on its outputs, so load from other processes hits both alike; the table gives the medians,
 their ratio, the median of the per-pair ratios and XLA's FLOP ratio (`compiled.cost_analysis()`).
@@ -21,46 +21,27 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from configs import common
-from jaxsam import models, optim, parallel, steps
-
-CIFAR_MEAN = (0.507, 0.487, 0.441)
-CIFAR_STD = (0.267, 0.256, 0.276)
+from jaxsam import parallel, stepcost
 
 
-def make_config(model_name: str, rho: float, cifar_stem: bool):
+def make_config(model_name: str, rho: float, cifar_stem: bool, batch: int, image_size: int):
   """The base config with the model and SAM radius under test (SGD, momentum, L2, cosine lr)."""
   config = common.get_base_config()
   config.model.name = model_name
   config.model.cifar_stem = cifar_stem
+  config.model.image_size = image_size
+  config.batch_size = batch
   config.sam.rho = rho
   return config
 
 
-def build(config, mesh, batch, image_size: int, num_classes: int):
+def build(config, mesh, batch, num_classes: int):
   """(compiled train step, its initial state on device) for `config`, compiled ahead of time."""
-  tx, lr = optim.make_optimizer(config, steps_per_epoch=1000, axis_name=parallel.DATA_AXIS)
-  model = models.create_model(config.model, num_classes=num_classes)
-  cfg = steps.StepConfig(image_size=image_size, mean=CIFAR_MEAN, std=CIFAR_STD)
-  step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg)
-  variables = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                         jnp.zeros((1, image_size, image_size, 3)), train=False)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables.get("batch_stats", {}),
-                           opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(2))
-  state = parallel.replicate(state, mesh)
-  compiled = step.lower(state, batch).compile()
-  return compiled, state
-
-
-def flops(compiled) -> float:
-  """XLA's FLOP count of one compiled step (cost_analysis is a dict, or a list of one per module)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost["flops"])
+  step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=num_classes)
+  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  return step.lower(state, batch).compile(), state
 
 
 def timed(step, state, batch):
@@ -74,15 +55,10 @@ def timed(step, state, batch):
 def measure(model_name: str, args) -> dict:
   """Alternating SGD/SAM timings of one model; medians, ratios and the FLOP ratio."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  rng = np.random.default_rng(0)
-  batch = parallel.shard_batch(
-      {"image": rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3),
-                             dtype=np.uint8),
-       "label": rng.integers(0, args.num_classes, (args.batch,)).astype(np.int32)}, mesh)
-  sgd, sgd_state = build(make_config(model_name, 0.0, args.cifar_stem), mesh, batch,
-                         args.image_size, args.num_classes)
-  sam, sam_state = build(make_config(model_name, args.rho, args.cifar_stem), mesh, batch,
-                         args.image_size, args.num_classes)
+  batch = stepcost.synthetic_batch(args.batch, args.image_size, args.num_classes, mesh)
+  configs = [make_config(model_name, rho, args.cifar_stem, args.batch, args.image_size)
+             for rho in (0.0, args.rho)]
+  (sgd, sgd_state), (sam, sam_state) = [build(c, mesh, batch, args.num_classes) for c in configs]
   for _ in range(args.warmup):
     sgd_state, _ = timed(sgd, sgd_state, batch)
     sam_state, _ = timed(sam, sam_state, batch)
@@ -96,7 +72,7 @@ def measure(model_name: str, args) -> dict:
   return {"model": model_name, "batch": args.batch, "size": args.image_size,
           "sgd_ms": sgd_ms, "sam_ms": sam_ms, "ratio": sam_ms / sgd_ms,
           "pair_ratio": statistics.median(b / a for a, b in zip(sgd_times, sam_times)),
-          "flop_ratio": flops(sam) / flops(sgd)}
+          "flop_ratio": stepcost.flops(sam) / stepcost.flops(sgd)}
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Prints training throughput and MFU of jaxsam's compiled SGD and SAM steps.
 
-The steps are the real ones (`optim.make_optimizer` + `steps.compile_train_step`, as the train loop
-builds them from a config), on a mesh of the local devices, with one uint8 batch already on device
-at the model's resolution. FLOPs are XLA's count for the compiled per-device program
+The steps are the real ones (`jaxsam.stepcost.build_step`: `optim.make_optimizer` +
+`steps.compile_train_step`, as the train loop builds them from a config), on a mesh of the local
+devices, with one uint8 batch already on device at the model's resolution. FLOPs are XLA's count for the compiled per-device program
 (`compiled.cost_analysis()`); MFU = achieved FLOP/s per device / the device's dense peak for the
 compute dtype (bf16, or TF32 for float32 on GPUs, which XLA uses for fp32 convolutions by default).
 
@@ -17,18 +17,15 @@ start-up that a benchmark with synthetic on-device data does not need.
 
 import os
 import sys
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from configs import common
-from jaxsam import errors, models, optim, parallel, steps
+from jaxsam import errors, parallel, stepcost
 
 _MODEL = flags.DEFINE_string("model", "resnet8", "Model name (jaxsam.models.MODELS).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Resolution the model sees.")
@@ -43,27 +40,7 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Local devices to use (0 =
 _PEAK = flags.DEFINE_float(
     "peak_tflops", 0.0, "Per-device dense peak TFLOP/s (0 = look the device up; CPUs: MFU n/a).")
 
-# Dense (no sparsity) peak TFLOP/s per device from NVIDIA's data sheets: (bf16, tf32).
-# Most specific name first: device_kind is e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe'.
-PEAK_TFLOPS = (
-    ("H100 PCIe", (756.0, 378.0)),
-    ("H100 NVL", (835.0, 418.0)),
-    ("GH200", (989.0, 494.0)),
-    ("H200", (989.0, 494.0)),
-    ("H100", (989.0, 494.0)),  # SXM
-    ("A100", (312.0, 156.0)),
-    ("L40S", (362.0, 183.0)),
-    ("L4", (121.0, 60.0)),
-)
 OPTIMIZER_RHO = {"sgd": 0.0, "sam": None}  # None: --rho
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  """The device's dense peak for `dtype`, or None when unknown (CPUs, unlisted cards)."""
-  for name, (bf16, tf32) in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
-      return bf16 if dtype == "bfloat16" else tf32
-  return None
 
 
 def make_config(optimizer: str):
@@ -79,43 +56,19 @@ def make_config(optimizer: str):
 
 def build(config, mesh, batch):
   """(compiled step, initial state on device) as the train loop builds them from `config`."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-  tx, lr = optim.make_optimizer(config, steps_per_epoch=1000, axis_name=parallel.DATA_AXIS)
-  model = models.create_model(config.model, num_classes=_NUM_CLASSES.value, dtype=dtype)
-  cfg = steps.StepConfig(image_size=config.model.image_size, mean=steps.IMAGENET_MEAN,
-                         std=steps.IMAGENET_STD, dtype=dtype)
-  step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg)
-  size = config.model.image_size
-  variables = jax.jit(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-      jnp.zeros((1, size, size, 3), dtype), train=False))()
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables.get("batch_stats", {}),
-                           opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(2))
-  state = parallel.replicate(state, mesh)
+  step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=_NUM_CLASSES.value)
+  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
   return step.lower(state, batch).compile(), state
-
-
-def step_flops(compiled) -> float:
-  """XLA's FLOPs of one compiled per-device program (a dict, or a list of one per module)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost["flops"])
 
 
 def measure(optimizer: str, mesh, batch, peak: float | None) -> dict:
   """Compiles one step, warms up, then times `--steps` steps dispatched back to back."""
   compiled, state = build(make_config(optimizer), mesh, batch)
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  start = time.perf_counter()
-  for _ in range(_STEPS.value):  # asynchronous dispatch, as in training
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  seconds = (time.perf_counter() - start) / _STEPS.value
+  if _WARMUP.value:
+    state, _ = stepcost.time_steps(compiled, state, batch, _WARMUP.value, repeats=1)
+  _, (seconds,) = stepcost.time_steps(compiled, state, batch, _STEPS.value, repeats=1)
   devices = mesh.devices.size
-  flops = step_flops(compiled) * devices  # the program runs once per device
+  flops = stepcost.flops(compiled) * devices  # the program runs once per device
   tflops_per_device = flops / devices / seconds / 1e12
   return {"optimizer": optimizer, "step_ms": 1e3 * seconds,
           "images_per_s": _BATCH.value / seconds, "gflop_step": flops / 1e9,
@@ -137,12 +90,9 @@ def main(argv) -> None:
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   kind = devices[0].device_kind
-  peak = _PEAK.value or peak_tflops(kind, _DTYPE.value)
-  rng = np.random.default_rng(0)
-  size = _IMAGE_SIZE.value
-  batch = parallel.shard_batch(  # uint8 at the model's resolution: no resize inside the step
-      {"image": rng.integers(0, 256, (_BATCH.value, size, size, 3), dtype=np.uint8),
-       "label": rng.integers(0, _NUM_CLASSES.value, (_BATCH.value,)).astype(np.int32)}, mesh)
+  peak = _PEAK.value or stepcost.peak_tflops(kind, _DTYPE.value)
+  size = _IMAGE_SIZE.value  # uint8 at the model's resolution: no resize inside the step
+  batch = stepcost.synthetic_batch(_BATCH.value, size, _NUM_CLASSES.value, mesh)
   print(f"jax {jax.__version__}, {len(devices)} x {kind}, peak "
         f"{'n/a' if peak is None else f'{peak:g} TFLOP/s'} per device ({_DTYPE.value}), "
         f"{_STEPS.value} timed steps after {_WARMUP.value} warm-up, SAM rho={_RHO.value}")

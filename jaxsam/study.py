@@ -149,12 +149,10 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
 def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, root)
   from configs import cifar10_sam, cifar10_sgd  # pylint: disable=import-outside-toplevel
-  from jaxsam import models, optim, parallel, steps  # pylint: disable=import-outside-toplevel
+  from jaxsam import parallel, stepcost  # pylint: disable=import-outside-toplevel
 
   out = {}
   batch_size = 8  # FLOPs scale linearly with the batch; a small one compiles fast
@@ -163,26 +161,11 @@ def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
     config = module.get_config()
     config.update_from_flattened_dict(
         {k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))})
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    px = config.model.image_size
-    tx, lr = optim.make_optimizer(config, steps_per_epoch=100, axis_name=parallel.DATA_AXIS)
-    model = models.create_model(config.model, num_classes=10, dtype=dtype)
-    cfg = steps.StepConfig(image_size=px, mean=steps.IMAGENET_MEAN, std=steps.IMAGENET_STD,
-                           dtype=dtype)
-    variables = jax.eval_shape(lambda model=model, px=px, dtype=dtype: model.init(
-        {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-        jnp.zeros((1, px, px, 3), dtype), train=False))
-    state = jax.eval_shape(lambda v=variables, tx=tx: steps.TrainState(
-        step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v.get("batch_stats", {}),
-        opt_state=tx.init(v["params"]), rng=jax.random.PRNGKey(2)))
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=parallel.replicated(mesh)), state)
-    batch = parallel.shard_batch({"image": np.zeros((batch_size, px, px, 3), np.uint8),
-                                  "label": np.zeros((batch_size,), np.int32)}, mesh)
-    step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg)
-    cost = step.lower(state, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    out[name] = float(cost["flops"]) / batch_size / 1e9
+    config.batch_size = batch_size
+    step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
+    state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+    batch = stepcost.synthetic_batch(batch_size, cfg.image_size, 10, mesh)
+    out[name] = stepcost.flops(step.lower(state, batch).compile()) / batch_size / 1e9
   return out
 
 
