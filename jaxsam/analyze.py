@@ -123,7 +123,7 @@ def load_run(workdir: str, checkpoint: str | None = None, mesh=None) -> LoadedRu
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   check_checkpoint_config(path, config)
   setup = train.build_setup(config, mesh=mesh)
-  tx, _ = train.make_optimizer(config, setup)
+  tx, _ = train.setup_optimizer(config, setup)
   state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
   return LoadedRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)
 

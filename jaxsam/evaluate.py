@@ -2,8 +2,9 @@
 
 `python launch.py --mode=eval --workdir=DIR [--checkpoint=PATH]`: the config comes from
 `DIR/config.json` (the run's resolved config) unless `--config` is given; the checkpoint is PATH,
-else the workdir's latest. The numbers come from the same `train.evaluate` the training loop logs,
-with the run's `eval_batch_size`, so they reproduce the logged test metrics of that checkpoint.
+else the workdir's latest. The numbers come from the same `train.evaluate_test_split` the training
+loop logs, with the run's `eval_batch_size`, so they reproduce the logged test metrics of that
+checkpoint.
 """
 
 import os
@@ -35,10 +36,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     config = workdir_lib.read_config(workdir)
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   setup = train.build_setup(config)
-  tx, _ = train.make_optimizer(config, setup)
+  tx, _ = train.setup_optimizer(config, setup)
   state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
-  metrics = train.evaluate(eval_step, state, setup, config.eval_batch_size)
+  metrics = train.evaluate_test_split(eval_step, state, setup, config.eval_batch_size)
   result = {
       "checkpoint": path,
       "step": int(parallel.fetch(state.step)),

@@ -81,12 +81,12 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None,
   native = data.train.images.shape[1]
   image_size = config.model.image_size or native
   per_device = config.batch_size // mesh.devices.size
+  spe = pipeline.steps_per_epoch(len(data.train.labels), config.batch_size)
   step_config = steps.StepConfig(
       image_size=image_size, **normalization(config, data), dtype=compute_dtype(config),
       label_smoothing=config.label_smoothing,
-      sam_group_size=0 if not config.sam.rho else steps.sam_group_size(config.sam.m, per_device))
+      **optim.step_sam_settings(config, per_device, spe))
   model = models.create_model(config.model, num_classes=num_classes, dtype=step_config.dtype)
-  spe = pipeline.steps_per_epoch(len(data.train.labels), config.batch_size)
   total = int(config.num_epochs * spe)
   if config.max_steps:
     total = min(total, config.max_steps)
@@ -123,15 +123,14 @@ def abstract_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) ->
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
-def make_optimizer(config, setup: Setup):
-  axis = parallel.DATA_AXIS
-  if setup.step_config.sam_group_size and (
-      setup.step_config.sam_group_size < config.batch_size // setup.mesh.devices.size):
-    axis = (parallel.DATA_AXIS, steps.GROUP_AXIS)
+def setup_optimizer(config: ml_collections.ConfigDict, setup: Setup):
+  """`optim.make_optimizer` with SAM's reduction axis chosen for the setup's mesh and group size."""
+  axis = optim.sam_axis_name(setup.step_config, config.batch_size // setup.mesh.devices.size)
   return optim.make_optimizer(config, setup.steps_per_epoch, axis_name=axis)
 
 
-def evaluate(eval_step, state: steps.TrainState, setup: Setup, global_batch: int) -> dict:
+def evaluate_test_split(eval_step, state: steps.TrainState, setup: Setup,
+                        global_batch: int) -> dict:
   """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
   totals = None
   for batch in pipeline.eval_batches(setup.data.test, global_batch=global_batch,
@@ -175,8 +174,20 @@ class _Preemption:
       signal.signal(sig, old)
 
 
-def _mean_window(window: list[dict]) -> dict:
-  return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+class TrainingError(Exception):
+  """Training cannot go on (e.g. the loss became non-finite); the last good checkpoint is kept."""
+
+
+def window_mean(window: list[dict]) -> dict:
+  """Per-key mean of a window of per-step metrics; `sam/*` keys ignore NaN (steps without a SAM
+  ascent), and a window with no SAM step gives NaN for them."""
+  means = {}
+  for key in window[0]:
+    values = np.asarray([w[key] for w in window], np.float64)
+    if key.startswith("sam/"):
+      values = values[~np.isnan(values)]
+    means[key] = float(values.mean()) if values.size else math.nan
+  return means
 
 
 def _first_nonfinite(window: list[dict], first_step: int) -> int | None:
@@ -197,20 +208,106 @@ def _agreed_stop(requested: bool, sync_point: bool) -> bool:
   return sync_point and parallel.global_any(requested)
 
 
-class TrainingError(Exception):
-  """Training cannot go on (e.g. the loss became non-finite); the last good checkpoint is kept."""
+class TrainClock:
+  """Seconds of training (steps and their input) per lap; work inside `paused()` does not count,
+  so that images/s leaves out logging, eval and checkpoints."""
+
+  def __init__(self):
+    self._start, self._paused = time.perf_counter(), 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
+
+  def lap(self) -> float:
+    """Training seconds since the previous lap (or the start)."""
+    now = time.perf_counter()
+    seconds = now - self._start - self._paused
+    self._start, self._paused = now, 0.0
+    return seconds
 
 
-def _make_writer(config: ml_collections.ConfigDict, workdir: str, start_step: int):
-  """metrics.jsonl (records past `start_step` dropped: the resumed run redoes them) + wandb."""
-  jsonl = writers.JsonlWriter(workdir, resume_step=start_step)
-  try:
-    wandb_writer = writers.create_wandb_writer(
-        config.wandb, workdir, config.to_dict(), environ=os.environ)
-  except BaseException:
-    jsonl.close()
-    raise
-  return writers.MultiWriter([jsonl] + [wandb_writer] * bool(wandb_writer)), wandb_writer
+@dataclasses.dataclass
+class _Loop:
+  """Everything the periodic actions share: the run's fixed parts and what changes per step.
+
+  `meta` is saved with every checkpoint (epoch, best accuracy, unlogged window, wall time, SAM
+  step count), so that a resumed run continues the same records and summary.
+  """
+  config: ml_collections.ConfigDict
+  setup: Setup
+  workdir: str
+  sink: writers.RunWriter
+  checkpointer: ckpt_lib.Checkpointer
+  bar: Any  # tqdm progress bar
+  meta: dict
+  step: int
+  saved_step: int
+  wall_before: float
+  pending: list = dataclasses.field(default_factory=list)  # device metrics not yet fetched
+  record: dict | None = None  # the last train record
+  t_start: float = dataclasses.field(default_factory=time.time)
+
+  @property
+  def epoch_end(self) -> bool:
+    return self.step % self.setup.steps_per_epoch == 0 or self.step == self.setup.total_steps
+
+  @property
+  def log_due(self) -> bool:
+    return self.step % self.config.log_every_steps == 0 or self.epoch_end
+
+  @property
+  def epochs_done(self) -> int:
+    """Epochs ended so far (a run cut short by max_steps ends its last one early)."""
+    spe = self.setup.steps_per_epoch
+    return math.ceil(self.step / spe) if self.epoch_end else self.step // spe
+
+  def due_at_epoch_end(self, every_epochs: int) -> bool:
+    return self.epoch_end and (self.epochs_done % every_epochs == 0
+                               or self.step == self.setup.total_steps)
+
+  def wall_time(self) -> float:
+    return self.wall_before + time.time() - self.t_start
+
+
+def default_sam_active(config: ml_collections.ConfigDict) -> float:
+  """A step's `sam/active` when the step logs none: every step of a SAM run ascends, no plain one."""
+  return 1.0 if config.sam.rho > 0 else 0.0
+
+
+def sam_steps(metrics: list[dict], default: float) -> float:
+  """How many of these steps took the SAM ascent: the sum of `sam/active`, else `default` each."""
+  return float(sum(m.get("sam/active", default) for m in metrics))
+
+
+def _fetch(loop: _Loop) -> None:
+  """Moves the pending device metrics into the window; a non-finite loss ends training."""
+  fetched = [{k: float(v) for k, v in m.items()} for m in parallel.fetch(loop.pending)]
+  loop.pending = []
+  loop.meta["sam_steps"] += sam_steps(fetched, default_sam_active(loop.config))
+  loop.meta["window"] += fetched
+  bad = _first_nonfinite(loop.meta["window"], loop.step - len(loop.meta["window"]) + 1)
+  if bad is not None:
+    raise TrainingError(
+        f"non-finite train loss at step {bad}; last good checkpoint: "
+        f"{loop.checkpointer.latest_path() or 'none'}; try a lower optimizer.learning_rate")
+
+
+def _log_train(loop: _Loop, train_seconds: float) -> None:
+  """One record of the window's means, with images/s over the window's training time."""
+  window = loop.meta["window"]
+  loop.record = {"step": loop.step, "epoch": loop.step / loop.setup.steps_per_epoch,
+                 **window_mean(window), "images_per_sec":
+                 len(window) * loop.config.batch_size / max(train_seconds, 1e-9)}
+  loop.sink.write(loop.record)
+  loop.bar.set_postfix(loss=f"{loop.record['train/loss']:.4f}",
+                       acc=f"{100 * loop.record['train/accuracy']:.2f}%",
+                       img_s=f"{loop.record['images_per_sec']:.0f}")
+  loop.meta["window"] = []
 
 
 def _write_curves(workdir: str) -> None:
@@ -219,18 +316,100 @@ def _write_curves(workdir: str) -> None:
                      title=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
 
 
+def _evaluate(loop: _Loop, eval_step, state) -> None:
+  """Test metrics to the sinks, the best accuracy to meta, an epoch line and the curves."""
+  metrics = evaluate_test_split(eval_step, state, loop.setup, loop.config.eval_batch_size)
+  epoch = loop.epochs_done
+  loop.sink.write({"step": loop.step, "epoch": epoch, **{
+      k: v for k, v in metrics.items() if k.startswith("test/") and k != "test/count"}})
+  acc = metrics["test/accuracy"]
+  if loop.meta["best_accuracy"] is None or acc > loop.meta["best_accuracy"]:
+    loop.meta["best_accuracy"], loop.meta["best_epoch"] = acc, epoch
+  loop.meta.update(last_accuracy=acc, evaluated_epoch=epoch)
+  if parallel.is_main_process():
+    r = loop.record
+    loop.bar.write(f"epoch {epoch:3d} | step {loop.step} | train loss {r['train/loss']:.4f} "
+                   f"acc {100 * r['train/accuracy']:.2f}% | test loss {metrics['test/loss']:.4f} "
+                   f"acc {100 * acc:.2f}% top5 {100 * metrics['test/top5']:.2f}% | "
+                   f"{r['images_per_sec']:.0f} img/s")
+    _write_curves(loop.workdir)
+
+
+def _save(loop: _Loop, state, best_metrics: dict | None = None) -> str:
+  loop.meta.update(epoch=loop.epochs_done, wall_time=loop.wall_time())
+  loop.saved_step = loop.step
+  return loop.checkpointer.save(loop.step, state, loop.meta, best_metrics=best_metrics)
+
+
+def _checkpoint(loop: _Loop, state) -> None:
+  """Saves state and meta; an epoch that was evaluated also ranks the checkpoint by accuracy."""
+  epoch = loop.epochs_done
+  evaluated = loop.meta.get("evaluated_epoch") == epoch
+  path = _save(loop, state, {"test/accuracy": loop.meta["last_accuracy"]} if evaluated else None)
+  loop.sink.log_checkpoint(path, loop.step, best=evaluated and loop.meta["best_epoch"] == epoch)
+
+
+def _preempt(loop: _Loop, state) -> None:
+  """Saves this step (unless just saved) and marks the run preempted; the rerun resumes here."""
+  if loop.saved_step != loop.step:
+    _save(loop, state)
+  if parallel.is_main_process():
+    loop.bar.write(f"jaxsam: preempted at step {loop.step}; checkpoint saved, rerun to resume")
+  loop.sink.mark_preempting()
+
+
 @contextlib.contextmanager
-def _close_on_error(writer, wandb_writer, checkpointer, bar):
+def _close_on_error(loop: _Loop):
   """On any exception (non-finite loss, Ctrl-C twice...) close sinks; wandb marks the run failed."""
   try:
     yield
   except BaseException:
-    bar.close()
-    checkpointer.close()
-    if wandb_writer is not None:
-      wandb_writer.close(exit_code=1)
-    writer.close()
+    loop.bar.close()
+    loop.checkpointer.close()
+    loop.sink.close(exit_code=1)
     raise
+
+
+FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [],
+              "wall_time": 0.0}
+
+
+def _restore(config, checkpointer, state):
+  """(state, meta, resumed) from the workdir's latest checkpoint, else the fresh state."""
+  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
+  state, meta = (restored[0], restored[1]) if restored else (state, dict(FRESH_META))
+  meta = {**meta, "window": list(meta["window"])}
+  # Checkpoints from before the SAM step count was kept: every step counts as the run's default.
+  meta.setdefault("sam_steps", int(parallel.fetch(state.step)) * default_sam_active(config))
+  return state, meta, bool(restored)
+
+
+def _announce(setup: Setup, start_step: int, resumed: bool) -> None:
+  if parallel.is_main_process():
+    print(f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
+          f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
+          f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
+          + (f"resuming at step {start_step}" if resumed else "fresh start"), flush=True)
+
+
+def _summary(loop: _Loop) -> dict:
+  config, setup, meta = loop.config, loop.setup, loop.meta
+  return {
+      "final_test_accuracy": meta.get("last_accuracy"),
+      "best_test_accuracy": meta["best_accuracy"],
+      "best_epoch": meta["best_epoch"],
+      "steps": loop.step,
+      "epochs": loop.step / setup.steps_per_epoch,
+      "wall_time_s": loop.wall_time(),
+      "num_devices": int(setup.mesh.devices.size),
+      "num_processes": jax.process_count(),
+      "sam_m": setup.step_config.sam_group_size,
+      "sam_fraction": (meta["sam_steps"] / loop.step if loop.step
+                       else default_sam_active(config)),
+      "train_examples": len(setup.data.train.labels),
+      "label_noise": config.dataset.label_noise,
+      "completed": loop.step >= setup.total_steps,
+  }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -241,124 +420,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # workdir checks first, so a bad --workdir fails in a second.
   workdir_lib.check(config, workdir, overwrite)
   setup = build_setup(config)
-  tx, lr_schedule = make_optimizer(config, setup)
+  tx, lr_schedule = setup_optimizer(config, setup)
   augment = augment_lib.make_train_augment(config.augment,
                                            image_shape=setup.data.train.images.shape[1:])
   state = create_train_state(config, setup, tx)
   workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
-  state = parallel.replicate(state, setup.mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
-  meta = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
-  latest = None
-  if restored:
-    state, meta, latest = restored
-  start_step = int(parallel.fetch(state.step))
-  main = parallel.is_main_process()
-  writer, wandb_writer = _make_writer(config, workdir, start_step) if main \
-      else (writers.MultiWriter([]), None)
-  if main:
-    print(f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
-          f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
-          f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
-          + (f"resuming at step {start_step}" if latest else "fresh start"), flush=True)
+  state, meta, resumed = _restore(config, checkpointer, parallel.replicate(state, setup.mesh))
+  start = int(parallel.fetch(state.step))
+  sink = writers.create_run_writer(config, workdir, start_step=start, environ=os.environ,
+                                   main_process=parallel.is_main_process())
+  _announce(setup, start, resumed)
   train_step = steps.compile_train_step(setup.mesh, model=setup.model, tx=tx,
                                         lr_schedule=lr_schedule, cfg=setup.step_config)
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
   batches = pipeline.train_batches(setup.data.train, augment, seed=config.seed,
-                                   global_batch=config.batch_size, start_step=start_step,
+                                   global_batch=config.batch_size, start_step=start,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  spe, total = setup.steps_per_epoch, setup.total_steps
-  window = list(meta["window"])
-  last_eval = None
-  t_start, t_window = time.time(), time.time()
-  wall_before = float(meta["wall_time"])
-  bar = tqdm.tqdm(total=total, initial=start_step, disable=not (main and config.progress_bar),
-                  unit="step", dynamic_ncols=True, leave=False)
-  pending = []  # device metrics not yet fetched (fetching every step would stall the pipeline)
-  step = saved_step = start_step
-  with _Preemption() as preemption, _close_on_error(writer, wandb_writer, checkpointer, bar):
-    while step < total:
+  bar = tqdm.tqdm(total=setup.total_steps, initial=start, unit="step", dynamic_ncols=True,
+                  disable=not (parallel.is_main_process() and config.progress_bar), leave=False)
+  loop = _Loop(config, setup, workdir, sink, checkpointer, bar, meta, step=start,
+               saved_step=start, wall_before=float(meta["wall_time"]))
+  clock = TrainClock()
+  with _Preemption() as preemption, _close_on_error(loop):
+    while loop.step < setup.total_steps:
       state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh))
-      pending.append(metrics)
-      step += 1
+      loop.pending.append(metrics)
+      loop.step += 1
       bar.update(1)
-      epoch_end = step % spe == 0 or step == total
-      stop = _agreed_stop(preemption.requested, step % config.log_every_steps == 0 or epoch_end)
-      if step % config.log_every_steps == 0 or epoch_end or stop:
-        window += [{k: float(v) for k, v in m.items()} for m in parallel.fetch(pending)]
-        pending = []
-        bad = _first_nonfinite(window, step - len(window) + 1)
-        if bad is not None:
-          raise TrainingError(
-              f"non-finite train loss at step {bad}; last good checkpoint: "
-              f"{checkpointer.latest_path() or 'none'}; try a lower optimizer.learning_rate")
-        if step % config.log_every_steps == 0 or epoch_end:
-          now = time.time()
-          record = {"step": step, "epoch": step / spe, **_mean_window(window),
-                    "images_per_sec": len(window) * config.batch_size / max(now - t_window, 1e-9)}
-          writer.write(record)
-          bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                          acc=f"{100 * record['train/accuracy']:.2f}%",
-                          img_s=f"{record['images_per_sec']:.0f}")
-          window, t_window = [], now
-      if epoch_end:
-        epoch = math.ceil(step / spe)
-        is_last = step == total
-        best_metrics = None
-        if epoch % config.eval_every_epochs == 0 or is_last:
-          last_eval = evaluate(eval_step, state, setup, config.eval_batch_size)
-          writer.write({"step": step, "epoch": epoch,
-                        **{k: v for k, v in last_eval.items() if k.startswith("test/")
-                           and k != "test/count"}})
-          acc = last_eval["test/accuracy"]
-          if meta["best_accuracy"] is None or acc > meta["best_accuracy"]:
-            meta["best_accuracy"], meta["best_epoch"] = acc, epoch
-          best_metrics = {"test/accuracy": acc}
-          if main:
-            bar.write(f"epoch {epoch:3d} | step {step} | train loss {record['train/loss']:.4f} "
-                      f"acc {100 * record['train/accuracy']:.2f}% | test loss "
-                      f"{last_eval['test/loss']:.4f} acc {100 * acc:.2f}% top5 "
-                      f"{100 * last_eval['test/top5']:.2f}% | {record['images_per_sec']:.0f} img/s")
-            _write_curves(workdir)
-        meta.update(epoch=epoch, wall_time=wall_before + time.time() - t_start, window=window,
-                    last_accuracy=None if last_eval is None else last_eval["test/accuracy"])
-        if epoch % config.checkpoint_every_epochs == 0 or is_last:
-          path = checkpointer.save(step, state, meta, best_metrics=best_metrics)
-          saved_step = step
-          if wandb_writer is not None and config.wandb.log_checkpoints:
-            is_best = best_metrics is not None and meta["best_epoch"] == epoch
-            wandb_writer.log_checkpoint(path, step, ["latest", f"step-{step}"] + ["best"] * is_best)
-        t_window = time.time()  # images/s measures training, not eval or checkpointing
+      stop = _agreed_stop(preemption.requested, loop.log_due)
+      if loop.log_due or stop:
+        _fetch(loop)
+      train_seconds = clock.lap() if loop.log_due else 0.0
+      with clock.paused():  # images/s measures training, not logging, eval or checkpoints
+        if loop.log_due:
+          _log_train(loop, train_seconds)
+        if loop.due_at_epoch_end(config.eval_every_epochs):
+          _evaluate(loop, eval_step, state)
+        if loop.due_at_epoch_end(config.checkpoint_every_epochs):
+          _checkpoint(loop, state)
+        if stop:
+          _preempt(loop, state)
       if stop:
-        meta.update(wall_time=wall_before + time.time() - t_start, window=window)
-        if saved_step != step:
-          checkpointer.save(step, state, meta)
-        if main:
-          bar.write(f"jaxsam: preempted at step {step}; checkpoint saved, rerun to resume")
-        if wandb_writer is not None:
-          wandb_writer.run.mark_preempting()
         break
   bar.close()
   checkpointer.close()
-  summary = {
-      "final_test_accuracy": meta.get("last_accuracy"),
-      "best_test_accuracy": meta["best_accuracy"],
-      "best_epoch": meta["best_epoch"],
-      "steps": step,
-      "epochs": step / spe,
-      "wall_time_s": wall_before + time.time() - t_start,
-      "num_devices": int(setup.mesh.devices.size),
-      "num_processes": jax.process_count(),
-      "sam_m": setup.step_config.sam_group_size,
-      "train_examples": len(setup.data.train.labels),
-      "label_noise": config.dataset.label_noise,
-      "completed": step >= total,
-  }
-  if wandb_writer is not None:
-    wandb_writer.finish(summary)
-  writer.close()
-  if main and step >= total:
+  summary = _summary(loop)
+  sink.finish(summary)
+  sink.close()
+  if parallel.is_main_process() and summary["completed"]:
     writers.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
   return summary

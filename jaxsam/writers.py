@@ -3,7 +3,8 @@
 `metrics.jsonl` is the source of truth (one JSON object per line); other sinks mirror it:
 `WandbWriter` logs every record to Weights & Biases (online, offline or disabled), with the
 resolved config, a final summary and optionally checkpoint artifacts. A resumed run continues the
-same wandb run: its id lives in `<workdir>/wandb_run_id`.
+same wandb run: its id lives in `<workdir>/wandb_run_id`. The training loop sees one `RunWriter`,
+which owns every sink call (so no loop code knows about wandb).
 """
 
 import json
@@ -254,3 +255,56 @@ def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], 
     run = wandb.init(mode="offline", **kwargs)
   _write_wandb_run_id(workdir, run.id)
   return WandbWriter(run)
+
+
+class RunWriter:
+  """Every sink of one training run behind one interface; the training loop calls nothing else.
+
+  Records go to metrics.jsonl and wandb; checkpoints become wandb artifacts when
+  `log_checkpoints`; a preemption marks the wandb run as preempting; `close(exit_code)` ends it
+  (non-zero: failed). A RunWriter with no sinks (processes other than 0) does nothing.
+  """
+
+  def __init__(self, writers: list[Writer] = (), wandb: WandbWriter | None = None,
+               log_checkpoints: bool = False):
+    self._writers = list(writers) + [wandb] * (wandb is not None)
+    self._wandb = wandb
+    self._log_checkpoints = log_checkpoints and wandb is not None
+
+  def write(self, record: dict[str, Any]) -> None:
+    for w in self._writers:
+      w.write(record)
+
+  def log_checkpoint(self, path: str, step: int, *, best: bool) -> None:
+    if self._log_checkpoints:
+      self._wandb.log_checkpoint(path, step, ["latest", f"step-{step}"] + ["best"] * best)
+
+  def mark_preempting(self) -> None:
+    if self._wandb is not None:
+      self._wandb.run.mark_preempting()
+
+  def finish(self, summary: dict[str, Any]) -> None:
+    if self._wandb is not None:
+      self._wandb.finish(summary)
+
+  def close(self, exit_code: int = 0) -> None:
+    if self._wandb is not None:
+      self._wandb.close(exit_code=exit_code)
+    for w in self._writers:
+      if w is not self._wandb:
+        w.close()
+
+
+def create_run_writer(config, workdir: str, *, start_step: int, main_process: bool,
+                      environ: Mapping[str, str]) -> RunWriter:
+  """The run's sinks: metrics.jsonl (records past `start_step` dropped: the resumed run redoes
+  them) and wandb as `config.wandb` says; no sinks on processes other than 0."""
+  if not main_process:
+    return RunWriter()
+  jsonl = JsonlWriter(workdir, resume_step=start_step)
+  try:
+    wandb = create_wandb_writer(config.wandb, workdir, config.to_dict(), environ=environ)
+  except BaseException:
+    jsonl.close()
+    raise
+  return RunWriter([jsonl], wandb, log_checkpoints=config.wandb.log_checkpoints)

@@ -29,7 +29,7 @@ def build(dtype: str):
   config.optimizer.learning_rate = 0.05
   mesh = parallel.make_mesh(jax.devices()[:2])
   setup = train.build_setup(config, mesh=mesh)
-  tx, lr = train.make_optimizer(config, setup)
+  tx, lr = train.setup_optimizer(config, setup)
   state = parallel.replicate(train.create_train_state(config, setup, tx), mesh)
   step = steps.compile_train_step(mesh, model=setup.model, tx=tx, lr_schedule=lr,
                                   cfg=setup.step_config)

@@ -121,7 +121,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   state = parallel.replicate(steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats={}, opt_state=(),
       rng=jax.random.PRNGKey(0)), mesh)
-  result = train.evaluate(eval_step, state, setup, global_batch=16)
+  result = train.evaluate_test_split(eval_step, state, setup, global_batch=16)
   assert result["test/count"] == 50
   assert result["test/accuracy"] == pytest.approx(expected_correct.mean(), abs=1e-7)
   per_class = [expected_correct[test.labels == c].mean() if (test.labels == c).any() else 0.0

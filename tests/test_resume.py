@@ -163,3 +163,11 @@ def test_curves_png_written(runs):
   from PIL import Image
   with Image.open(os.path.join(runs["a"], "curves.png")) as image:
     assert image.format == "PNG" and image.size[0] > 500
+
+
+def test_sam_fraction_is_the_same_after_kill_and_resume(runs):
+  fractions = []
+  for run in ("a", "b"):
+    with open(os.path.join(runs[run], workdir_lib.SUMMARY_FILE)) as f:
+      fractions.append(json.load(f)["sam_fraction"])
+  assert fractions == [1.0, 1.0]  # every step of a rho > 0 run is a SAM step

@@ -75,7 +75,7 @@ def test_study_run_trains_the_converted_backbone(study_run):
   assert config.model.pretrained == str(weights)
   setup = train.build_setup(config)
   np.testing.assert_allclose(setup.step_config.mean, [0.485, 0.456, 0.406], atol=1e-6)
-  tx, _ = train.make_optimizer(config, setup)
+  tx, _ = train.setup_optimizer(config, setup)
   abstract = train.abstract_train_state(config, setup, tx)
   state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints", "2"), abstract)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),

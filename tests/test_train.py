@@ -1,0 +1,62 @@
+"""The training loop's bookkeeping: window means, the SAM step count in summary.json, timing."""
+
+import math
+import time
+import warnings
+
+import pytest
+
+from configs import quickstart
+from jaxsam import train
+
+
+def test_window_mean_ignores_nan_only_in_sam_keys():
+  window = [{"train/loss": 1.0, "sam/active": 1.0, "sam/gap": 0.5},
+            {"train/loss": 3.0, "sam/active": 0.0, "sam/gap": math.nan}]
+  assert train.window_mean(window) == {"train/loss": 2.0, "sam/active": 0.5, "sam/gap": 0.5}
+  window[0]["train/loss"] = math.nan
+  assert math.isnan(train.window_mean(window)["train/loss"])
+
+
+def test_window_without_a_sam_step_gives_nan_without_warnings():
+  window = [{"train/loss": 1.0, "sam/gap": math.nan}, {"train/loss": 2.0, "sam/gap": math.nan}]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    means = train.window_mean(window)
+  assert means["train/loss"] == 1.5 and math.isnan(means["sam/gap"])
+
+
+def test_sam_steps_sums_sam_active_else_the_default():
+  assert train.sam_steps([{"sam/active": 1.0}, {"sam/active": 0.0}, {"sam/active": 1.0}], 0.0) == 2
+  assert train.sam_steps([{"train/loss": 1.0}] * 3, 1.0) == 3
+  assert train.sam_steps([{"train/loss": 1.0}] * 3, 0.0) == 0
+
+
+def test_train_clock_leaves_out_paused_sections():
+  clock = train.TrainClock()
+  time.sleep(0.05)
+  with clock.paused():
+    time.sleep(0.2)
+  first = clock.lap()
+  assert 0.04 < first < 0.15
+  assert clock.lap() < 0.05  # a lap starts where the previous ended
+
+
+def _tiny_config(rho: float):
+  config = quickstart.get_config()
+  config.max_steps = 3
+  config.model.image_size = 8
+  config.model.width = 4
+  config.batch_size = 128
+  config.sam.rho = rho
+  config.augment.randaugment.num_ops = 0
+  config.log_every_steps = 1
+  config.progress_bar = False
+  config.wandb.mode = "disabled"
+  return config
+
+
+@pytest.mark.parametrize("rho, fraction", [(0.0, 0.0), (0.05, 1.0)])
+def test_summary_sam_fraction_of_plain_sgd_and_sam(tmp_path, rho, fraction):
+  summary = train.train_and_evaluate(_tiny_config(rho), str(tmp_path / "run"))
+  assert summary["steps"] == 3 and summary["sam_fraction"] == fraction
