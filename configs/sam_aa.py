@@ -1,4 +1,5 @@
-"""The original study, SAM (rho 0.05) + AutoAugment CIFAR-10 policy + Cutout: ImageNet-pretrained ResNet-50, CIFAR-100 at 224 px.
+"""The original study, SAM (rho 0.05) + AutoAugment CIFAR-10 policy + Cutout: ImageNet-pretrained
+ResNet-50, CIFAR-100 at 224 px.
 
   python -m jaxsam.convert --model=resnet50 --input=resnet50-0676ba61.pth \
       --output=weights/resnet50_torchvision.msgpack      # once: torchvision's ImageNet weights

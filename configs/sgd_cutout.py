@@ -6,7 +6,8 @@
 
 50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay 1e-4.
 The original PyTorch run reported 84.17 % test accuracy (with a constant lr and no weight
-decay on its SAM runs, and Cutout applied after upscaling). jaxsam's number: not measured yet (needs CIFAR-100 and a GPU).
+decay on its SAM runs, and Cutout applied after upscaling). jaxsam's number: not measured yet
+(needs CIFAR-100 and a GPU).
 Runtime: about 50 x 195 steps; a few hours on 4 GPUs (SAM costs 2x SGD per step).
 """
 

@@ -1,6 +1,7 @@
 """Sharpness analysis of a saved model: Hessian spectrum and trace, m-sharpness, loss landscapes.
 
-  python -m jaxsam.analyze --workdir=RUN_DIR [--checkpoint=PATH] [--what=hessian,sharpness,landscape]
+  python -m jaxsam.analyze --workdir=RUN_DIR [--checkpoint=PATH] \
+      [--what=hessian,sharpness,landscape]
       [--num_examples=1024] [--batch_size=256] [--seed=0] [--top_k=5] [--rho=0.05] [--m=32] ...
 
 Everything is measured on one fixed, seeded subset of the TRAIN split, without augmentation and

@@ -1,10 +1,10 @@
 """Orbax checkpoints of the whole train state, plus the loop's position, in one place.
 
-Layout under the workdir: `checkpoints/<step>/` keeps the last `checkpoint_keep` saves; `best/<step>/`
-keeps the one with the best test accuracy. Each save holds `state` (params, BN statistics, optimizer
-and SAM state, step, RNG key) and `meta` (JSON: epoch, best accuracy, the train-metric window not yet
-logged, wall time). The input pipeline is a pure function of (seed, step), so `state.step` is all it
-needs to continue the same stream.
+Layout under the workdir: `checkpoints/<step>/` keeps the last `checkpoint_keep` saves;
+`best/<step>/` keeps the one with the best test accuracy. Each save holds `state` (params, BN
+statistics, optimizer and SAM state, step, RNG key) and `meta` (JSON: epoch, best accuracy, the
+train-metric window not yet logged, wall time, SAM step count). The input pipeline is a pure
+function of (seed, step), so `state.step` is all it needs to continue the same stream.
 
 Safety: orbax writes each save to a temporary folder and renames it when complete, so a kill during
 a save leaves every earlier checkpoint intact (the leftover temporary folder is ignored and cleaned

@@ -21,7 +21,7 @@ def correct_top1(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest logits, per example (k clipped to the class count)."""
+  """1.0 where the label is among the k highest logits, per example (k clipped to the classes)."""
   k = min(k, logits.shape[-1])
   _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)

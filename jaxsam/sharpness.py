@@ -32,7 +32,7 @@ MatVec = Callable[[jax.Array], jax.Array]
 
 
 def hvp(loss_fn: LossFn, params: Params, vector: Params, batch: Batch) -> Params:
-  """H(params) @ vector for one batch's term, by jax.jvp over jax.grad (one forward-over-reverse)."""
+  """H(params) @ vector for one batch's term, by jax.jvp over jax.grad (forward-over-reverse)."""
   grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
   return jax.jvp(grad_fn, (params,), (vector,))[1]
 

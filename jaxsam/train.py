@@ -159,10 +159,8 @@ class _Preemption:
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
+      with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        pass
     return self
 
   def _handle(self, signum, frame):
@@ -275,7 +273,7 @@ class _Loop:
 
 
 def default_sam_active(config: ml_collections.ConfigDict) -> float:
-  """A step's `sam/active` when the step logs none: every step of a SAM run ascends, no plain one."""
+  """A step's `sam/active` when it logs none: every step of a SAM run ascends, no plain one."""
   return 1.0 if config.sam.rho > 0 else 0.0
 
 

@@ -92,8 +92,8 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl file (a missing file has none).
 
   Non-finite values (null, or the strings "nan", "inf", "-inf" of older files) read as float NaN
-  and inf, so that a metric is always a number. A last line cut short by a kill mid-write is skipped:
-  it belongs to steps the resumed run redoes.
+  and inf, so that a metric is always a number. A last line cut short by a kill mid-write is
+  skipped: it belongs to steps the resumed run redoes.
   """
   if not os.path.exists(path):
     return []

@@ -1,4 +1,5 @@
-"""CIFAR files in torchvision's real on-disk format (Python 2 pickles, folder or .tar.gz), for tests."""
+"""CIFAR files in torchvision's real on-disk format (Python 2 pickles, folder or .tar.gz), for
+tests."""
 
 import io
 import pickle

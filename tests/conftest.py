@@ -4,7 +4,8 @@ import os
 import sys
 import tempfile
 
-# Must run before any jax import touches the backend; tests that need 1 device build a 1-device mesh.
+# Must run before any jax import touches the backend; tests that need 1 device build a 1-device
+# mesh.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -103,7 +103,7 @@ def test_every_model_traces_in_bfloat16(name):
   "name, size", [("resnet8", 16), ("resnet18", 32), ("wrn28_10", 8), ("efficientnet_b0", 32)]
 )
 def test_bfloat16_forward(name, size):
-  """One real bf16 forward per family (fp32 forwards run in the parity tests): shape, dtype, finite."""
+  """One real bf16 forward per family (fp32 ones run in the parity tests): shape, dtype, finite."""
   module = models.create_model(model_config(name), num_classes=5, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
   y = jax.jit(lambda v: module.apply(v, x, train=False))(random_variables(module, size))

@@ -1,4 +1,5 @@
-"""Pretrained import proven against the source frameworks: torchvision and Keras compute the same logits.
+"""Pretrained import proven against the source frameworks: torchvision and Keras compute the same
+logits.
 
 Each reference model gets random weights (BN running statistics too, so a wrong mapping shows),
 is saved in its real file format, imported through `load_pretrained`, and run on the same batch.
@@ -108,7 +109,7 @@ def randomise_torch_bn(model, seed: int, x=None) -> None:
 
 
 def bn_element_counts(model, x) -> dict:
-  """{torch BN name: elements per channel in the batch}, from forward hooks (for Bessel's factor)."""
+  """{torch BN name: elements per channel in the batch}, by forward hooks (for Bessel's factor)."""
   counts, hooks = {}, []
   for name, m in model.named_modules():
     if isinstance(m, torch.nn.BatchNorm2d):
@@ -288,7 +289,7 @@ def test_efficientnet_b0_matches_keras(tmp_path):
   assert param_count(module) == trainable == 5_288_548
 
 
-# ---------------------------------------------------------------- end to end: uint8 images -> logits
+# ------------------------------------------------------------- end to end: uint8 images -> logits
 # Each reference model gets what its own library's preprocessing makes of uint8 images; jaxsam gets
 # the same uint8 images through its own path (train.normalization -> StepConfig -> steps.preprocess
 # -> model). BN statistics are calibrated on those very inputs (see the randomise helpers), so the
@@ -316,7 +317,8 @@ def run_config(name: str, path, normalization: str = "auto", **kw) -> ml_collect
 
 
 def jaxsam_logits(path, name: str, images: np.ndarray, modes=("auto",), **kw) -> dict:
-  """{normalization mode: eval logits} of jaxsam's own path from uint8 images, weights from `path`."""
+  """{normalization mode: eval logits} of jaxsam's own path from uint8 images, weights of `path`.
+  """
   module = models.create_model(run_config(name, path, **kw).model, 1000)
   x = jnp.zeros(images.shape, jnp.float32)
   variables = pretrained.load_pretrained(path, run_config(name, path, **kw).model,

@@ -27,7 +27,7 @@ def spectrum_matrix(seed=0, dim=DIM):
 
 
 def quadratic_params(a):
-  """L(w) = 1/2 w^T A w on a two-leaf pytree (so the flattening is exercised), split in 2 batches."""
+  """L(w) = 1/2 w^T A w on a two-leaf pytree (so flattening is exercised), split in 2 batches."""
   a = jnp.asarray(a, jnp.float32)
   unflat = lambda w: {"x": w[:DIM // 2], "y": {"z": w[DIM // 2:]}}
   flat = lambda p: jnp.concatenate([p["x"], p["y"]["z"]])
@@ -156,7 +156,8 @@ def test_one_step_sharpness_closed_form():
 
 
 def trust_region_max(a, g, rho):
-  """max_{||e|| = rho} g.e + 1/2 e^T A e, by bisection on the secular equation (e = (sI - A)^-1 g)."""
+  """max_{||e|| = rho} g.e + 1/2 e^T A e, by bisection on the secular equation
+  (e = (sI - A)^-1 g)."""
   lam, q = np.linalg.eigh(a)
   gq = q.T @ g
   norm = lambda s: np.linalg.norm(gq / (s - lam))

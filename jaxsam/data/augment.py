@@ -1,4 +1,5 @@
-"""Train-time augmentation of uint8 batches in core TF ops: RandAugment / AutoAugment, crop, flip, Cutout.
+"""Train-time augmentation of uint8 batches in core TF ops: RandAugment / AutoAugment, crop, flip,
+Cutout.
 
 Every op works on a whole batch [B, H, W, C] with one argument per example, so a batch costs a
 fixed set of TF kernels rather than B per-example `tf.switch_case` branches (keras' per-image

@@ -74,7 +74,8 @@ def train_batches(split: sources.Split, augment: AugmentFn | None, *, seed: int,
   rows = tf.data.Dataset.from_generator(
       lambda: _step_rows(split, seed=seed, start_step=start_step, global_batch=global_batch,
                          process_index=process_index, process_count=process_count),
-      output_signature={"image": tf.TensorSpec((local, *image_shape), tf.as_dtype(split.images.dtype)),
+      output_signature={"image": tf.TensorSpec((local, *image_shape),
+                                               tf.as_dtype(split.images.dtype)),
                         "label": tf.TensorSpec((local,), tf.int32),
                         "seed": tf.TensorSpec((local, 2), tf.int64)})
 

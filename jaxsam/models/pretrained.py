@@ -1,4 +1,5 @@
-"""Import of pretrained weights: torchvision/timm state dicts, Keras weight files, jaxsam's own files.
+"""Import of pretrained weights: torchvision/timm state dicts, Keras weight files, jaxsam's own
+files.
 
 Every tensor of the file must land on a model variable of the same shape, and every model variable
 must come from the file, except the classifier head (`fc` / `predictions`), which stays freshly
@@ -255,7 +256,8 @@ _KERAS3_VARS = {
 
 
 def _keras3_weights(f) -> dict[str, np.ndarray]:
-  """Keras 3 `.weights.h5`: layers/<class-based key>/vars/<index>, the layer name in an attribute."""
+  """Keras 3 `.weights.h5`: layers/<class-based key>/vars/<index>, the layer name in an attribute.
+  """
   out = {}
   for key, layer in f["layers"].items():
     variables = layer.get("vars")
@@ -433,7 +435,8 @@ def _family(name: str) -> str:
 
 
 def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
-  """Reads `path` and renames its tensors to the Flax variables of `model_ref` ('params/a/b/kernel').
+  """Reads `path` and renames its tensors to the Flax variables of `model_ref`
+  ('params/a/b/kernel').
 
   Raises PretrainedError when the file's layout is not the model's (e.g. Keras weights for a
   torchvision-layout model) or a tensor has no Flax counterpart.

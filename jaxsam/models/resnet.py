@@ -101,7 +101,8 @@ def _last_scale_init(zero: bool):
 
 
 def _shortcut(block: nn.Module, x, out_features: int):
-  """The identity, or a projection when the shape changes (1x1 conv + BN, or He et al.'s option A)."""
+  """The identity, or a projection when the shape changes (1x1 conv + BN, or He et al.'s option
+  A)."""
   if block.stride == 1 and x.shape[-1] == out_features:
     return x
   if block.shortcut == "zero_pad":
