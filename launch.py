@@ -29,6 +29,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: num
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process, 0..N-1.")
 _DIST_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout_s", 300, "Multi-process: seconds to wait for the coordinator and peers.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Persistent XLA compilation cache folder, so a rerun or resume "
+    "does not compile again ('' = off; default $JAX_COMPILATION_CACHE_DIR, else "
+    "~/.cache/jaxsam/xla).")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -72,6 +76,10 @@ def main(argv: list[str]) -> None:
     _fail(f"--config={config_file} does not exist; give a config file such as "
           "configs/quickstart.py")
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
+  from jaxsam import compile_cache
+  warning = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE.value, os.environ))
+  if warning:  # a run without the cache is slower to start, not wrong
+    print(f"warning: {warning}", file=sys.stderr)
   from jaxsam import distributed, errors
   try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
     distributed.initialize(
