@@ -93,7 +93,7 @@ class Settings:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoadedRun:
+class RestoredRun:
   """A restored checkpoint with what its config resolves to."""
   config: ml_collections.ConfigDict
   setup: train.Setup
@@ -118,7 +118,7 @@ def check_checkpoint_config(checkpoint: str, config: ml_collections.ConfigDict) 
         f"{', '.join(diff[:5])}); pass that run's folder as --workdir={run_dir}")
 
 
-def load_run(workdir: str, checkpoint: str | None = None, mesh=None) -> LoadedRun:
+def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> RestoredRun:
   """Restores a run's checkpoint (default its newest) with the run's own config."""
   config = workdir_lib.read_config(workdir)
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
@@ -126,7 +126,7 @@ def load_run(workdir: str, checkpoint: str | None = None, mesh=None) -> LoadedRu
   setup = train.build_setup(config, mesh=mesh)
   tx, _ = train.setup_optimizer(config, setup)
   state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
-  return LoadedRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)
+  return RestoredRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -194,13 +194,13 @@ def group_batches(subset: sources.Split, m: int, batch_size: int, mesh
 # ------------------------------------------------------------------------------- objectives
 
 
-def inference_model(run: LoadedRun):
+def inference_model(run: RestoredRun):
   """The run's architecture computing in float32 (a bf16 run's HVPs would be mostly noise)."""
   return models.create_model(run.config.model, num_classes=run.setup.num_classes,
                              dtype=jnp.float32)
 
 
-def make_objectives(run: LoadedRun, num_examples: int):
+def make_objectives(run: RestoredRun, num_examples: int):
   """(loss_fn, group_loss_fn, metrics_fn) over params, with BN statistics and preprocessing fixed.
 
   loss_fn(params, batch) is the batch's share of the subset's mean loss (masked sum / N), so the
@@ -328,7 +328,7 @@ def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | 
   settings.check()
   from jaxsam.data import pipeline  # TF import: only once we know there is work to do
   pipeline.hide_gpus_from_tf()
-  run = load_run(workdir, checkpoint, mesh=mesh)
+  run = restore_run(workdir, checkpoint, mesh=mesh)
   mesh = run.setup.mesh
   subset = select_subset(run.setup.data.train, settings.num_examples, settings.seed)
   n = settings.num_examples

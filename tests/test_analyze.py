@@ -40,7 +40,7 @@ def result(run_dir):
 def reference_train_loss(run_dir, settings):
   """The checkpoint's train loss and accuracy on the same seeded subset, by a path independent of
   the analysis: one unsharded forward pass over the whole subset, BN in inference mode."""
-  run = analyze.load_run(run_dir)
+  run = analyze.restore_run(run_dir)
   data = sources.load_dataset(run.config.dataset)
   index = np.random.default_rng(settings.seed).permutation(len(data.train.labels))
   index = index[:settings.num_examples]
@@ -62,7 +62,8 @@ def test_analysis_json_and_pngs(run_dir, result):
   h = saved["hessian"]
   assert h["lambda_max"] == h["eigenvalues"][0] == max(h["eigenvalues"])
   assert len(h["eigenvalues"]) == 3 and h["eigenvalues"] == sorted(h["eigenvalues"], reverse=True)
-  assert h["num_params"] == sum(x.size for x in jax.tree.leaves(analyze.load_run(run_dir).state.params))
+  params = analyze.restore_run(run_dir).state.params
+  assert h["num_params"] == sum(x.size for x in jax.tree.leaves(params))
   # lambda_max is a Rayleigh quotient of H: at most the largest eigenvalue, positive for a trained
   # net; the trace is a sum over ~80k eigenvalues and is far larger.
   assert h["lambda_max"] > 0 and np.isfinite(h["trace"]) and h["trace_stderr"] > 0
