@@ -25,6 +25,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset.download = True  # tfds: allowed to download and prepare when absent
   config.dataset.train_split = "train"
   config.dataset.test_split = "test"
+  # auto | true | false: decode everything into host memory (true) or stream from the files
+  # (false: tfds record files, image folders); auto streams when the decoded train split would
+  # exceed 25 % of host memory or its images vary in size, and says which at start-up.
+  config.dataset.in_memory = "auto"
+  config.dataset.shuffle_buffer = 10_000  # streamed tfds: examples per shuffle window (read whole)
+  config.dataset.eval_crop_fraction = 0.875  # streamed eval: shorter side to size / this, crop
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"
@@ -75,6 +81,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.augment.crop_padding = 4  # 0 = no random crop
   config.augment.crop_fill = "reflect"  # reflect | constant
   config.augment.flip = True
+  # Streamed images: Inception random-resized crop to model.image_size (area fraction in
+  # crop_scale, aspect ratio w/h log-uniform in crop_ratio); False: shorter side + centre crop.
+  config.augment.random_resized_crop = False
+  config.augment.crop_scale = (0.08, 1.0)
+  config.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   config.augment.cutout_size = 0  # Cutout square side in native pixels; 0 = off
   config.augment.randaugment = ml_collections.ConfigDict()
   config.augment.randaugment.num_ops = 0  # 0 = off

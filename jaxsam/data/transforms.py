@@ -1,0 +1,180 @@
+"""ImageNet-style transforms of one encoded image to a fixed `size` x `size` uint8 image.
+
+train: Inception's random-resized crop (Szegedy et al. 2015; torchvision's RandomResizedCrop
+arithmetic: 10 tries at a random area fraction in `scale` and a log-uniform aspect ratio in
+`ratio`, else the centre crop clamped to `ratio`), decoded and cropped in one step for JPEG
+(`tf.image.decode_and_crop_jpeg` decodes only the crop's blocks), then resized to `size`.
+eval: the shorter side resized to int(size / crop_fraction), then the centre `size` crop
+(torchvision's Resize + CenterCrop: 256 then 224 at the usual 0.875).
+
+Resizes are bilinear with antialiasing (`tf.image.resize(antialias=True)`), the filter PIL uses
+when torchvision resizes a PIL image. Random draws are per example and stateless (the hash of
+`augment.uniform`), so a crop depends on the example's seed alone.
+"""
+
+import math
+
+import tensorflow as tf
+
+from jaxsam.data import augment
+from jaxsam.errors import ConfigError
+
+CROP_ATTEMPTS = 10  # torchvision's and Inception's tries before the centre-crop fallback
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Random streams of augment.uniform used here (augment's own streams stay below 200).
+_STREAM_AREA, _STREAM_RATIO = 200, 220  # + attempt
+_STREAM_TOP, _STREAM_LEFT = 240, 241
+
+
+def check_crop(scale, ratio) -> tuple[tuple[float, float], tuple[float, float]]:
+  """(scale, ratio) as float pairs; ConfigError unless 0 < scale[0] <= scale[1] <= 1 and
+  0 < ratio[0] <= ratio[1]."""
+  try:
+    lo, hi = (float(v) for v in scale)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"augment.crop_scale={scale!r}; expected a pair (min, max) of area "
+                      "fractions in (0, 1], e.g. (0.08, 1.0)") from e
+  if not 0.0 < lo <= hi <= 1.0:
+    raise ConfigError(f"augment.crop_scale={tuple(scale)!r}; expected 0 < min <= max <= 1 "
+                      "(area fractions of the image), e.g. (0.08, 1.0)")
+  try:
+    r_lo, r_hi = (float(v) for v in ratio)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"augment.crop_ratio={ratio!r}; expected a pair (min, max) of aspect "
+                      "ratios w/h, e.g. (0.75, 1.3333)") from e
+  if not 0.0 < r_lo <= r_hi:
+    raise ConfigError(f"augment.crop_ratio={tuple(ratio)!r}; expected 0 < min <= max (aspect "
+                      "ratios w/h), e.g. (0.75, 1.3333)")
+  return (lo, hi), (r_lo, r_hi)
+
+
+def check_crop_fraction(fraction) -> float:
+  """ConfigError unless 0 < fraction <= 1."""
+  if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+    raise ConfigError(f"dataset.eval_crop_fraction={fraction!r}; expected a fraction in (0, 1] "
+                      "(0.875: resize to 256, crop 224)")
+  return float(fraction)
+
+
+def random_resized_box(height, width, uniforms, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO):
+  """torchvision's RandomResizedCrop.get_params with the random draws given.
+
+  Args:
+    height, width: the image's int32 scalar sides.
+    uniforms: float [2 * CROP_ATTEMPTS + 2] in [0, 1): each attempt's area and log-ratio draws,
+      then the top and left draws.
+    scale, ratio: checked pairs (see `check_crop`).
+
+  Returns:
+    int32 [4] (top, left, crop height, crop width).
+  """
+  u = tf.cast(uniforms, tf.float64)
+  h_img, w_img = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  area = h_img * w_img * (scale[0] + u[:CROP_ATTEMPTS] * (scale[1] - scale[0]))
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(log_lo + u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS] * (log_hi - log_lo))
+  # Python's round() is half-to-even, as tf.round.
+  w = tf.round(tf.sqrt(area * aspect))
+  h = tf.round(tf.sqrt(area / aspect))
+  fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  w_try, h_try = w[first], h[first]
+  top_try = tf.floor(u[-2] * (h_img - h_try + 1.0))
+  left_try = tf.floor(u[-1] * (w_img - w_try + 1.0))
+  # Fallback: the whole image, clamped to the ratio range, centred.
+  in_ratio = w_img / h_img
+  w_fb = tf.where(in_ratio < ratio[0], w_img,
+                  tf.where(in_ratio > ratio[1], tf.round(h_img * ratio[1]), w_img))
+  h_fb = tf.where(in_ratio < ratio[0], tf.round(w_img / ratio[0]), h_img)
+  top_fb = tf.floor((h_img - h_fb) / 2.0)
+  left_fb = tf.floor((w_img - w_fb) / 2.0)
+  found = tf.reduce_any(fits)
+  box = tf.where(found, tf.stack([top_try, left_try, h_try, w_try]),
+                 tf.stack([top_fb, left_fb, h_fb, w_fb]))
+  return tf.cast(box, tf.int32)
+
+
+def crop_uniforms(seed) -> tf.Tensor:
+  """The random-resized crop's draws for one example's seed int64 [2]: float32 [22]."""
+  seeds = tf.reshape(tf.cast(seed, tf.int64), [1, 2])
+  streams = ([_STREAM_AREA + a for a in range(CROP_ATTEMPTS)]
+             + [_STREAM_RATIO + a for a in range(CROP_ATTEMPTS)] + [_STREAM_TOP, _STREAM_LEFT])
+  return tf.concat([augment.uniform(seeds, s) for s in streams], axis=0)
+
+
+def resize(image, height, width) -> tf.Tensor:
+  """uint8 [H, W, 3] -> uint8 [height, width, 3], bilinear with antialiasing; a no-op at the
+  same size."""
+  shape = tf.shape(image)
+
+  def scaled():
+    out = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+  same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
+  return tf.cond(same, lambda: tf.identity(image), scaled)
+
+
+def decode_box(encoded, box_fn) -> tf.Tensor:
+  """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3]: JPEG by
+  decode_and_crop_jpeg, PNG/BMP/GIF by a full decode and a slice."""
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    box = box_fn(shape[0], shape[1])
+    return tf.image.decode_and_crop_jpeg(encoded, box, channels=3)
+
+  def other():
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    shape = tf.shape(image)
+    box = box_fn(shape[0], shape[1])
+    return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def train_crop(encoded, seed, size: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> tf.Tensor:
+  """Random-resized crop of an encoded image to uint8 [size, size, 3] (the crop from `seed`)."""
+  uniforms = crop_uniforms(seed)
+  crop = decode_box(encoded, lambda h, w: random_resized_box(h, w, uniforms, scale, ratio))
+  out = resize(crop, size, size)
+  out.set_shape([size, size, 3])
+  return out
+
+
+def resized_shape(height, width, short: int):
+  """torchvision's Resize(short) output (new_h, new_w): the shorter side to `short`, the longer
+  to int(short * long / short_side)."""
+  h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  long_side = tf.cast(tf.floor(short * tf.maximum(h, w) / tf.minimum(h, w)), tf.int32)
+  short_t = tf.constant(short, tf.int32)
+  return (tf.where(height <= width, short_t, long_side),
+          tf.where(height <= width, long_side, short_t))
+
+
+def center_crop(image, size: int) -> tf.Tensor:
+  """torchvision's CenterCrop(size): top = round((H - size) / 2), half to even (H, W >= size)."""
+  shape = tf.shape(image)
+  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
+  return image[top:top + size, left:left + size]
+
+
+def eval_short_side(size: int, crop_fraction: float) -> int:
+  """The side the shorter side is resized to before the centre crop: int(size / fraction)."""
+  return int(size / crop_fraction)
+
+
+def eval_crop(encoded, size: int, crop_fraction: float = 0.875) -> tf.Tensor:
+  """Shorter side to int(size / crop_fraction), then the centre crop: uint8 [size, size, 3]."""
+  short = eval_short_side(size, crop_fraction)
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  shape = tf.shape(image)
+  new_h, new_w = resized_shape(shape[0], shape[1], short)
+  out = center_crop(resize(image, new_h, new_w), size)
+  out.set_shape([size, size, 3])
+  return out
