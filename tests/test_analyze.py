@@ -14,6 +14,8 @@ from jaxsam import analyze, landscape_plots, losses, models, steps, train
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import sources
 
+pytestmark = pytest.mark.slow  # trains a run, then analyses it
+
 SETTINGS = analyze.Settings(num_examples=200, batch_size=64, top_k=3, hessian_iters=6,
                             trace_probes=3, m=(20,), rho=(0.05,), ascent_steps=1, grid_1d=3,
                             grid_2d=3, progress=False, wandb=False)

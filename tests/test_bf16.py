@@ -1,6 +1,6 @@
 """config.dtype = bfloat16: bf16 convolutions, fp32 parameters, optimizer and SAM state, fp32 loss.
 
-Built the way `train_and_evaluate` builds a run (build_setup, make_optimizer, create_train_state,
+Built the way `train_and_evaluate` builds a run (build_setup, setup_optimizer, create_train_state,
 the compiled step), on the quickstart's model and data at 8 px, on a 2-device mesh.
 """
 

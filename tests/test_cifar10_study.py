@@ -11,6 +11,8 @@ import pytest
 from configs import cifar10_sam, cifar10_sgd
 from jaxsam import report, study, writers
 
+pytestmark = pytest.mark.slow  # trains on the real archive
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_JPEG = os.environ.get("JAXSAM_CIFAR10_JPEG") or os.path.join(
     ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")

@@ -11,6 +11,8 @@ from jaxsam import checkpoint as ckpt_lib
 from jaxsam import train, writers
 from jaxsam import workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # three training runs
+
 
 def _tiny_config(**overrides):
   config = quickstart.get_config()

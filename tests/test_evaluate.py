@@ -43,6 +43,7 @@ def run(tmp_path_factory):
   return workdir, {r["step"]: r for r in evals}
 
 
+@pytest.mark.slow
 def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
   workdir, logged = run
   result = evaluate.evaluate_checkpoint(None, workdir)  # config from the workdir's config.json
@@ -62,6 +63,7 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
       result["top1"], abs=1e-6)  # per-class ratios are float32
 
 
+@pytest.mark.slow
 def test_eval_of_an_earlier_checkpoint(run):
   workdir, logged = run
   path = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")
@@ -69,6 +71,7 @@ def test_eval_of_an_earlier_checkpoint(run):
   assert result["step"] == 11 and result["top1"] == logged[11]["test/accuracy"]
 
 
+@pytest.mark.slow
 def test_launch_eval_mode_writes_eval_json(run, tmp_path):
   workdir, logged = run
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -103,6 +106,7 @@ def test_eval_bad_input(tmp_path):
     evaluate.evaluate_checkpoint(None, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_unless_overwrite(run, tmp_path):
   workdir, _ = run
   other = _tiny_config(**{"optimizer.learning_rate": 0.3, "seed": 1})

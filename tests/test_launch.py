@@ -61,6 +61,7 @@ def quick_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_workdir_contract(quick_run):
   workdir, result = quick_run
   config = json.loads(read(os.path.join(workdir, "config.json")))
@@ -125,6 +126,7 @@ def test_unwritable_workdir_is_one_line_error(tmp_path):
   assert_one_line_error(result, "not writable")
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(quick_run):
   workdir, _ = quick_run
   before = read(os.path.join(workdir, "metrics.jsonl"))

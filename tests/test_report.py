@@ -42,6 +42,7 @@ def _final_accuracy(run_dir):
           if "test/accuracy" in r][-1]["test/accuracy"]
 
 
+@pytest.mark.slow
 def test_report_table_and_curves(run_dirs, tmp_path):
   sgd, sam = run_dirs
   out_png = tmp_path / "combined.png"
@@ -79,6 +80,7 @@ def _is_number(v):
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+@pytest.mark.slow
 def test_metrics_hold_numbers_only_and_sam_keys_only_with_sam(run_dirs):
   sgd, sam = run_dirs
   for run_dir in run_dirs:
@@ -99,6 +101,7 @@ def test_metrics_hold_numbers_only_and_sam_keys_only_with_sam(run_dirs):
   assert all(_is_number(r[k]) for r in train for k in sam_keys)
 
 
+@pytest.mark.slow
 def test_report_reads_metrics_with_nonfinite_strings(run_dirs, tmp_path):
   """A metrics.jsonl holding non-finite values as "nan" / "inf" strings still loads and plots."""
   sgd, _ = run_dirs

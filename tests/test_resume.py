@@ -23,6 +23,8 @@ from jaxsam import checkpoint as ckpt_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam import writers
 
+pytestmark = pytest.mark.slow  # four launch.py runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 11  # 1,437 digits // 128
 NUM_EPOCHS = 3

@@ -56,6 +56,7 @@ def _tiny_config(rho: float):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rho, fraction", [(0.0, 0.0), (0.05, 1.0)])
 def test_summary_sam_fraction_of_plain_sgd_and_sam(tmp_path, rho, fraction):
   summary = train.train_and_evaluate(_tiny_config(rho), str(tmp_path / "run"))

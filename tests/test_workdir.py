@@ -159,6 +159,7 @@ def _launch(workdir, *args):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
   """A 2-epoch run, analysed and evaluated, then overwritten by a 1-epoch run: the report shows
   the new run alone (no lambda_max of the old model, no old checkpoints, metrics or eval)."""
