@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxsam import errors
-from jaxsam.data import image_folder, pipeline, sources, transforms
+from jaxsam.data import image_folder, pipeline, sources, train_split, transforms
 
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 # The in-memory path holds the decoded split plus an epoch's gathered copy and tf.data's buffers:
@@ -180,6 +180,7 @@ class Stream:
   native_size: int = 0  # 0 = images of varying size
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
+  eval_crop_fraction: float = 0.875
 
 
 def tfds_keys(builder, name: str) -> tuple[str, str]:
@@ -284,10 +285,11 @@ def open_folder(dataset_config) -> Stream:
 def open_stream(dataset_config) -> Stream:
   """The Stream for `config.dataset` (tfds or an image folder); DataError for other sources."""
   source = _source(dataset_config)
+  fraction = transforms.check_crop_fraction(dataset_config.get("eval_crop_fraction", 0.875))
   if source == "tfds":
-    return open_tfds(dataset_config)
+    return dataclasses.replace(open_tfds(dataset_config), eval_crop_fraction=fraction)
   if source == "image_folder":
-    return open_folder(dataset_config)
+    return dataclasses.replace(open_folder(dataset_config), eval_crop_fraction=fraction)
   raise errors.DataError(f"dataset.source={source!r} cannot be streamed; streamable: "
                          f"{list(STREAMABLE_SOURCES)}")
 
@@ -547,3 +549,79 @@ def eval_batches(stream: Stream, *, size: int, global_batch: int, crop_fraction:
   else:
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).concatenate(pad)
   return ds.batch(local).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+# ----------------------------------------------------------------- what the train loop calls
+# One call per concern, each serving the in-memory path (sources + pipeline) or the streamed one.
+
+Data = sources.DatasetArrays | Stream
+
+
+def load(config, main: bool = True) -> Data:
+  """`config.dataset` in memory or as a Stream, as `dataset.in_memory` picks (one line on main)."""
+  stream, line = choose(config.dataset)
+  if main:
+    print(line, flush=True)
+  if not stream:
+    return sources.load_dataset(config.dataset)
+  return open_stream(config.dataset)
+
+
+def apply_train_split(data: Data, config) -> Data:
+  """train_split's subset and label noise in memory; ConfigError when streaming asks for them."""
+  if isinstance(data, sources.DatasetArrays):
+    return train_split.apply(data, config.dataset, config.seed)
+  for key, off in (("train_examples", 0), ("label_noise", 0.0)):
+    if config.dataset.get(key, off) != off:
+      raise errors.ConfigError(f"dataset.{key}={config.dataset[key]!r} needs the train split in "
+                               f"memory; set dataset.in_memory='true' or dataset.{key}={off}")
+  return data
+
+
+def native_size(data: Data, model_size: int) -> int:
+  """The side of the images a batch holds before the device resizes them to the model's."""
+  if isinstance(data, sources.DatasetArrays):
+    return data.train.images.shape[1]
+  return image_size(data, model_size)
+
+
+def num_train(data: Data) -> int:
+  return len(data.train.labels) if isinstance(data, sources.DatasetArrays) \
+      else data.train.num_examples
+
+
+def train_steps_per_epoch(data: Data, global_batch: int, process_count: int) -> int:
+  if isinstance(data, sources.DatasetArrays):
+    return pipeline.steps_per_epoch(len(data.train.labels), global_batch)
+  return steps_per_epoch(data, global_batch, process_count)
+
+
+def train_input(config, data: Data, *, size: int) -> Callable[..., Iterator[dict]]:
+  """`batches(start_step, process_index, process_count)`, the augmentation built (and its config
+  checked) now, before anything is written."""
+  from jaxsam.data import augment as augment_lib  # pylint: disable=import-outside-toplevel
+
+  if isinstance(data, sources.DatasetArrays):
+    augment = augment_lib.make_train_augment(config.augment,
+                                             image_shape=data.train.images.shape[1:])
+    return lambda start_step, process_index, process_count: pipeline.train_batches(
+        data.train, augment, seed=config.seed, global_batch=config.batch_size,
+        start_step=start_step, process_index=process_index, process_count=process_count)
+  augment_lib.make_train_augment(config.augment, image_shape=(size, size, 3))  # checks the keys
+  transforms.check_crop(config.augment.crop_scale, config.augment.crop_ratio)
+  transforms.check_crop_fraction(config.dataset.eval_crop_fraction)
+  return lambda start_step, process_index, process_count: train_batches(
+      data, config.augment, size=size, seed=config.seed, global_batch=config.batch_size,
+      start_step=start_step, process_index=process_index, process_count=process_count,
+      shuffle_buffer=config.dataset.shuffle_buffer)
+
+
+def test_batches(data: Data, *, global_batch: int, size: int, process_index: int,
+                 process_count: int) -> Iterator[dict]:
+  """The test split once, padded with mask 0, in memory or streamed."""
+  if isinstance(data, sources.DatasetArrays):
+    return pipeline.eval_batches(data.test, global_batch=global_batch,
+                                 process_index=process_index, process_count=process_count)
+  return eval_batches(data, size=size, global_batch=global_batch,
+                      crop_fraction=data.eval_crop_fraction, process_index=process_index,
+                      process_count=process_count)
