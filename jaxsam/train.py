@@ -21,8 +21,7 @@ import tqdm
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, models, optim, parallel, plots, steps, writers
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import augment as augment_lib
-from jaxsam.data import pipeline, sources, train_split
+from jaxsam.data import pipeline, sources, streaming
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -30,7 +29,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a config resolves to once the data is known (shared by train, eval and analysis)."""
-  data: sources.DatasetArrays
+  data: streaming.Data  # in memory (sources.DatasetArrays) or streamed (streaming.Stream)
   model: Any  # flax module
   step_config: steps.StepConfig
   num_classes: int
@@ -75,13 +74,13 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None,
   parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
   if data is None:
     with parallel.main_process_first("load_dataset"):  # process 0 downloads/prepares alone
-      data = sources.load_dataset(config.dataset)
-  data = train_split.apply(data, config.dataset, config.seed)
+      data = streaming.load(config, main=parallel.is_main_process())
+  data = streaming.apply_train_split(data, config)
   num_classes = config.model.num_classes or data.num_classes
-  native = data.train.images.shape[1]
+  native = streaming.native_size(data, config.model.image_size)
   image_size = config.model.image_size or native
   per_device = config.batch_size // mesh.devices.size
-  spe = pipeline.steps_per_epoch(len(data.train.labels), config.batch_size)
+  spe = streaming.train_steps_per_epoch(data, config.batch_size, jax.process_count())
   step_config = steps.StepConfig(
       image_size=image_size, **normalization(config, data), dtype=compute_dtype(config),
       label_smoothing=config.label_smoothing,
@@ -133,9 +132,10 @@ def evaluate_test_split(eval_step, state: steps.TrainState, setup: Setup,
                         global_batch: int) -> dict:
   """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
   totals = None
-  for batch in pipeline.eval_batches(setup.data.test, global_batch=global_batch,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for batch in streaming.test_batches(setup.data, global_batch=global_batch,
+                                      size=setup.step_config.image_size,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
     sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.fetch(totals)
@@ -207,25 +207,26 @@ def _agreed_stop(requested: bool, sync_point: bool) -> bool:
 
 
 class TrainClock:
-  """Seconds of training (steps and their input) per lap; work inside `paused()` does not count,
-  so that images/s leaves out logging, eval and checkpoints."""
+  """Seconds spent inside `timed()` sections since the last `lap` (clu's `timed`, in small).
+
+  The loop times the train step with its input and the fetch of its metrics (which waits for the
+  device), so that images/s leaves out logging, eval and checkpoints.
+  """
 
   def __init__(self):
-    self._start, self._paused = time.perf_counter(), 0.0
+    self._seconds = 0.0
 
   @contextlib.contextmanager
-  def paused(self):
+  def timed(self):
     start = time.perf_counter()
     try:
       yield
     finally:
-      self._paused += time.perf_counter() - start
+      self._seconds += time.perf_counter() - start
 
   def lap(self) -> float:
-    """Training seconds since the previous lap (or the start)."""
-    now = time.perf_counter()
-    seconds = now - self._start - self._paused
-    self._start, self._paused = now, 0.0
+    """Timed seconds since the previous lap (or the start)."""
+    seconds, self._seconds = self._seconds, 0.0
     return seconds
 
 
@@ -282,9 +283,10 @@ def sam_steps(metrics: list[dict], default: float) -> float:
   return float(sum(m.get("sam/active", default) for m in metrics))
 
 
-def _fetch(loop: _Loop) -> None:
+def _fetch(loop: _Loop, clock: TrainClock) -> None:
   """Moves the pending device metrics into the window; a non-finite loss ends training."""
-  fetched = [{k: float(v) for k, v in m.items()} for m in parallel.fetch(loop.pending)]
+  with clock.timed():  # waits for the device: training time
+    fetched = [{k: float(v) for k, v in m.items()} for m in parallel.fetch(loop.pending)]
   loop.pending = []
   loop.meta["sam_steps"] += sam_steps(fetched, default_sam_active(loop.config))
   loop.meta["window"] += fetched
@@ -404,7 +406,7 @@ def _summary(loop: _Loop) -> dict:
       "sam_m": setup.step_config.sam_group_size,
       "sam_fraction": (meta["sam_steps"] / loop.step if loop.step
                        else default_sam_active(config)),
-      "train_examples": len(setup.data.train.labels),
+      "train_examples": streaming.num_train(setup.data),
       "label_noise": config.dataset.label_noise,
       "completed": loop.step >= setup.total_steps,
   }
@@ -419,8 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.check(config, workdir, overwrite)
   setup = build_setup(config)
   tx, lr_schedule = setup_optimizer(config, setup)
-  augment = augment_lib.make_train_augment(config.augment,
-                                           image_shape=setup.data.train.images.shape[1:])
+  train_input = streaming.train_input(config, setup.data, size=setup.step_config.image_size)
   state = create_train_state(config, setup, tx)
   workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
@@ -432,10 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = steps.compile_train_step(setup.mesh, model=setup.model, tx=tx,
                                         lr_schedule=lr_schedule, cfg=setup.step_config)
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
-  batches = pipeline.train_batches(setup.data.train, augment, seed=config.seed,
-                                   global_batch=config.batch_size, start_step=start,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+  batches = train_input(start, jax.process_index(), jax.process_count())
   bar = tqdm.tqdm(total=setup.total_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not (parallel.is_main_process() and config.progress_bar), leave=False)
   loop = _Loop(config, setup, workdir, sink, checkpointer, bar, meta, step=start,
@@ -443,24 +441,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   clock = TrainClock()
   with _Preemption() as preemption, _close_on_error(loop):
     while loop.step < setup.total_steps:
-      state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh))
+      with clock.timed():  # images/s counts this and the fetch: not logging, eval or checkpoints
+        state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh))
       loop.pending.append(metrics)
       loop.step += 1
       bar.update(1)
       stop = _agreed_stop(preemption.requested, loop.log_due)
       if loop.log_due or stop:
-        _fetch(loop)
-      train_seconds = clock.lap() if loop.log_due else 0.0
-      with clock.paused():  # images/s measures training, not logging, eval or checkpoints
-        if loop.log_due:
-          _log_train(loop, train_seconds)
-        if loop.due_at_epoch_end(config.eval_every_epochs):
-          _evaluate(loop, eval_step, state)
-        if loop.due_at_epoch_end(config.checkpoint_every_epochs):
-          _checkpoint(loop, state)
-        if stop:
-          _preempt(loop, state)
+        _fetch(loop, clock)
+      if loop.log_due:
+        _log_train(loop, clock.lap())
+      if loop.due_at_epoch_end(config.eval_every_epochs):
+        _evaluate(loop, eval_step, state)
+      if loop.due_at_epoch_end(config.checkpoint_every_epochs):
+        _checkpoint(loop, state)
       if stop:
+        _preempt(loop, state)
         break
   bar.close()
   checkpointer.close()
