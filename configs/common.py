@@ -68,7 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.sam = ml_collections.ConfigDict()
   config.sam.rho = 0.0  # 0 = plain base optimizer (one pass, no SAM cost)
-  config.sam.variant = "sam"  # sam | asam | gsam
+  config.sam.variant = "sam"  # sam | asam | gsam | looksam | aesam | msam
   config.sam.eta = 0.01  # ASAM: T_w = |w| + eta
   config.sam.alpha = 0.0  # GSAM: weight of the orthogonal-gradient ascent term
   config.sam.rho_min = 0.0  # GSAM: rho decays with the lr from sam.rho to this
@@ -76,6 +76,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sam.sync = False  # True: average the ascent gradient over devices (no m-sharpness)
   config.sam.m = 0  # examples per ascent group; 0 = the per-device batch
   config.sam.ascent_weight_decay = False  # include the L2 term in the ascent gradient
+  # Cheaper SAM. variant looksam | aesam | msam (above) and these schedules; defaults = plain SAM.
+  config.sam.every = 1  # SAM on every k-th optimizer step, base steps between (not aesam/msam)
+  config.sam.start_fraction = 0.0  # base optimizer for this fraction of the steps, then SAM
+  config.sam.reuse_weight = 0.7  # looksam: weight of the stored SAM direction on in-between steps
+  config.sam.adaptive_decay = 0.9  # aesam: EMA decay of the squared-gradient-norm statistics
+  config.sam.adaptive_c_start = -1.0  # aesam: SAM iff ||g||^2 >= mean + c*std, c linear start->end
+  config.sam.adaptive_c_end = 1.0
+  # Micro-batches per optimizer step, accumulated in one compiled step; each makes its own SAM
+  # ascent and BN batch statistics (m-sharpness with m = per-device batch / accum_steps).
+  config.accum_steps = 1
 
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4  # 0 = no random crop

@@ -4,19 +4,20 @@ SGD follows torch.optim.SGD exactly (the original project's optimizer): weight d
 added to the gradient before momentum, clipping (when on) acts on the averaged loss gradient first.
 """
 
+import math
 from collections.abc import Callable
 
 import ml_collections
 import optax
 
-from jaxsam import errors
+from jaxsam import errors, parallel, steps
 from jaxsam import sam as sam_lib
 
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """Learning rate per step: optional linear warmup from 0, then cosine to 0 or constant."""
   peak = config.optimizer.learning_rate
-  total_steps = max(1, int(config.num_epochs * steps_per_epoch))
+  total_steps = schedule_steps(config, steps_per_epoch)
   warmup_steps = int(config.schedule.warmup_epochs * steps_per_epoch)
   name = config.schedule.name
   if name not in SCHEDULES:
@@ -75,15 +76,86 @@ def make_rho(config: ml_collections.ConfigDict, lr: optax.Schedule,
                                    rho_max=config.sam.rho, rho_min=config.sam.rho_min)
 
 
+def schedule_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Optimizer steps the lr schedule spans (num_epochs of them; max_steps only stops early)."""
+  return max(1, int(config.num_epochs * steps_per_epoch))
+
+
+def sam_start_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The first optimizer step of late-phase SAM: ceil(sam.start_fraction * schedule steps)."""
+  frac = config.sam.start_fraction
+  if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+    raise errors.ConfigError(f"sam.start_fraction={frac!r} is invalid; accepted: 0 <= f < 1")
+  return math.ceil(frac * schedule_steps(config, steps_per_epoch))
+
+
+def accum_steps(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
+  """Micro-batches per optimizer step; each must hold a whole number of examples per device."""
+  n = config.accum_steps
+  if not isinstance(n, int) or n < 1 or per_device_batch % n:
+    raise errors.ConfigError(
+        f"accum_steps={n!r} is invalid; accepted: an integer >= 1 that divides the per-device "
+        f"batch {per_device_batch}")
+  return n
+
+
+def _check_msam(config: ml_collections.ConfigDict) -> None:
+  opt = config.optimizer
+  if config.sam.variant == "msam" and config.sam.rho and (opt.name != "sgd" or not opt.momentum):
+    raise errors.ConfigError(
+        f"sam.variant='msam' perturbs along SGD's momentum buffer; got optimizer.name="
+        f"{opt.name!r} momentum={opt.momentum!r}; use optimizer.name='sgd' with momentum > 0")
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
                    axis_name: str | tuple[str, ...] | None
                    ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
-  """The full optimizer: SAM around the base chain (rho = 0 compiles the plain one-pass step)."""
+  """The full optimizer: SAM around the base chain (rho = 0 compiles the plain one-pass step).
+
+  With accum_steps = n the base is optax.MultiSteps: the compiled step calls `update` once per
+  micro-batch, and the base optimizer steps once, on the mean of the n SAM gradients.
+  """
   lr = make_schedule(config, steps_per_epoch)
   base = make_base_optimizer(config, lr)
+  n = config.accum_steps
+  if n > 1:
+    base = optax.MultiSteps(base, every_k_schedule=n).gradient_transformation()
   s = config.sam
+  _check_msam(config)
   tx = sam_lib.sam(
       base, make_rho(config, lr, steps_per_epoch), variant=s.variant, eta=s.eta, alpha=s.alpha,
       eps=s.eps, sync=s.sync, axis_name=axis_name,
-      ascent_weight_decay=config.optimizer.weight_decay if s.ascent_weight_decay else 0.0)
+      ascent_weight_decay=config.optimizer.weight_decay if s.ascent_weight_decay else 0.0,
+      every=s.every, start_step=sam_start_step(config, steps_per_epoch),
+      reuse_weight=s.reuse_weight, adaptive_decay=s.adaptive_decay,
+      adaptive_c=(s.adaptive_c_start, s.adaptive_c_end),
+      total_steps=schedule_steps(config, steps_per_epoch), accum_steps=n)
   return tx, lr
+
+
+def step_sam_settings(config: ml_collections.ConfigDict, per_device_batch: int,
+                      steps_per_epoch: int) -> dict:
+  """The SAM fields of steps.StepConfig: ascent group size, micro-batches and MSAM's point.
+
+  The group size (sam.m, default the micro-batch) is checked against the per-device micro-batch,
+  since each micro-batch is split into groups the way a batch is without accumulation.
+  """
+  n = accum_steps(config, per_device_batch)
+  micro = per_device_batch // n
+  rho = config.sam.rho
+  msam = config.sam.variant == "msam" and bool(rho)
+  return {
+      "sam_group_size": 0 if not rho or msam else steps.sam_group_size(config.sam.m, micro),
+      "accum_steps": n,
+      "msam_rho": float(rho) if msam else 0.0,
+      "msam_start_step": sam_start_step(config, steps_per_epoch) if msam else 0,
+  }
+
+
+def sam_axis_name(step_config: steps.StepConfig, per_device_batch: int):
+  """The collective axes SAM averages over: devices, plus the vmapped groups when sam.m splits a
+  micro-batch."""
+  micro = per_device_batch // step_config.accum_steps
+  if step_config.sam_group_size and step_config.sam_group_size < micro:
+    return (parallel.DATA_AXIS, steps.GROUP_AXIS)
+  return parallel.DATA_AXIS

@@ -3,6 +3,12 @@
 Pure: no config, no flax, no devices beyond an optional collective axis name. The second
 (perturbed) gradient comes in through the `grad_fn` extra argument, so the clean pass, the ascent,
 the perturbed pass and the base optimizer all live in one jit-compiled train step.
+
+Cheaper variants share the same transform: SAM every k-th step (`every`), SAM only after a start
+step (late phase), LookSAM's reuse of the stored SAM direction, AE-SAM's adaptive switching, and
+Momentum-SAM's one-gradient step (`variant="msam"`, with the caller taking its gradient at
+`msam_point`). A step that skips the ascent does not compute it: the choice is a `lax.cond` whose
+predicate is the same on every device and ascent group (see `update_fn`).
 """
 
 import math
@@ -33,7 +39,10 @@ class SAMState(NamedTuple):
       Near 1 means the perturbation barely changes the gradient (SAM is close to the base step).
     perturbed_loss: fp32 loss of the perturbed pass (`grad_fn`'s loss), averaged over `axis_name`
       when set; NaN with a static rho = 0, where there is no perturbed pass (the clean loss is the
-      caller's to log).
+      caller's to log), and on steps that skip the ascent (then sam_grad_norm and cosine are NaN).
+    active: fp32 1 when the last step took SAM's ascent (always for plain SAM, and for MSAM, whose
+      every step is perturbed), 0 when it was a base-optimizer (or LookSAM reuse) step.
+    policy_state: what a variant carries between steps: LookSAMState, AdaptiveState, or ().
   """
 
   count: jax.Array
@@ -43,6 +52,21 @@ class SAMState(NamedTuple):
   sam_grad_norm: jax.Array
   cosine: jax.Array
   perturbed_loss: jax.Array
+  active: jax.Array
+  policy_state: Any
+
+
+class LookSAMState(NamedTuple):
+  """LookSAM's memory: the part of the last SAM gradient orthogonal to its clean gradient (fp32)."""
+
+  direction: Any
+
+
+class AdaptiveState(NamedTuple):
+  """AE-SAM's running statistics of the squared clean-gradient norm (fp32 scalars)."""
+
+  mean: jax.Array
+  var: jax.Array
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -107,9 +131,18 @@ def _asam_ascent(grads, params, rho, *, eps, eta, mask):
   return jax.tree.map(lambda t, tg: t * tg * scale, t_w, t_g)
 
 
-# Registry of ascent rules; GSAM ascends as SAM and differs only in the descent gradient.
-_ASCENTS = {"sam": _sam_ascent, "asam": _asam_ascent, "gsam": _sam_ascent}
-VARIANTS = tuple(_ASCENTS)
+# Registry of ascent rules; GSAM ascends as SAM and differs only in the descent gradient. LookSAM
+# and AE-SAM ascend as SAM and differ in when (and, for LookSAM, what) they descend; MSAM has no
+# ascent pass (its perturbation comes from the momentum buffer, see msam_point).
+_ASCENTS = {"sam": _sam_ascent, "asam": _asam_ascent, "gsam": _sam_ascent,
+            "looksam": _sam_ascent, "aesam": _sam_ascent}
+VARIANTS = (*_ASCENTS, "msam")
+# LookSAM's reuse weight alpha (Liu et al. 2022 use 0.7); AE-SAM's EMA decay and the threshold
+# multiplier c_t, linear in the step from C_START to C_END (Jiang et al. 2023's CIFAR setting).
+LOOKSAM_REUSE_WEIGHT = 0.7
+AESAM_DECAY = 0.9
+AESAM_C_START = -1.0
+AESAM_C_END = 1.0
 
 
 def gsam_orthogonal_correction(g_clean, g_sam, alpha: float, eps: float):
@@ -125,6 +158,65 @@ def gsam_orthogonal_correction(g_clean, g_sam, alpha: float, eps: float):
     return (gs32 - alpha * g_perp).astype(gs.dtype)
 
   return jax.tree.map(one, g_clean, g_sam)
+
+
+def looksam_direction(g_clean, g_sam, eps: float):
+  """g_v = g_sam minus its projection on g_clean, in fp32: what LookSAM stores on a SAM step."""
+  coef = tree_vdot(g_clean, g_sam) / (tree_vdot(g_clean, g_clean) + eps)
+  return jax.tree.map(lambda gc, gs: gs.astype(jnp.float32) - coef * gc.astype(jnp.float32),
+                      g_clean, g_sam)
+
+
+def looksam_reuse(g_clean, direction, weight: float, eps: float):
+  """LookSAM's in-between gradient g + alpha * (||g|| / ||g_v||) * g_v, cast to g's dtypes."""
+  scale = weight * global_norm(g_clean) / (global_norm(direction) + eps)
+  return jax.tree.map(lambda g, v: (g.astype(jnp.float32) + scale * v).astype(g.dtype),
+                      g_clean, direction)
+
+
+def adaptive_update(stats: AdaptiveState, sq_norm: jax.Array, c: jax.Array,
+                    decay: float) -> tuple[AdaptiveState, jax.Array]:
+  """AE-SAM: fold ||g||^2 into the running mean and variance; SAM iff ||g||^2 >= mean + c*std.
+
+  A threshold multiplier c = -inf always takes SAM, +inf never (c * std is not formed when std = 0,
+  so the first steps are not NaN).
+  """
+  mean = decay * stats.mean + (1 - decay) * sq_norm
+  var = decay * stats.var + (1 - decay) * jnp.square(sq_norm - mean)
+  std = jnp.sqrt(var)
+  margin = jnp.where(std > 0, c * jnp.where(std > 0, std, 1.0), jnp.where(jnp.isinf(c), c, 0.0))
+  return AdaptiveState(mean=mean, var=var), sq_norm >= mean + margin
+
+
+def find_momentum(base_state: Any) -> Any:
+  """The momentum buffer (optax's `trace`) inside a base optimizer's state; ValueError if none."""
+  traces = [x.trace for x in jax.tree.leaves(base_state, is_leaf=_is_trace)
+            if _is_trace(x)]
+  if len(traces) != 1:
+    raise ConfigError(f"sam variant='msam' needs a base optimizer with one momentum buffer (SGD "
+                      f"with momentum > 0); found {len(traces)}")
+  return traces[0]
+
+
+def _is_trace(x) -> bool:
+  return isinstance(x, optax.TraceState)
+
+
+def msam_point(params: Any, state: "SAMState", rho: float, *, eps: float = 1e-12,
+               start_step: int = 0, accum_steps: int = 1) -> Any:
+  """Where Momentum-SAM takes its one gradient: w - rho * v / ||v||, v the momentum buffer.
+
+  Becker et al. 2024 perturb along the negative momentum direction (v accumulates gradients, and
+  the base step moves along -v). The reference implementation keeps the weights stored perturbed to
+  save an add; here the stored weights stay the clean ones and this point is formed inside the
+  compiled step (one fused elementwise pass), so evaluation, checkpoints and resume see the clean
+  weights with nothing to undo. Before `start_step` the point is the weights themselves.
+  """
+  velocity = find_momentum(state.base_state)
+  scale = rho / (global_norm(velocity) + eps)
+  if start_step:
+    scale = jnp.where(state.count // accum_steps >= start_step, scale, 0.0)
+  return jax.tree.map(lambda p, v: p - (scale * v).astype(p.dtype), params, velocity)
 
 
 def gsam_rho_schedule(
@@ -177,6 +269,36 @@ def _check_nonneg(name: str, value) -> None:
     raise ConfigError(f"sam {name}={value!r} is invalid; accepted: a finite float >= 0")
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_schedule_args(variant: str, *, every, start_step, reuse_weight, adaptive_decay,
+                         adaptive_c, total_steps, accum_steps) -> None:
+  """One-line errors for the cheaper-SAM arguments, and for an option the variant would ignore."""
+  for name, value, low in (("every", every, 1), ("start_step", start_step, 0),
+                           ("total_steps", total_steps, 0), ("accum_steps", accum_steps, 1)):
+    if not _is_int(value) or value < low:
+      raise ConfigError(f"sam {name}={value!r} is invalid; accepted: an integer >= {low}")
+  if every > 1 and variant in ("aesam", "msam"):
+    raise ConfigError(f"sam every={every} is not used by variant={variant!r} (it decides its own "
+                      "steps); set every=1, or use variant 'sam'/'looksam'")
+  if reuse_weight != LOOKSAM_REUSE_WEIGHT:
+    if variant != "looksam":
+      raise ConfigError(f"sam reuse_weight={reuse_weight!r} is only used by variant='looksam' "
+                        f"(got {variant!r}); leave it at {LOOKSAM_REUSE_WEIGHT}")
+    _check_nonneg("reuse_weight", reuse_weight)
+  adaptive_set = adaptive_decay != AESAM_DECAY or tuple(adaptive_c) != (AESAM_C_START, AESAM_C_END)
+  if adaptive_set and variant != "aesam":
+    raise ConfigError(f"sam adaptive_decay/adaptive_c are only used by variant='aesam' (got "
+                      f"{variant!r}); leave them at {AESAM_DECAY}/{(AESAM_C_START, AESAM_C_END)}")
+  if not (_is_real(adaptive_decay) and 0 <= adaptive_decay < 1):
+    raise ConfigError(f"sam adaptive_decay={adaptive_decay!r} is invalid; accepted: 0 <= d < 1")
+  if len(adaptive_c) != 2 or not all(_is_real(c) and not math.isnan(c) for c in adaptive_c):
+    raise ConfigError(f"sam adaptive_c={adaptive_c!r} is invalid; accepted: two floats "
+                      "(-inf and inf allowed)")
+
+
 def sam(
   base: optax.GradientTransformation,
   rho: float | optax.Schedule,
@@ -189,6 +311,13 @@ def sam(
   axis_name: str | tuple[str, ...] | None = None,
   ascent_weight_decay: float = 0.0,
   asam_mask: Any = None,
+  every: int = 1,
+  start_step: int = 0,
+  reuse_weight: float = LOOKSAM_REUSE_WEIGHT,
+  adaptive_decay: float = AESAM_DECAY,
+  adaptive_c: tuple[float, float] = (AESAM_C_START, AESAM_C_END),
+  total_steps: int = 0,
+  accum_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization wrapping any optax `base` optimizer; one update = one SAM step.
 
@@ -209,6 +338,25 @@ def sam(
   mean, and the per-device ascent would silently become a synchronised one. `grad_fn` receives
   perturbed params that are already device-varying: differentiate them directly.
 
+  Cheaper schedules (none changes a plain SAM step when left at its default):
+    * `every=k`: the ascent on optimizer steps start_step, start_step + k, ...; the others are
+      base steps on the clean gradient (LookSAM: on the clean gradient plus the stored direction).
+      rho is not rescaled with k: Composer's periodic SAM and LookSAM keep SAM's rho, since each
+      SAM step is a full SAM step and the in-between steps are plain descent.
+    * `start_step=s`: base steps before optimizer step s, the schedule above after (late phase).
+    * variant "aesam": the ascent only on steps whose squared clean-gradient norm is at least its
+      running mean plus c_t running standard deviations (c_t linear from adaptive_c[0] at step 0
+      to adaptive_c[1] at total_steps).
+    * variant "msam": no ascent pass at all; the caller takes `grads` at `msam_point(...)`, and
+      this transform feeds them to `base` (one gradient per step).
+  The skip is a `lax.cond` on a predicate computed from the step count or from pmean-ed norms, so
+  it is the same on every device and every vmapped ascent group: the cond stays a real branch
+  (vmap keeps an unbatched predicate as a cond, not a select that runs both sides) and a skipped
+  step never computes the perturbed pass. Two compiled steps chosen on the host would do the same
+  for the count-based schedules but not for AE-SAM, whose predicate exists only on the device.
+  `accum_steps=n` says that n consecutive updates form one optimizer step (gradient accumulation
+  in `base`, e.g. optax.MultiSteps): the schedules and a rho schedule then count optimizer steps.
+
   A Python float rho == 0.0 is resolved at trace time: no perturbation, `grad_fn` is never called
   and the updates are bit for bit those of `base` on the (averaged) clean gradient.
 
@@ -227,7 +375,7 @@ def sam(
   Args:
     base: the optimizer applied to the SAM gradient (e.g. SGD + momentum + weight decay).
     rho: perturbation radius, a float >= 0 or an optax schedule of the step count.
-    variant: "sam", "asam" or "gsam".
+    variant: "sam", "asam", "gsam", "looksam", "aesam" or "msam".
     eta: ASAM's offset in T_w = |w| + eta.
     alpha: GSAM's weight of the orthogonal ascent term (must be 0 unless variant="gsam").
     eps: added to every global norm, so a zero gradient gives a zero perturbation, not NaN.
@@ -241,6 +389,13 @@ def sam(
     asam_mask: ASAM only: a pytree of bools like params, or a callable params -> such a tree,
       marking the leaves that get T_w = |w| + eta (the others get T_w = 1). Default: leaves with
       ndim > 1 (kernels); biases and BatchNorm scale/bias are excluded.
+    every: the ascent on every k-th optimizer step (sam, asam, gsam, looksam); 1 = every step.
+    start_step: optimizer steps before this one are base steps (any variant).
+    reuse_weight: LookSAM's alpha, the weight of the stored direction on in-between steps.
+    adaptive_decay: AE-SAM's EMA decay of the gradient-norm statistics.
+    adaptive_c: AE-SAM's threshold multiplier at step 0 and at total_steps (linear between).
+    total_steps: optimizer steps of the run (AE-SAM's c_t schedule; unused otherwise).
+    accum_steps: updates per optimizer step (gradient accumulation in base).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update takes `grad_fn` as keyword argument
@@ -253,6 +408,12 @@ def sam(
     Neural Networks, ICML 2021 (https://arxiv.org/abs/2102.11600).
     Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022
     (https://arxiv.org/abs/2203.08065).
+    Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization (LookSAM), CVPR 2022
+    (https://arxiv.org/abs/2203.02714).
+    Jiang et al., An Adaptive Policy to Employ Sharpness-Aware Minimization (AE-SAM), ICLR 2023
+    (https://arxiv.org/abs/2304.14647).
+    Becker et al., Momentum-SAM: Sharpness Aware Minimization without Computational Overhead, 2024
+    (https://arxiv.org/abs/2401.12033).
     `optax.contrib.sam` (the opaque mode with sync_period=2 is this transform's plain SAM).
   """
   if not (hasattr(base, "init") and hasattr(base, "update")):
@@ -261,7 +422,7 @@ def sam(
     raise ConfigError(
       f"sam rho={rho!r} is invalid; accepted: a finite float >= 0 or an optax schedule"
     )
-  if variant not in _ASCENTS:
+  if variant not in VARIANTS:
     raise ConfigError(f"sam variant={variant!r} is unknown; known: {', '.join(VARIANTS)}")
   _check_nonneg("eta", eta)
   _check_nonneg("alpha", alpha)
@@ -277,6 +438,9 @@ def sam(
     )
   if not isinstance(sync, bool):
     raise ConfigError(f"sam sync={sync!r} is invalid; accepted: True or False")
+  _check_schedule_args(variant, every=every, start_step=start_step, reuse_weight=reuse_weight,
+                       adaptive_decay=adaptive_decay, adaptive_c=adaptive_c,
+                       total_steps=total_steps, accum_steps=accum_steps)
   names_ok = isinstance(axis_name, str) or (
     isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
   )
@@ -286,53 +450,67 @@ def sam(
     )
 
   base = optax.with_extra_args_support(base)
-  ascent = _ASCENTS[variant]
+  ascent = _ASCENTS.get(variant)
   static_zero = not callable(rho) and rho == 0
+  # Whether every optimizer step takes the ascent, known at trace time: then there is no cond and
+  # the graph is plain SAM's, bit for bit.
+  always = every == 1 and start_step == 0 and variant not in ("aesam",)
+  c_start, c_end = (float(c) for c in adaptive_c)
   f32 = jnp.float32
+  nan = jnp.full((), jnp.nan, f32)
 
   def pmean(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
+  def init_policy(params):
+    if variant == "looksam" and not static_zero:
+      return LookSAMState(direction=jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params))
+    if variant == "aesam" and not static_zero:
+      return AdaptiveState(mean=jnp.zeros((), f32), var=jnp.zeros((), f32))
+    return ()
+
   def init_fn(params):
-    zero = jnp.zeros((), f32)
+    # A fresh array per field: a train state whose leaves share one buffer cannot be donated.
+    zero = lambda: jnp.zeros((), f32)
     return SAMState(
       count=jnp.zeros((), jnp.int32),
       base_state=base.init(params),
-      rho=zero,
-      clean_grad_norm=zero,
-      sam_grad_norm=zero,
-      cosine=zero,
+      rho=zero(),
+      clean_grad_norm=zero(),
+      sam_grad_norm=zero(),
+      cosine=zero(),
       perturbed_loss=jnp.full((), jnp.nan, f32),
+      active=zero(),
+      policy_state=init_policy(params),
     )
 
   def to_param_dtype(updates, params):
     return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)  # no-op when equal
 
-  def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
-    if params is None:
-      raise TypeError("sam.update needs params (the weights to perturb)")
-    g_clean = pmean(grads)
-    clean_norm = global_norm(g_clean)
-    count = optax.safe_int32_increment(state.count)
+  def finish(g_final, state, params, extra_args, **diagnostics):
+    updates, base_state = base.update(g_final, state.base_state, params, **extra_args)
+    new_state = SAMState(count=optax.safe_int32_increment(state.count), base_state=base_state,
+                         **diagnostics)
+    return to_param_dtype(updates, params), new_state
 
-    if static_zero:
-      # Plain one-pass step: the base on the averaged clean gradient, nothing else in the graph.
-      updates, base_state = base.update(g_clean, state.base_state, params, **extra_args)
-      new_state = SAMState(
-        count=count,
-        base_state=base_state,
-        rho=jnp.zeros((), f32),
-        clean_grad_norm=clean_norm,
-        sam_grad_norm=clean_norm,
-        cosine=jnp.ones((), f32),
-        perturbed_loss=jnp.full((), jnp.nan, f32),
-      )
-      return to_param_dtype(updates, params), new_state
+  def take_ascent(opt_step, clean_norm, policy_state):
+    """(take the ascent?, new policy state): a Python True when every step does, else a bool[]."""
+    if always:
+      return True, policy_state
+    take = opt_step >= start_step
+    if every > 1:
+      take = take & ((opt_step - start_step) % every == 0)
+    if variant == "aesam":
+      frac = jnp.clip(opt_step.astype(f32) / max(total_steps, 1), 0.0, 1.0)
+      c = jnp.where(frac >= 1, c_end, c_start + (c_end - c_start) * frac) if c_end != c_start \
+          else jnp.asarray(c_start, f32)
+      policy_state, adaptive_take = adaptive_update(policy_state, jnp.square(clean_norm), c,
+                                                    adaptive_decay)
+      take = take & adaptive_take
+    return take, policy_state
 
-    if grad_fn is None:
-      raise TypeError("sam.update needs grad_fn=params -> (loss, grads) when rho is not a static 0")
-    rho_t = jnp.asarray(rho(state.count) if callable(rho) else rho, f32)
-
+  def ascent_pass(grads, g_clean, clean_norm, params, rho_t, grad_fn, policy_state):
+    """SAM's perturbed pass: (descent gradient, its norm, cosine, perturbed loss, policy state)."""
     # Per-device ascent (m-sharpness) unless sync; replicated params make pmean(g + wd*w) equal
     # pmean(g) + wd*w, so the averaged clean gradient is reused.
     g_ascent = g_clean if sync else grads
@@ -362,17 +540,51 @@ def sam(
       # (big_vision's order) gives a vector that is not. With sync it also equals the
       # single-device full-batch step. g_clean is averaged for the diagnostics anyway.
       g_final = gsam_orthogonal_correction(g_clean, g_sam, alpha, eps)
+    if variant == "looksam":
+      policy_state = LookSAMState(direction=looksam_direction(g_clean, g_sam, eps))
+    return g_final, sam_norm, cosine, loss_p, policy_state
 
-    updates, base_state = base.update(g_final, state.base_state, params, **extra_args)
-    new_state = SAMState(
-      count=count,
-      base_state=base_state,
-      rho=rho_t,
-      clean_grad_norm=clean_norm,
-      sam_grad_norm=sam_norm,
-      cosine=cosine,
-      perturbed_loss=loss_p,
-    )
-    return to_param_dtype(updates, params), new_state
+  def skip_pass(g_clean, policy_state):
+    """A step without the ascent: the clean gradient (LookSAM: plus the stored direction)."""
+    g_final = g_clean
+    if variant == "looksam":
+      g_final = looksam_reuse(g_clean, policy_state.direction, reuse_weight, eps)
+    return g_final, nan, nan, nan, policy_state
+
+  def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
+    if params is None:
+      raise TypeError("sam.update needs params (the weights to perturb)")
+    g_clean = pmean(grads)
+    clean_norm = global_norm(g_clean)
+    zero, one = jnp.zeros((), f32), jnp.ones((), f32)
+
+    if static_zero:
+      # Plain one-pass step: the base on the averaged clean gradient, nothing else in the graph.
+      return finish(g_clean, state, params, extra_args, rho=zero, clean_grad_norm=clean_norm,
+                    sam_grad_norm=clean_norm, cosine=one, perturbed_loss=nan, active=zero,
+                    policy_state=state.policy_state)
+
+    opt_step = state.count // accum_steps
+    rho_t = jnp.asarray(rho(opt_step) if callable(rho) else rho, f32)
+    if variant == "msam":
+      # The caller took `grads` at msam_point: one gradient, no second pass.
+      active = one if not start_step else (opt_step >= start_step).astype(f32)
+      return finish(g_clean, state, params, extra_args, rho=rho_t * active,
+                    clean_grad_norm=clean_norm, sam_grad_norm=clean_norm, cosine=one,
+                    perturbed_loss=nan, active=active, policy_state=state.policy_state)
+    if grad_fn is None:
+      raise TypeError("sam.update needs grad_fn=params -> (loss, grads) when rho is not a static 0")
+
+    take, policy_state = take_ascent(opt_step, clean_norm, state.policy_state)
+    sam_side = lambda ps: ascent_pass(grads, g_clean, clean_norm, params, rho_t, grad_fn, ps)
+    if take is True:
+      g_final, sam_norm, cosine, loss_p, policy_state = sam_side(policy_state)
+    else:
+      g_final, sam_norm, cosine, loss_p, policy_state = jax.lax.cond(
+        take, sam_side, lambda ps: skip_pass(g_clean, ps), policy_state)
+    active = one if take is True else take.astype(f32)
+    return finish(g_final, state, params, extra_args, rho=rho_t, clean_grad_norm=clean_norm,
+                  sam_grad_norm=sam_norm, cosine=cosine, perturbed_loss=loss_p, active=active,
+                  policy_state=policy_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxsam import errors, losses
+from jaxsam import sam as sam_lib
 from jaxsam.parallel import DATA_AXIS
 
 GROUP_AXIS = "sam_group"
@@ -48,7 +49,10 @@ class StepConfig:
   bgr: bool = False  # feed channels in BGR order (Keras' caffe preprocessing); batches are RGB
   dtype: Any = jnp.float32  # compute dtype of the input; params stay fp32
   label_smoothing: float = 0.0
-  sam_group_size: int = 0  # examples per ascent group; 0 = the per-device batch
+  sam_group_size: int = 0  # examples per ascent group; 0 = the per-device (micro-)batch
+  accum_steps: int = 1  # micro-batches per optimizer step, run one after the other
+  msam_rho: float = 0.0  # Momentum-SAM: take the one gradient at sam.msam_point with this rho
+  msam_start_step: int = 0  # Momentum-SAM: plain gradients before this optimizer step
 
 
 def sam_group_size(m: int, per_device_batch: int) -> int:
@@ -84,16 +88,21 @@ def _loss_fn(params, batch_stats, images, labels, dropout_key, *, model: nn.Modu
   return loss, (logits, new_vars.get("batch_stats", {}))
 
 
-def _group_update(state: TrainState, images, labels, dropout_key, *, model, tx, cfg,
+def _group_update(state: TrainState, opt_state, images, labels, dropout_key, *, model, tx, cfg,
                   axis_names, perturbed: list):
-  """One optimizer update from one ascent group: clean pass, SAM's perturbed pass, base update.
+  """One `tx.update` from one ascent group: clean pass, SAM's perturbed pass (if taken), updates.
 
-  `perturbed` gets an entry when tracing takes the perturbed pass (never with a static rho = 0).
+  Returns (updates, new BN statistics, optimizer state, metrics); the weights are not applied, so
+  micro-batches of one accumulated step all see the same weights. `perturbed` gets an entry when
+  tracing takes the perturbed pass (never with a static rho = 0 or MSAM).
   """
   loss_fn = functools.partial(_loss_fn, model=model, cfg=cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels,
-                                              dropout_key)
+  at = state.params
+  if cfg.msam_rho:  # MSAM's one pass, at the weights moved against the momentum
+    at = sam_lib.msam_point(state.params, opt_state, cfg.msam_rho,
+                            start_step=cfg.msam_start_step, accum_steps=cfg.accum_steps)
+  (loss, (logits, new_stats)), grads = grad_fn(at, state.batch_stats, images, labels, dropout_key)
 
   def perturbed_grad(params):
     # Same batch, same dropout key; batch statistics normalise this pass, but its BN running
@@ -102,57 +111,96 @@ def _group_update(state: TrainState, images, labels, dropout_key, *, model, tx, 
     (p_loss, _), p_grads = grad_fn(params, state.batch_stats, images, labels, dropout_key)
     return p_loss, p_grads
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=perturbed_grad)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=perturbed_grad)
   batch_stats = jax.lax.pmean(new_stats, axis_names)
   metrics = {"train/loss": loss,
              "train/accuracy": jnp.mean(losses.correct_top1(logits, labels))}
   metrics = jax.lax.pmean(metrics, axis_names)
-  return params, batch_stats, opt_state, metrics
+  if cfg.msam_rho or perturbed:  # already the same on every device and group
+    metrics.update(sam_metrics(opt_state))
+  return updates, batch_stats, opt_state, metrics
+
+
+def _device_update(state: TrainState, opt_state, images, labels, key, *, cfg, **kwargs):
+  """One `tx.update` on this device's (micro-)batch, split into sam.m ascent groups if set."""
+  update = functools.partial(_group_update, cfg=cfg, **kwargs)
+  per_device = images.shape[0]
+  group = cfg.sam_group_size or per_device
+  if group == per_device:
+    return update(state, opt_state, images, labels, key, axis_names=DATA_AXIS)
+  # sam.m < per-device batch: each group of m examples acts as a device would (own ascent, own
+  # BN batch statistics). vmap keeps one compiled step; it costs one copy of the perturbed
+  # weights and gradients per group, and per-group weight gradients (grouped convolutions).
+  num_groups = per_device // group
+  split = lambda x: x.reshape((num_groups, group) + x.shape[1:])
+  keys = jax.random.split(key, num_groups)
+  vmapped = jax.vmap(
+      lambda im, lb, k: update(state, opt_state, im, lb, k, axis_names=(DATA_AXIS, GROUP_AXIS)),
+      axis_name=GROUP_AXIS)
+  outs = vmapped(split(images), split(labels), keys)
+  return jax.tree.map(lambda x: x[0], outs)
+
+
+def _accumulated_update(state: TrainState, images, labels, key, *, cfg, **kwargs):
+  """`cfg.accum_steps` micro-batches in a lax.scan: each makes its own ascent and BN statistics.
+
+  The optimizer (optax.MultiSteps inside SAM) emits the weight update on the last micro-batch;
+  BN statistics and metrics are the mean over micro-batches. Only one micro-batch's activations
+  are live at a time, which is the memory it saves.
+  """
+  n = cfg.accum_steps
+  update = functools.partial(_device_update, cfg=cfg, **kwargs)
+  if n == 1:
+    return update(state, state.opt_state, images, labels, key)
+  micro = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  xs = (micro(images), micro(labels), jax.random.split(key, n))
+  shapes = jax.eval_shape(lambda im, lb, k: update(state, state.opt_state, im, lb, k),
+                          *jax.tree.map(lambda x: x[0], xs))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
+
+  def body(carry, x):
+    opt_state, (_, stats_sum, metrics_sum) = carry
+    updates, stats, opt_state, metrics = update(state, opt_state, *x)
+    sums = jax.tree.map(jnp.add, (stats_sum, metrics_sum), (stats, metrics))
+    return (opt_state, (updates, *sums)), None
+
+  (opt_state, (updates, stats_sum, metrics_sum)), _ = jax.lax.scan(
+      body, (state.opt_state, zeros), xs)
+  mean = lambda tree: jax.tree.map(lambda x: x / n, tree)
+  return updates, mean(stats_sum), opt_state, mean(metrics_sum)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformationExtraArgs, lr_schedule: optax.Schedule,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SAM (or plain, when rho = 0) step on this device's slice of the global batch.
+  """One optimizer step (SAM, a cheaper variant, or plain when rho = 0) on this device's slice.
 
-  Metrics: train loss and accuracy, lr, and SAM's `sam/*` diagnostics only when SAM is on.
+  Metrics: train loss and accuracy, lr, and SAM's `sam/*` diagnostics only when SAM is on
+  (`sam/active`: the fraction of this step's updates that took the ascent).
   """
   images = preprocess(batch["image"], cfg)
   labels = batch["label"]
   device = jax.lax.axis_index(DATA_AXIS)
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
   perturbed = []
-  update = functools.partial(_group_update, model=model, tx=tx, cfg=cfg, perturbed=perturbed)
-  per_device = images.shape[0]
-  group = cfg.sam_group_size or per_device
-  if group == per_device:
-    params, batch_stats, opt_state, metrics = update(state, images, labels, key,
-                                                     axis_names=DATA_AXIS)
-  else:
-    # sam.m < per-device batch: each group of m examples acts as a device would (own ascent, own
-    # BN batch statistics). vmap keeps one compiled step; it costs one copy of the perturbed
-    # weights and gradients per group, and per-group weight gradients (grouped convolutions).
-    num_groups = per_device // group
-    split = lambda x: x.reshape((num_groups, group) + x.shape[1:])
-    keys = jax.random.split(key, num_groups)
-    vmapped = jax.vmap(
-        lambda im, lb, k: update(state, im, lb, k, axis_names=(DATA_AXIS, GROUP_AXIS)),
-        axis_name=GROUP_AXIS)
-    outs = vmapped(split(images), split(labels), keys)
-    params, batch_stats, opt_state, metrics = jax.tree.map(lambda x: x[0], outs)
-  if perturbed:  # a plain step (static rho = 0) has no SAM diagnostics to log
-    metrics.update(sam_metrics(opt_state))
+  updates, batch_stats, opt_state, metrics = _accumulated_update(
+      state, images, labels, key, model=model, tx=tx, cfg=cfg, perturbed=perturbed)
+  if perturbed:
     metrics["sam/gap"] = metrics["sam/perturbed_loss"] - metrics["train/loss"]
   metrics["lr"] = lr_schedule(state.step)
+  params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, metrics
 
 
 def sam_metrics(opt_state) -> dict[str, jax.Array]:
-  """SAM's diagnostics of the last update, as recorded in its state (see jaxsam.sam.SAMState)."""
+  """SAM's diagnostics of the last update, as recorded in its state (see jaxsam.sam.SAMState).
+
+  On a step that skipped the ascent, the perturbed loss, SAM gradient norm and cosine are NaN.
+  """
   return {
+      "sam/active": opt_state.active,
       "sam/rho": opt_state.rho,
       "sam/perturbed_loss": opt_state.perturbed_loss,
       "sam/clean_grad_norm": opt_state.clean_grad_norm,
