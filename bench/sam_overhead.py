@@ -1,10 +1,11 @@
 """Prints SAM's cost over plain SGD: the step-time ratio of jaxsam's real compiled train step.
 
 Both steps come from the same config (sam.rho = 0 vs 0.05) through `jaxsam.stepcost.build_step`
-(`optim.make_optimizer` and `steps.compile_train_step`), on a one-device mesh, with the batch already on device. After compile
-and warm-up the two steps are timed ALTERNATELY in one process (SGD, SAM, SGD, SAM, ...), each
-blocking on its outputs, so load from other processes hits both alike; the table gives the medians,
-their ratio, the median of the per-pair ratios and XLA's FLOP ratio (`compiled.cost_analysis()`).
+(`optim.make_optimizer` and `steps.compile_train_step`), on a one-device mesh, with the batch
+already on device. After compile and warm-up the two steps are timed ALTERNATELY in one process
+(SGD, SAM, SGD, SAM, ...), each blocking on its outputs, so load from other processes hits both
+alike; the table gives the medians, their ratio, the median of the per-pair ratios and XLA's FLOP
+ratio (`compiled.cost_analysis()`).
 SAM does two forward/backward passes, so 2 is the physical limit; the target is <= 2.05.
 
   python bench/sam_overhead.py [--models resnet18 resnet50] [--batch 32] [--image-size 32]

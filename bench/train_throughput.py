@@ -2,9 +2,10 @@
 
 The steps are the real ones (`jaxsam.stepcost.build_step`: `optim.make_optimizer` +
 `steps.compile_train_step`, as the train loop builds them from a config), on a mesh of the local
-devices, with one uint8 batch already on device at the model's resolution. FLOPs are XLA's count for the compiled per-device program
-(`compiled.cost_analysis()`); MFU = achieved FLOP/s per device / the device's dense peak for the
-compute dtype (bf16, or TF32 for float32 on GPUs, which XLA uses for fp32 convolutions by default).
+devices, with one uint8 batch already on device at the model's resolution. FLOPs are XLA's count
+for the compiled per-device program (`compiled.cost_analysis()`); MFU = achieved FLOP/s per
+device / the device's dense peak for the compute dtype (bf16, or TF32 for float32 on GPUs, which
+XLA uses for fp32 convolutions by default).
 
   python bench/train_throughput.py                      # tiny CPU defaults
   python bench/train_throughput.py --model=resnet50 --image_size=224 --batch_size=256 \

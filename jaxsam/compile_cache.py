@@ -1,4 +1,4 @@
-"""The persistent XLA compilation cache, on by default, so a rerun or a resume does not compile again.
+"""The persistent XLA compilation cache, on by default, so a rerun or a resume does not compile.
 
 The folder is `--compilation_cache=DIR` when given ('' turns the cache off), else the environment's
 `JAX_COMPILATION_CACHE_DIR` (JAX's own setting), else ~/.cache/jaxsam/xla. A folder that cannot be
@@ -17,10 +17,7 @@ DEFAULT_DIR = os.path.join("~", ".cache", "jaxsam", "xla")
 def resolve(flag: str | None, env: Mapping[str, str]) -> str:
   """The cache folder to use: the flag when given ('' = off), else $JAX_COMPILATION_CACHE_DIR,
   else the default; `~` expanded."""
-  if flag is not None:
-    path = flag
-  else:
-    path = env.get(ENV) or DEFAULT_DIR
+  path = flag if flag is not None else env.get(ENV) or DEFAULT_DIR
   return os.path.expanduser(path) if path else ""
 
 
@@ -55,7 +52,7 @@ def enable(path: str) -> str | None:
 
 
 def entries(path: str) -> list[str]:
-  """The cache's entries in `path` (compiled executables; JAX names them '<module>-<hash>-cache')."""
+  """The cache's entries in `path`: compiled executables, named '<module>-<hash>-cache'."""
   if not os.path.isdir(path):
     return []
   return sorted(f for f in os.listdir(path) if f.endswith("-cache"))

@@ -52,7 +52,7 @@ def compute_dtype(name: str):
 
 def step_config(config: ml_collections.ConfigDict, per_device_batch: int, image_size: int,
                 steps_per_epoch: int) -> steps.StepConfig:
-  """The StepConfig the loop derives from `config` (ImageNet normalisation: the cost is the same)."""
+  """The StepConfig the loop derives from `config` (ImageNet normalisation: the same cost)."""
   if hasattr(optim, "step_sam_settings"):  # micro-batches and the SAM variants' step fields
     sam_fields = optim.step_sam_settings(config, per_device_batch, steps_per_epoch)
   else:
@@ -64,7 +64,7 @@ def step_config(config: ml_collections.ConfigDict, per_device_batch: int, image_
 
 
 def sam_axis_name(cfg: steps.StepConfig, per_device_batch: int):
-  """SAM's collective axes: the devices, plus the vmapped ascent groups when sam.m splits a batch."""
+  """SAM's collective axes: the devices, plus the vmapped ascent groups when sam.m splits one."""
   if hasattr(optim, "sam_axis_name"):
     return optim.sam_axis_name(cfg, per_device_batch)
   if cfg.sam_group_size and cfg.sam_group_size < per_device_batch:
@@ -81,7 +81,7 @@ def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
   size = config.model.image_size
   if size < 1:
     raise errors.ConfigError(f"model.image_size={size} must be >= 1 without a dataset")
-  parallel.per_process_batch_size(config.batch_size, mesh)  # the loop's error when it does not divide
+  parallel.per_process_batch_size(config.batch_size, mesh)  # the loop's error if it won't divide
   per_device = config.batch_size // mesh.devices.size
   cfg = step_config(config, per_device, size, steps_per_epoch)
   tx, lr = optim.make_optimizer(config, steps_per_epoch,

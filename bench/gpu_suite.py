@@ -1,0 +1,430 @@
+"""The GPU figures from one command: per model and optimizer, the compiled train step's time,
+images/s, XLA GFLOP per image, MFU, memory and compile time, as one Markdown table and one JSON.
+
+  python bench/gpu_suite.py                      # one GPU: <= 9 min, compile included
+  python bench/gpu_suite.py --quick              # CPU, tiny sizes, < 2 min (CI runs it)
+  python bench/gpu_suite.py --cases=resnet18_cifar --optimizers=sgd,sam --batch=32   # a subset
+
+Each model runs in a child process with a time budget, so a model that runs out of memory or time
+becomes a row that says so and the others still run. SGD and SAM of every model come first, then
+the cheaper SAM variants (SAM every 2nd step, LookSAM, AE-SAM, MSAM, 2 accumulated micro-batches)
+in the time left; a variant the installed jaxsam lacks is a row marked n/a. Steps are jaxsam's own
+(`jaxsam.stepcost`), one device, a uint8 batch already on it at the model's resolution.
+Memory is XLA's static plan of the compiled step (`compiled.memory_analysis()`), the same on any
+run; MFU is against the device's dense bf16 (or TF32) peak, n/a where the device is not listed.
+
+Only JAX, flax, optax, numpy and ml_collections are imported: the GPU machine may lack TensorFlow,
+tensorflow_datasets and wandb. bench/loop_efficiency.py, which needs TensorFlow (the loop's
+tf.data pipeline), runs after the SGD/SAM rows where TensorFlow is installed, and is a skipped row
+with that reason where it is not. XLA's persistent compilation cache is on (the same folder as
+launch.py's), so a rerun skips the compiles; the table marks compiles served from it.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from jaxsam import compile_cache  # imports no JAX: each child imports it itself
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One model at one resolution, batch and dtype; `budget_s` bounds its child process."""
+  name: str
+  model: str
+  image_size: int
+  batch: int
+  dtype: str
+  num_classes: int
+  budget_s: float
+  cifar_stem: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """A row's config keys (flattened); phase 1 rows of every case run before any phase 2 row."""
+  name: str
+  overrides: dict
+  phase: int
+
+
+# One H200 (or H100), <= 9 min in all: budgets sized for compile (~20-60 s per step with SAM's two
+# passes) plus 30+ timed steps; the variants get what the SGD/SAM rows leave.
+GPU_CASES = (
+    Case("resnet50", "resnet50", 224, 256, "bfloat16", 1000, budget_s=150),
+    Case("efficientnet_b0", "efficientnet_b0", 224, 256, "bfloat16", 1000, budget_s=150),
+    Case("resnet18_cifar", "resnet18", 32, 512, "bfloat16", 10, budget_s=75, cifar_stem=True),
+    Case("wrn28_10", "wrn28_10", 32, 256, "bfloat16", 100, budget_s=90),
+)
+# The same code paths on a 2-core CPU in under 2 minutes.
+QUICK_CASES = (Case("resnet8", "resnet8", 8, 8, "float32", 10, budget_s=100),)
+RHO = 0.05
+OPTIMIZERS = (
+    Optimizer("sgd", {"sam.rho": 0.0}, phase=1),
+    Optimizer("sam", {"sam.rho": RHO}, phase=1),
+    Optimizer("sam_every2", {"sam.rho": RHO, "sam.every": 2}, phase=2),
+    Optimizer("looksam_k5", {"sam.rho": RHO, "sam.variant": "looksam", "sam.every": 5}, phase=2),
+    Optimizer("aesam", {"sam.rho": RHO, "sam.variant": "aesam"}, phase=2),
+    Optimizer("msam", {"sam.rho": RHO, "sam.variant": "msam"}, phase=2),
+    Optimizer("sam_accum2", {"sam.rho": RHO, "accum_steps": 2}, phase=2),
+)
+STEPS_PER_REPEAT = 10  # a multiple of every `every` above, so each repeat has the same mix
+MIN_CHILD_S = 20  # less time left than this: the rows are "not run" (a child needs start-up)
+MIB = 2 ** 20
+
+
+# ---- child: one case, its rows one JSON line each as soon as measured ----
+
+def child_config(case: Case, optimizer: Optimizer, batch: int):
+  """The base config with the case's model and the row's overrides, or a reason it has none."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+
+  config = common.get_base_config()
+  flat = {"model.name": case.model, "model.image_size": case.image_size,
+          "model.cifar_stem": case.cifar_stem, "batch_size": batch, "dtype": case.dtype,
+          **optimizer.overrides}
+  missing = [k for k in flat if not _has_key(config, k)]
+  if missing:
+    return None, f"this jaxsam has no config key {', '.join(missing)}"
+  config.update_from_flattened_dict(flat)
+  return config, None
+
+
+def _has_key(config, dotted: str) -> bool:
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    if p not in config:
+      return False
+    config = config[p]
+  return leaf in config
+
+
+def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: list) -> dict:
+  """Compiles one row's step, reads XLA's FLOPs and memory, warms up, times; a dict of figures."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from jaxsam import errors, parallel, stepcost  # pylint: disable=import-outside-toplevel
+
+  batch_size = args.batch or case.batch
+  config, reason = child_config(case, optimizer, batch_size)
+  if config is None:
+    return {"status": "n/a", "reason": reason}
+  try:
+    step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=case.num_classes)
+  except errors.ConfigError as e:
+    return {"status": "n/a", "reason": str(e)}
+  batch = stepcost.synthetic_batch(batch_size, case.image_size, case.num_classes, mesh)
+  abstract = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+  hits_before = len(listener_hits)
+  start = time.perf_counter()
+  lowered = step.lower(abstract, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  mem = stepcost.memory(compiled)
+  flops = stepcost.flops(compiled)
+  row = {"status": "ok", "lower_s": lower_s, "compile_s": compile_s,
+         "compile_cached": len(listener_hits) > hits_before, "gflop_step": flops / 1e9,
+         "gflop_image": flops / 1e9 / batch_size, **{f"{k}_bytes": v for k, v in mem.items()}}
+  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  state, _ = stepcost.time_steps(compiled, state, batch, args.warmup, repeats=1)
+  state, seconds = stepcost.time_steps(compiled, state, batch, STEPS_PER_REPEAT, args.repeats)
+  jax.block_until_ready(state)
+  step_s = statistics.median(seconds)
+  peak = stepcost.peak_tflops(jax.devices()[0].device_kind, case.dtype)
+  row.update(step_ms=1e3 * step_s, step_ms_repeats=[1e3 * s for s in seconds],
+             images_per_s=batch_size / step_s, tflops=flops / step_s / 1e12,
+             mfu=None if peak is None else flops / step_s / 1e12 / peak, peak_tflops=peak)
+  return row
+
+
+def failure_status(error: Exception) -> str:
+  text = f"{type(error).__name__} {error}"
+  return "oom" if ("RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()) else "error"
+
+
+def run_child(args) -> None:
+  """Measures the rows of one case in this process, appending one JSON line per row to --jsonl."""
+  import warnings  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from jaxsam import parallel  # pylint: disable=import-outside-toplevel
+
+  warnings.filterwarnings("ignore", message=".*[Dd]onat.*")  # backends that cannot donate
+  compile_cache.enable(os.environ.get(compile_cache.ENV, ""))
+  hits = []
+  jax.monitoring.register_event_listener(
+      lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+  case = {c.name: c for c in all_cases()}[args.child]
+  rows = [o for o in OPTIMIZERS if o.name in args.rows.split(",")]
+  device = jax.devices()[0]
+  mesh = parallel.make_mesh([device])
+  write = lambda record: _append(args.jsonl, record)
+  write({"kind": "device", "device_kind": device.device_kind, "platform": device.platform,
+         "jax": jax.__version__, **versions()})
+  for optimizer in rows:
+    try:
+      row = measure_row(case, optimizer, args, mesh, hits)
+    except Exception as e:  # noqa: BLE001  (any failure of one row, OOM included, is that row's)
+      row = {"status": failure_status(e), "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+    write({"kind": "row", "case": case.name, "optimizer": optimizer.name, **row})
+
+
+def _append(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def versions() -> dict:
+  import flax  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  return {"jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "python": platform.python_version()}
+
+
+# ---- parent: children under budgets, then the table and the JSON ----
+
+def all_cases() -> tuple[Case, ...]:
+  return GPU_CASES + QUICK_CASES
+
+
+def spawn(case: Case, rows: list[Optimizer], budget_s: float, args,
+          env: dict) -> tuple[list[dict], dict | None]:
+  """One child for `rows` of `case`: (its rows, unfinished ones marked timeout or error; its
+  device record)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    jsonl = os.path.join(tmp, "rows.jsonl")
+    command = [sys.executable, os.path.abspath(__file__), f"--child={case.name}",
+               f"--rows={','.join(o.name for o in rows)}", f"--jsonl={jsonl}",
+               f"--batch={args.batch}", f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
+    start = time.perf_counter()
+    try:
+      done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=budget_s,
+                            check=False)
+      missing = {"status": "error", "reason": f"child exited {done.returncode}: "
+                 f"{_last_line(done.stderr)}"}
+    except subprocess.TimeoutExpired:
+      missing = {"status": "timeout", "reason": f"over the model's {budget_s:.0f} s budget"}
+    wall_s = time.perf_counter() - start
+    records = []
+    if os.path.exists(jsonl):
+      with open(jsonl) as f:
+        records = [json.loads(line) for line in f]
+  done_rows = {r["optimizer"]: r for r in records if r["kind"] == "row"}
+  device = next((r for r in records if r["kind"] == "device"), None)
+  out = [done_rows.get(o.name, {"kind": "row", "case": case.name, "optimizer": o.name,
+                                **missing}) for o in rows]
+  for r in out:
+    r.update(_case_fields(case, args), child_wall_s=wall_s)
+  return out, device
+
+
+def _last_line(text: str) -> str:
+  lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+  return lines[-1][:300] if lines else "no output"
+
+
+def _case_fields(case: Case, args) -> dict:
+  return {"model": case.model, "image_size": case.image_size, "batch": args.batch or case.batch,
+          "dtype": case.dtype, "cifar_stem": case.cifar_stem, "num_classes": case.num_classes}
+
+
+def run_loop_efficiency(args, budget_s: float, env: dict) -> dict:
+  """bench/loop_efficiency.py as a child (it needs TensorFlow), or why it was skipped."""
+  if importlib.util.find_spec("tensorflow") is None:
+    return {"status": "skipped", "reason": "TensorFlow is not installed (the loop's input "
+            "pipeline is tf.data)"}
+  if budget_s < MIN_CHILD_S:
+    return {"status": "not run", "reason": "suite time budget spent"}
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "loop.json")
+    command = [sys.executable, os.path.join(ROOT, "bench", "loop_efficiency.py"),
+               f"--json={out}"] + (["--quick"] if args.quick else [])
+    try:
+      done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=budget_s,
+                            check=False)
+    except subprocess.TimeoutExpired:
+      return {"status": "timeout", "reason": f"over its {budget_s:.0f} s budget"}
+    if not os.path.exists(out):
+      return {"status": "error", "reason": f"exited {done.returncode}: {_last_line(done.stderr)}"}
+    with open(out) as f:
+      return json.load(f)
+
+
+def fmt(value, spec: str, scale: float = 1.0) -> str:
+  return "n/a" if value is None else format(value * scale, spec)
+
+
+def table(rows: list[dict]) -> str:
+  """The Markdown table: one line per row, figures where measured, the status otherwise."""
+  header = ("| model | px | batch | dtype | optimizer | step ms | images/s | GFLOP/image | MFU "
+            "| peak MiB | temp MiB | compile s | status |")
+  lines = [header, "|" + "---|" * 13]
+  for r in rows:
+    model = r["model"] + (" (CIFAR stem)" if r["cifar_stem"] else "")
+    head = f"| {model} | {r['image_size']} | {r['batch']} | {r['dtype']} | {r['optimizer']} |"
+    if r["status"] != "ok":
+      lines.append(head + " |" * 7 + f" {r['status']}: {r.get('reason', '')} |")
+      continue
+    compile_s = f"{r['compile_s']:.1f}" + (" (cached)" if r["compile_cached"] else "")
+    lines.append(
+        head + f" {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | {r['gflop_image']:.3f} | "
+        f"{fmt(r['mfu'], '.1%')} | {r['peak_bytes'] / MIB:,.1f} | {r['temp_bytes'] / MIB:,.1f} | "
+        f"{compile_s} | ok |")
+  return "\n".join(lines)
+
+
+def sam_memory_notes(rows: list[dict]) -> list[str]:
+  """SAM's temporaries against SGD's per model: a second live copy of the activations would
+  make SAM's nearly twice SGD's; parameter-sized extras (perturbed weights, a second gradient)
+  are what SAM needs."""
+  ok = {(r["model"], r["optimizer"]): r for r in rows if r["status"] == "ok"}
+  notes = []
+  for (model, name), sgd in ok.items():
+    sam = ok.get((model, "sam"))
+    if name == "sgd" and sam:
+      ratio = sam["temp_bytes"] / sgd["temp_bytes"]
+      notes.append(f"{model}: SAM temp {sam['temp_bytes'] / MIB:,.1f} MiB vs SGD "
+                   f"{sgd['temp_bytes'] / MIB:,.1f} MiB = {ratio:.2f}x"
+                   f" (peak {sam['peak_bytes'] / sgd['peak_bytes']:.2f}x)")
+  return notes
+
+
+def suite(args) -> dict:
+  """Runs every case's children within the suite's budget; returns the JSON document."""
+  start = time.perf_counter()
+  deadline = start + args.budget_s
+  cases = QUICK_CASES if args.quick else GPU_CASES
+  if args.cases:
+    known = {c.name: c for c in all_cases()}
+    unknown = [n for n in args.cases.split(",") if n not in known]
+    if unknown:
+      sys.exit(f"error: --cases={','.join(unknown)} unknown; known: {', '.join(known)}")
+    cases = tuple(known[n] for n in args.cases.split(","))
+  selected = [o for o in OPTIMIZERS if not args.optimizers or o.name in args.optimizers.split(",")]
+  if args.optimizers and len(selected) != len(args.optimizers.split(",")):
+    sys.exit(f"error: --optimizers={args.optimizers} has unknown names; known: "
+             f"{', '.join(o.name for o in OPTIMIZERS)}")
+  cache = compile_cache.resolve(args.compilation_cache, os.environ)
+  warning = compile_cache.unwritable_reason(cache) if cache else None
+  if warning:
+    print(f"warning: compilation cache {cache} is not writable ({warning}); compiling without it",
+          file=sys.stderr)
+    cache = ""
+  env = dict(os.environ, **{compile_cache.ENV: cache})
+  results, device = {}, None
+  loop = None
+  for phase in (1, 2):
+    for case in cases:
+      rows = [o for o in selected if o.phase == phase]
+      if not rows:
+        continue
+      left = deadline - time.perf_counter()
+      if left < MIN_CHILD_S:
+        for o in rows:
+          results[(case.name, o.name)] = {"kind": "row", "case": case.name, "optimizer": o.name,
+                                          "status": "not run", "reason": "suite time budget spent",
+                                          **_case_fields(case, args)}
+        continue
+      got, dev = spawn(case, rows, min(case.budget_s, left), args, env)
+      device = device or dev
+      results.update({(case.name, r["optimizer"]): r for r in got})
+      print(f"  {case.name} phase {phase}: " + ", ".join(
+          f"{r['optimizer']} {r['status']}" for r in got), file=sys.stderr, flush=True)
+    if phase == 1 and not args.no_loop_efficiency:
+      loop = run_loop_efficiency(args, min(args.loop_budget_s, deadline - time.perf_counter()),
+                                 env)
+  order = [(c.name, o.name) for c in cases for o in selected]
+  return {"meta": {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                   "quick": args.quick, "wall_s": time.perf_counter() - start,
+                   "budget_s": args.budget_s, "compilation_cache": cache or None,
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count(),
+                   "device": device},
+          "rows": [results[k] for k in order if k in results],
+          "loop_efficiency": loop}
+
+
+def report(doc: dict) -> str:
+  meta, device = doc["meta"], doc["meta"]["device"] or {}
+  title = (f"jaxsam GPU suite, {meta['date']}: {device.get('device_kind', 'no device reported')} "
+           f"({device.get('platform', '?')}), jax {device.get('jax', '?')}, flax "
+           f"{device.get('flax', '?')}, optax {device.get('optax', '?')}, "
+           f"wall {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget")
+  lines = [title, "", table(doc["rows"]), ""]
+  lines += sam_memory_notes(doc["rows"])
+  loop = doc["loop_efficiency"]
+  if loop is not None:
+    if loop.get("status") == "ok":
+      lines.append(f"loop efficiency ({loop['config']}): launch.py {loop['loop_images_per_s']:,.0f}"
+                   f" images/s / compiled step {loop['step_images_per_s']:,.0f} = "
+                   f"**{loop['efficiency']:.3f}**")
+    else:
+      lines.append(f"loop efficiency: {loop.get('status')}: {loop.get('reason', '')}")
+  lines.append("step ms: median of the repeats' mean step time; MFU per device against its dense "
+               "peak; peak = arguments + outputs - donated + temporaries (XLA's static plan).")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="CPU sizes, < 2 min (CI)")
+  parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+  parser.add_argument("--optimizers", default="", help="comma-separated row names (default: all)")
+  parser.add_argument("--batch", type=int, default=0, help="override every case's batch (0: keep)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help=f"timed repeats of {STEPS_PER_REPEAT} steps (the median is reported)")
+  parser.add_argument("--budget_s", type=float, default=0.0,
+                      help="suite wall-time budget (default 510 s, --quick 110 s)")
+  parser.add_argument("--loop_budget_s", type=float, default=0.0,
+                      help="loop_efficiency's budget (default 150 s, --quick 60 s)")
+  parser.add_argument("--no_loop_efficiency", action="store_true")
+  parser.add_argument("--compilation_cache", default=None,
+                      help="XLA cache folder ('' = off; default as launch.py)")
+  parser.add_argument("--out", default="", help="JSON path (default runs/gpu_suite[_quick].json)")
+  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--rows", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--jsonl", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  args.budget_s = args.budget_s or (110.0 if args.quick else 510.0)
+  args.loop_budget_s = args.loop_budget_s or (60.0 if args.quick else 150.0)
+  if args.quick and args.repeats == 3:
+    args.repeats = 2
+  args.out = args.out or os.path.join("runs", f"gpu_suite{'_quick' * args.quick}.json")
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.child:
+    run_child(args)
+    return
+  doc = suite(args)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(doc, f, indent=1, allow_nan=False)
+  print(report(doc))
+  print(f"figures: {args.out}")
+  # Out of time or memory is a figure; a row that raised anything else is a bug in the suite or
+  # in jaxsam, which CI (--quick) must catch.
+  errors = [f"{r['case']}/{r['optimizer']}" for r in doc["rows"] if r["status"] == "error"]
+  if errors or (doc["loop_efficiency"] or {}).get("status") == "error":
+    sys.exit(f"error: rows failed: {', '.join(errors) or 'loop efficiency'}; see {args.out}")
+
+
+if __name__ == "__main__":
+  main()
