@@ -2,12 +2,17 @@
 
 A run spans several processes (one per host, or one per GPU) when launched under SLURM or given
 `--coordinator_address`, `--num_processes` and `--process_id`. This is the one module that reads
-the environment, and only when `launch.py` asks it to (`resolve(..., env=os.environ)`): SLURM's
-variables say how many tasks there are and which one this is. Everything after `initialize` is
-plain JAX: one global mesh over all processes' devices (see jaxsam.parallel).
+the environment, and only when `launch.py` asks it to (`resolve(..., env=os.environ)`). Everything
+after `initialize` is plain JAX: one global mesh over all processes' devices (see jaxsam.parallel).
 
-Failures are bounded and one line: inconsistent flags fail before any network traffic, and an
-unreachable coordinator fails after `timeout_s` instead of hanging.
+Under SLURM, `jax.distributed.initialize` finds the coordinator itself (its cluster detection:
+the step's first node, a port from the job id). What stays here is what JAX lacks:
+- flags checked against SLURM's task count and rank before any network traffic (a contradiction
+  would hang the job waiting for processes that never come), with one-line errors;
+- a bounded wait for the coordinator, and JAX's rendezvous errors as one line;
+- the cross-process check after start-up (every process told the same count, distinct ids);
+- the local devices: JAX gives each SLURM task the GPU at its local rank, which is right for
+  `--ntasks-per-node=G` only; one task per node takes every GPU, a GPU bound by SLURM stays bound.
 """
 
 import dataclasses
@@ -23,7 +28,8 @@ from jaxsam import errors
 
 DEFAULT_TIMEOUT_S = 300
 # The SLURM variables that must all be present for a run to count as a SLURM job step.
-_SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                   "SLURM_LOCALID")
 
 
 class DistributedError(errors.UserError):
@@ -33,7 +39,7 @@ class DistributedError(errors.UserError):
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
   """Where this process sits in a multi-process run (what `jax.distributed.initialize` needs)."""
-  coordinator_address: str  # host:port of process 0's coordination service
+  coordinator_address: str | None  # host:port of process 0's service; None: JAX finds it
   num_processes: int
   process_id: int
   local_device_ids: tuple[int, ...] | None = None  # None: every local accelerator
@@ -49,21 +55,6 @@ def parse_address(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)
 
 
-def first_slurm_host(node_list: str) -> str:
-  """The first host of a SLURM node list: 'n[003-005,9],m1' -> 'n003', 'a,b' -> 'a'.
-
-  Written by hand because SLURM ships `scontrol show hostnames` but no Python parser, and the
-  coordinator only needs the first name.
-  """
-  node_list = node_list.strip()
-  cut = min((i for i in (node_list.find(","), node_list.find("[")) if i >= 0),
-            default=len(node_list))
-  if cut == len(node_list) or node_list[cut] == ",":
-    return node_list[:cut]
-  first = node_list[cut + 1:].split(",")[0].split("-")[0].rstrip("]")
-  return node_list[:cut] + first
-
-
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
   """Tasks this job step runs per node; SLURM_STEP_TASKS_PER_NODE looks like '4(x2)' or '2,1'."""
   spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
@@ -73,30 +64,23 @@ def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
 def slurm_spec(env: Mapping[str, str]) -> ProcessSpec | None:
   """The process layout of a SLURM job step (None outside SLURM or for a single task).
 
-  The coordinator is the step's first node on a port derived from the job id (the rule JAX's own
-  SLURM detection uses, so that every task computes the same address without talking). With
-  several tasks on a node each task takes the GPU at its local rank, as `srun` with
-  `--ntasks-per-node=G --gpus-per-node=G` expects; with one task per node it takes them all.
+  The coordinator address is left to JAX's SLURM detection (None here). With several tasks on a
+  node each task takes the GPU at its local rank; with one task per node, or a GPU SLURM bound
+  to the task already (`--gpus-per-task`, then it is local device 0), every local device.
   """
   if not all(k in env for k in _SLURM_REQUIRED):
     return None
   try:
-    num = int(env["SLURM_NTASKS"])
-    pid = int(env["SLURM_PROCID"])
-    local = int(env["SLURM_LOCALID"])
-    port = int(env["SLURM_JOB_ID"]) % 2**12 + (65535 - 2**12 + 1)
+    num, pid, local = (int(env[k]) for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
   except ValueError as e:
     raise DistributedError(f"SLURM variables are not integers ({e})") from e
   if num <= 1:
     return None
-  nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
   visible = env.get("CUDA_VISIBLE_DEVICES", "")
-  # SLURM's --gpus-per-task binds one GPU per task already (then it is local device 0).
   one_gpu_bound = visible != "" and "," not in visible
-  per_node = _slurm_tasks_on_node(env)
-  local_ids = (local,) if per_node > 1 and not one_gpu_bound else None
-  return ProcessSpec(coordinator_address=f"{first_slurm_host(nodes)}:{port}", num_processes=num,
-                     process_id=pid, local_device_ids=local_ids, source="slurm")
+  local_ids = (local,) if _slurm_tasks_on_node(env) > 1 and not one_gpu_bound else None
+  return ProcessSpec(coordinator_address=None, num_processes=num, process_id=pid,
+                     local_device_ids=local_ids, source="slurm")
 
 
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -136,14 +120,15 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
 
 
 def check(spec: ProcessSpec) -> None:
-  """Static consistency: a positive count, an id in [0, count), a host:port address."""
+  """Static consistency: a positive count, an id in [0, count), a host:port address if given."""
   if spec.num_processes < 1:
     raise DistributedError(f"--num_processes={spec.num_processes} must be >= 1")
   if not 0 <= spec.process_id < spec.num_processes:
     raise DistributedError(
         f"--process_id={spec.process_id} must be in [0, {spec.num_processes - 1}] for "
         f"--num_processes={spec.num_processes}")
-  parse_address(spec.coordinator_address)
+  if spec.coordinator_address is not None:
+    parse_address(spec.coordinator_address)
 
 
 def _wait_for_coordinator(host: str, port: int, deadline: float) -> bool:
@@ -173,13 +158,24 @@ def _check_port_free(port: int, spec: ProcessSpec) -> None:
       raise
 
 
+def _wait_bounded(spec: ProcessSpec, timeout_s: int, deadline: float) -> None:
+  """Process 0 checks its port is free; the others wait for it until the deadline."""
+  host, port = parse_address(spec.coordinator_address)
+  if spec.process_id == 0:
+    _check_port_free(port, spec)
+  elif not _wait_for_coordinator(host, port, deadline):
+    raise DistributedError(
+        f"coordinator {spec.coordinator_address} unreachable after {timeout_s}s (process "
+        f"{spec.process_id} of {spec.num_processes}); is process 0 running there, the port open?")
+
+
 def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
   """Initialises `jax.distributed` for `spec` (None: single process, nothing to do).
 
   Must run before anything touches a JAX backend. On CPU, cross-process collectives go through
-  gloo. Process k > 0 first waits at most `timeout_s` for the coordinator to accept connections and
-  raises a one-line DistributedError if it never does; JAX itself then bounds the rendezvous of all
-  processes by the same timeout.
+  gloo. With a known coordinator address, process k > 0 first waits at most `timeout_s` for it
+  and raises a one-line DistributedError if it never answers; JAX then bounds the rendezvous of
+  all processes by the same timeout (under SLURM that is the only wait: JAX finds the address).
 
   Args:
     spec: from `resolve`.
@@ -190,22 +186,24 @@ def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) 
   if timeout_s <= 0:
     raise DistributedError(f"--distributed_timeout_s={timeout_s} must be > 0")
   check(spec)
-  host, port = parse_address(spec.coordinator_address)
   deadline = time.time() + timeout_s
-  if spec.process_id == 0:
-    _check_port_free(port, spec)
-  elif not _wait_for_coordinator(host, port, deadline):
-    raise DistributedError(
-        f"coordinator {spec.coordinator_address} unreachable after {timeout_s}s (process "
-        f"{spec.process_id} of {spec.num_processes}); is process 0 running there, the port open?")
+  if spec.coordinator_address is not None:
+    _wait_bounded(spec, timeout_s, deadline)
   # CPU runs (tests, debugging) need a cross-process collectives backend; GPUs use NCCL regardless.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
-      process_id=spec.process_id,
-      local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
-      cluster_detection_method="deactivate",
-      initialization_timeout=max(1, int(deadline - time.time())))
+  try:
+    jax.distributed.initialize(
+        coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
+        process_id=spec.process_id,
+        # [] = every local device; JAX's SLURM rule would give each task one GPU.
+        local_device_ids=list(spec.local_device_ids or ()),
+        cluster_detection_method=None if spec.source == "slurm" else "deactivate",
+        initialization_timeout=max(1, int(deadline - time.time())))
+  except (RuntimeError, ValueError) as e:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise DistributedError(
+        f"jax.distributed.initialize failed for process {spec.process_id} of "
+        f"{spec.num_processes} ({spec.source}) within {timeout_s}s: {first}") from e
   verify(spec)
 
 
@@ -229,8 +227,9 @@ def check_claims(spec: ProcessSpec, claims: np.ndarray, process_count: int,
     if count != process_count or pid != k:
       raise DistributedError(
           f"process {k} was started with --num_processes={count} --process_id={pid} but the "
-          f"coordinator {spec.coordinator_address} runs {process_count} processes; start every "
-          "process with the same --num_processes and a distinct --process_id")
+          f"coordinator {spec.coordinator_address or '(from SLURM)'} runs {process_count} "
+          "processes; start every process with the same --num_processes and a distinct "
+          "--process_id")
   if process_index != spec.process_id:
     raise DistributedError(
         f"--process_id={spec.process_id} but the coordinator numbered this process "

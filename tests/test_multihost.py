@@ -142,6 +142,7 @@ def runs(tmp_path_factory):
           "second": second, "second_rc": [p.wait() for p in second], "multi_dir": multi_dir}
 
 
+@pytest.mark.slow
 def test_preempted_two_process_run_saves_one_step_and_resumes(runs):
   assert runs["first_rc"] == [0, 0], runs["first"][0].err[-3000:] + runs["first"][1].err[-3000:]
   saved = runs["checkpoints_after_first"]
@@ -155,6 +156,7 @@ def test_preempted_two_process_run_saves_one_step_and_resumes(runs):
   assert summary["completed"] and summary["num_processes"] == 2 and summary["steps"] == STEPS
 
 
+@pytest.mark.slow
 def test_two_processes_end_like_one_process_with_the_same_global_batch(runs):
   assert runs["single_rc"] == 0, runs["single"].err[-3000:]
   single = load_state(runs["single_dir"] / "checkpoints" / str(STEPS))
@@ -178,6 +180,7 @@ def test_two_processes_end_like_one_process_with_the_same_global_batch(runs):
         assert got[k] == want[k], k
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes(runs):
   for proc in [runs["first"][1], runs["second"][1]]:
     assert "jaxsam:" not in proc.out  # no console lines, no progress
@@ -191,6 +194,7 @@ def test_only_process_zero_writes(runs):
 # --- Bad input: one line on stderr, non-zero exit, bounded time. ----------------------------------
 
 
+@pytest.mark.slow
 def test_process_id_out_of_range_fails_before_any_network(tmp_path):
   proc = Proc(tmp_path, "bad", [*TINY, "--coordinator_address=127.0.0.1:1", "--num_processes=2",
                                 "--process_id=2"], devices=1)
@@ -198,6 +202,7 @@ def test_process_id_out_of_range_fails_before_any_network(tmp_path):
   assert "--process_id=2 must be in [0, 1]" in one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   start = time.time()
   proc = Proc(tmp_path, "lost", [*TINY, f"--coordinator_address=127.0.0.1:{free_port()}",
@@ -208,6 +213,7 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   assert time.time() - start < 60  # startup plus the 3 s wait, not a hang
 
 
+@pytest.mark.slow
 def test_processes_started_with_different_counts_all_fail(tmp_path):
   procs = start_processes(tmp_path, "mismatch", [*TINY, f"--workdir={tmp_path / 'w'}"], num=2,
                           devices=1, counts=[2, 3])
@@ -216,6 +222,7 @@ def test_processes_started_with_different_counts_all_fail(tmp_path):
     assert "process 1 was started with --num_processes=3" in one_error_line(p)
 
 
+@pytest.mark.slow
 def test_global_batch_not_divisible_by_all_devices(tmp_path):
   # 2 processes x 2 devices: 6 splits over one process's devices but not over all 4.
   procs = start_processes(tmp_path, "batch", [*TINY, "--config.batch_size=6",
@@ -239,10 +246,9 @@ def test_resolve_from_flags_and_single_process():
   assert (spec.coordinator_address, spec.num_processes, spec.process_id) == ("10.0.0.1:1234", 2, 1)
 
 
-def test_resolve_from_slurm_matches_jax_port_rule():
+def test_resolve_from_slurm_leaves_the_address_to_jax():
   spec = distributed.resolve(env=SLURM)
-  # JAX's SLURM rule: first node, port = job id mod 4096 + 61440.
-  assert spec.coordinator_address == f"gpu07:{4321 % 4096 + 61440}"
+  assert spec.coordinator_address is None  # jax.distributed.initialize's SLURM detection finds it
   assert (spec.num_processes, spec.process_id, spec.local_device_ids) == (8, 5, (1,))
   one_per_node = {**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
                   "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
@@ -255,8 +261,12 @@ def test_resolve_from_slurm_matches_jax_port_rule():
 
 @pytest.mark.parametrize("node_list, first", [
     ("node001", "node001"), ("a,b", "a"), ("n[003-005,9],m1", "n003"), ("gpu[1,7-9]", "gpu1")])
-def test_first_slurm_host(node_list, first):
-  assert distributed.first_slurm_host(node_list) == first
+def test_jax_slurm_detection_picks_the_first_host_and_the_job_port(monkeypatch, node_list, first):
+  from jax._src.clusters import SlurmCluster
+  for key, value in {**SLURM, "SLURM_STEP_NODELIST": node_list}.items():
+    monkeypatch.setenv(key, value)
+  assert SlurmCluster.is_env_present()
+  assert SlurmCluster.get_coordinator_address(None, None) == f"{first}:{4321 % 4096 + 61440}"
 
 
 @pytest.mark.parametrize("args, env, message", [
