@@ -400,3 +400,86 @@ def test_train_crop_decodes_jpeg_crop_in_one_step_and_inside_dataset_map():
     assert a.shape == (64, 64, 3)
     np.testing.assert_array_equal(a, b)
   assert not np.array_equal(eager[0], eager[1])  # crops differ by seed
+
+
+# ------------------------------------------------------------------- kill -9 and resume, streamed
+
+STREAM_SPE, STREAM_EPOCHS = 6, 3  # 96 examples // batch 16
+
+
+def _stream_args(data_dir: str) -> list[str]:
+  return ["--config=configs/quickstart.py", "--config.dataset.name=tiny_shapes",
+          f"--config.dataset.data_dir={data_dir}", "--config.dataset.in_memory=false",
+          "--config.dataset.shuffle_buffer=30", "--config.dataset.download=false",
+          f"--config.num_epochs={STREAM_EPOCHS}", "--config.model.image_size=16",
+          "--config.model.width=4", "--config.batch_size=16", "--config.eval_batch_size=16",
+          "--config.augment.random_resized_crop=true", "--config.augment.crop_padding=0",
+          "--config.augment.randaugment.num_ops=1", "--config.log_every_steps=1",
+          "--config.checkpoint_every_epochs=1", "--config.checkpoint_keep=2",
+          "--config.progress_bar=false",
+          "--config.wandb.mode=disabled"]
+
+
+def test_streamed_kill9_and_resume_equals_uninterrupted(tfds_dir, tmp_path):
+  import signal
+  import subprocess
+
+  from tests import test_resume
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = test_resume._env(str(tmp_path))
+
+  def launch(workdir, log):
+    return subprocess.Popen([sys.executable, "launch.py", f"--workdir={workdir}",
+                             *_stream_args(tfds_dir)], cwd=root, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  run_a = launch(a, tmp_path / "a.log")
+  b1 = launch(b, tmp_path / "b1.log")
+  killed = _kill_mid_epoch(b1, b)
+  assert b1.wait(timeout=60) == -signal.SIGKILL and killed % STREAM_SPE
+  b2 = launch(b, tmp_path / "b2.log")
+  assert b2.wait(timeout=600) == 0, (tmp_path / "b2.log").read_text()[-3000:]
+  assert run_a.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
+  log = (tmp_path / "b2.log").read_text()
+  assert "streamed from files (dataset.in_memory='false')" in log and "resuming at step" in log
+  total = STREAM_SPE * STREAM_EPOCHS
+  state_a = test_resume._load_state(os.path.join(a, "checkpoints", str(total)))
+  state_b = test_resume._load_state(os.path.join(b, "checkpoints", str(total)))
+  leaves_a = jax_leaves(state_a)
+  leaves_b = jax_leaves(state_b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(x, y, strict=True)
+  from jaxsam import writers
+
+  records = [writers.read_metrics(os.path.join(w, writers.METRICS_FILE)) for w in (a, b)]
+  assert test_resume._without_time(records[0]) == test_resume._without_time(records[1])
+
+
+def _kill_mid_epoch(proc, workdir) -> int:
+  """SIGKILLs `proc` once a mid-epoch step past the first epoch is logged with a checkpoint."""
+  import signal
+  import time
+
+  from jaxsam import writers
+
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be killed"
+    steps = [r["step"] for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+             if "train/loss" in r]
+    folder = os.path.join(workdir, "checkpoints")
+    saved = os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+    if steps and steps[-1] > STREAM_SPE and steps[-1] % STREAM_SPE and saved:
+      proc.send_signal(signal.SIGKILL)
+      return steps[-1]
+    time.sleep(0.005)
+  raise AssertionError("no mid-epoch step logged in time")
+
+
+def jax_leaves(tree):
+  import jax
+
+  return jax.tree_util.tree_leaves(tree)
