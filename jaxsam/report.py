@@ -54,13 +54,19 @@ def augmentation_label(config: dict) -> str:
 
 
 def optimizer_label(config: dict) -> str:
-  """SGD, or SAM(ρ=0.05) / ASAM(ρ=...) / GSAM(ρ=...) (prefixed by a non-SGD base optimizer)."""
+  """SGD, or SAM(ρ=0.05) / GSAM(ρ=...) / LOOKSAM(ρ=..., every 5) / SAM(ρ=..., from 80%)...
+  (prefixed by a non-SGD base optimizer)."""
   name = config.get("optimizer", {}).get("name", "sgd")
   base = {"sgd": "SGD", "adamw": "AdamW"}.get(name, name)
   sam = config.get("sam", {})
   if not sam.get("rho"):
     return base
-  label = f"{sam.get('variant', 'sam').upper()}(ρ={sam['rho']:g})"
+  extras = [f"ρ={sam['rho']:g}"]
+  if sam.get("every", 1) > 1:
+    extras.append(f"every {sam['every']}")
+  if sam.get("start_fraction", 0):
+    extras.append(f"from {100 * sam['start_fraction']:g}%")
+  label = f"{sam.get('variant', 'sam').upper()}({', '.join(extras)})"
   return label if name == "sgd" else f"{base}+{label}"
 
 
@@ -85,6 +91,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
       "train_examples": dataset.get("train_examples", 0),  # the subset asked for; 0 = all
       "num_train": summary.get("train_examples"),  # the examples the run trained on
       "wall_time_s": summary.get("wall_time_s"),
+      "sam_fraction": summary.get("sam_fraction"),
       "seed": config.get("seed"),
   }
 
@@ -180,9 +187,15 @@ def _pct_pm(values: Sequence[float | None]) -> str:
   return "–" if n == 0 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def passes_per_step(config: dict) -> int:
-  """Forward-backward passes of one step: 2 for SAM and its variants, 1 for the base optimizer."""
-  return 2 if config.get("sam", {}).get("rho") else 1
+def passes_per_step(config: dict, sam_fraction: float | None = None) -> float:
+  """Forward-backward passes of one step, on average: 1 for the base optimizer and for MSAM,
+  1 + the fraction of SAM steps for SAM and its periodic/adaptive variants (2 when every step)."""
+  sam = config.get("sam", {})
+  if not sam.get("rho"):
+    return 1
+  if sam.get("variant") == "msam":
+    return 1
+  return 1 + (1.0 if sam_fraction is None else sam_fraction)
 
 
 def seed_table(runs: Sequence[dict]) -> str:
@@ -195,11 +208,12 @@ def seed_table(runs: Sequence[dict]) -> str:
   lines = [header, "|---|---|---|---|---|---|---|---|"]
   for label, group in group_by_setting(runs).items():
     first = group[0]
-    cost = (first["planned_epochs"] or 0) * passes_per_step(first["config"])
+    fraction, _, _ = mean_std([r.get("sam_fraction") for r in group])
+    cost = (first["planned_epochs"] or 0) * passes_per_step(first["config"], fraction)
     wall, _, _ = mean_std([r["wall_time_s"] for r in group])
     seeds = ",".join(str(r["seed"]) for r in group)
     lines.append(f"| {label} | {first['label_noise']:g} | {first['train_examples'] or 'all'} | "
-                 f"{cost:g} | {seeds} | {_pct_pm([r['best'] for r in group])} | "
+                 f"{cost:.3g} | {seeds} | {_pct_pm([r['best'] for r in group])} | "
                  f"{_pct_pm([r['final'] for r in group])} | "
                  f"{'–' if wall is None else f'{wall:.0f}'} |")
   return "\n".join(lines)

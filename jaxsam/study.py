@@ -21,9 +21,29 @@ from collections.abc import Sequence
 from jaxsam import errors, report
 from jaxsam import workdir as workdir_lib
 
-# (arm, config file, epoch multiplier): the equal-compute SGD arm runs twice SAM's epochs.
-ARMS = (("sgd", "configs/cifar10_sgd.py", 1), ("sgd2x", "configs/cifar10_sgd.py", 2),
-        ("sam", "configs/cifar10_sam.py", 1))
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One optimizer setting of the grid: a config file, an epoch multiplier and sam.* overrides."""
+  config_file: str
+  epoch_factor: int = 1
+  overrides: tuple[tuple[str, int | float | str], ...] = ()
+
+
+SGD, SAM = "configs/cifar10_sgd.py", "configs/cifar10_sam.py"
+# The equal-compute SGD arm runs twice SAM's epochs. The cheaper-SAM arms keep SAM's rho and the
+# methods' published defaults (k = 5, the last 20 %, AE-SAM's c from -1 to 1); MSAM takes rho 0.3,
+# the default of its authors' reference optimizer, since its radius is measured along the momentum.
+ARMS = {
+    "sgd": Arm(SGD), "sgd2x": Arm(SGD, 2), "sam": Arm(SAM),
+    "sam5": Arm(SAM, overrides=(("sam.every", 5),)),
+    "looksam5": Arm(SAM, overrides=(("sam.variant", "looksam"), ("sam.every", 5))),
+    "late20": Arm(SAM, overrides=(("sam.start_fraction", 0.8),)),
+    "aesam": Arm(SAM, overrides=(("sam.variant", "aesam"),)),
+    "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
+}
+DEFAULT_ARMS = ("sgd", "sgd2x", "sam")
+CHEAP_ARMS = ("sam5", "looksam5", "late20", "aesam", "msam")
 LABEL_NOISE = (0.0, 0.4)
 
 
@@ -50,7 +70,8 @@ SIZES = {
         "dtype": "float32", "dataset.train_examples": 1500, "augment.crop_padding": 0,
         "batch_size": 128, "eval_batch_size": 1000, "eval_every_epochs": 10,
         "checkpoint_every_epochs": 10, "log_every_steps": 11},
-        why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, batch 128"),
+        why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, "
+            "batch 128"),
     # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
     # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
     "gpu": Size(epochs=30, seeds=(0, 1, 2), overrides={
@@ -78,27 +99,30 @@ def repo_root() -> str:
 
 
 def plan(size: Size, data: str, out: str, seeds: Sequence[int],
-         noises: Sequence[float] = LABEL_NOISE, num_train: int = 50_000) -> list[Run]:
+         noises: Sequence[float] = LABEL_NOISE, num_train: int = 50_000,
+         arms: Sequence[str] = DEFAULT_ARMS) -> list[Run]:
   """Every run of the grid, in the order they run: by seed, then noise, then arm."""
   runs = []
   examples = size.overrides.get("dataset.train_examples", 0) or num_train
   for seed in seeds:
     for noise in noises:
-      for arm, config_file, factor in ARMS:
-        name = f"{arm}-noise{noise:g}-seed{seed}"
+      for name in arms:
+        arm = ARMS[name]
+        factor = arm.epoch_factor
         overrides = {**size.overrides, "num_epochs": size.epochs * factor,
                      "seed": seed, "dataset.label_noise": noise,
                      "dataset.source": "image_folder", "dataset.path": data,
-                     "wandb.mode": "disabled", "progress_bar": "False"}
+                     "wandb.mode": "disabled", "progress_bar": "False", **dict(arm.overrides)}
         if factor > 1:  # the same number of curve points as the 1x arms
           for key in ("eval_every_epochs", "checkpoint_every_epochs"):
             if key in overrides:
               overrides[key] *= factor
-        workdir = os.path.join(out, name)
-        argv = ("launch.py", f"--config={config_file}", f"--workdir={workdir}",
+        workdir = os.path.join(out, f"{name}-noise{noise:g}-seed{seed}")
+        argv = ("launch.py", f"--config={arm.config_file}", f"--workdir={workdir}",
                 *(f"--config.{k}={v}" for k, v in overrides.items()))
-        runs.append(Run(name, workdir, argv, images=examples * size.epochs * factor,
-                        passes=2 if arm == "sam" else 1))
+        runs.append(Run(os.path.basename(workdir), workdir, argv,
+                        images=examples * size.epochs * factor,
+                        passes=2 if arm.config_file == SAM else 1))
   return runs
 
 
@@ -176,6 +200,27 @@ def estimate_seconds(runs: Sequence[Run], gflops: dict[str, float], peak_tflops:
   return total / (peak_tflops * 1e12 * mfu)
 
 
+def parse_arms(text: str) -> list[str]:
+  """`--arms`: names from ARMS, or 'cheap' for the default three plus the cheaper-SAM arms."""
+  names = [a for a in text.split(",") if a]
+  names = [n for a in names for n in ((*DEFAULT_ARMS, *CHEAP_ARMS) if a == "cheap" else (a,))]
+  unknown = [a for a in names if a not in ARMS]
+  if unknown or not names:
+    raise errors.ConfigError(f"--arms={text!r} names unknown arms {unknown}; known: "
+                             f"{', '.join(ARMS)}, or 'cheap'")
+  return list(dict.fromkeys(names))
+
+
+def parse_floats(flag: str, text: str) -> list[float]:
+  try:
+    values = [float(x) for x in text.split(",")]
+  except ValueError as e:
+    raise errors.ConfigError(f"{flag}={text!r} must be comma-separated numbers") from e
+  if not all(0 <= v < 1 for v in values):
+    raise errors.ConfigError(f"{flag}={text!r}: label noise fractions must be in [0, 1)")
+  return values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxsam.study", description=__doc__.split(
       "\n")[0])
@@ -184,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="CIFAR-10 as an image folder or archive (<split>/<class>/<image>)")
   parser.add_argument("--out", required=True, help="folder for the runs, study.md and curves")
   parser.add_argument("--seeds", default="", help="comma-separated (default: the size's)")
+  parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                      help=f"comma-separated, of {', '.join(ARMS)}; 'cheap' adds "
+                           f"{', '.join(CHEAP_ARMS)} to the default three")
+  parser.add_argument("--noise", default="", help="comma-separated label-noise fractions "
+                      f"(default: {','.join(f'{n:g}' for n in LABEL_NOISE)})")
   parser.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
   parser.add_argument("--estimate", action="store_true",
                       help="print the grid's FLOP-based GPU time (compiles, runs nothing)")
@@ -197,15 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
     except ValueError as e:
       raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
+    arms = parse_arms(args.arms)
+    noises = parse_floats("--noise", args.noise) if args.noise else list(LABEL_NOISE)
     root = repo_root()
     data = os.path.abspath(os.path.expanduser(args.data))
     if not os.path.exists(data):
       raise errors.ConfigError(f"--data={args.data} does not exist; give CIFAR-10 as an image "
                                "folder or .tar.gz laid out as <split>/<class>/<image>")
     out = os.path.abspath(args.out)
-    runs = plan(size, data, out, seeds)
+    runs = plan(size, data, out, seeds, noises=noises, arms=arms)
     print(f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
-          f"({len(ARMS)} arms x {len(LABEL_NOISE)} noise levels x seeds {seeds})", flush=True)
+          f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})", flush=True)
     if args.estimate:
       gflops = step_gflops_per_image(size, root)
       seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
