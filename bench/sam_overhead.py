@@ -1,15 +1,24 @@
-"""Prints SAM's cost over plain SGD: the step-time ratio of jaxsam's real compiled train step.
+"""Prints the wall-clock cost of SAM and its cheaper variants relative to plain SGD.
 
-Both steps come from the same config (sam.rho = 0 vs 0.05) through `jaxsam.stepcost.build_step`
-(`optim.make_optimizer` and `steps.compile_train_step`), on a one-device mesh, with the batch
-already on device. After compile and warm-up the two steps are timed ALTERNATELY in one process
-(SGD, SAM, SGD, SAM, ...), each blocking on its outputs, so load from other processes hits both
-alike; the table gives the medians, their ratio, the median of the per-pair ratios and XLA's FLOP
-ratio (`compiled.cost_analysis()`).
-SAM does two forward/backward passes, so 2 is the physical limit; the target is <= 2.05.
+Every variant's step is jaxsam's real compiled train step, built from the same config as the loop
+builds it (`optim.make_optimizer`, `steps.compile_train_step`) with only the `sam.*` keys changed,
+on a one-device mesh with the batch already on device; the count-based schedules run the loop's
+two branch-free programs chosen on the host (`optim.host_ascent_schedule`), AE-SAM its one
+program with a `lax.cond`. A variant that does not take the ascent on every step is timed over a
+block that holds whole periods (SAM every 5th step, LookSAM with k = 5) or a whole schedule (late
+phase: the schedule spans one block, SAM on its last 20 %; AE-SAM's threshold schedule likewise),
+each block starting from the same fresh state. After compile and one untimed block per variant,
+the blocks are timed round-robin (SGD, SAM, SAM-5, ...), each dispatched back to back and then
+blocked on, so load from other processes hits every variant alike. The table gives each
+variant's median seconds per step, its ratio to SGD's median, the median of the per-round ratios,
+the fraction of SAM steps in its block, and XLA's FLOP ratio of its compiled step (for a variant
+with a cond, AE-SAM, XLA counts both sides, so that figure is an upper bound).
 
-  python bench/sam_overhead.py [--models resnet18 resnet50] [--batch 32] [--image-size 32]
-                               [--repeats 20] [--rho 0.05] [--cifar-stem]
+Targets on a 2-core CPU: SAM <= 2.05 (two passes), SAM-5 <= 1.25, LookSAM-5 <= 1.3, late phase
+(last 20 %) <= 1.25, MSAM <= 1.1.
+
+  python bench/sam_overhead.py [--models resnet18] [--batch 32] [--image-size 32] [--cifar-stem]
+                               [--block 20] [--rounds 5] [--variants sgd sam sam5 ...]
 """
 
 import argparse
@@ -22,85 +31,143 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
+import numpy as np
 
 from configs import common
-from jaxsam import parallel, stepcost
+from jaxsam import models, optim, parallel, stepcost, steps
+
+RHO = 0.05
+# name -> the sam.* keys over plain SGD (sam.rho = 0). MSAM's rho is its authors' default.
+VARIANTS = {
+    "sgd": {},
+    "sam": {"rho": RHO},
+    "sam5": {"rho": RHO, "every": 5},
+    "looksam5": {"rho": RHO, "variant": "looksam", "every": 5},
+    "late20": {"rho": RHO, "start_fraction": 0.8},
+    "aesam": {"rho": RHO, "variant": "aesam"},
+    "msam": {"rho": 0.3, "variant": "msam"},
+}
+TARGETS = {"sam": 2.05, "sam5": 1.25, "looksam5": 1.3, "late20": 1.25, "msam": 1.1}
 
 
-def make_config(model_name: str, rho: float, cifar_stem: bool, batch: int, image_size: int):
-  """The base config with the model and SAM radius under test (SGD, momentum, L2, cosine lr)."""
+def make_config(model_name: str, sam: dict, args):
+  """The base config (SGD, momentum, L2, cosine lr over one block) with the variant's sam keys."""
   config = common.get_base_config()
   config.model.name = model_name
-  config.model.cifar_stem = cifar_stem
-  config.model.image_size = image_size
-  config.batch_size = batch
-  config.sam.rho = rho
+  config.model.cifar_stem = args.cifar_stem
+  config.model.image_size = args.image_size
+  config.batch_size = args.batch
+  config.num_epochs = 1
+  for key, value in sam.items():
+    config.sam[key] = value
   return config
 
 
-def build(config, mesh, batch, num_classes: int):
-  """(compiled train step, its initial state on device) for `config`, compiled ahead of time."""
-  step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=num_classes)
-  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
-  return step.lower(state, batch).compile(), state
+def fresh_state(host_state, mesh):
+  """A new device copy of the initial state (the compiled step donates the one it is given)."""
+  return parallel.replicate(jax.tree.map(np.asarray, host_state), mesh)
 
 
-def timed(step, state, batch):
-  """Runs one step, blocks on every output; returns (new state, seconds)."""
+def build(config, mesh, batch, block: int, num_classes: int):
+  """(programs by ascent choice, host schedule or None, initial host state) for `config`."""
+  per_device = config.batch_size
+  cfg = stepcost.step_config(config, per_device, config.model.image_size, block)
+  tx, lr = optim.make_optimizer(config, block, axis_name=optim.sam_axis_name(cfg, per_device))
+  model = models.create_model(config.model, num_classes=num_classes, dtype=cfg.dtype)
+  schedule = optim.host_ascent_schedule(config, block)
+  host = jax.device_get(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype))
+  programs = {}
+  for ascent in (True, False) if schedule else (None,):
+    step = steps.compile_train_step(mesh, ascent=ascent, model=model, tx=tx, lr_schedule=lr,
+                                    cfg=cfg)
+    programs[ascent] = step.lower(fresh_state(host, mesh), batch).compile()
+  return programs, schedule, host
+
+
+def run_block(programs, schedule, state, batch, steps: int):
+  """(seconds per step, fraction of SAM steps) of `steps` steps dispatched back to back."""
   start = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
-  return state, time.perf_counter() - start
+  active = []
+  for i in range(steps):
+    state, metrics = programs[schedule(i) if schedule else None](state, batch)
+    active.append(metrics.get("sam/active"))
+  jax.block_until_ready(state)
+  seconds = (time.perf_counter() - start) / steps
+  fraction = float(np.mean([float(a) for a in active])) if active[0] is not None else 0.0
+  return seconds, fraction
 
 
-def measure(model_name: str, args) -> dict:
-  """Alternating SGD/SAM timings of one model; medians, ratios and the FLOP ratio."""
+def block_flops(programs, schedule, steps: int) -> float:
+  """XLA's FLOPs of one block: each step's program counted once per step it runs."""
+  return sum(stepcost.flops(programs[schedule(i) if schedule else None]) for i in range(steps))
+
+
+def measure(model_name: str, args) -> list[dict]:
+  """Round-robin block timings of every variant of one model."""
   mesh = parallel.make_mesh(jax.devices()[:1])
   batch = stepcost.synthetic_batch(args.batch, args.image_size, args.num_classes, mesh)
-  configs = [make_config(model_name, rho, args.cifar_stem, args.batch, args.image_size)
-             for rho in (0.0, args.rho)]
-  (sgd, sgd_state), (sam, sam_state) = [build(c, mesh, batch, args.num_classes) for c in configs]
-  for _ in range(args.warmup):
-    sgd_state, _ = timed(sgd, sgd_state, batch)
-    sam_state, _ = timed(sam, sam_state, batch)
-  sgd_times, sam_times = [], []
-  for _ in range(args.repeats):
-    sgd_state, t = timed(sgd, sgd_state, batch)
-    sgd_times.append(t)
-    sam_state, t = timed(sam, sam_state, batch)
-    sam_times.append(t)
-  sgd_ms, sam_ms = 1e3 * statistics.median(sgd_times), 1e3 * statistics.median(sam_times)
-  return {"model": model_name, "batch": args.batch, "size": args.image_size,
-          "sgd_ms": sgd_ms, "sam_ms": sam_ms, "ratio": sam_ms / sgd_ms,
-          "pair_ratio": statistics.median(b / a for a, b in zip(sgd_times, sam_times)),
-          "flop_ratio": stepcost.flops(sam) / stepcost.flops(sgd)}
+  built = {}
+  for name in args.variants:
+    config = make_config(model_name, VARIANTS[name], args)
+    built[name] = build(config, mesh, batch, args.block, args.num_classes)
+    programs, schedule, host = built[name]
+    run_block(programs, schedule, fresh_state(host, mesh), batch, args.block)  # warm-up
+  times = {name: [] for name in built}
+  fractions = {}
+  for _ in range(args.rounds):
+    for name, (programs, schedule, host) in built.items():
+      state = fresh_state(host, mesh)
+      jax.block_until_ready(state)
+      seconds, fractions[name] = run_block(programs, schedule, state, batch, args.block)
+      times[name].append(seconds)
+  sgd = times["sgd"]
+  sgd_flops = block_flops(*built["sgd"][:2], args.block)
+  rows = []
+  for name, ts in times.items():
+    rows.append({
+        "model": model_name, "variant": name, "ms": 1e3 * statistics.median(ts),
+        "ratio": statistics.median(ts) / statistics.median(sgd),
+        "round_ratio": statistics.median(t / s for t, s in zip(ts, sgd)),
+        "sam_fraction": fractions[name],
+        "flop_ratio": block_flops(*built[name][:2], args.block) / sgd_flops,
+        "target": TARGETS.get(name)})
+  return rows
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+  parser.add_argument("--models", nargs="+", default=["resnet18"])
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--image-size", type=int, default=32)
-  parser.add_argument("--num-classes", type=int, default=100)
-  parser.add_argument("--rho", type=float, default=0.05)
-  parser.add_argument("--repeats", type=int, default=20, help="timed SGD/SAM pairs per model")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed pairs after compiling")
+  parser.add_argument("--num-classes", type=int, default=10)
+  parser.add_argument("--block", type=int, default=20,
+                      help="steps per timed block: whole periods of 5, one whole schedule")
+  parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds")
   parser.add_argument("--cifar-stem", action="store_true", help="ResNet 3x3 stem, no max-pool")
   args = parser.parse_args()
+  if "sgd" not in args.variants:
+    args.variants = ["sgd", *args.variants]
+  if args.block % 5:
+    parser.error(f"--block={args.block} must be a multiple of 5 (whole SAM-5 periods)")
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")  # CPU may not use donated buffers
 
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-        f"rho={args.rho}, cifar_stem={args.cifar_stem}, {args.repeats} alternating pairs")
+        f"batch {args.batch} at {args.image_size} px, cifar_stem={args.cifar_stem}, "
+        f"{args.rounds} rounds of {args.block}-step blocks")
   load_before = os.getloadavg()
-  rows = [measure(name, args) for name in args.models]
+  rows = [row for name in args.models for row in measure(name, args)]
   load_after = os.getloadavg()
-  header = (f"{'model':<10} {'batch':>5} {'size':>4} {'SGD ms':>9} {'SAM ms':>9} {'ratio':>6} "
-            f"{'pair':>6} {'FLOPs':>6}")
-  print(header)
+  print(f"{'model':<10} {'variant':<9} {'ms/step':>8} {'ratio':>6} {'round':>6} {'SAM %':>6} "
+        f"{'FLOPs':>6} {'target':>7}")
   for r in rows:
-    print(f"{r['model']:<10} {r['batch']:>5} {r['size']:>4} {r['sgd_ms']:>9.1f} "
-          f"{r['sam_ms']:>9.1f} {r['ratio']:>6.3f} {r['pair_ratio']:>6.3f} {r['flop_ratio']:>6.3f}")
-  print("ratio = median SAM / median SGD; pair = median of per-pair SAM/SGD; FLOPs = XLA ratio")
+    target = "" if r["target"] is None else (
+        f"<={r['target']:g} " + ("ok" if r["ratio"] <= r["target"] else "MISS"))
+    print(f"{r['model']:<10} {r['variant']:<9} {r['ms']:>8.1f} {r['ratio']:>6.3f} "
+          f"{r['round_ratio']:>6.3f} {100 * r['sam_fraction']:>5.0f}% {r['flop_ratio']:>6.2f} "
+          f"{target:>7}")
+  print("ratio = median ms / SGD's median ms; round = median of per-round ratios; SAM % = steps "
+        "with the ascent in a block; FLOPs = XLA's count (both branches of a cond)")
   print("load average (1/5/15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
         % (load_before + load_after))
 

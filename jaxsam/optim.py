@@ -4,6 +4,7 @@ SGD follows torch.optim.SGD exactly (the original project's optimizer): weight d
 added to the gradient before momentum, clipping (when on) acts on the averaged loss gradient first.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -131,6 +132,18 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
       adaptive_c=(s.adaptive_c_start, s.adaptive_c_end),
       total_steps=schedule_steps(config, steps_per_epoch), accum_steps=n)
   return tx, lr
+
+
+def host_ascent_schedule(config: ml_collections.ConfigDict,
+                         steps_per_epoch: int) -> Callable[[int], bool] | None:
+  """step -> whether it is a SAM step, for the count-based schedules (sam.every, start_fraction,
+  LookSAM); None when every step is the same program (SGD, plain SAM, MSAM) or the choice is made
+  on the device (AE-SAM)."""
+  s = config.sam
+  start = sam_start_step(config, steps_per_epoch)
+  if not s.rho or s.variant in ("aesam", "msam") or (s.every == 1 and start == 0):
+    return None
+  return functools.partial(sam_lib.takes_ascent, every=s.every, start_step=start)
 
 
 def step_sam_settings(config: ml_collections.ConfigDict, per_device_batch: int,

@@ -160,6 +160,15 @@ def gsam_orthogonal_correction(g_clean, g_sam, alpha: float, eps: float):
   return jax.tree.map(one, g_clean, g_sam)
 
 
+def takes_ascent(opt_step: int, *, every: int = 1, start_step: int = 0) -> bool:
+  """Whether optimizer step `opt_step` is a SAM step of the count-based schedules (host side).
+
+  >>> [takes_ascent(s, every=3, start_step=2) for s in range(7)]
+  [False, False, True, False, False, True, False]
+  """
+  return opt_step >= start_step and (opt_step - start_step) % every == 0
+
+
 def looksam_direction(g_clean, g_sam, eps: float):
   """g_v = g_sam minus its projection on g_clean, in fp32: what LookSAM stores on a SAM step."""
   coef = tree_vdot(g_clean, g_sam) / (tree_vdot(g_clean, g_clean) + eps)
@@ -349,11 +358,15 @@ def sam(
       to adaptive_c[1] at total_steps).
     * variant "msam": no ascent pass at all; the caller takes `grads` at `msam_point(...)`, and
       this transform feeds them to `base` (one gradient per step).
-  The skip is a `lax.cond` on a predicate computed from the step count or from pmean-ed norms, so
-  it is the same on every device and every vmapped ascent group: the cond stays a real branch
-  (vmap keeps an unbatched predicate as a cond, not a select that runs both sides) and a skipped
-  step never computes the perturbed pass. Two compiled steps chosen on the host would do the same
-  for the count-based schedules but not for AE-SAM, whose predicate exists only on the device.
+  For the count-based schedules (every, start_step, LookSAM) the caller should pass
+  `ascent=takes_ascent(step, ...)` from the host and compile one step per value: the branch not
+  taken is then absent from the program. XLA:CPU runs a program with a `lax.cond` around the
+  passes several times slower even on the steps that skip them (measured: bench/sam_overhead.py),
+  and a host-side choice costs nothing on any backend. Without `ascent` (and always for AE-SAM,
+  whose predicate exists only on the device) the skip is a `lax.cond` on a predicate computed
+  from the step count or from pmean-ed norms, so it is the same on every device and every vmapped
+  ascent group: the cond stays a real branch (vmap keeps an unbatched predicate as a cond, not a
+  select that runs both sides) and a skipped step never computes the perturbed pass.
   `accum_steps=n` says that n consecutive updates form one optimizer step (gradient accumulation
   in `base`, e.g. optax.MultiSteps): the schedules and a rho schedule then count optimizer steps.
 
@@ -551,7 +564,8 @@ def sam(
       g_final = looksam_reuse(g_clean, policy_state.direction, reuse_weight, eps)
     return g_final, nan, nan, nan, policy_state
 
-  def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
+  def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None,
+                ascent: bool | None = None, **extra_args):
     if params is None:
       raise TypeError("sam.update needs params (the weights to perturb)")
     g_clean = pmean(grads)
@@ -575,14 +589,19 @@ def sam(
     if grad_fn is None:
       raise TypeError("sam.update needs grad_fn=params -> (loss, grads) when rho is not a static 0")
 
-    take, policy_state = take_ascent(opt_step, clean_norm, state.policy_state)
+    if ascent is not None and not always and variant != "aesam":
+      take, policy_state = bool(ascent), state.policy_state  # the caller's host-side schedule
+    else:
+      take, policy_state = take_ascent(opt_step, clean_norm, state.policy_state)
     sam_side = lambda ps: ascent_pass(grads, g_clean, clean_norm, params, rho_t, grad_fn, ps)
     if take is True:
       g_final, sam_norm, cosine, loss_p, policy_state = sam_side(policy_state)
+    elif take is False:
+      g_final, sam_norm, cosine, loss_p, policy_state = skip_pass(g_clean, policy_state)
     else:
       g_final, sam_norm, cosine, loss_p, policy_state = jax.lax.cond(
         take, sam_side, lambda ps: skip_pass(g_clean, ps), policy_state)
-    active = one if take is True else take.astype(f32)
+    active = jnp.asarray(float(take), f32) if isinstance(take, bool) else take.astype(f32)
     return finish(g_final, state, params, extra_args, rho=rho_t, clean_grad_norm=clean_norm,
                   sam_grad_norm=sam_norm, cosine=cosine, perturbed_loss=loss_p, active=active,
                   policy_state=policy_state)

@@ -8,6 +8,7 @@ and only the final SAM gradient, the BN running statistics and the metrics are a
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -89,7 +90,7 @@ def _loss_fn(params, batch_stats, images, labels, dropout_key, *, model: nn.Modu
 
 
 def _group_update(state: TrainState, opt_state, images, labels, dropout_key, *, model, tx, cfg,
-                  axis_names, perturbed: list):
+                  axis_names, perturbed: list, ascent: bool | None):
   """One `tx.update` from one ascent group: clean pass, SAM's perturbed pass (if taken), updates.
 
   Returns (updates, new BN statistics, optimizer state, metrics); the weights are not applied, so
@@ -111,12 +112,15 @@ def _group_update(state: TrainState, opt_state, images, labels, dropout_key, *, 
     (p_loss, _), p_grads = grad_fn(params, state.batch_stats, images, labels, dropout_key)
     return p_loss, p_grads
 
-  updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=perturbed_grad)
+  updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=perturbed_grad,
+                                 ascent=ascent)
   batch_stats = jax.lax.pmean(new_stats, axis_names)
   metrics = {"train/loss": loss,
              "train/accuracy": jnp.mean(losses.correct_top1(logits, labels))}
   metrics = jax.lax.pmean(metrics, axis_names)
-  if cfg.msam_rho or perturbed:  # already the same on every device and group
+  # Already the same on every device and group; a host-scheduled base step logs them too (NaN
+  # where there was no ascent), so that both programs return the same metrics.
+  if cfg.msam_rho or perturbed or ascent is not None:
     metrics.update(sam_metrics(opt_state))
   return updates, batch_stats, opt_state, metrics
 
@@ -172,11 +176,13 @@ def _accumulated_update(state: TrainState, images, labels, key, *, cfg, **kwargs
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformationExtraArgs, lr_schedule: optax.Schedule,
-               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+               cfg: StepConfig, ascent: bool | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step (SAM, a cheaper variant, or plain when rho = 0) on this device's slice.
 
-  Metrics: train loss and accuracy, lr, and SAM's `sam/*` diagnostics only when SAM is on
-  (`sam/active`: the fraction of this step's updates that took the ascent).
+  `ascent`: a host-side choice for the count-based SAM schedules (see jaxsam.sam.sam); None lets
+  the transform decide. Metrics: train loss and accuracy, lr, and SAM's `sam/*` diagnostics only
+  when SAM is on (`sam/active`: the fraction of this step's updates that took the ascent).
   """
   images = preprocess(batch["image"], cfg)
   labels = batch["label"]
@@ -184,8 +190,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
   perturbed = []
   updates, batch_stats, opt_state, metrics = _accumulated_update(
-      state, images, labels, key, model=model, tx=tx, cfg=cfg, perturbed=perturbed)
-  if perturbed:
+      state, images, labels, key, model=model, tx=tx, cfg=cfg, perturbed=perturbed, ascent=ascent)
+  if perturbed or ascent is not None:
     metrics["sam/gap"] = metrics["sam/perturbed_loss"] - metrics["train/loss"]
   metrics["lr"] = lr_schedule(state.step)
   params = optax.apply_updates(state.params, updates)
@@ -220,11 +226,22 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
 
 
 def compile_train_step(mesh: Mesh, **kwargs):
-  """jit(shard_map(train_step)): state replicated, batch sharded over the data axis, state donated."""
+  """jit(shard_map(train_step)): state replicated, batch sharded over the data axis, donated."""
   fn = functools.partial(train_step, **kwargs)
   sharded = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
                           out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
+
+
+def compile_scheduled_train_step(mesh: Mesh, schedule: Callable[[int], bool] | None, **kwargs):
+  """A train step `(state, batch, step)` that runs, for step `step`, the compiled SAM step or the
+  compiled base step as the host-side `schedule` says (one program each, compiled on first use,
+  neither with a branch); with no schedule, the one step of `compile_train_step`."""
+  if schedule is None:
+    single = compile_train_step(mesh, **kwargs)
+    return lambda state, batch, step: single(state, batch)
+  compiled = {ascent: compile_train_step(mesh, ascent=ascent, **kwargs) for ascent in (True, False)}
+  return lambda state, batch, step: compiled[bool(schedule(step))](state, batch)
 
 
 def compile_eval_step(mesh: Mesh, **kwargs):

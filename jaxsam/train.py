@@ -430,8 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sink = writers.create_run_writer(config, workdir, start_step=start, environ=os.environ,
                                    main_process=parallel.is_main_process())
   _announce(setup, start, resumed)
-  train_step = steps.compile_train_step(setup.mesh, model=setup.model, tx=tx,
-                                        lr_schedule=lr_schedule, cfg=setup.step_config)
+  train_step = steps.compile_scheduled_train_step(
+      setup.mesh, optim.host_ascent_schedule(config, setup.steps_per_epoch), model=setup.model,
+      tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config)
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
   batches = train_input(start, jax.process_index(), jax.process_count())
   bar = tqdm.tqdm(total=setup.total_steps, initial=start, unit="step", dynamic_ncols=True,
@@ -442,7 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with _Preemption() as preemption, _close_on_error(loop):
     while loop.step < setup.total_steps:
       with clock.timed():  # images/s counts this and the fetch: not logging, eval or checkpoints
-        state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh))
+        state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh),
+                                    loop.step)
       loop.pending.append(metrics)
       loop.step += 1
       bar.update(1)

@@ -19,13 +19,14 @@ from test_steps import (
   TinyBNNet,
   TinyNet,
   assert_trees_close,
+  init_state,
   make_batch,
   make_config,
   run_steps,
   step_cfg,
 )
 
-from jaxsam import optim, steps
+from jaxsam import optim, parallel, steps
 from jaxsam import sam as sam_lib
 from jaxsam.errors import ConfigError
 
@@ -401,3 +402,34 @@ def test_msam_with_a_momentum_free_optimizer_is_a_config_error():
   with pytest.raises(ConfigError, match="optimizer.name='adamw'"):
     optim.make_optimizer(config, steps_per_epoch=10, axis_name=None)
 
+
+
+@pytest.mark.parametrize("sam", [{"every": 3}, {"variant": "looksam", "every": 3},
+                                 {"start_fraction": 0.3}], ids=["every3", "looksam", "late"])
+def test_host_scheduled_steps_equal_the_on_device_schedule(sam):
+  """The loop's two branch-free programs chosen on the host give the cond path's training."""
+  batches = [make_batch(seed=s) for s in range(5)]
+  config = variant_config(**sam)
+  want, m_cond, _ = run_steps(config, MESH_8(), TinyNet(), batches)
+  mesh = MESH_8()
+  tx, lr = optim.make_optimizer(config, steps_per_epoch=10, axis_name=parallel.DATA_AXIS)
+  schedule = optim.host_ascent_schedule(config, steps_per_epoch=10)
+  step = steps.compile_scheduled_train_step(mesh, schedule, model=TinyNet(), tx=tx,
+                                            lr_schedule=lr, cfg=step_cfg())
+  state = parallel.replicate(init_state(TinyNet(), tx), mesh)
+  active = []
+  for i, b in enumerate(batches):
+    state, m = step(state, parallel.shard_batch(b, mesh), i)
+    active.append(float(m["sam/active"]))
+  assert_trees_close(parallel.fetch(state).params, want.params)
+  assert active == [m["sam/active"] for m in m_cond] == [float(schedule(i)) for i in range(5)]
+  sam_only = steps.compile_train_step(mesh, ascent=True, model=TinyNet(), tx=tx, lr_schedule=lr,
+                                      cfg=step_cfg())
+  hlo = sam_only.lower(state, parallel.shard_batch(batches[0], mesh)).compile().as_text()
+  assert "conditional" not in hlo
+
+
+def test_no_host_schedule_where_one_program_serves_every_step():
+  for sam in ({}, {"variant": "aesam"}, {"variant": "msam"}):
+    assert optim.host_ascent_schedule(variant_config(**sam), steps_per_epoch=10) is None
+  assert optim.host_ascent_schedule(make_config(rho=0.0), steps_per_epoch=10) is None
