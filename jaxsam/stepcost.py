@@ -53,23 +53,10 @@ def compute_dtype(name: str):
 def step_config(config: ml_collections.ConfigDict, per_device_batch: int, image_size: int,
                 steps_per_epoch: int) -> steps.StepConfig:
   """The StepConfig the loop derives from `config` (ImageNet normalisation: the same cost)."""
-  if hasattr(optim, "step_sam_settings"):  # micro-batches and the SAM variants' step fields
-    sam_fields = optim.step_sam_settings(config, per_device_batch, steps_per_epoch)
-  else:
-    sam_fields = {"sam_group_size": 0 if not config.sam.rho else steps.sam_group_size(
-        config.sam.m, per_device_batch)}
   return steps.StepConfig(
       image_size=image_size, mean=steps.IMAGENET_MEAN, std=steps.IMAGENET_STD,
-      dtype=compute_dtype(config.dtype), label_smoothing=config.label_smoothing, **sam_fields)
-
-
-def sam_axis_name(cfg: steps.StepConfig, per_device_batch: int):
-  """SAM's collective axes: the devices, plus the vmapped ascent groups when sam.m splits one."""
-  if hasattr(optim, "sam_axis_name"):
-    return optim.sam_axis_name(cfg, per_device_batch)
-  if cfg.sam_group_size and cfg.sam_group_size < per_device_batch:
-    return (parallel.DATA_AXIS, steps.GROUP_AXIS)
-  return parallel.DATA_AXIS
+      dtype=compute_dtype(config.dtype), label_smoothing=config.label_smoothing,
+      **optim.step_sam_settings(config, per_device_batch, steps_per_epoch))
 
 
 def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
@@ -85,7 +72,7 @@ def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
   per_device = config.batch_size // mesh.devices.size
   cfg = step_config(config, per_device, size, steps_per_epoch)
   tx, lr = optim.make_optimizer(config, steps_per_epoch,
-                                axis_name=sam_axis_name(cfg, per_device))
+                                axis_name=optim.sam_axis_name(cfg, per_device))
   model = models.create_model(config.model, num_classes=num_classes, dtype=cfg.dtype)
   step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg)
   return step, model, tx, cfg
