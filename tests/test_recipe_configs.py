@@ -1,0 +1,94 @@
+"""The streamed recipe configs (ImageNet ResNet-50 SAM, Flowers-102 fine-tuning) load as launch.py
+loads them, stay locked, and every key they set resolves in the modules that read it: the model,
+the optimizer and its schedule, the streamed-input checks and the in-memory/streamed choice. No
+dataset, weight file or network is touched."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import common
+from jaxsam import models, optim
+from jaxsam.data import augment, streaming, transforms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENET = os.path.join(ROOT, "configs", "imagenet_resnet50_sam.py")
+FLOWERS = os.path.join(ROOT, "configs", "finetune_flowers102_sam.py")
+# ResNet-50's parameters with a 1000-class head (torchvision's count), and with Flowers' 102.
+RESNET50_PARAMS = 25_557_032
+RESNET50_102_PARAMS = RESNET50_PARAMS - 2048 * (1000 - 102) - (1000 - 102)
+
+
+def parse(path: str, *overrides: str):
+  """The config as launch.py's flag parses it (locked), with `--config.KEY=V` overrides."""
+  argv = ["launch.py", f"--config={path}", *overrides]
+  values = flags.FlagValues()
+  # sys_argv: the override flags are defined from the command line they will parse.
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def param_count(config, num_classes: int) -> int:
+  model = models.create_model(config.model, num_classes, jnp.dtype(config.dtype))
+  x = jnp.zeros((1, config.model.image_size, config.model.image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0),
+                                              "dropout": jax.random.key(1)}, x, train=False))
+  return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)
+def test_recipe_config_is_locked_and_overridable(path):
+  config = parse(path, "--config.sam.rho=0.1", "--config.num_epochs=3")
+  assert config.sam.rho == 0.1 and config.num_epochs == 3
+  with pytest.raises((AttributeError, KeyError)):
+    parse(path, "--config.sam.rhoo=0.1")  # a typo is refused, not added
+  with pytest.raises(AttributeError):
+    config.optimizer.new_key = 1
+
+
+@pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)
+def test_recipe_config_streams_and_its_input_keys_resolve(path):
+  config = parse(path)
+  stream, line = streaming.choose(config.dataset)
+  assert stream and "streamed from files" in line
+  size = config.model.image_size
+  assert size == 224 and config.augment.random_resized_crop and config.augment.flip
+  assert transforms.check_crop(config.augment.crop_scale, config.augment.crop_ratio) == (
+      (0.08, 1.0), (0.75, 4.0 / 3.0))
+  assert transforms.eval_short_side(size, config.dataset.eval_crop_fraction) == 256
+  augment.make_train_augment(config.augment, image_shape=(size, size, 3))
+
+
+def test_imagenet_recipe_values_resolve():
+  config = parse(IMAGENET)
+  assert (config.dataset.name, config.dataset.test_split) == ("imagenet2012", "validation")
+  assert param_count(config, 1000) == RESNET50_PARAMS
+  steps = 1_281_167 // config.batch_size
+  assert steps == 312
+  tx, lr = optim.make_optimizer(config, steps, axis_name=None)
+  assert float(lr(0)) == pytest.approx(1.0)  # no warm-up
+  assert float(lr(steps * config.num_epochs)) == pytest.approx(0.0, abs=1e-6)  # cosine to 0
+  assert config.optimizer.nesterov and config.optimizer.momentum == 0.9
+  assert (config.sam.rho, config.label_smoothing, config.optimizer.weight_decay) == (
+      0.05, 0.1, 1e-4)
+  params = {"w": jnp.ones((3,))}
+  tx.init(params)  # the SAM chain builds from the config's keys
+
+
+def test_flowers_recipe_values_resolve():
+  config = parse(FLOWERS)
+  assert config.model.pretrained == common.PRETRAINED_RESNET50
+  assert config.model.normalization == "auto"  # torchvision weights: ImageNet mean/std
+  assert param_count(config, 102) == RESNET50_102_PARAMS
+  steps = 1020 // config.batch_size
+  tx, lr = optim.make_optimizer(config, steps, axis_name=None)
+  assert float(lr(0)) == pytest.approx(0.0)  # one warm-up epoch
+  assert float(lr(steps)) == pytest.approx(0.01, rel=1e-3)
+  tx.init({"w": jnp.ones((3,))})
