@@ -51,6 +51,7 @@ def bf16_run():
           "fp32_inputs": (setup, state0, images, labels)}
 
 
+@pytest.mark.slow
 def test_bf16_loss_decreases(bf16_run):
   losses = bf16_run["losses"]
   assert all(np.isfinite(losses))
@@ -72,6 +73,7 @@ def test_bf16_convolutions_compute_in_bf16(bf16_run):
   assert convs and all("bf16" in l for l in convs)
 
 
+@pytest.mark.slow
 def test_bf16_first_loss_matches_fp32_forward(bf16_run):
   """Same parameters and batch: the bf16 step's first loss differs from fp32's by rounding only."""
   setup, state0, images, labels = bf16_run["fp32_inputs"]

@@ -223,6 +223,7 @@ def test_cache_key_depends_on_every_setting():
 @pytest.mark.skipif(not os.path.isfile(CIFAR10_JPEG),
                     reason=f"the CIFAR-10 JPEG archive is absent ({CIFAR10_JPEG}; set "
                     "JAXSAM_CIFAR10_JPEG to its path)")
+@pytest.mark.slow
 def test_real_cifar10_jpeg_archive(tmp_path):
   data = sources.load_dataset(_config(CIFAR10_JPEG, tmp_path, name="cifar10"))
   assert data.class_names == CIFAR10_CLASSES

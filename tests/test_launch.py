@@ -111,6 +111,7 @@ def test_missing_config_file_is_one_line_error(tmp_path):
   assert_one_line_error(result, "nope.py")
 
 
+@pytest.mark.slow
 def test_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
   path = tmp_path / "afile"
   path.write_text("precious")
@@ -119,6 +120,7 @@ def test_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
   assert path.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_is_one_line_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
@@ -136,6 +138,7 @@ def test_workdir_of_another_config_is_refused(quick_run):
   assert read(os.path.join(workdir, "metrics.jsonl")) == before
 
 
+@pytest.mark.slow
 def test_bad_config_value_exits_2_with_one_line_and_creates_nothing(tmp_path):
   result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w", *QUICK,
                   "--config.sam.rho=-1.0")

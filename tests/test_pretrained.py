@@ -512,6 +512,7 @@ def test_head_of_another_class_count_stays_fresh(resnet18_state, tmp_path):
   np.testing.assert_array_equal(loaded["params/fc/bias"], flat(fresh)["params/fc/bias"])
 
 
+@pytest.mark.slow
 def test_weights_of_another_architecture_are_named(resnet18_state, tmp_path):
   path = save_state(resnet18_state, tmp_path / "r18.safetensors")
   message = load_error(path, "resnet34", fresh_variables("resnet34", 1000))
@@ -566,6 +567,7 @@ def test_pth_without_torch_says_how_to_fix(resnet18_state, tmp_path, monkeypatch
   assert "needs torch" in message and ".safetensors" in message
 
 
+@pytest.mark.slow
 def test_layout_mismatches_are_refused(resnet18_state, tmp_path):
   import h5py
 
@@ -585,6 +587,7 @@ def test_layout_mismatches_are_refused(resnet18_state, tmp_path):
   assert "'torchvision'-layout" in message
 
 
+@pytest.mark.slow
 def test_convert_cli_reports_one_line_errors(tmp_path):
   import subprocess
   import sys

@@ -150,6 +150,7 @@ def test_cifar_python_reads_torchvision_layouts(tmp_path, layout, name, classes,
   assert len(data.train.labels) == 4 * len(train)
 
 
+@pytest.mark.slow
 def test_cifar_python_pixel_layout_matches_torchvision(tmp_path):
   import subprocess
   import sys
