@@ -200,3 +200,53 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
   again = writers.create_wandb_writer(_wandb_config(), workdir, run_config, environ={})
   assert again.run.id == run_id
   again.close()
+
+
+class _FakeRun:
+  def __init__(self):
+    self.calls = []
+
+  def mark_preempting(self):
+    self.calls.append("mark_preempting")
+
+
+class _FakeWandb:
+  """Stands in for WandbWriter: records what the RunWriter asks of it."""
+
+  def __init__(self):
+    self.run, self.records, self.closed = _FakeRun(), [], []
+
+  def write(self, record):
+    self.records.append(record)
+
+  def log_checkpoint(self, path, step, aliases):
+    self.run.calls.append(("artifact", path, step, aliases))
+
+  def finish(self, summary):
+    self.run.calls.append(("summary", summary))
+
+  def close(self, exit_code=0):
+    self.closed.append(exit_code)
+
+
+def test_run_writer_owns_every_wandb_call(tmp_path):
+  wandb = _FakeWandb()
+  sink = writers.RunWriter([writers.JsonlWriter(str(tmp_path))], wandb, log_checkpoints=True)
+  sink.write({"step": 1, "epoch": 0.5, "train/loss": 1.0})
+  sink.log_checkpoint("ckpt/1", 1, best=True)
+  sink.mark_preempting()
+  sink.finish({"steps": 1})
+  sink.close(exit_code=1)
+  assert wandb.records == [{"step": 1, "epoch": 0.5, "train/loss": 1.0}]
+  assert wandb.run.calls == [("artifact", "ckpt/1", 1, ["latest", "step-1", "best"]),
+                             "mark_preempting", ("summary", {"steps": 1})]
+  assert wandb.closed == [1]
+  assert writers.read_metrics(os.path.join(tmp_path, writers.METRICS_FILE)) == wandb.records
+  # Without log_checkpoints no artifact; without wandb (or on process k > 0) every call is a no-op.
+  quiet = _FakeWandb()
+  writers.RunWriter([], quiet).log_checkpoint("ckpt/2", 2, best=False)
+  assert quiet.run.calls == []
+  nothing = writers.RunWriter()
+  for call in (lambda: nothing.write({"step": 1}), nothing.mark_preempting,
+               lambda: nothing.finish({}), nothing.close):
+    call()
