@@ -256,7 +256,7 @@ _KERAS3_VARS = {
 
 
 def _keras3_weights(f) -> dict[str, np.ndarray]:
-  """Keras 3 `.weights.h5`: layers/<class-based key>/vars/<index>, the layer name an attribute."""
+  """Keras 3 `.weights.h5`: layers/<class key>/vars/<index>, the layer name in an attribute."""
   out = {}
   for key, layer in f["layers"].items():
     variables = layer.get("vars")
