@@ -9,12 +9,26 @@ AUTOTUNE on all cores. Reports the median of several timed passes after a warm-u
 --torchvision times the original project's equivalent instead, for the ratio: torchvision's
 RandomCrop(32, 4, reflect) + RandomHorizontalFlip + RandAugment(2, 9) on PIL images, ToTensor and a
 Cutout(16) on the tensor, in a DataLoader with one worker per core (needs the torch extra).
+
+  python bench/input_pipeline.py --streaming [--images 256] [--passes 3]
+
+--streaming times full-size photos instead, both pipelines in one run: it writes `--images` JPEGs
+of about 400x350 px (smooth random scenes, quality 90) to a temporary <split>/<class>/<image>
+folder, then streams them through jaxsam's streamed train input (jaxsam.data.streaming: read,
+random-resized crop decoded in one step, resize to 224, RandAugment(2, 9), flip, batches of uint8)
+and through torchvision's ImageFolder + DataLoader (one worker per core: RandomResizedCrop(224),
+RandomHorizontalFlip, RandAugment(2, 9), PILToTensor, uint8 batches). Per pass it reports images/s
+and images per CPU-second, the CPU time being the process's and its children's (resource.getrusage:
+TF's threads and the DataLoader's workers alike), then the ratio and the cores per GPU it takes
+to feed ResNet-50 at the accelerator target.
 """
 
 import argparse
 import os
+import resource
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,15 +107,152 @@ def torchvision_rate(num_batches: int, batch_size: int, passes: int) -> list[flo
   return rates[1:]
 
 
+# ResNet-50 at 224 px on one GPU, the accelerator target: SGD and SAM train images/s.
+TARGET_SGD_IMAGES_PER_S, TARGET_SAM_IMAGES_PER_S = 7_000, 3_500
+
+
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process and of its children that have ended."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+      resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def write_photos(root: str, count: int, classes: int = 8) -> float:
+  """`count` JPEGs of 380-420 x 330-370 px in root/train/<class>/, smooth random scenes (a
+  coarse random grid upsampled, plus noise) that compress like photos; returns their mean KB."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  sizes = []
+  for i in range(count):
+    w, h = int(rng.integers(380, 421)), int(rng.integers(330, 371))
+    coarse = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.int16)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    folder = os.path.join(root, "train", f"class{i % classes}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{i:05d}.jpg")
+    Image.fromarray(image).save(path, quality=90)
+    sizes.append(os.path.getsize(path))
+  for c in range(classes):  # a test split with the same classes, as open_stream requires
+    os.makedirs(os.path.join(root, "test", f"class{c}"), exist_ok=True)
+    Image.fromarray(image).save(os.path.join(root, "test", f"class{c}", "0.jpg"), quality=90)
+  return float(np.mean(sizes)) / 1024
+
+
+def timed(run) -> tuple[float, float]:
+  """(images per wall second, images per CPU-second) of `run()`, which returns its image count."""
+  start, cpu_start = time.perf_counter(), cpu_seconds()
+  count = run()
+  return count / (time.perf_counter() - start), count / (cpu_seconds() - cpu_start)
+
+
+def jaxsam_streamed(root: str, per_pass: int, passes: int, batch: int) -> list[tuple[float, float]]:
+  """jaxsam's streamed train input on the folder: (images/s, images per CPU-second) per pass."""
+  from jaxsam.data import streaming
+
+  config = common.get_base_config()
+  config.dataset.source, config.dataset.name, config.dataset.path = "image_folder", "bench", root
+  config.dataset.in_memory = "false"
+  augment_config = config.augment
+  augment_config.random_resized_crop, augment_config.flip = True, True
+  augment_config.crop_padding = 0
+  augment_config.randaugment.num_ops, augment_config.randaugment.magnitude = 2, 9
+  stream = streaming.open_stream(config.dataset)
+  batches = streaming.train_batches(stream, augment_config, size=224, seed=0, global_batch=batch)
+
+  def take(n):
+    for _ in range(n):
+      assert next(batches)["image"].shape == (batch, 224, 224, 3)
+    return n * batch
+
+  take(4)  # warm-up: tracing, AUTOTUNE ramp-up, file cache
+  return [timed(lambda: take(per_pass // batch)) for _ in range(passes)]
+
+
+def torchvision_streamed(root: str, per_pass: int, passes: int,
+                         batch: int) -> list[tuple[float, float]]:
+  """torchvision's ImageFolder + DataLoader on the folder, one worker per core, workers started
+  per pass and joined at its end (so their CPU time is counted): (images/s, images per CPU-s)."""
+  sys.modules.setdefault("triton", None)  # see torchvision_rate
+  import torch
+  from torchvision import datasets, transforms
+
+  transform = transforms.Compose([
+      transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+      transforms.RandAugment(2, 9), transforms.PILToTensor()])
+  folder = datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
+
+  class Repeated(torch.utils.data.Dataset):  # one pass = per_pass images, cycling the folder
+    def __len__(self):
+      return per_pass
+
+    def __getitem__(self, i):
+      return folder[i % len(folder)]
+
+  def run():
+    loader = torch.utils.data.DataLoader(Repeated(), batch_size=batch, shuffle=True,
+                                         num_workers=os.cpu_count(), drop_last=True)
+    count = 0
+    for images, _ in loader:
+      assert images.shape == (batch, 3, 224, 224) and images.dtype == torch.uint8
+      count += len(images)
+    return count
+
+  timed(run)  # warm-up: imports in the workers, file cache
+  return [timed(run) for _ in range(passes)]
+
+
+def streaming_main(args) -> None:
+  """Both pipelines on one generated folder, one after the other, then the comparison."""
+  load_before = os.getloadavg()
+  with tempfile.TemporaryDirectory() as root:
+    kb = write_photos(root, args.images)
+    per_pass = args.images
+    ours = jaxsam_streamed(root, per_pass, args.passes, args.batch_size)
+    theirs = torchvision_streamed(root, per_pass, args.passes, args.batch_size)
+  cores = os.cpu_count()
+  print(f"{args.images} JPEGs of 380-420 x 330-370 px ({kb:.0f} KB mean), random-resized crop to "
+        f"224 + flip + RandAugment(2, 9), uint8 batches of {args.batch_size}, {cores} cores, "
+        f"{per_pass} images per pass:")
+  medians = {}
+  for name, rows in (("jaxsam streamed (tf.data)", ours),
+                     (f"torchvision ImageFolder + DataLoader ({cores} workers)", theirs)):
+    wall, cpu = (statistics.median(r[i] for r in rows) for i in (0, 1))
+    medians[name] = (wall, cpu)
+    print(f"  {name}: median {wall:,.0f} images/s, {cpu:,.0f} images per CPU-second (passes: "
+          f"{', '.join(f'{w:,.0f}/{c:,.0f}' for w, c in rows)} images/s / per CPU-s)")
+  (ours_wall, ours_cpu), (theirs_wall, theirs_cpu) = medians.values()
+  print(f"  jaxsam / torchvision: {ours_cpu / theirs_cpu:.2f}x per CPU-second (per core; target "
+        f">= 2x), {ours_wall / theirs_wall:.2f}x images/s")
+  for what, target in (("SGD", TARGET_SGD_IMAGES_PER_S), ("SAM", TARGET_SAM_IMAGES_PER_S)):
+    print(f"  feeding ResNet-50 {what} at {target:,} images/s per GPU takes {target:,} / "
+          f"{ours_cpu:,.0f} = {target / ours_cpu:.1f} cores per GPU with jaxsam, {target:,} / "
+          f"{theirs_cpu:,.0f} = {target / theirs_cpu:.1f} with torchvision")
+  load_after = os.getloadavg()
+  print(f"  load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min; above "
+        f"{cores} means other jobs shared the cores: images/s drop, images per CPU-second much "
+        "less)")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--passes", type=int, default=5)
+  parser.add_argument("--passes", type=int, default=None, help="default 5 (--streaming: 3)")
   parser.add_argument("--batches", type=int, default=40)
-  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=None, help="default 256 (--streaming: 32)")
   parser.add_argument("--autoaugment", action="store_true", help="AutoAugment CIFAR-10 instead")
   parser.add_argument("--torchvision", action="store_true",
                       help="time the original's PIL/torchvision pipeline instead")
+  parser.add_argument("--streaming", action="store_true",
+                      help="full-size JPEGs: jaxsam's streamed input against torchvision's")
+  parser.add_argument("--images", type=int, default=256, help="--streaming: JPEGs to generate")
   args = parser.parse_args()
+  if args.streaming:
+    args.passes, args.batch_size = args.passes or 3, args.batch_size or 32
+    streaming_main(args)
+    return
+  args.passes, args.batch_size = args.passes or 5, args.batch_size or 256
   if args.torchvision:
     rates = torchvision_rate(min(args.batches, 20), args.batch_size, args.passes)
     print(f"torchvision/PIL crop + flip + RandAugment(2, 9) + Cutout(16), 32 px, batch "

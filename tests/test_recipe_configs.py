@@ -92,3 +92,33 @@ def test_flowers_recipe_values_resolve():
   assert float(lr(0)) == pytest.approx(0.0)  # one warm-up epoch
   assert float(lr(steps)) == pytest.approx(0.01, rel=1e-3)
   tx.init({"w": jnp.ones((3,))})
+
+
+@pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)
+def test_slurm_script_launches_the_recipe_unchanged(path, tmp_path):
+  # A stand-in srun records what the job step would run; the launch.py arguments it gets must
+  # parse as launch.py parses them, the config file and the overrides untouched.
+  import subprocess
+
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  record = tmp_path / "srun.txt"
+  (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
+  (bin_dir / "srun").chmod(0o755)
+  config = os.path.relpath(path, ROOT)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+             SLURM_JOB_NUM_NODES="2", SLURM_GPUS_PER_NODE="4")
+  env.pop("WORKDIR", None)
+  result = subprocess.run(["bash", "scripts/slurm.sh", config, "--config.sam.rho=0.1"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, check=False, timeout=60)
+  assert result.returncode == 0, result.stderr
+  argv = record.read_text().splitlines()
+  name = os.path.basename(path)[:-3]
+  assert argv[:3] == ["--kill-on-bad-exit=1", "python", "launch.py"]
+  assert argv[3:] == [f"--config={config}", f"--workdir=runs/{name}-4242", "--config.sam.rho=0.1"]
+  parsed = parse(os.path.join(ROOT, config), argv[-1])
+  assert parsed.sam.rho == 0.1 and parsed.dataset.in_memory == "false"
+  elsewhere = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sh"), config],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+                             timeout=60)
+  assert elsewhere.returncode == 2 and "submit from the jaxsam checkout" in elsewhere.stderr
