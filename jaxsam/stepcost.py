@@ -60,10 +60,13 @@ def step_config(config: ml_collections.ConfigDict, per_device_batch: int, image_
 
 
 def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
-               steps_per_epoch: int = 1000) -> tuple[Any, Any, Any, steps.StepConfig]:
+               steps_per_epoch: int = 1000,
+               ascent: bool | None = None) -> tuple[Any, Any, Any, steps.StepConfig]:
   """(jitted train step, model, optimizer, StepConfig) as the loop builds them from `config`.
 
   `config.model.image_size` must be set (there is no dataset to take the native size from).
+  `ascent`: for the host-scheduled SAM variants (`ascent_schedule`), the SAM (True) or the base
+  (False) program; None is the one program of every other config.
   """
   size = config.model.image_size
   if size < 1:
@@ -74,8 +77,15 @@ def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
   tx, lr = optim.make_optimizer(config, steps_per_epoch,
                                 axis_name=optim.sam_axis_name(cfg, per_device))
   model = models.create_model(config.model, num_classes=num_classes, dtype=cfg.dtype)
-  step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg)
+  extra = {} if ascent is None else {"ascent": ascent}
+  step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg, **extra)
   return step, model, tx, cfg
+
+
+def ascent_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int = 1000):
+  """step -> whether the loop runs the SAM program there (sam.every, start_fraction, LookSAM), or
+  None where every step is one program; the loop picks between two compiled steps on the host."""
+  return optim.host_ascent_schedule(config, steps_per_epoch)
 
 
 def init_state(model, tx, image_size: int, dtype, seed: int = 0) -> steps.TrainState:
@@ -127,16 +137,19 @@ def memory(compiled) -> dict[str, int]:
   return out
 
 
-def time_steps(compiled, state, batch, num_steps: int, repeats: int = 3):
+def time_steps(compiled, state, batch, num_steps: int, repeats: int = 3, pick=None):
   """(state, seconds per step of each repeat): `num_steps` dispatched back to back, then a block.
 
   Asynchronous dispatch as in training; the medians of several repeats shrug off a busy host.
+  `pick(step)`, when given, is the program for that step (a host schedule), `compiled` unused.
   """
   seconds = []
+  step = int(state.step)
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(num_steps):
-      state, metrics = compiled(state, batch)
+      state, metrics = (compiled if pick is None else pick(step))(state, batch)
+      step += 1
     jax.block_until_ready((state, metrics))
     seconds.append((time.perf_counter() - start) / num_steps)
   return state, seconds
