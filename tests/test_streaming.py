@@ -179,6 +179,42 @@ def test_streamed_eval_batches_equal_in_memory_eval_batches(tmp_path):
     np.testing.assert_array_equal(a["mask"], b["mask"])
 
 
+@pytest.mark.slow
+def test_streamed_eval_of_a_checkpoint_gives_the_in_memory_metrics(tmp_path):
+  # Train a tiny model in memory, then score its checkpoint streamed: same loss and accuracy.
+  # Fixed-size PNGs at crop fraction 1 and ImageNet normalisation on both paths (in memory would
+  # otherwise normalise by the folder's own statistics), so only the input path differs.
+  from jaxsam import evaluate, train, writers
+
+  rng = np.random.default_rng(1)
+  for split, n in (("train", 48), ("test", 29)):
+    for i in range(n):
+      folder = tmp_path / "set" / split / f"c{i % 3}"
+      folder.mkdir(parents=True, exist_ok=True)
+      image = np.full((16, 16, 3), 60 * (i % 3), np.uint8) + rng.integers(0, 60, (16, 16, 3),
+                                                                          dtype=np.uint8)
+      Image.fromarray(image).save(folder / f"{i:03d}.png")
+  config = common.get_base_config()
+  config.dataset.source, config.dataset.name = "image_folder", "set"
+  config.dataset.path, config.dataset.cache_dir = str(tmp_path / "set"), str(tmp_path / "cache")
+  config.dataset.in_memory, config.dataset.eval_crop_fraction = "true", 1.0
+  config.model.name, config.model.width, config.model.normalization = "resnet8", 4, "imagenet"
+  config.model.image_size = 16  # the native side: streaming needs it said
+  config.num_epochs, config.batch_size, config.eval_batch_size = 2, 16, 8  # 29 = 3 x 8 + 5 pad
+  config.augment.crop_padding, config.augment.flip = 0, False
+  config.progress_bar, config.wandb.mode = False, "disabled"
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["completed"] and summary["steps"] == 6
+  logged = [r for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+            if "test/accuracy" in r][-1]
+  config.dataset.in_memory = "false"
+  result = evaluate.evaluate_checkpoint(config, workdir)
+  assert result["step"] == 6 and result["count"] == 29
+  assert result["top1"] == logged["test/accuracy"] and result["top5"] == logged["test/top5"]
+  assert result["loss"] == pytest.approx(logged["test/loss"], rel=1e-6, abs=1e-7)
+
+
 def _mock_flowers_config(data_dir):
   """oxford_flowers102's real metadata in `data_dir` (as `tfds build` writes it), no records."""
   builder = tfds.builder("oxford_flowers102", data_dir=str(data_dir))
@@ -420,6 +456,7 @@ def _stream_args(data_dir: str) -> list[str]:
           "--config.wandb.mode=disabled"]
 
 
+@pytest.mark.slow
 def test_streamed_kill9_and_resume_equals_uninterrupted(tfds_dir, tmp_path):
   import signal
   import subprocess
