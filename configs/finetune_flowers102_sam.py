@@ -20,8 +20,8 @@ statistics updated (not frozen). Train on train + validation (2,040 images) with
 has not been tested on the streamed path). Plain SGD: --config.sam.rho=0.
 Expected accuracy: not measured (no session has had the dataset or a GPU). Runtime: 48 k train
 and 61 k test images (10 evaluations); on one GPU the steps take well under a minute, so the
-run is bound by the input, about 2 minutes with 8 cores at the streamed rate of README's Measured
-section (decode, crop, flip), plus start-up and compiling.
+run is bound by the input: 109 k images / (8 cores x 74 images per CPU-second, the streamed
+rate in README's Measured section) = about 3 minutes with 8 cores, plus start-up and compiling.
 """
 
 from configs import common
