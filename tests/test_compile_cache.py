@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxsam import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +38,7 @@ def test_unwritable_reason(tmp_path):
   assert reason and "Error" in reason
 
 
+@pytest.mark.slow  # a launch.py run
 def test_launch_writes_entries_to_the_environments_folder(tmp_path):
   cache = tmp_path / "xla"
   result = launch(tmp_path / "run", env={compile_cache.ENV: str(cache)})
@@ -43,6 +46,7 @@ def test_launch_writes_entries_to_the_environments_folder(tmp_path):
   assert compile_cache.entries(str(cache)), os.listdir(cache)  # at least the train step
 
 
+@pytest.mark.slow  # a launch.py run
 def test_empty_flag_turns_the_cache_off(tmp_path):
   cache = tmp_path / "xla"
   result = launch(tmp_path / "run", "--compilation_cache=", env={compile_cache.ENV: str(cache)})
@@ -50,6 +54,7 @@ def test_empty_flag_turns_the_cache_off(tmp_path):
   assert not compile_cache.entries(str(cache))
 
 
+@pytest.mark.slow  # a launch.py run
 def test_unwritable_folder_is_a_one_line_warning_and_the_run_goes_on(tmp_path):
   (tmp_path / "file").write_text("")
   result = launch(tmp_path / "run", f"--compilation_cache={tmp_path / 'file' / 'xla'}")
