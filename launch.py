@@ -33,6 +33,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Persistent XLA compilation cache folder, so a rerun or resume "
     "does not compile again ('' = off; default $JAX_COMPILATION_CACHE_DIR, else "
     "~/.cache/jaxsam/xla).")
+_PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps", None, "START:END: a jax.profiler trace of train steps START to END - 1 in "
+    "<workdir>/profile/, for TensorBoard or ui.perfetto.dev.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -75,12 +78,17 @@ def main(argv: list[str]) -> None:
   if config_file is not None and not os.path.isfile(config_file):
     _fail(f"--config={config_file} does not exist; give a config file such as "
           "configs/quickstart.py")
+  from jaxsam import errors, profiling  # light: neither imports JAX
+  try:
+    profile_steps = profiling.parse_steps(_PROFILE_STEPS.value)
+  except errors.UserError as e:
+    _fail(str(e))
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
   from jaxsam import compile_cache
   warning = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE.value, os.environ))
   if warning:  # a run without the cache is slower to start, not wrong
     print(f"warning: {warning}", file=sys.stderr)
-  from jaxsam import distributed, errors
+  from jaxsam import distributed
   try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
     distributed.initialize(
         distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -96,7 +104,8 @@ def main(argv: list[str]) -> None:
     _fail(f"--workdir={workdir} is not a folder; give a training run's folder")
   try:
     if _MODE.value == "train":
-      summary = train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
+      summary = train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value,
+                                         profile_steps=profile_steps)
       if (summary["completed"] and summary["final_test_accuracy"] is not None
           and parallel.is_main_process()):
         print(f"jaxsam: done in {summary['wall_time_s']:.0f}s: final test accuracy "

@@ -4,9 +4,11 @@ jaxsam is data-parallel over one mesh axis, `DATA_AXIS`, that spans every device
 Parameters and optimizer state are replicated; batches are sharded along their first dimension.
 """
 
+import collections
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Self
 
 import jax
 import numpy as np
@@ -57,6 +59,50 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+class DevicePrefetch:
+  """Iterates over `shard_batch`ed host batches, the next one already on its way to the devices.
+
+  flax's `prefetch_to_device` for sharded global arrays: each `next()` places one more host batch
+  (placement is asynchronous) before handing out the oldest, so that the batch of step k+1 travels
+  while step k runs, and the loop never blocks on the devices for its input. `mean_wait_ms` says
+  how long the caller waited per batch (the host iterator's `next()` plus placement): the sign of
+  a training loop starved by its input.
+  """
+
+  def __init__(self, local_batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+               size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size={size} must be at least 1")
+    self._source = iter(local_batches)
+    self._mesh = mesh
+    self._size = size
+    self._queue = collections.deque()
+    self._wait = 0.0
+    self._taken = 0
+
+  def __iter__(self) -> Self:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    start = time.perf_counter()
+    try:
+      while len(self._queue) < self._size:
+        self._queue.append(shard_batch(next(self._source), self._mesh))
+    except StopIteration:  # the source is done: hand out what is still queued
+      if not self._queue:
+        raise
+    finally:
+      self._wait += time.perf_counter() - start
+    self._taken += 1
+    return self._queue.popleft()
+
+  def mean_wait_ms(self) -> float:
+    """Milliseconds waited per batch handed out since the previous call (NaN when none was)."""
+    wait, taken = self._wait, self._taken
+    self._wait, self._taken = 0.0, 0
+    return 1000.0 * wait / taken if taken else float("nan")
 
 
 def fetch(tree: Any) -> Any:

@@ -6,6 +6,7 @@ live in `jaxsam.steps`, devices in `jaxsam.parallel`, checkpoints in `jaxsam.che
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, models, optim, parallel, plots, steps, writers
+from jaxsam import errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import pipeline, sources, streaming
 
@@ -297,12 +298,14 @@ def _fetch(loop: _Loop, clock: TrainClock) -> None:
         f"{loop.checkpointer.latest_path() or 'none'}; try a lower optimizer.learning_rate")
 
 
-def _log_train(loop: _Loop, train_seconds: float) -> None:
-  """One record of the window's means, with images/s over the window's training time."""
+def _log_train(loop: _Loop, train_seconds: float, input_wait_ms: float) -> None:
+  """One record of the window's means, with images/s over the window's training time and the
+  mean wait per step for the next batch (`DevicePrefetch.mean_wait_ms`)."""
   window = loop.meta["window"]
   loop.record = {"step": loop.step, "epoch": loop.step / loop.setup.steps_per_epoch,
                  **window_mean(window), "images_per_sec":
-                 len(window) * loop.config.batch_size / max(train_seconds, 1e-9)}
+                 len(window) * loop.config.batch_size / max(train_seconds, 1e-9),
+                 "time/input_wait_ms": input_wait_ms}
   loop.sink.write(loop.record)
   loop.bar.set_postfix(loss=f"{loop.record['train/loss']:.4f}",
                        acc=f"{100 * loop.record['train/accuracy']:.2f}%",
@@ -412,9 +415,18 @@ def _summary(loop: _Loop) -> dict:
   }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       overwrite: bool = False) -> dict:
-  """Trains and evaluates as the config says; resumes from the workdir's latest checkpoint."""
+def _device_batches(train_input, setup: Setup, start: int) -> parallel.DevicePrefetch:
+  """The train batches of steps `start` to the end, each placed while the step before runs."""
+  local = train_input(start, jax.process_index(), jax.process_count())
+  return parallel.DevicePrefetch(itertools.islice(local, setup.total_steps - start), setup.mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+                       profile_steps: tuple[int, int] | None = None) -> dict:
+  """Trains and evaluates as the config says; resumes from the workdir's latest checkpoint.
+
+  `profile_steps` (START, END) traces steps START to END - 1 into the workdir (`jaxsam.profiling`).
+  """
   pipeline.hide_gpus_from_tf()
   # Everything that can reject the config runs before the workdir is touched; the cheap
   # workdir checks first, so a bad --workdir fails in a second.
@@ -430,21 +442,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sink = writers.create_run_writer(config, workdir, start_step=start, environ=os.environ,
                                    main_process=parallel.is_main_process())
   _announce(setup, start, resumed)
-  train_step = steps.compile_scheduled_train_step(
+  train_step = profiling.StepTrace(steps.compile_scheduled_train_step(
       setup.mesh, optim.host_ascent_schedule(config, setup.steps_per_epoch), model=setup.model,
-      tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config)
+      tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config), profile_steps,
+      os.path.join(workdir, workdir_lib.PROFILE_DIR), setup.total_steps)
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
-  batches = train_input(start, jax.process_index(), jax.process_count())
+  batches = _device_batches(train_input, setup, start)
   bar = tqdm.tqdm(total=setup.total_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not (parallel.is_main_process() and config.progress_bar), leave=False)
   loop = _Loop(config, setup, workdir, sink, checkpointer, bar, meta, step=start,
                saved_step=start, wall_before=float(meta["wall_time"]))
   clock = TrainClock()
-  with _Preemption() as preemption, _close_on_error(loop):
+  with _Preemption() as preemption, _close_on_error(loop), train_step:
     while loop.step < setup.total_steps:
       with clock.timed():  # images/s counts this and the fetch: not logging, eval or checkpoints
-        state, metrics = train_step(state, parallel.shard_batch(next(batches), setup.mesh),
-                                    loop.step)
+        state, metrics = train_step(state, next(batches), loop.step)
       loop.pending.append(metrics)
       loop.step += 1
       bar.update(1)
@@ -452,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if loop.log_due or stop:
         _fetch(loop, clock)
       if loop.log_due:
-        _log_train(loop, clock.lap())
+        _log_train(loop, clock.lap(), batches.mean_wait_ms())
       if loop.due_at_epoch_end(config.eval_every_epochs):
         _evaluate(loop, eval_step, state)
       if loop.due_at_epoch_end(config.checkpoint_every_epochs):

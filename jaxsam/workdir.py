@@ -30,6 +30,7 @@ ANALYSIS_DIR = "analysis"
 ANALYSIS_FILE = "analysis.json"  # inside ANALYSIS_DIR, with the landscape PNGs
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_DIR = "wandb"
+PROFILE_DIR = "profile"
 
 
 class Entry(NamedTuple):
@@ -48,6 +49,8 @@ ENTRIES: dict[str, Entry] = {
     CORRUPT_DIR: Entry("checkpoints that failed to load, moved aside", True),
     EVAL_FILE: Entry("--mode=eval: one checkpoint's test loss, top-1, top-5, per class", True),
     ANALYSIS_DIR: Entry("jaxsam.analyze: analysis.json and the landscape PNGs", True),
+    PROFILE_DIR: Entry("launch.py --profile_steps: jax.profiler traces (TensorBoard, Perfetto)",
+                       True),
     WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
     # Kept: offline runs not yet synced live here; the new run gets a new id and its own folder.
     WANDB_DIR: Entry("wandb's own files, one folder per wandb run (offline runs sync from here)",

@@ -111,6 +111,43 @@ def test_missing_config_file_is_one_line_error(tmp_path):
   assert_one_line_error(result, "nope.py")
 
 
+TINY = ["--config.max_steps=5", "--config.model.image_size=8", "--config.model.width=4",
+        "--config.batch_size=64", "--config.log_every_steps=5", "--config.progress_bar=False",
+        "--config.wandb.mode=disabled"]
+
+
+@pytest.mark.slow
+def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
+  workdir = tmp_path / "w"
+  result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", "--profile_steps=2:4",
+                  *TINY)
+  assert result.returncode == 0, result.stderr[-2000:]
+  traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*"))
+  assert any(t.endswith(".xplane.pb") for t in traces), traces
+  assert any(t.endswith(".trace.json.gz") for t in traces), traces  # ui.perfetto.dev
+  records = [json.loads(line) for line in read(workdir / "metrics.jsonl").splitlines()]
+  waits = [r["time/input_wait_ms"] for r in records if "train/loss" in r]
+  assert waits and all(w >= 0 for w in waits)
+
+
+@pytest.mark.slow
+def test_profile_steps_past_the_run_warn_and_train_on(tmp_path):
+  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
+                  "--profile_steps=7:9", *TINY)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "warning: --profile_steps=7:9 goes past the run's 5 steps; no step is traced" in (
+      result.stderr)
+  assert not os.path.exists(tmp_path / "w" / "profile")
+
+
+@pytest.mark.parametrize("value", ["4:2", "3:3", "-1:4", "2-4", "a:b", "5"])
+def test_malformed_profile_steps_is_one_line_error(tmp_path, value):
+  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
+                  f"--profile_steps={value}")
+  assert_one_line_error(result, f"--profile_steps={value}", "START:END")
+  assert not os.path.exists(tmp_path / "w")
+
+
 @pytest.mark.slow
 def test_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
   path = tmp_path / "afile"

@@ -38,7 +38,7 @@ TINY = ["--config=configs/quickstart.py", f"--config.num_epochs={NUM_EPOCHS}",
         "--config.augment.randaugment.num_ops=1", "--config.log_every_steps=1",
         "--config.checkpoint_every_epochs=1", "--config.checkpoint_keep=2",
         "--config.progress_bar=false", "--config.wandb.mode=offline"]
-TIME_KEYS = {"images_per_sec"}
+TIME_KEYS = {"images_per_sec", "time/input_wait_ms"}
 
 
 def _env(tmp: str) -> dict:

@@ -62,3 +62,24 @@ def _tiny_config(rho: float):
 def test_summary_sam_fraction_of_plain_sgd_and_sam(tmp_path, rho, fraction):
   summary = train.train_and_evaluate(_tiny_config(rho), str(tmp_path / "run"))
   assert summary["steps"] == 3 and summary["sam_fraction"] == fraction
+
+
+def test_device_prefetch_keeps_order_and_one_batch_ahead():
+  import numpy as np
+
+  from jaxsam import parallel
+  pulled = []
+
+  def source():
+    for i in range(4):
+      pulled.append(i)
+      yield {"x": np.full((mesh.devices.size, 3), i, np.float32)}
+
+  mesh = parallel.make_mesh()
+  batches = parallel.DevicePrefetch(source(), mesh)
+  first = next(batches)
+  assert pulled == [0, 1]  # the next batch is already placed
+  assert float(first["x"][0, 0]) == 0 and first["x"].sharding == parallel.batch_sharded(mesh)
+  assert [float(b["x"][0, 0]) for b in batches] == [1, 2, 3]
+  assert batches.mean_wait_ms() >= 0
+  assert math.isnan(batches.mean_wait_ms())  # nothing handed out since
