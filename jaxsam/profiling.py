@@ -1,8 +1,8 @@
 """`launch.py --profile_steps=START:END`: a `jax.profiler` trace of some train steps.
 
 The trace goes to `<workdir>/profile/` (`workdir.PROFILE_DIR`) as TensorBoard's profile plugin
-lays it out (`plugins/profile/<run>/<host>.xplane.pb`), with a `.trace.json.gz` next to it that
-ui.perfetto.dev opens. Light on purpose: JAX is imported only once a trace starts, so that
+lays it out (`plugins/profile/<run>/<host>.xplane.pb`), with a `perfetto_trace.json.gz` next to it
+that ui.perfetto.dev opens. Light on purpose: JAX is imported only once a trace starts, so that
 `parse_steps` can vet the flag before anything runs.
 """
 

@@ -124,7 +124,7 @@ def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*"))
   assert any(t.endswith(".xplane.pb") for t in traces), traces
-  assert any(t.endswith(".trace.json.gz") for t in traces), traces  # ui.perfetto.dev
+  assert any(t.endswith("perfetto_trace.json.gz") for t in traces), traces  # ui.perfetto.dev
   records = [json.loads(line) for line in read(workdir / "metrics.jsonl").splitlines()]
   waits = [r["time/input_wait_ms"] for r in records if "train/loss" in r]
   assert waits and all(w >= 0 for w in waits)

@@ -1,8 +1,8 @@
 """Preemption and exact resume, end to end through `launch.py` subprocesses on a tiny config.
 
 One uninterrupted run (A) and one run (B) that is killed with SIGKILL mid-epoch, rerun, stopped with
-SIGTERM mid-epoch, and rerun to the end: B's final train state and metrics.jsonl (all values but
-images_per_sec) must equal A's bit for bit on CPU. Both use LookSAM with a SAM step every 3rd step
+SIGTERM mid-epoch, and rerun to the end: B's final train state and metrics.jsonl (all but the
+TIME_KEYS) must equal A's bit for bit on CPU. Both use LookSAM with a SAM step every 3rd step
 (11 steps per epoch, so every resume lands mid-period) and RandAugment, so the host-side SAM
 schedule, LookSAM's stored direction, the step RNG and the per-example augmentation seeds all
 take part; wandb logs offline.
