@@ -270,6 +270,7 @@ def variant_config(**sam):
   return config
 
 
+@pytest.mark.slow  # compiles the real train step, several configs
 @pytest.mark.parametrize("sam", [{"every": 2}, {"variant": "looksam", "every": 2},
                                  {"variant": "aesam"}, {"start_fraction": 0.2}],
                          ids=["every2", "looksam", "aesam", "late"])
@@ -292,6 +293,7 @@ def _run_with_settings(config, mesh, model, batches, per_device):
                    cfg=dataclasses.replace(step_cfg(), **settings))
 
 
+@pytest.mark.slow  # compiles the real train step, several configs
 @pytest.mark.parametrize("sam", [{}, {"every": 2}, {"start_fraction": 0.2}, {"variant": "aesam"}],
                          ids=["sam", "every2", "late", "aesam"])
 def test_accum_steps_equals_sam_m_of_the_micro_batch(sam):
@@ -313,6 +315,7 @@ def test_accum_steps_equals_sam_m_of_the_micro_batch(sam):
                              [m["train/loss"] for m in m_grp], rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles the real train step, several configs
 @pytest.mark.parametrize("sam", [{"variant": "looksam", "every": 2}, {"variant": "gsam",
                                  "alpha": 0.1}, {"variant": "msam"}, {"variant": "asam"}],
                          ids=["looksam", "gsam", "msam", "asam"])
@@ -331,6 +334,7 @@ def test_accum_steps_runs_every_variant(sam):
   assert max(jax.tree.leaves(moved)) > 1e-4  # micro-batch ascents and BN: another step
 
 
+@pytest.mark.slow  # compiles the real train step, several configs
 def test_accum_steps_with_sgd_equals_the_full_batch_step():
   batches = [make_batch(seed=s) for s in range(3)]
   accum = make_config(rho=0.0)
@@ -340,6 +344,7 @@ def test_accum_steps_with_sgd_equals_the_full_batch_step():
   assert_trees_close(got.params, want.params)
 
 
+@pytest.mark.slow  # compiles the real train step, several configs
 def test_msam_step_takes_one_pass_and_keeps_clean_weights():
   batches = [make_batch(seed=s) for s in range(3)]
   config = variant_config(variant="msam")
@@ -404,6 +409,7 @@ def test_msam_with_a_momentum_free_optimizer_is_a_config_error():
 
 
 
+@pytest.mark.slow  # compiles the real train step, several configs
 @pytest.mark.parametrize("sam", [{"every": 3}, {"variant": "looksam", "every": 3},
                                  {"start_fraction": 0.3}], ids=["every3", "looksam", "late"])
 def test_host_scheduled_steps_equal_the_on_device_schedule(sam):
