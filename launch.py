@@ -13,29 +13,44 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py); override keys with --config.KEY=V.",
-    lock_config=True)
+  "config",
+  None,
+  "Experiment config file (configs/*.py); override keys with --config.KEY=V.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run folder (default runs/<config-name>-<UTC timestamp>); rerun to resume.")
+  "workdir", None, "Run folder (default runs/<config-name>-<UTC timestamp>); rerun to resume."
+)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or eval a saved model.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval: checkpoint folder (default latest).")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Start afresh in a workdir that holds a run (of any config): its files "
-    "(jaxsam.workdir.CLEARED: config, metrics, checkpoints, eval.json, analysis/...) go first.")
+  "overwrite",
+  False,
+  "Start afresh in a workdir that holds a run (of any config): its files "
+  "(jaxsam.workdir.CLEARED: config, metrics, checkpoints, eval.json, analysis/...) go first.",
+)
 # Multi-process runs (jaxsam.distributed); under SLURM all three are read from the job.
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process: host:port of process 0 (same on every process).")
+  "coordinator_address", None, "Multi-process: host:port of process 0 (same on every process)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process, 0..N-1.")
 _DIST_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout_s", 300, "Multi-process: seconds to wait for the coordinator and peers.")
+  "distributed_timeout_s", 300, "Multi-process: seconds to wait for the coordinator and peers."
+)
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", None, "Persistent XLA compilation cache folder, so a rerun or resume "
-    "does not compile again ('' = off; default $JAX_COMPILATION_CACHE_DIR, else "
-    "~/.cache/jaxsam/xla).")
+  "compilation_cache",
+  None,
+  "Persistent XLA compilation cache folder, so a rerun or resume "
+  "does not compile again ('' = off; default $JAX_COMPILATION_CACHE_DIR, else "
+  "~/.cache/jaxsam/xla).",
+)
 _PROFILE_STEPS = flags.DEFINE_string(
-    "profile_steps", None, "START:END: a jax.profiler trace of train steps START to END - 1 in "
-    "<workdir>/profile/, for TensorBoard or ui.perfetto.dev.")
+  "profile_steps",
+  None,
+  "START:END: a jax.profiler trace of train steps START to END - 1 in "
+  "<workdir>/profile/, for TensorBoard or ui.perfetto.dev.",
+)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -70,32 +85,43 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None and _MODE.value == "train":
     _fail("--config is required, e.g. --config=configs/quickstart.py")
   if _MODE.value == "eval" and not _WORKDIR.value:
-    _fail("--mode=eval needs --workdir=DIR (a training run's folder; its config.json is used "
-          "unless --config is given)")
+    _fail(
+      "--mode=eval needs --workdir=DIR (a training run's folder; its config.json is used "
+      "unless --config is given)"
+    )
   # --mode=eval may go without --config (then the workdir's config.json is used).
-  config_file = (flags.FLAGS["config"].config_filename.split(":")[0]
-                 if _CONFIG.value is not None else None)
+  config_file = (
+    flags.FLAGS["config"].config_filename.split(":")[0] if _CONFIG.value is not None else None
+  )
   if config_file is not None and not os.path.isfile(config_file):
-    _fail(f"--config={config_file} does not exist; give a config file such as "
-          "configs/quickstart.py")
+    _fail(
+      f"--config={config_file} does not exist; give a config file such as configs/quickstart.py"
+    )
   from jaxsam import errors, profiling  # light: neither imports JAX
+
   try:
     profile_steps = profiling.parse_steps(_PROFILE_STEPS.value)
   except errors.UserError as e:
     _fail(str(e))
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
   from jaxsam import compile_cache
+
   warning = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE.value, os.environ))
   if warning:  # a run without the cache is slower to start, not wrong
     print(f"warning: {warning}", file=sys.stderr)
   from jaxsam import distributed
+
   try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
     distributed.initialize(
-        distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                            env=os.environ), timeout_s=_DIST_TIMEOUT.value)
+      distributed.resolve(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, env=os.environ
+      ),
+      timeout_s=_DIST_TIMEOUT.value,
+    )
   except errors.UserError as e:
     _fail(str(e))
   from jaxsam import parallel, train
+
   if _WORKDIR.value is None and not parallel.is_single_process():
     _fail("a multi-process run needs --workdir=DIR, one folder that every process can reach")
 
@@ -104,15 +130,22 @@ def main(argv: list[str]) -> None:
     _fail(f"--workdir={workdir} is not a folder; give a training run's folder")
   try:
     if _MODE.value == "train":
-      summary = train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value,
-                                         profile_steps=profile_steps)
-      if (summary["completed"] and summary["final_test_accuracy"] is not None
-          and parallel.is_main_process()):
-        print(f"jaxsam: done in {summary['wall_time_s']:.0f}s: final test accuracy "
-              f"{100 * summary['final_test_accuracy']:.2f}% (best "
-              f"{100 * summary['best_test_accuracy']:.2f}%), workdir {workdir}")
+      summary = train.train_and_evaluate(
+        _CONFIG.value, workdir, overwrite=_OVERWRITE.value, profile_steps=profile_steps
+      )
+      if (
+        summary["completed"]
+        and summary["final_test_accuracy"] is not None
+        and parallel.is_main_process()
+      ):
+        print(
+          f"jaxsam: done in {summary['wall_time_s']:.0f}s: final test accuracy "
+          f"{100 * summary['final_test_accuracy']:.2f}% (best "
+          f"{100 * summary['best_test_accuracy']:.2f}%), workdir {workdir}"
+        )
     else:
       from jaxsam import evaluate
+
       evaluate.evaluate_checkpoint(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value)
   except errors.UserError as e:
     _fail(str(e))

@@ -37,11 +37,15 @@ def main() -> None:
   args = parser.parse_args()
   mesh = parallel.make_mesh(jax.devices()[:1])
   batch = stepcost.synthetic_batch(args.batch, args.image_size, args.num_classes, mesh)
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}: {args.model} at "
-        f"{args.image_size} px, {args.dtype}, global batch {args.batch} on one device, "
-        f"SAM rho={args.rho}")
-  print(f"{'accum':>5} {'micro':>5} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
-        f"{'vs 1':>6} {'compile s':>9}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind}: {args.model} at "
+    f"{args.image_size} px, {args.dtype}, global batch {args.batch} on one device, "
+    f"SAM rho={args.rho}"
+  )
+  print(
+    f"{'accum':>5} {'micro':>5} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
+    f"{'vs 1':>6} {'compile s':>9}"
+  )
   base = None
   for n in args.accum:
     config = common.get_base_config()
@@ -57,9 +61,12 @@ def main() -> None:
     memory = stepcost.memory(step.lower(state, batch).compile())
     seconds = time.perf_counter() - start
     base = base or memory["peak"]
-    print(f"{n:>5} {args.batch // n:>5} {memory['argument'] / GIB:>9.2f} "
-          f"{memory['temp'] / GIB:>9.2f} {memory['peak'] / GIB:>9.2f} "
-          f"{memory['peak'] / base:>6.2f} {seconds:>9.0f}", flush=True)
+    print(
+      f"{n:>5} {args.batch // n:>5} {memory['argument'] / GIB:>9.2f} "
+      f"{memory['temp'] / GIB:>9.2f} {memory['peak'] / GIB:>9.2f} "
+      f"{memory['peak'] / base:>6.2f} {seconds:>9.0f}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -23,20 +23,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def first_step_seconds(config: str, cache: str, workdir: str, timeout_s: float) -> float:
   """Seconds from launching to the first metrics line; the run is killed right after."""
   metrics = os.path.join(workdir, "metrics.jsonl")
-  command = [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config}",
-             f"--workdir={workdir}", f"--compilation_cache={cache}",
-             "--config.log_every_steps=1", "--config.progress_bar=False",
-             "--config.wandb.mode=disabled"]
+  command = [
+    sys.executable,
+    os.path.join(ROOT, "launch.py"),
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--compilation_cache={cache}",
+    "--config.log_every_steps=1",
+    "--config.progress_bar=False",
+    "--config.wandb.mode=disabled",
+  ]
   start = time.perf_counter()
-  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   try:
     while time.perf_counter() - start < timeout_s:
       if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
         return time.perf_counter() - start
       if proc.poll() is not None:
-        raise SystemExit(f"error: launch.py exited {proc.returncode} before its first step: "
-                         f"{(proc.stderr.read().strip().splitlines() or ['no output'])[-1]}")
+        raise SystemExit(
+          f"error: launch.py exited {proc.returncode} before its first step: "
+          f"{(proc.stderr.read().strip().splitlines() or ['no output'])[-1]}"
+        )
       time.sleep(0.05)
     raise SystemExit(f"error: no first step within {timeout_s:.0f} s")
   finally:
@@ -55,18 +64,23 @@ def main() -> None:
   for i in range(args.repeats):
     with tempfile.TemporaryDirectory() as tmp:
       cache = os.path.join(tmp, "xla")
-      cold.append(first_step_seconds(args.config, cache, os.path.join(tmp, "cold"),
-                                     args.timeout_s))
+      cold.append(first_step_seconds(args.config, cache, os.path.join(tmp, "cold"), args.timeout_s))
       entries = len([f for f in os.listdir(cache) if f.endswith("-cache")])
-      warm.append(first_step_seconds(args.config, cache, os.path.join(tmp, "warm"),
-                                     args.timeout_s))
-      print(f"pair {i + 1}: cold {cold[-1]:.1f} s ({entries} cache entries written), warm "
-            f"{warm[-1]:.1f} s", flush=True)
-  print(f"{args.config}: time to first step, median of {args.repeats}: cold "
-        f"{statistics.median(cold):.1f} s, warm {statistics.median(warm):.1f} s "
-        f"({', '.join(f'{c:.1f}/{w:.1f}' for c, w in zip(cold, warm))})")
-  print("load average (1/5/15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
-        % (load_before + os.getloadavg()))
+      warm.append(first_step_seconds(args.config, cache, os.path.join(tmp, "warm"), args.timeout_s))
+      print(
+        f"pair {i + 1}: cold {cold[-1]:.1f} s ({entries} cache entries written), warm "
+        f"{warm[-1]:.1f} s",
+        flush=True,
+      )
+  print(
+    f"{args.config}: time to first step, median of {args.repeats}: cold "
+    f"{statistics.median(cold):.1f} s, warm {statistics.median(warm):.1f} s "
+    f"({', '.join(f'{c:.1f}/{w:.1f}' for c, w in zip(cold, warm))})"
+  )
+  print(
+    "load average (1/5/15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
+    % (load_before + os.getloadavg())
+  )
 
 
 if __name__ == "__main__":

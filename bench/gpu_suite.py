@@ -43,6 +43,7 @@ from jaxsam import compile_cache  # imports no JAX: each child imports it itself
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One model at one resolution, batch and dtype; `budget_s` bounds its child process."""
+
   name: str
   model: str
   image_size: int
@@ -56,6 +57,7 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """A row's config keys (flattened); phase 1 rows of every case run before any phase 2 row."""
+
   name: str
   overrides: dict
   phase: int
@@ -64,41 +66,47 @@ class Optimizer:
 # One H200 (or H100), <= 9 min in all: budgets sized for compile (~20-60 s per step with SAM's two
 # passes) plus 30+ timed steps; the variants get what the SGD/SAM rows leave.
 GPU_CASES = (
-    Case("resnet50", "resnet50", 224, 256, "bfloat16", 1000, budget_s=150),
-    Case("efficientnet_b0", "efficientnet_b0", 224, 256, "bfloat16", 1000, budget_s=150),
-    Case("resnet18_cifar", "resnet18", 32, 512, "bfloat16", 10, budget_s=75, cifar_stem=True),
-    Case("wrn28_10", "wrn28_10", 32, 256, "bfloat16", 100, budget_s=90),
+  Case("resnet50", "resnet50", 224, 256, "bfloat16", 1000, budget_s=150),
+  Case("efficientnet_b0", "efficientnet_b0", 224, 256, "bfloat16", 1000, budget_s=150),
+  Case("resnet18_cifar", "resnet18", 32, 512, "bfloat16", 10, budget_s=75, cifar_stem=True),
+  Case("wrn28_10", "wrn28_10", 32, 256, "bfloat16", 100, budget_s=90),
 )
 # The same code paths on a 2-core CPU in under 2 minutes.
 QUICK_CASES = (Case("resnet8", "resnet8", 8, 8, "float32", 10, budget_s=100),)
 RHO = 0.05
 OPTIMIZERS = (
-    Optimizer("sgd", {"sam.rho": 0.0}, phase=1),
-    Optimizer("sam", {"sam.rho": RHO}, phase=1),
-    Optimizer("sam_every2", {"sam.rho": RHO, "sam.every": 2}, phase=2),
-    Optimizer("looksam_k5", {"sam.rho": RHO, "sam.variant": "looksam", "sam.every": 5}, phase=2),
-    Optimizer("aesam", {"sam.rho": RHO, "sam.variant": "aesam"}, phase=2),
-    Optimizer("msam", {"sam.rho": RHO, "sam.variant": "msam"}, phase=2),
-    Optimizer("sam_accum2", {"sam.rho": RHO, "accum_steps": 2}, phase=2),
+  Optimizer("sgd", {"sam.rho": 0.0}, phase=1),
+  Optimizer("sam", {"sam.rho": RHO}, phase=1),
+  Optimizer("sam_every2", {"sam.rho": RHO, "sam.every": 2}, phase=2),
+  Optimizer("looksam_k5", {"sam.rho": RHO, "sam.variant": "looksam", "sam.every": 5}, phase=2),
+  Optimizer("aesam", {"sam.rho": RHO, "sam.variant": "aesam"}, phase=2),
+  Optimizer("msam", {"sam.rho": RHO, "sam.variant": "msam"}, phase=2),
+  Optimizer("sam_accum2", {"sam.rho": RHO, "accum_steps": 2}, phase=2),
 )
 # --quick times a subset: every code path of the suite, in CI's 2 minutes (each CPU compile of a
 # SAM step takes 5-20 s); the other variants differ only in their config keys.
 QUICK_OPTIMIZERS = ("sgd", "sam", "sam_every2", "sam_accum2")
 STEPS_PER_REPEAT = 10  # a multiple of every `every` above, so each repeat has the same mix
 MIN_CHILD_S = 20  # less time left than this: the rows are "not run" (a child needs start-up)
-MIB = 2 ** 20
+MIB = 2**20
 
 
 # ---- child: one case, its rows one JSON line each as soon as measured ----
+
 
 def child_config(case: Case, optimizer: Optimizer, batch: int):
   """The base config with the case's model and the row's overrides, or a reason it has none."""
   from configs import common  # pylint: disable=import-outside-toplevel
 
   config = common.get_base_config()
-  flat = {"model.name": case.model, "model.image_size": case.image_size,
-          "model.cifar_stem": case.cifar_stem, "batch_size": batch, "dtype": case.dtype,
-          **optimizer.overrides}
+  flat = {
+    "model.name": case.model,
+    "model.image_size": case.image_size,
+    "model.cifar_stem": case.cifar_stem,
+    "batch_size": batch,
+    "dtype": case.dtype,
+    **optimizer.overrides,
+  }
   missing = [k for k in flat if not _has_key(config, k)]
   if missing:
     return None, f"this jaxsam has no config key {', '.join(missing)}"
@@ -128,8 +136,9 @@ def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: lis
   schedule = stepcost.ascent_schedule(config)
   ascents = [None] if schedule is None else [True, False]  # the loop's host-picked programs
   try:
-    built = {a: stepcost.build_step(config, mesh, num_classes=case.num_classes, ascent=a)
-             for a in ascents}
+    built = {
+      a: stepcost.build_step(config, mesh, num_classes=case.num_classes, ascent=a) for a in ascents
+    }
   except errors.ConfigError as e:
     return {"status": "n/a", "reason": str(e)}
   _, model, tx, cfg = built[ascents[0]]
@@ -145,25 +154,39 @@ def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: lis
   step_flops = {a: stepcost.flops(c) * cfg.accum_steps for a, c in compiled.items()}
   timed = range(args.warmup, args.warmup + STEPS_PER_REPEAT)
   sam_share = 1.0 if schedule is None else sum(map(schedule, timed)) / len(timed)
-  flops = (step_flops[None] if schedule is None else
-           sam_share * step_flops[True] + (1 - sam_share) * step_flops[False])
-  row = {"status": "ok", "compile_s": compile_s, "programs": len(compiled),
-         "sam_share": sam_share,
-         "compile_cached": len(listener_hits) - hits_before >= len(compiled),
-         "gflop_step": flops / 1e9, "gflop_image": flops / 1e9 / batch_size,
-         **{f"{k}_bytes": v for k, v in mem.items()}}
+  flops = (
+    step_flops[None]
+    if schedule is None
+    else sam_share * step_flops[True] + (1 - sam_share) * step_flops[False]
+  )
+  row = {
+    "status": "ok",
+    "compile_s": compile_s,
+    "programs": len(compiled),
+    "sam_share": sam_share,
+    "compile_cached": len(listener_hits) - hits_before >= len(compiled),
+    "gflop_step": flops / 1e9,
+    "gflop_image": flops / 1e9 / batch_size,
+    **{f"{k}_bytes": v for k, v in mem.items()},
+  }
   state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
   pick = None if schedule is None else (lambda step: compiled[bool(schedule(step))])
   first = compiled[ascents[0]]
   state, _ = stepcost.time_steps(first, state, batch, args.warmup, repeats=1, pick=pick)
-  state, seconds = stepcost.time_steps(first, state, batch, STEPS_PER_REPEAT, args.repeats,
-                                       pick=pick)
+  state, seconds = stepcost.time_steps(
+    first, state, batch, STEPS_PER_REPEAT, args.repeats, pick=pick
+  )
   jax.block_until_ready(state)
   step_s = statistics.median(seconds)
   peak = stepcost.peak_tflops(jax.devices()[0].device_kind, case.dtype)
-  row.update(step_ms=1e3 * step_s, step_ms_repeats=[1e3 * s for s in seconds],
-             images_per_s=batch_size / step_s, tflops=flops / step_s / 1e12,
-             mfu=None if peak is None else flops / step_s / 1e12 / peak, peak_tflops=peak)
+  row.update(
+    step_ms=1e3 * step_s,
+    step_ms_repeats=[1e3 * s for s in seconds],
+    images_per_s=batch_size / step_s,
+    tflops=flops / step_s / 1e12,
+    mfu=None if peak is None else flops / step_s / 1e12 / peak,
+    peak_tflops=peak,
+  )
   return row
 
 
@@ -184,14 +207,22 @@ def run_child(args) -> None:
   compile_cache.enable(os.environ.get(compile_cache.ENV, ""))
   hits = []
   jax.monitoring.register_event_listener(
-      lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+    lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None
+  )
   case = {c.name: c for c in all_cases()}[args.child]
   rows = [o for o in OPTIMIZERS if o.name in args.rows.split(",")]
   device = jax.devices()[0]
   mesh = parallel.make_mesh([device])
   write = lambda record: _append(args.jsonl, record)
-  write({"kind": "device", "device_kind": device.device_kind, "platform": device.platform,
-         "jax": jax.__version__, **versions()})
+  write(
+    {
+      "kind": "device",
+      "device_kind": device.device_kind,
+      "platform": device.platform,
+      "jax": jax.__version__,
+      **versions(),
+    }
+  )
   for optimizer in rows:
     try:
       row = measure_row(case, optimizer, args, mesh, hits)
@@ -209,31 +240,48 @@ def versions() -> dict:
   import flax  # pylint: disable=import-outside-toplevel
   import jaxlib  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  return {"jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "python": platform.python_version()}
+
+  return {
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "python": platform.python_version(),
+  }
 
 
 # ---- parent: children under budgets, then the table and the JSON ----
+
 
 def all_cases() -> tuple[Case, ...]:
   return GPU_CASES + QUICK_CASES
 
 
-def spawn(case: Case, rows: list[Optimizer], budget_s: float, args,
-          env: dict) -> tuple[list[dict], dict | None]:
+def spawn(
+  case: Case, rows: list[Optimizer], budget_s: float, args, env: dict
+) -> tuple[list[dict], dict | None]:
   """One child for `rows` of `case`: (its rows, unfinished ones marked timeout or error; its
   device record)."""
   with tempfile.TemporaryDirectory() as tmp:
     jsonl = os.path.join(tmp, "rows.jsonl")
-    command = [sys.executable, os.path.abspath(__file__), f"--child={case.name}",
-               f"--rows={','.join(o.name for o in rows)}", f"--jsonl={jsonl}",
-               f"--batch={args.batch}", f"--warmup={args.warmup}", f"--repeats={args.repeats}"]
+    command = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--child={case.name}",
+      f"--rows={','.join(o.name for o in rows)}",
+      f"--jsonl={jsonl}",
+      f"--batch={args.batch}",
+      f"--warmup={args.warmup}",
+      f"--repeats={args.repeats}",
+    ]
     start = time.perf_counter()
     try:
-      done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=budget_s,
-                            check=False)
-      missing = {"status": "error", "reason": f"child exited {done.returncode}: "
-                 f"{_last_line(done.stderr)}"}
+      done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=budget_s, check=False
+      )
+      missing = {
+        "status": "error",
+        "reason": f"child exited {done.returncode}: {_last_line(done.stderr)}",
+      }
     except subprocess.TimeoutExpired:
       missing = {"status": "timeout", "reason": f"over the model's {budget_s:.0f} s budget"}
     wall_s = time.perf_counter() - start
@@ -243,8 +291,10 @@ def spawn(case: Case, rows: list[Optimizer], budget_s: float, args,
         records = [json.loads(line) for line in f]
   done_rows = {r["optimizer"]: r for r in records if r["kind"] == "row"}
   device = next((r for r in records if r["kind"] == "device"), None)
-  out = [done_rows.get(o.name, {"kind": "row", "case": case.name, "optimizer": o.name,
-                                **missing}) for o in rows]
+  out = [
+    done_rows.get(o.name, {"kind": "row", "case": case.name, "optimizer": o.name, **missing})
+    for o in rows
+  ]
   for r in out:
     r.update(_case_fields(case, args), child_wall_s=wall_s)
   return out, device
@@ -256,24 +306,36 @@ def _last_line(text: str) -> str:
 
 
 def _case_fields(case: Case, args) -> dict:
-  return {"model": case.model, "image_size": case.image_size, "batch": args.batch or case.batch,
-          "dtype": case.dtype, "cifar_stem": case.cifar_stem, "num_classes": case.num_classes}
+  return {
+    "model": case.model,
+    "image_size": case.image_size,
+    "batch": args.batch or case.batch,
+    "dtype": case.dtype,
+    "cifar_stem": case.cifar_stem,
+    "num_classes": case.num_classes,
+  }
 
 
 def run_loop_efficiency(args, budget_s: float, env: dict) -> dict:
   """bench/loop_efficiency.py as a child (it needs TensorFlow), or why it was skipped."""
   if importlib.util.find_spec("tensorflow") is None:
-    return {"status": "skipped", "reason": "TensorFlow is not installed (the loop's input "
-            "pipeline is tf.data)"}
+    return {
+      "status": "skipped",
+      "reason": "TensorFlow is not installed (the loop's input pipeline is tf.data)",
+    }
   if budget_s < MIN_CHILD_S:
     return {"status": "not run", "reason": "suite time budget spent"}
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "loop.json")
-    command = [sys.executable, os.path.join(ROOT, "bench", "loop_efficiency.py"),
-               f"--json={out}"] + (["--quick"] if args.quick else [])
+    command = [
+      sys.executable,
+      os.path.join(ROOT, "bench", "loop_efficiency.py"),
+      f"--json={out}",
+    ] + (["--quick"] if args.quick else [])
     try:
-      done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=budget_s,
-                            check=False)
+      done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=budget_s, check=False
+      )
     except subprocess.TimeoutExpired:
       return {"status": "timeout", "reason": f"over its {budget_s:.0f} s budget"}
     if not os.path.exists(out):
@@ -288,8 +350,10 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def table(rows: list[dict]) -> str:
   """The Markdown table: one line per row, figures where measured, the status otherwise."""
-  header = ("| model | px | batch | dtype | optimizer | step ms | images/s | GFLOP/image | MFU "
-            "| peak MiB | temp MiB | compile s | status |")
+  header = (
+    "| model | px | batch | dtype | optimizer | step ms | images/s | GFLOP/image | MFU "
+    "| peak MiB | temp MiB | compile s | status |"
+  )
   lines = [header, "|" + "---|" * 13]
   for r in rows:
     model = r["model"] + (" (CIFAR stem)" if r["cifar_stem"] else "")
@@ -299,9 +363,10 @@ def table(rows: list[dict]) -> str:
       continue
     compile_s = f"{r['compile_s']:.1f}" + (" (cached)" if r["compile_cached"] else "")
     lines.append(
-        head + f" {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | {r['gflop_image']:.3f} | "
-        f"{fmt(r['mfu'], '.1%')} | {r['peak_bytes'] / MIB:,.1f} | {r['temp_bytes'] / MIB:,.1f} | "
-        f"{compile_s} | ok |")
+      head + f" {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | {r['gflop_image']:.3f} | "
+      f"{fmt(r['mfu'], '.1%')} | {r['peak_bytes'] / MIB:,.1f} | {r['temp_bytes'] / MIB:,.1f} | "
+      f"{compile_s} | ok |"
+    )
   return "\n".join(lines)
 
 
@@ -315,9 +380,11 @@ def sam_memory_notes(rows: list[dict]) -> list[str]:
     sam = ok.get((model, "sam"))
     if name == "sgd" and sam:
       ratio = sam["temp_bytes"] / sgd["temp_bytes"]
-      notes.append(f"{model}: SAM temp {sam['temp_bytes'] / MIB:,.1f} MiB vs SGD "
-                   f"{sgd['temp_bytes'] / MIB:,.1f} MiB = {ratio:.2f}x"
-                   f" (peak {sam['peak_bytes'] / sgd['peak_bytes']:.2f}x)")
+      notes.append(
+        f"{model}: SAM temp {sam['temp_bytes'] / MIB:,.1f} MiB vs SGD "
+        f"{sgd['temp_bytes'] / MIB:,.1f} MiB = {ratio:.2f}x"
+        f" (peak {sam['peak_bytes'] / sgd['peak_bytes']:.2f}x)"
+      )
   return notes
 
 
@@ -335,13 +402,17 @@ def suite(args) -> dict:
   names = args.optimizers or (",".join(QUICK_OPTIMIZERS) if args.quick else "")
   selected = [o for o in OPTIMIZERS if not names or o.name in names.split(",")]
   if args.optimizers and len(selected) != len(args.optimizers.split(",")):
-    sys.exit(f"error: --optimizers={args.optimizers} has unknown names; known: "
-             f"{', '.join(o.name for o in OPTIMIZERS)}")
+    sys.exit(
+      f"error: --optimizers={args.optimizers} has unknown names; known: "
+      f"{', '.join(o.name for o in OPTIMIZERS)}"
+    )
   cache = compile_cache.resolve(args.compilation_cache, os.environ)
   warning = compile_cache.unwritable_reason(cache) if cache else None
   if warning:
-    print(f"warning: compilation cache {cache} is not writable ({warning}); compiling without it",
-          file=sys.stderr)
+    print(
+      f"warning: compilation cache {cache} is not writable ({warning}); compiling without it",
+      file=sys.stderr,
+    )
     cache = ""
   env = dict(os.environ, **{compile_cache.ENV: cache})
   results, device = {}, None
@@ -353,52 +424,76 @@ def suite(args) -> dict:
       rows = [o for o in selected if o.phase == phase]
       if not rows:
         continue
-      left = deadline - (args.loop_budget_s if phase == 2 and wants_loop else 0) - (
-          time.perf_counter())
+      left = (
+        deadline - (args.loop_budget_s if phase == 2 and wants_loop else 0) - (time.perf_counter())
+      )
       if left < MIN_CHILD_S:
         for o in rows:
-          results[(case.name, o.name)] = {"kind": "row", "case": case.name, "optimizer": o.name,
-                                          "status": "not run", "reason": "suite time budget spent",
-                                          **_case_fields(case, args)}
+          results[(case.name, o.name)] = {
+            "kind": "row",
+            "case": case.name,
+            "optimizer": o.name,
+            "status": "not run",
+            "reason": "suite time budget spent",
+            **_case_fields(case, args),
+          }
         continue
       got, dev = spawn(case, rows, min(args.case_budget_s or case.budget_s, left), args, env)
       device = device or dev
       results.update({(case.name, r["optimizer"]): r for r in got})
-      print(f"  {case.name} phase {phase}: " + ", ".join(
-          f"{r['optimizer']} {r['status']}" for r in got), file=sys.stderr, flush=True)
+      print(
+        f"  {case.name} phase {phase}: "
+        + ", ".join(f"{r['optimizer']} {r['status']}" for r in got),
+        file=sys.stderr,
+        flush=True,
+      )
   if not args.no_loop_efficiency:
     loop = run_loop_efficiency(args, min(args.loop_budget_s, deadline - time.perf_counter()), env)
   order = [(c.name, o.name) for c in cases for o in selected]
-  return {"meta": {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-                   "quick": args.quick, "wall_s": time.perf_counter() - start,
-                   "budget_s": args.budget_s, "compilation_cache": cache or None,
-                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count(),
-                   "device": device},
-          "rows": [results[k] for k in order if k in results],
-          "loop_efficiency": loop}
+  return {
+    "meta": {
+      "date": datetime.date.today().isoformat(),
+      "command": " ".join(sys.argv),
+      "quick": args.quick,
+      "wall_s": time.perf_counter() - start,
+      "budget_s": args.budget_s,
+      "compilation_cache": cache or None,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "cpu_count": os.cpu_count(),
+      "device": device,
+    },
+    "rows": [results[k] for k in order if k in results],
+    "loop_efficiency": loop,
+  }
 
 
 def report(doc: dict) -> str:
   meta, device = doc["meta"], doc["meta"]["device"] or {}
-  title = (f"jaxsam GPU suite, {meta['date']}: {device.get('device_kind', 'no device reported')} "
-           f"({device.get('platform', '?')}), jax {device.get('jax', '?')}, flax "
-           f"{device.get('flax', '?')}, optax {device.get('optax', '?')}, "
-           f"wall {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget")
+  title = (
+    f"jaxsam GPU suite, {meta['date']}: {device.get('device_kind', 'no device reported')} "
+    f"({device.get('platform', '?')}), jax {device.get('jax', '?')}, flax "
+    f"{device.get('flax', '?')}, optax {device.get('optax', '?')}, "
+    f"wall {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget"
+  )
   lines = [title, "", table(doc["rows"]), ""]
   lines += sam_memory_notes(doc["rows"])
   loop = doc["loop_efficiency"]
   if loop is not None:
     if loop.get("status") == "ok":
-      lines.append(f"loop efficiency ({loop['config']}): launch.py {loop['loop_images_per_s']:,.0f}"
-                   f" images/s / compiled step {loop['step_images_per_s']:,.0f} = "
-                   f"**{loop['efficiency']:.3f}**")
+      lines.append(
+        f"loop efficiency ({loop['config']}): launch.py {loop['loop_images_per_s']:,.0f}"
+        f" images/s / compiled step {loop['step_images_per_s']:,.0f} = "
+        f"**{loop['efficiency']:.3f}**"
+      )
     else:
       lines.append(f"loop efficiency: {loop.get('status')}: {loop.get('reason', '')}")
-  lines.append("step ms: median of the repeats' mean step time; MFU per device against its dense "
-               "peak; peak = arguments + outputs - donated + temporaries (XLA's static plan). "
-               "Host-scheduled rows (every-k, LookSAM) alternate the loop's two programs: their "
-               "FLOPs are the schedule's mix, compile s and memory cover both. AE-SAM decides on "
-               "device (a cond): XLA counts its FLOPs with the pass taken, so its MFU is high.")
+  lines.append(
+    "step ms: median of the repeats' mean step time; MFU per device against its dense "
+    "peak; peak = arguments + outputs - donated + temporaries (XLA's static plan). "
+    "Host-scheduled rows (every-k, LookSAM) alternate the loop's two programs: their "
+    "FLOPs are the schedule's mix, compile s and memory cover both. AE-SAM decides on "
+    "device (a cond): XLA counts its FLOPs with the pass taken, so its MFU is high."
+  )
   return "\n".join(lines)
 
 
@@ -409,17 +504,34 @@ def parse_args(argv=None):
   parser.add_argument("--optimizers", default="", help="comma-separated row names (default: all)")
   parser.add_argument("--batch", type=int, default=0, help="override every case's batch (0: keep)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-  parser.add_argument("--repeats", type=int, default=3,
-                      help=f"timed repeats of {STEPS_PER_REPEAT} steps (the median is reported)")
-  parser.add_argument("--budget_s", type=float, default=0.0,
-                      help="suite wall-time budget (default 510 s, --quick 115 s)")
-  parser.add_argument("--case_budget_s", type=float, default=0.0,
-                      help="every model's budget (default: each its own; a CPU needs more)")
-  parser.add_argument("--loop_budget_s", type=float, default=0.0,
-                      help="loop_efficiency's budget (default 150 s, --quick 50 s)")
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=3,
+    help=f"timed repeats of {STEPS_PER_REPEAT} steps (the median is reported)",
+  )
+  parser.add_argument(
+    "--budget_s",
+    type=float,
+    default=0.0,
+    help="suite wall-time budget (default 510 s, --quick 115 s)",
+  )
+  parser.add_argument(
+    "--case_budget_s",
+    type=float,
+    default=0.0,
+    help="every model's budget (default: each its own; a CPU needs more)",
+  )
+  parser.add_argument(
+    "--loop_budget_s",
+    type=float,
+    default=0.0,
+    help="loop_efficiency's budget (default 150 s, --quick 50 s)",
+  )
   parser.add_argument("--no_loop_efficiency", action="store_true")
-  parser.add_argument("--compilation_cache", default=None,
-                      help="XLA cache folder ('' = off; default as launch.py)")
+  parser.add_argument(
+    "--compilation_cache", default=None, help="XLA cache folder ('' = off; default as launch.py)"
+  )
   parser.add_argument("--out", default="", help="JSON path (default runs/gpu_suite[_quick].json)")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--rows", default="", help=argparse.SUPPRESS)

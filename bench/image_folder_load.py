@@ -1,7 +1,7 @@
 """Prints how long the image-folder source takes to decode an archive, and to load it again from
 its cache (what a relaunch pays).
 
-  python bench/image_folder_load.py                                  # ../shared/data/cifar10-jpeg.tar.gz
+  python bench/image_folder_load.py               # ../shared/data/cifar10-jpeg.tar.gz
   python bench/image_folder_load.py --path=DIR_OR_ARCHIVE --repeats=5
 
 Each decode starts from an empty cache folder; the cached loads read the entry the decode wrote.
@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common
 from jaxsam.data import sources
 
-DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                       "cifar10-jpeg.tar.gz")
+DEFAULT = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz"
+)
 
 
 def main() -> None:
@@ -43,8 +44,10 @@ def main() -> None:
       start = time.perf_counter()
       sources.load_dataset(config)
       cached.append(time.perf_counter() - start)
-  print(f"{args.path}: {len(data.train.labels):,} train + {len(data.test.labels):,} test images, "
-        f"{data.num_classes} classes, {os.cpu_count()} cores")
+  print(
+    f"{args.path}: {len(data.train.labels):,} train + {len(data.test.labels):,} test images, "
+    f"{data.num_classes} classes, {os.cpu_count()} cores"
+  )
   print(f"decode (empty cache): median {statistics.median(decode):.1f} s of {len(decode)}")
   print(f"relaunch (from cache): median {statistics.median(cached):.2f} s of {len(cached)}")
 

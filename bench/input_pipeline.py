@@ -49,8 +49,9 @@ def build_dataset(augment_config, num_images: int, batch_size: int) -> tf.data.D
   fn = augment.make_train_augment(augment_config, image_shape=(32, 32, 3))
   dataset = tf.data.Dataset.from_tensor_slices((images, labels, seeds)).repeat()
   dataset = dataset.batch(batch_size, drop_remainder=True)
-  dataset = dataset.map(lambda x, y, s: (fn(x, s), y), num_parallel_calls=tf.data.AUTOTUNE,
-                        deterministic=True)
+  dataset = dataset.map(
+    lambda x, y, s: (fn(x, s), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -76,13 +77,18 @@ def torchvision_rate(num_batches: int, batch_size: int, passes: int) -> list[flo
     _, h, w = image.shape
     y, x = np.random.randint(h), np.random.randint(w)
     image = image.clone()
-    image[:, max(0, y - size // 2):y + size // 2, max(0, x - size // 2):x + size // 2] = 0
+    image[:, max(0, y - size // 2) : y + size // 2, max(0, x - size // 2) : x + size // 2] = 0
     return image
 
-  transform = transforms.Compose([
+  transform = transforms.Compose(
+    [
       transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
-      transforms.RandomHorizontalFlip(), transforms.RandAugment(2, 9), transforms.ToTensor(),
-      cutout])
+      transforms.RandomHorizontalFlip(),
+      transforms.RandAugment(2, 9),
+      transforms.ToTensor(),
+      cutout,
+    ]
+  )
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(10_000, 32, 32, 3), dtype=np.uint8)
 
@@ -93,9 +99,14 @@ def torchvision_rate(num_batches: int, batch_size: int, passes: int) -> list[flo
     def __getitem__(self, i):
       return transform(Image.fromarray(images[i])), 0
 
-  loader = torch.utils.data.DataLoader(Data(), batch_size=batch_size, shuffle=True,
-                                       num_workers=os.cpu_count(), persistent_workers=True,
-                                       drop_last=True)
+  loader = torch.utils.data.DataLoader(
+    Data(),
+    batch_size=batch_size,
+    shuffle=True,
+    num_workers=os.cpu_count(),
+    persistent_workers=True,
+    drop_last=True,
+  )
   rates = []
   for _ in range(passes + 1):  # the first pass starts the workers
     start, count = time.perf_counter(), 0
@@ -113,8 +124,10 @@ TARGET_SGD_IMAGES_PER_S, TARGET_SAM_IMAGES_PER_S = 7_000, 3_500
 
 def cpu_seconds() -> float:
   """User + system CPU seconds of this process and of its children that have ended."""
-  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-      resource.RUSAGE_CHILDREN)
+  own, children = (
+    resource.getrusage(resource.RUSAGE_SELF),
+    resource.getrusage(resource.RUSAGE_CHILDREN),
+  )
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -171,17 +184,23 @@ def jaxsam_streamed(root: str, per_pass: int, passes: int, batch: int) -> list[t
   return [timed(lambda: take(per_pass // batch)) for _ in range(passes)]
 
 
-def torchvision_streamed(root: str, per_pass: int, passes: int,
-                         batch: int) -> list[tuple[float, float]]:
+def torchvision_streamed(
+  root: str, per_pass: int, passes: int, batch: int
+) -> list[tuple[float, float]]:
   """torchvision's ImageFolder + DataLoader on the folder, one worker per core, workers started
   per pass and joined at its end (so their CPU time is counted): (images/s, images per CPU-s)."""
   sys.modules.setdefault("triton", None)  # see torchvision_rate
   import torch
   from torchvision import datasets, transforms
 
-  transform = transforms.Compose([
-      transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-      transforms.RandAugment(2, 9), transforms.PILToTensor()])
+  transform = transforms.Compose(
+    [
+      transforms.RandomResizedCrop(224),
+      transforms.RandomHorizontalFlip(),
+      transforms.RandAugment(2, 9),
+      transforms.PILToTensor(),
+    ]
+  )
   folder = datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
 
   class Repeated(torch.utils.data.Dataset):  # one pass = per_pass images, cycling the folder
@@ -192,8 +211,9 @@ def torchvision_streamed(root: str, per_pass: int, passes: int,
       return folder[i % len(folder)]
 
   def run():
-    loader = torch.utils.data.DataLoader(Repeated(), batch_size=batch, shuffle=True,
-                                         num_workers=os.cpu_count(), drop_last=True)
+    loader = torch.utils.data.DataLoader(
+      Repeated(), batch_size=batch, shuffle=True, num_workers=os.cpu_count(), drop_last=True
+    )
     count = 0
     for images, _ in loader:
       assert images.shape == (batch, 3, 224, 224) and images.dtype == torch.uint8
@@ -213,27 +233,39 @@ def streaming_main(args) -> None:
     ours = jaxsam_streamed(root, per_pass, args.passes, args.batch_size)
     theirs = torchvision_streamed(root, per_pass, args.passes, args.batch_size)
   cores = os.cpu_count()
-  print(f"{args.images} JPEGs of 380-420 x 330-370 px ({kb:.0f} KB mean), random-resized crop to "
-        f"224 + flip + RandAugment(2, 9), uint8 batches of {args.batch_size}, {cores} cores, "
-        f"{per_pass} images per pass:")
+  print(
+    f"{args.images} JPEGs of 380-420 x 330-370 px ({kb:.0f} KB mean), random-resized crop to "
+    f"224 + flip + RandAugment(2, 9), uint8 batches of {args.batch_size}, {cores} cores, "
+    f"{per_pass} images per pass:"
+  )
   medians = {}
-  for name, rows in (("jaxsam streamed (tf.data)", ours),
-                     (f"torchvision ImageFolder + DataLoader ({cores} workers)", theirs)):
+  for name, rows in (
+    ("jaxsam streamed (tf.data)", ours),
+    (f"torchvision ImageFolder + DataLoader ({cores} workers)", theirs),
+  ):
     wall, cpu = (statistics.median(r[i] for r in rows) for i in (0, 1))
     medians[name] = (wall, cpu)
-    print(f"  {name}: median {wall:,.0f} images/s, {cpu:,.0f} images per CPU-second (passes: "
-          f"{', '.join(f'{w:,.0f}/{c:,.0f}' for w, c in rows)} images/s / per CPU-s)")
+    print(
+      f"  {name}: median {wall:,.0f} images/s, {cpu:,.0f} images per CPU-second (passes: "
+      f"{', '.join(f'{w:,.0f}/{c:,.0f}' for w, c in rows)} images/s / per CPU-s)"
+    )
   (ours_wall, ours_cpu), (theirs_wall, theirs_cpu) = medians.values()
-  print(f"  jaxsam / torchvision: {ours_cpu / theirs_cpu:.2f}x per CPU-second (per core; target "
-        f">= 2x), {ours_wall / theirs_wall:.2f}x images/s")
+  print(
+    f"  jaxsam / torchvision: {ours_cpu / theirs_cpu:.2f}x per CPU-second (per core; target "
+    f">= 2x), {ours_wall / theirs_wall:.2f}x images/s"
+  )
   for what, target in (("SGD", TARGET_SGD_IMAGES_PER_S), ("SAM", TARGET_SAM_IMAGES_PER_S)):
-    print(f"  feeding ResNet-50 {what} at {target:,} images/s per GPU takes {target:,} / "
-          f"{ours_cpu:,.0f} = {target / ours_cpu:.1f} cores per GPU with jaxsam, {target:,} / "
-          f"{theirs_cpu:,.0f} = {target / theirs_cpu:.1f} with torchvision")
+    print(
+      f"  feeding ResNet-50 {what} at {target:,} images/s per GPU takes {target:,} / "
+      f"{ours_cpu:,.0f} = {target / ours_cpu:.1f} cores per GPU with jaxsam, {target:,} / "
+      f"{theirs_cpu:,.0f} = {target / theirs_cpu:.1f} with torchvision"
+    )
   load_after = os.getloadavg()
-  print(f"  load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min; above "
-        f"{cores} means other jobs shared the cores: images/s drop, images per CPU-second much "
-        "less)")
+  print(
+    f"  load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min; above "
+    f"{cores} means other jobs shared the cores: images/s drop, images per CPU-second much "
+    "less)"
+  )
 
 
 def main() -> None:
@@ -242,10 +274,16 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=40)
   parser.add_argument("--batch_size", type=int, default=None, help="default 256 (--streaming: 32)")
   parser.add_argument("--autoaugment", action="store_true", help="AutoAugment CIFAR-10 instead")
-  parser.add_argument("--torchvision", action="store_true",
-                      help="time the original's PIL/torchvision pipeline instead")
-  parser.add_argument("--streaming", action="store_true",
-                      help="full-size JPEGs: jaxsam's streamed input against torchvision's")
+  parser.add_argument(
+    "--torchvision",
+    action="store_true",
+    help="time the original's PIL/torchvision pipeline instead",
+  )
+  parser.add_argument(
+    "--streaming",
+    action="store_true",
+    help="full-size JPEGs: jaxsam's streamed input against torchvision's",
+  )
   parser.add_argument("--images", type=int, default=256, help="--streaming: JPEGs to generate")
   args = parser.parse_args()
   if args.streaming:
@@ -255,10 +293,12 @@ def main() -> None:
   args.passes, args.batch_size = args.passes or 5, args.batch_size or 256
   if args.torchvision:
     rates = torchvision_rate(min(args.batches, 20), args.batch_size, args.passes)
-    print(f"torchvision/PIL crop + flip + RandAugment(2, 9) + Cutout(16), 32 px, batch "
-          f"{args.batch_size}, DataLoader with {os.cpu_count()} workers: median "
-          f"{statistics.median(rates):,.0f} images/s (passes: "
-          f"{', '.join(f'{r:,.0f}' for r in rates)}); load average {os.getloadavg()[0]:.1f}")
+    print(
+      f"torchvision/PIL crop + flip + RandAugment(2, 9) + Cutout(16), 32 px, batch "
+      f"{args.batch_size}, DataLoader with {os.cpu_count()} workers: median "
+      f"{statistics.median(rates):,.0f} images/s (passes: "
+      f"{', '.join(f'{r:,.0f}' for r in rates)}); load average {os.getloadavg()[0]:.1f}"
+    )
     return
 
   config = common.get_base_config().augment
@@ -275,10 +315,12 @@ def main() -> None:
   cpu_rate = statistics.median(cpu for _, cpu in passes)
   policy = "AutoAugment(cifar10)" if args.autoaugment else "RandAugment(N=2, M=9)"
   # Images per CPU-second is what a busy machine cannot hide: wall rate ~ it x free cores.
-  print(f"crop + flip + {policy} + Cutout(16), uint8 32 px, batch {args.batch_size}, "
-        f"{os.cpu_count()} cores: median {statistics.median(rates):,.0f} images/s "
-        f"(passes: {', '.join(f'{r:,.0f}' for r in rates)}); "
-        f"{cpu_rate:,.0f} images per CPU-second; load average {os.getloadavg()[0]:.1f}")
+  print(
+    f"crop + flip + {policy} + Cutout(16), uint8 32 px, batch {args.batch_size}, "
+    f"{os.cpu_count()} cores: median {statistics.median(rates):,.0f} images/s "
+    f"(passes: {', '.join(f'{r:,.0f}' for r in rates)}); "
+    f"{cpu_rate:,.0f} images per CPU-second; load average {os.getloadavg()[0]:.1f}"
+  )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # The study's shape on data every machine has: digits (32 px uint8) upscaled to 224 on device.
-STUDY = ("configs/sam_ra.py", ["dataset.name=digits", "model.pretrained=", "dtype=bfloat16",
-                               "eval_batch_size=360"])
+STUDY = (
+  "configs/sam_ra.py",
+  ["dataset.name=digits", "model.pretrained=", "dtype=bfloat16", "eval_batch_size=360"],
+)
 QUICK = ("configs/quickstart.py", [])
 # Every run: no eval or checkpoint before the end (they are outside the timed windows anyway, but
 # cost wall time), no progress bar, no wandb.
-RUN_KEYS = ["eval_every_epochs=100000", "checkpoint_every_epochs=100000", "progress_bar=False",
-            "wandb.mode=disabled"]
+RUN_KEYS = [
+  "eval_every_epochs=100000",
+  "checkpoint_every_epochs=100000",
+  "progress_bar=False",
+  "wandb.mode=disabled",
+]
 
 
 def skip_reason() -> str | None:
@@ -71,8 +77,10 @@ def loop_images_per_s(metrics_path: str, batch_size: int) -> tuple[float, int]:
     records = [json.loads(line) for line in f]
   train = [r for r in records if "images_per_sec" in r]
   if len(train) < 2:
-    raise SystemExit(f"error: {metrics_path} has {len(train)} train windows; give more --steps "
-                     "(the first window, which holds the compile, is dropped)")
+    raise SystemExit(
+      f"error: {metrics_path} has {len(train)} train windows; give more --steps "
+      "(the first window, which holds the compile, is dropped)"
+    )
   images = seconds = 0.0
   for prev, r in itertools.pairwise(train):
     n = (r["step"] - prev["step"]) * batch_size
@@ -83,11 +91,17 @@ def loop_images_per_s(metrics_path: str, batch_size: int) -> tuple[float, int]:
 
 def run_loop(config_path: str, overrides: list[str], workdir: str, timeout_s: float) -> float:
   """Trains through launch.py; returns its wall seconds (metrics are in `workdir`)."""
-  command = [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config_path}",
-             f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)]
+  command = [
+    sys.executable,
+    os.path.join(ROOT, "launch.py"),
+    f"--config={config_path}",
+    f"--workdir={workdir}",
+    *(f"--config.{o}" for o in overrides),
+  ]
   start = time.perf_counter()
-  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                        check=False)
+  done = subprocess.run(
+    command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+  )
   if done.returncode != 0:
     last = (done.stderr.strip().splitlines() or ["no output"])[-1]
     raise SystemExit(f"error: launch.py exited {done.returncode}: {last}")
@@ -117,10 +131,14 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
   state, _ = stepcost.time_steps(compiled, state, batch, 2, repeats=1)
   _, seconds = stepcost.time_steps(compiled, state, batch, steps, repeats)
   step_s = statistics.median(seconds)
-  return {"step_images_per_s": config.batch_size / step_s, "step_ms": 1e3 * step_s,
-          "native_size": native, "image_size": cfg.image_size,
-          "devices": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
-          "jax": jax.__version__}
+  return {
+    "step_images_per_s": config.batch_size / step_s,
+    "step_ms": 1e3 * step_s,
+    "native_size": native,
+    "image_size": cfg.image_size,
+    "devices": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
+    "jax": jax.__version__,
+  }
 
 
 def measure(args) -> dict:
@@ -134,25 +152,38 @@ def measure(args) -> dict:
   config = load_config(config_path, overrides)
   with tempfile.TemporaryDirectory() as tmp:
     wall_s = run_loop(config_path, overrides, os.path.join(tmp, "run"), args.timeout_s)
-    loop, timed_steps = loop_images_per_s(os.path.join(tmp, "run", "metrics.jsonl"),
-                                          config.batch_size)
+    loop, timed_steps = loop_images_per_s(
+      os.path.join(tmp, "run", "metrics.jsonl"), config.batch_size
+    )
   step = step_images_per_s(config, repeats=3, steps=10)
-  return {"status": "ok", "config": f"{config_path} {' '.join(overrides)}",
-          "model": config.model.name, "batch": config.batch_size, "dtype": config.dtype,
-          "sam_rho": config.sam.rho, "loop_images_per_s": loop, "loop_timed_steps": timed_steps,
-          "loop_wall_s": wall_s, **step, "efficiency": loop / step["step_images_per_s"],
-          "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
+  return {
+    "status": "ok",
+    "config": f"{config_path} {' '.join(overrides)}",
+    "model": config.model.name,
+    "batch": config.batch_size,
+    "dtype": config.dtype,
+    "sam_rho": config.sam.rho,
+    "loop_images_per_s": loop,
+    "loop_timed_steps": timed_steps,
+    "loop_wall_s": wall_s,
+    **step,
+    "efficiency": loop / step["step_images_per_s"],
+    "cpu_count": os.cpu_count(),
+    "load_average": os.getloadavg(),
+  }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="configs/quickstart.py (CPU)")
   parser.add_argument("--config", default="", help="config file (default: the study's shape)")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, repeatable")
+  parser.add_argument(
+    "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
+  )
   parser.add_argument("--steps", type=int, default=0, help="train steps (default 60, quick 40)")
-  parser.add_argument("--log_every", type=int, default=0,
-                      help="steps per window (default 5, quick 10)")
+  parser.add_argument(
+    "--log_every", type=int, default=0, help="steps per window (default 5, quick 10)"
+  )
   parser.add_argument("--timeout_s", type=float, default=600.0, help="launch.py's time limit")
   parser.add_argument("--json", default="", help="also write the figures here")
   args = parser.parse_args()
@@ -164,11 +195,13 @@ def main() -> None:
   if reason:
     print(f"skipped: {reason}")
     return
-  print(f"{result['config']}\n{result['devices']}, jax {result['jax']}: launch.py "
-        f"{result['loop_images_per_s']:,.1f} images/s over {result['loop_timed_steps']} steps "
-        f"(first window dropped) / compiled step {result['step_images_per_s']:,.1f} images/s "
-        f"({result['step_ms']:.1f} ms, batch {result['batch']}, {result['native_size']} px uint8 "
-        f"-> {result['image_size']} px) = loop efficiency {result['efficiency']:.3f}")
+  print(
+    f"{result['config']}\n{result['devices']}, jax {result['jax']}: launch.py "
+    f"{result['loop_images_per_s']:,.1f} images/s over {result['loop_timed_steps']} steps "
+    f"(first window dropped) / compiled step {result['step_images_per_s']:,.1f} images/s "
+    f"({result['step_ms']:.1f} ms, batch {result['batch']}, {result['native_size']} px uint8 "
+    f"-> {result['image_size']} px) = loop efficiency {result['efficiency']:.3f}"
+  )
 
 
 if __name__ == "__main__":

@@ -39,13 +39,13 @@ from jaxsam import models, optim, parallel, stepcost, steps
 RHO = 0.05
 # name -> the sam.* keys over plain SGD (sam.rho = 0). MSAM's rho is its authors' default.
 VARIANTS = {
-    "sgd": {},
-    "sam": {"rho": RHO},
-    "sam5": {"rho": RHO, "every": 5},
-    "looksam5": {"rho": RHO, "variant": "looksam", "every": 5},
-    "late20": {"rho": RHO, "start_fraction": 0.8},
-    "aesam": {"rho": RHO, "variant": "aesam"},
-    "msam": {"rho": 0.3, "variant": "msam"},
+  "sgd": {},
+  "sam": {"rho": RHO},
+  "sam5": {"rho": RHO, "every": 5},
+  "looksam5": {"rho": RHO, "variant": "looksam", "every": 5},
+  "late20": {"rho": RHO, "start_fraction": 0.8},
+  "aesam": {"rho": RHO, "variant": "aesam"},
+  "msam": {"rho": 0.3, "variant": "msam"},
 }
 TARGETS = {"sam": 2.05, "sam5": 1.25, "looksam5": 1.3, "late20": 1.25, "msam": 1.1}
 
@@ -78,8 +78,9 @@ def build(config, mesh, batch, block: int, num_classes: int):
   host = jax.device_get(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype))
   programs = {}
   for ascent in (True, False) if schedule else (None,):
-    step = steps.compile_train_step(mesh, ascent=ascent, model=model, tx=tx, lr_schedule=lr,
-                                    cfg=cfg)
+    step = steps.compile_train_step(
+      mesh, ascent=ascent, model=model, tx=tx, lr_schedule=lr, cfg=cfg
+    )
     programs[ascent] = step.lower(fresh_state(host, mesh), batch).compile()
   return programs, schedule, host
 
@@ -124,13 +125,18 @@ def measure(model_name: str, args) -> list[dict]:
   sgd_flops = block_flops(*built["sgd"][:2], args.block)
   rows = []
   for name, ts in times.items():
-    rows.append({
-        "model": model_name, "variant": name, "ms": 1e3 * statistics.median(ts),
+    rows.append(
+      {
+        "model": model_name,
+        "variant": name,
+        "ms": 1e3 * statistics.median(ts),
         "ratio": statistics.median(ts) / statistics.median(sgd),
         "round_ratio": statistics.median(t / s for t, s in zip(ts, sgd)),
         "sam_fraction": fractions[name],
         "flop_ratio": block_flops(*built[name][:2], args.block) / sgd_flops,
-        "target": TARGETS.get(name)})
+        "target": TARGETS.get(name),
+      }
+    )
   return rows
 
 
@@ -141,8 +147,12 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--image-size", type=int, default=32)
   parser.add_argument("--num-classes", type=int, default=10)
-  parser.add_argument("--block", type=int, default=20,
-                      help="steps per timed block: whole periods of 5, one whole schedule")
+  parser.add_argument(
+    "--block",
+    type=int,
+    default=20,
+    help="steps per timed block: whole periods of 5, one whole schedule",
+  )
   parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds")
   parser.add_argument("--cifar-stem", action="store_true", help="ResNet 3x3 stem, no max-pool")
   args = parser.parse_args()
@@ -152,24 +162,37 @@ def main() -> None:
     parser.error(f"--block={args.block} must be a multiple of 5 (whole SAM-5 periods)")
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")  # CPU may not use donated buffers
 
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-        f"batch {args.batch} at {args.image_size} px, cifar_stem={args.cifar_stem}, "
-        f"{args.rounds} rounds of {args.block}-step blocks")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
+    f"batch {args.batch} at {args.image_size} px, cifar_stem={args.cifar_stem}, "
+    f"{args.rounds} rounds of {args.block}-step blocks"
+  )
   load_before = os.getloadavg()
   rows = [row for name in args.models for row in measure(name, args)]
   load_after = os.getloadavg()
-  print(f"{'model':<10} {'variant':<9} {'ms/step':>8} {'ratio':>6} {'round':>6} {'SAM %':>6} "
-        f"{'FLOPs':>6} {'target':>7}")
+  print(
+    f"{'model':<10} {'variant':<9} {'ms/step':>8} {'ratio':>6} {'round':>6} {'SAM %':>6} "
+    f"{'FLOPs':>6} {'target':>7}"
+  )
   for r in rows:
-    target = "" if r["target"] is None else (
-        f"<={r['target']:g} " + ("ok" if r["ratio"] <= r["target"] else "MISS"))
-    print(f"{r['model']:<10} {r['variant']:<9} {r['ms']:>8.1f} {r['ratio']:>6.3f} "
-          f"{r['round_ratio']:>6.3f} {100 * r['sam_fraction']:>5.0f}% {r['flop_ratio']:>6.2f} "
-          f"{target:>7}")
-  print("ratio = median ms / SGD's median ms; round = median of per-round ratios; SAM % = steps "
-        "with the ascent in a block; FLOPs = XLA's count (both branches of a cond)")
-  print("load average (1/5/15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
-        % (load_before + load_after))
+    target = (
+      ""
+      if r["target"] is None
+      else (f"<={r['target']:g} " + ("ok" if r["ratio"] <= r["target"] else "MISS"))
+    )
+    print(
+      f"{r['model']:<10} {r['variant']:<9} {r['ms']:>8.1f} {r['ratio']:>6.3f} "
+      f"{r['round_ratio']:>6.3f} {100 * r['sam_fraction']:>5.0f}% {r['flop_ratio']:>6.2f} "
+      f"{target:>7}"
+    )
+  print(
+    "ratio = median ms / SGD's median ms; round = median of per-round ratios; SAM % = steps "
+    "with the ascent in a block; FLOPs = XLA's count (both branches of a cond)"
+  )
+  print(
+    "load average (1/5/15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
+    % (load_before + load_after)
+  )
 
 
 if __name__ == "__main__":

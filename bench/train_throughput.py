@@ -39,7 +39,8 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per optimizer.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Local devices to use (0 = all).")
 _PEAK = flags.DEFINE_float(
-    "peak_tflops", 0.0, "Per-device dense peak TFLOP/s (0 = look the device up; CPUs: MFU n/a).")
+  "peak_tflops", 0.0, "Per-device dense peak TFLOP/s (0 = look the device up; CPUs: MFU n/a)."
+)
 
 OPTIMIZER_RHO = {"sgd": 0.0, "sam": None}  # None: --rho
 
@@ -71,10 +72,15 @@ def measure(optimizer: str, mesh, batch, peak: float | None) -> dict:
   devices = mesh.devices.size
   flops = stepcost.flops(compiled) * devices  # the program runs once per device
   tflops_per_device = flops / devices / seconds / 1e12
-  return {"optimizer": optimizer, "step_ms": 1e3 * seconds,
-          "images_per_s": _BATCH.value / seconds, "gflop_step": flops / 1e9,
-          "gflop_image": flops / 1e9 / _BATCH.value, "tflops": flops / seconds / 1e12,
-          "mfu": None if peak is None else tflops_per_device / peak}
+  return {
+    "optimizer": optimizer,
+    "step_ms": 1e3 * seconds,
+    "images_per_s": _BATCH.value / seconds,
+    "gflop_step": flops / 1e9,
+    "gflop_image": flops / 1e9 / _BATCH.value,
+    "tflops": flops / seconds / 1e12,
+    "mfu": None if peak is None else tflops_per_device / peak,
+  }
 
 
 def main(argv) -> None:
@@ -82,9 +88,8 @@ def main(argv) -> None:
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")  # CPUs may not use donated buffers
   unknown = [o for o in _OPTIMIZERS.value if o not in OPTIMIZER_RHO]
   if unknown:
-    sys.exit(f"error: --optimizers={','.join(unknown)} unknown; known: "
-             f"{', '.join(OPTIMIZER_RHO)}")
-  devices = jax.local_devices()[:_NUM_DEVICES.value or None]
+    sys.exit(f"error: --optimizers={','.join(unknown)} unknown; known: {', '.join(OPTIMIZER_RHO)}")
+  devices = jax.local_devices()[: _NUM_DEVICES.value or None]
   mesh = parallel.make_mesh(devices)
   try:
     parallel.per_process_batch_size(_BATCH.value, mesh)
@@ -94,17 +99,23 @@ def main(argv) -> None:
   peak = _PEAK.value or stepcost.peak_tflops(kind, _DTYPE.value)
   size = _IMAGE_SIZE.value  # uint8 at the model's resolution: no resize inside the step
   batch = stepcost.synthetic_batch(_BATCH.value, size, _NUM_CLASSES.value, mesh)
-  print(f"jax {jax.__version__}, {len(devices)} x {kind}, peak "
-        f"{'n/a' if peak is None else f'{peak:g} TFLOP/s'} per device ({_DTYPE.value}), "
-        f"{_STEPS.value} timed steps after {_WARMUP.value} warm-up, SAM rho={_RHO.value}")
+  print(
+    f"jax {jax.__version__}, {len(devices)} x {kind}, peak "
+    f"{'n/a' if peak is None else f'{peak:g} TFLOP/s'} per device ({_DTYPE.value}), "
+    f"{_STEPS.value} timed steps after {_WARMUP.value} warm-up, SAM rho={_RHO.value}"
+  )
   rows = [measure(o, mesh, batch, peak) for o in _OPTIMIZERS.value]
-  print(f"{'model':<12} {'opt':<4} {'batch':>5} {'px':>4} {'dtype':<8} {'step ms':>9} "
-        f"{'images/s':>9} {'GFLOP/step':>11} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6}")
+  print(
+    f"{'model':<12} {'opt':<4} {'batch':>5} {'px':>4} {'dtype':<8} {'step ms':>9} "
+    f"{'images/s':>9} {'GFLOP/step':>11} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6}"
+  )
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    print(f"{_MODEL.value:<12} {r['optimizer']:<4} {_BATCH.value:>5} {size:>4} "
-          f"{_DTYPE.value:<8} {r['step_ms']:>9.2f} {r['images_per_s']:>9.1f} "
-          f"{r['gflop_step']:>11.2f} {r['gflop_image']:>10.3f} {r['tflops']:>8.3f} {mfu:>6}")
+    print(
+      f"{_MODEL.value:<12} {r['optimizer']:<4} {_BATCH.value:>5} {size:>4} "
+      f"{_DTYPE.value:<8} {r['step_ms']:>9.2f} {r['images_per_s']:>9.1f} "
+      f"{r['gflop_step']:>11.2f} {r['gflop_image']:>10.3f} {r['tflops']:>8.3f} {mfu:>6}"
+    )
   print("GFLOP from XLA's cost analysis of the compiled step (all devices); MFU per device.")
 
 

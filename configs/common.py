@@ -16,9 +16,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "digits"  # digits | cifar10 | cifar100 | any tfds image dataset
   config.dataset.source = "tfds"  # tfds | cifar_python | image_folder; ignored for digits
-  config.dataset.path = ""  # cifar_python: cifar-100-python folder/.tar.gz; image_folder: folder/archive
-  config.dataset.image_size = 0  # image_folder: 0 = native (one size), N = shorter side N + centre crop
-  config.dataset.cache_dir = ""  # image_folder: decoded-array cache ('' = ~/.cache/jaxsam/image_folder)
+  config.dataset.path = (
+    ""  # cifar_python: cifar-100-python folder/.tar.gz; image_folder: folder/archive
+  )
+  config.dataset.image_size = (
+    0  # image_folder: 0 = native (one size), N = shorter side N + centre crop
+  )
+  config.dataset.cache_dir = (
+    ""  # image_folder: decoded-array cache ('' = ~/.cache/jaxsam/image_folder)
+  )
   config.dataset.train_examples = 0  # class-balanced seeded subset of the train split; 0 = all
   config.dataset.label_noise = 0.0  # fraction of train labels replaced by another class (seeded)
   config.dataset.data_dir = ""  # tfds data_dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
@@ -129,8 +135,9 @@ def use_cutout(config: ml_collections.ConfigDict, size: int = 16) -> ml_collecti
   return config
 
 
-def use_randaugment(config: ml_collections.ConfigDict, num_ops: int = 2,
-                    magnitude: int = 9) -> ml_collections.ConfigDict:
+def use_randaugment(
+  config: ml_collections.ConfigDict, num_ops: int = 2, magnitude: int = 9
+) -> ml_collections.ConfigDict:
   """Crop + flip + RandAugment(N, M) (Cubuk et al. 2019), no Cutout, as the original's RA runs."""
   config.augment.cutout_size = 0
   config.augment.randaugment.num_ops = num_ops

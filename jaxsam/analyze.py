@@ -47,6 +47,7 @@ HESSIAN_METHODS = ("lanczos", "power")
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What to measure and how; every field is a command-line flag of the same name."""
+
   what: tuple[str, ...] = WHAT
   num_examples: int = 1024  # train examples in the fixed subset
   batch_size: int = 256  # global; rounded to a multiple of the device count
@@ -70,31 +71,40 @@ class Settings:
     if unknown or not self.what:
       raise errors.ConfigError(f"--what={','.join(self.what)} is not a list of: {', '.join(WHAT)}")
     if self.hessian_method not in HESSIAN_METHODS:
-      raise errors.ConfigError(f"--hessian_method={self.hessian_method!r} is unknown; known: "
-                               f"{', '.join(HESSIAN_METHODS)}")
-    positive = {"num_examples": self.num_examples, "batch_size": self.batch_size,
-                "top_k": self.top_k, "hessian_iters": self.hessian_iters,
-                "trace_probes": self.trace_probes, "ascent_steps": self.ascent_steps}
+      raise errors.ConfigError(
+        f"--hessian_method={self.hessian_method!r} is unknown; known: {', '.join(HESSIAN_METHODS)}"
+      )
+    positive = {
+      "num_examples": self.num_examples,
+      "batch_size": self.batch_size,
+      "top_k": self.top_k,
+      "hessian_iters": self.hessian_iters,
+      "trace_probes": self.trace_probes,
+      "ascent_steps": self.ascent_steps,
+    }
     for name, value in positive.items():
       if value < 1:
         raise errors.ConfigError(f"--{name}={value} must be >= 1")
     for name, value in (("grid_1d", self.grid_1d), ("grid_2d", self.grid_2d)):
       if value < 3 or value % 2 == 0:
         raise errors.ConfigError(
-            f"--{name}={value} must be odd and >= 3, so that the grid holds the checkpoint itself")
+          f"--{name}={value} must be odd and >= 3, so that the grid holds the checkpoint itself"
+        )
     if not self.grid_range > 0:
       raise errors.ConfigError(f"--grid_range={self.grid_range} must be > 0")
     if not self.rho or any(not r > 0 for r in self.rho):
       raise errors.ConfigError(f"--rho={self.rho} must be positive radii, e.g. --rho=0.05,0.1")
     if not self.m or any(m < 1 or m > self.num_examples for m in self.m):
       raise errors.ConfigError(
-          f"--m={','.join(map(str, self.m))} must be group sizes in [1, --num_examples="
-          f"{self.num_examples}]")
+        f"--m={','.join(map(str, self.m))} must be group sizes in [1, --num_examples="
+        f"{self.num_examples}]"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class RestoredRun:
   """A restored checkpoint with what its config resolves to."""
+
   config: ml_collections.ConfigDict
   setup: train.Setup
   state: steps.TrainState
@@ -110,12 +120,14 @@ def check_checkpoint_config(checkpoint: str, config: ml_collections.ConfigDict) 
   run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
   if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
     return  # a bare checkpoint folder: restore() still checks every shape
-  diff = workdir_lib.config_diff(workdir_lib.read_config(run_dir).to_dict(), config.to_dict(),
-                                 workdir_lib.ANALYSIS_MAY_DIFFER)
+  diff = workdir_lib.config_diff(
+    workdir_lib.read_config(run_dir).to_dict(), config.to_dict(), workdir_lib.ANALYSIS_MAY_DIFFER
+  )
   if diff:
     raise errors.CheckpointError(
-        f"checkpoint {checkpoint} belongs to a run of another config (differs in "
-        f"{', '.join(diff[:5])}); pass that run's folder as --workdir={run_dir}")
+      f"checkpoint {checkpoint} belongs to a run of another config (differs in "
+      f"{', '.join(diff[:5])}); pass that run's folder as --workdir={run_dir}"
+    )
 
 
 def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> RestoredRun:
@@ -137,7 +149,8 @@ def select_subset(split: sources.Split, num_examples: int, seed: int) -> sources
   n = len(split.labels)
   if num_examples > n:
     raise errors.DataError(
-        f"--num_examples={num_examples} exceeds the {n} examples of the train split; use <= {n}")
+      f"--num_examples={num_examples} exceeds the {n} examples of the train split; use <= {n}"
+    )
   index = np.random.default_rng(seed).permutation(n)[:num_examples]
   return sources.Split(images=split.images[index], labels=split.labels[index])
 
@@ -151,7 +164,7 @@ def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -
 def _local_rows(global_rows: np.ndarray) -> np.ndarray:
   """This process's contiguous share of a global batch's rows (as jaxsam.data.pipeline slices)."""
   local = len(global_rows) // jax.process_count()
-  return global_rows[jax.process_index() * local:(jax.process_index() + 1) * local]
+  return global_rows[jax.process_index() * local : (jax.process_index() + 1) * local]
 
 
 def example_batches(subset: sources.Split, batch_size: int, mesh) -> list[dict[str, jax.Array]]:
@@ -162,14 +175,22 @@ def example_batches(subset: sources.Split, batch_size: int, mesh) -> list[dict[s
     index = _local_rows(np.arange(start, start + batch_size))
     mask = index < n
     index = np.where(mask, index, 0)
-    out.append(parallel.shard_batch(
-        {"image": subset.images[index], "label": subset.labels[index].astype(np.int32),
-         "mask": mask.astype(np.float32)}, mesh))
+    out.append(
+      parallel.shard_batch(
+        {
+          "image": subset.images[index],
+          "label": subset.labels[index].astype(np.int32),
+          "mask": mask.astype(np.float32),
+        },
+        mesh,
+      )
+    )
   return out
 
 
-def group_batches(subset: sources.Split, m: int, batch_size: int, mesh
-                  ) -> tuple[list[tuple[dict[str, jax.Array], np.ndarray]], int]:
+def group_batches(
+  subset: sources.Split, m: int, batch_size: int, mesh
+) -> tuple[list[tuple[dict[str, jax.Array], np.ndarray]], int]:
   """Disjoint groups of m examples, several per batch (sharded on the group axis), and their count.
 
   The subset's last `num_examples % m` examples form no full group and are left out; padding
@@ -178,15 +199,16 @@ def group_batches(subset: sources.Split, m: int, batch_size: int, mesh
   num_groups = len(subset.labels) // m
   devices = mesh.devices.size
   per_batch = -(-max(1, batch_size // m) // devices) * devices
-  images = subset.images[:num_groups * m].reshape((num_groups, m) + subset.images.shape[1:])
-  labels = subset.labels[:num_groups * m].reshape(num_groups, m).astype(np.int32)
+  images = subset.images[: num_groups * m].reshape((num_groups, m) + subset.images.shape[1:])
+  labels = subset.labels[: num_groups * m].reshape(num_groups, m).astype(np.int32)
   out = []
   for start in range(0, num_groups, per_batch):
     index = _local_rows(np.arange(start, start + per_batch))
     weight = (index < num_groups).astype(np.float32)
     index = np.where(weight > 0, index, 0)
-    batch = parallel.shard_batch({"image": images[index], "label": labels[index],
-                                  "weight": weight}, mesh)
+    batch = parallel.shard_batch(
+      {"image": images[index], "label": labels[index], "weight": weight}, mesh
+    )
     out.append(({"image": batch["image"], "label": batch["label"]}, batch["weight"]))
   return out, num_groups
 
@@ -196,8 +218,7 @@ def group_batches(subset: sources.Split, m: int, batch_size: int, mesh
 
 def inference_model(run: RestoredRun):
   """The run's architecture computing in float32 (a bf16 run's HVPs would be mostly noise)."""
-  return models.create_model(run.config.model, num_classes=run.setup.num_classes,
-                             dtype=jnp.float32)
+  return models.create_model(run.config.model, num_classes=run.setup.num_classes, dtype=jnp.float32)
 
 
 def make_objectives(run: RestoredRun, num_examples: int):
@@ -212,23 +233,27 @@ def make_objectives(run: RestoredRun, num_examples: int):
   smoothing = cfg.label_smoothing
 
   def logits_fn(params, images):
-    return model.apply({"params": params, "batch_stats": batch_stats},
-                       steps.preprocess(images, cfg), train=False)
+    return model.apply(
+      {"params": params, "batch_stats": batch_stats}, steps.preprocess(images, cfg), train=False
+    )
 
   def loss_fn(params, batch):
     per_example = losses.cross_entropy(logits_fn(params, batch["image"]), batch["label"], smoothing)
     return jnp.sum(per_example * batch["mask"]) / num_examples
 
   def group_loss_fn(params, group):
-    return jnp.mean(losses.cross_entropy(logits_fn(params, group["image"]), group["label"],
-                                         smoothing))
+    return jnp.mean(
+      losses.cross_entropy(logits_fn(params, group["image"]), group["label"], smoothing)
+    )
 
   @jax.jit
   def metrics_fn(params, batch):
     logits = logits_fn(params, batch["image"])
     mask = batch["mask"]
-    return {"loss": jnp.sum(losses.cross_entropy(logits, batch["label"], smoothing) * mask),
-            "correct": jnp.sum(losses.correct_top1(logits, batch["label"]) * mask)}
+    return {
+      "loss": jnp.sum(losses.cross_entropy(logits, batch["label"], smoothing) * mask),
+      "correct": jnp.sum(losses.correct_top1(logits, batch["label"]) * mask),
+    }
 
   return loss_fn, group_loss_fn, metrics_fn
 
@@ -237,8 +262,10 @@ def subset_metrics(metrics_fn, params, batches, num_examples: int) -> dict[str, 
   """Mean loss and top-1 accuracy of `params` over the subset."""
   sums = parallel.fetch([metrics_fn(params, batch) for batch in batches])  # summed on the host:
   # eager device adds would each compile once per sharding, for two scalars per batch
-  return {"loss": float(sum(np.float64(s["loss"]) for s in sums)) / num_examples,
-          "accuracy": float(sum(np.float64(s["correct"]) for s in sums)) / num_examples}
+  return {
+    "loss": float(sum(np.float64(s["loss"]) for s in sums)) / num_examples,
+    "accuracy": float(sum(np.float64(s["correct"]) for s in sums)) / num_examples,
+  }
 
 
 # ------------------------------------------------------------------------------- analyses
@@ -251,21 +278,32 @@ def hessian_analysis(loss_fn, params, batches, settings: Settings) -> dict[str, 
   dtype = jax.tree.leaves(params)[0].dtype
   method = {"lanczos": sharpness.lanczos, "power": sharpness.power_iteration}
   eig = method[settings.hessian_method](
-      matvec, dim, num_iters=settings.hessian_iters, k=settings.top_k,
-      key=jax.random.fold_in(key, 0), dtype=dtype, progress=settings.progress)
-  tr = sharpness.hutchinson_trace(matvec, dim, num_probes=settings.trace_probes,
-                                  key=jax.random.fold_in(key, 1), dtype=dtype,
-                                  progress=settings.progress)
+    matvec,
+    dim,
+    num_iters=settings.hessian_iters,
+    k=settings.top_k,
+    key=jax.random.fold_in(key, 0),
+    dtype=dtype,
+    progress=settings.progress,
+  )
+  tr = sharpness.hutchinson_trace(
+    matvec,
+    dim,
+    num_probes=settings.trace_probes,
+    key=jax.random.fold_in(key, 1),
+    dtype=dtype,
+    progress=settings.progress,
+  )
   return {
-      "lambda_max": float(eig.eigenvalues[0]),
-      "eigenvalues": [float(x) for x in eig.eigenvalues],
-      "residuals": [float(x) for x in eig.residuals],
-      "method": settings.hessian_method,
-      "num_hvps_eigen": int(eig.num_matvecs),
-      "trace": tr.trace,
-      "trace_stderr": tr.stderr,
-      "trace_probes": settings.trace_probes,
-      "num_params": dim,
+    "lambda_max": float(eig.eigenvalues[0]),
+    "eigenvalues": [float(x) for x in eig.eigenvalues],
+    "residuals": [float(x) for x in eig.residuals],
+    "method": settings.hessian_method,
+    "num_hvps_eigen": int(eig.num_matvecs),
+    "trace": tr.trace,
+    "trace_stderr": tr.stderr,
+    "trace_probes": settings.trace_probes,
+    "num_params": dim,
   }
 
 
@@ -275,18 +313,39 @@ def sharpness_analysis(group_loss_fn, params, subset, mesh, settings: Settings) 
   for m in settings.m:
     batches, _ = group_batches(subset, m, settings.batch_size, mesh)
     for rho in settings.rho:
-      s = sharpness.m_sharpness(group_loss_fn, params, batches, rho=rho,
-                                steps=settings.ascent_steps, progress=settings.progress)
-      results.append({"rho": rho, "m": m, "ascent_steps": settings.ascent_steps,
-                      "value": float(s.values[-1]), "stderr": float(s.stderr[-1]),
-                      "per_step": [float(v) for v in s.values], "num_groups": s.num_groups})
+      s = sharpness.m_sharpness(
+        group_loss_fn,
+        params,
+        batches,
+        rho=rho,
+        steps=settings.ascent_steps,
+        progress=settings.progress,
+      )
+      results.append(
+        {
+          "rho": rho,
+          "m": m,
+          "ascent_steps": settings.ascent_steps,
+          "value": float(s.values[-1]),
+          "stderr": float(s.stderr[-1]),
+          "per_step": [float(v) for v in s.values],
+          "num_groups": s.num_groups,
+        }
+      )
   first = results[0]
-  return {"value": first["value"], "stderr": first["stderr"], "rho": first["rho"], "m": first["m"],
-          "ascent_steps": settings.ascent_steps, "results": results}
+  return {
+    "value": first["value"],
+    "stderr": first["stderr"],
+    "rho": first["rho"],
+    "m": first["m"],
+    "ascent_steps": settings.ascent_steps,
+    "results": results,
+  }
 
 
-def landscape_analysis(metrics_fn, params, batches, num_examples: int,
-                       settings: Settings) -> dict[str, Any]:
+def landscape_analysis(
+  metrics_fn, params, batches, num_examples: int, settings: Settings
+) -> dict[str, Any]:
   """1-D and 2-D train loss and accuracy along filter-normalised random directions."""
   key = jax.random.PRNGKey(settings.seed)
   d1 = sharpness.filter_normalized_direction(jax.random.fold_in(key, 2), params)
@@ -294,23 +353,34 @@ def landscape_analysis(metrics_fn, params, batches, num_examples: int,
   eval_fn = lambda p: subset_metrics(metrics_fn, p, batches, num_examples)
   r = settings.grid_range
   xs = np.linspace(-r, r, settings.grid_1d)
-  line = sharpness.landscape(eval_fn, params, [d1], [xs], progress=settings.progress,
-                             desc="landscape 1-D")
+  line = sharpness.landscape(
+    eval_fn, params, [d1], [xs], progress=settings.progress, desc="landscape 1-D"
+  )
   grid = np.linspace(-r, r, settings.grid_2d)
-  surface = sharpness.landscape(eval_fn, params, [d1, d2], [grid, grid],
-                                progress=settings.progress, desc="landscape 2-D")
+  surface = sharpness.landscape(
+    eval_fn, params, [d1, d2], [grid, grid], progress=settings.progress, desc="landscape 2-D"
+  )
   return {
-      "directions": "filter-normalised Gaussian (Li et al. 2018); biases and BN parameters fixed",
-      "range": r,
-      "1d": {"x": xs.tolist(), "loss": line["loss"].tolist(),
-             "accuracy": line["accuracy"].tolist()},
-      "2d": {"x": grid.tolist(), "y": grid.tolist(), "loss": surface["loss"].tolist(),
-             "accuracy": surface["accuracy"].tolist()},
+    "directions": "filter-normalised Gaussian (Li et al. 2018); biases and BN parameters fixed",
+    "range": r,
+    "1d": {"x": xs.tolist(), "loss": line["loss"].tolist(), "accuracy": line["accuracy"].tolist()},
+    "2d": {
+      "x": grid.tolist(),
+      "y": grid.tolist(),
+      "loss": surface["loss"].tolist(),
+      "accuracy": surface["accuracy"].tolist(),
+    },
   }
 
 
-def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | None = None,
-            mesh=None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def analyze(
+  workdir: str,
+  settings: Settings = Settings(),
+  *,
+  checkpoint: str | None = None,
+  mesh=None,
+  environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
   """Runs the analyses asked for on one checkpoint; writes analysis.json and PNGs; returns the dict.
 
   Args:
@@ -327,6 +397,7 @@ def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | 
   """
   settings.check()
   from jaxsam.data import pipeline  # TF import: only once we know there is work to do
+
   pipeline.hide_gpus_from_tf()
   run = restore_run(workdir, checkpoint, mesh=mesh)
   mesh = run.setup.mesh
@@ -339,23 +410,31 @@ def analyze(workdir: str, settings: Settings = Settings(), *, checkpoint: str | 
   start = time.time()
   at_checkpoint = subset_metrics(metrics_fn, params, batches, n)
   result: dict[str, Any] = {
-      "workdir": os.path.abspath(workdir),
-      "checkpoint": run.checkpoint,
-      "step": int(parallel.fetch(run.state.step)),
-      "epoch": run.meta.get("epoch"),
-      "subset": {"split": "train", "num_examples": n, "seed": settings.seed,
-                 "augmentation": False, "batch_norm": "inference (running statistics)"},
-      "train_loss": at_checkpoint["loss"],
-      "train_accuracy": at_checkpoint["accuracy"],
-      "settings": {**dataclasses.asdict(settings), "batch_size": batch_size,
-                   "num_devices": int(mesh.devices.size),
-                   "label_smoothing": run.setup.step_config.label_smoothing},
-      "timings_s": {},
+    "workdir": os.path.abspath(workdir),
+    "checkpoint": run.checkpoint,
+    "step": int(parallel.fetch(run.state.step)),
+    "epoch": run.meta.get("epoch"),
+    "subset": {
+      "split": "train",
+      "num_examples": n,
+      "seed": settings.seed,
+      "augmentation": False,
+      "batch_norm": "inference (running statistics)",
+    },
+    "train_loss": at_checkpoint["loss"],
+    "train_accuracy": at_checkpoint["accuracy"],
+    "settings": {
+      **dataclasses.asdict(settings),
+      "batch_size": batch_size,
+      "num_devices": int(mesh.devices.size),
+      "label_smoothing": run.setup.step_config.label_smoothing,
+    },
+    "timings_s": {},
   }
   analyses = {
-      "hessian": lambda: hessian_analysis(loss_fn, params, batches, settings),
-      "sharpness": lambda: sharpness_analysis(group_loss_fn, params, subset, mesh, settings),
-      "landscape": lambda: landscape_analysis(metrics_fn, params, batches, n, settings),
+    "hessian": lambda: hessian_analysis(loss_fn, params, batches, settings),
+    "sharpness": lambda: sharpness_analysis(group_loss_fn, params, subset, mesh, settings),
+    "landscape": lambda: landscape_analysis(metrics_fn, params, batches, n, settings),
   }
   for name in WHAT:
     if name in settings.what:
@@ -384,30 +463,49 @@ def write_outputs(workdir: str, result: dict[str, Any]) -> dict[str, str]:
 
 
 def summary_line(result: dict[str, Any]) -> str:
-  parts = [(f"jaxsam analyze: step {result['step']}: train loss {result['train_loss']:.4f} "
-            f"acc {100 * result['train_accuracy']:.2f}% on {result['subset']['num_examples']}")]
+  parts = [
+    (
+      f"jaxsam analyze: step {result['step']}: train loss {result['train_loss']:.4f} "
+      f"acc {100 * result['train_accuracy']:.2f}% on {result['subset']['num_examples']}"
+    )
+  ]
   if "hessian" in result:
     h = result["hessian"]
-    parts.append(f"lambda_max {h['lambda_max']:.4g}, trace {h['trace']:.4g} "
-                 f"+- {h['trace_stderr']:.2g}")
+    parts.append(
+      f"lambda_max {h['lambda_max']:.4g}, trace {h['trace']:.4g} +- {h['trace_stderr']:.2g}"
+    )
   if "sharpness" in result:
     s = result["sharpness"]
     parts.append(f"m-sharpness(rho={s['rho']}, m={s['m']}) {s['value']:.4g} +- {s['stderr']:.2g}")
   return "; ".join(parts) + f" -> {os.path.join(result['workdir'], workdir_lib.ANALYSIS_DIR)}"
 
 
-def log_to_wandb(config: ml_collections.ConfigDict, workdir: str, result: dict[str, Any],
-                 pngs: Mapping[str, str], *, environ: Mapping[str, str]) -> None:
+def log_to_wandb(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  result: dict[str, Any],
+  pngs: Mapping[str, str],
+  *,
+  environ: Mapping[str, str],
+) -> None:
   """Adds the scalars (as `analysis/...` summary values) and PNGs to the run's wandb run."""
   writer = writers.create_wandb_writer(config.wandb, workdir, config.to_dict(), environ=environ)
   if writer is None:
     return
   import wandb
-  scalars = {"analysis/step": result["step"], "analysis/train_loss": result["train_loss"],
-             "analysis/train_accuracy": result["train_accuracy"]}
+
+  scalars = {
+    "analysis/step": result["step"],
+    "analysis/train_loss": result["train_loss"],
+    "analysis/train_accuracy": result["train_accuracy"],
+  }
   if "hessian" in result:
-    scalars.update({"analysis/lambda_max": result["hessian"]["lambda_max"],
-                    "analysis/hessian_trace": result["hessian"]["trace"]})
+    scalars.update(
+      {
+        "analysis/lambda_max": result["hessian"]["lambda_max"],
+        "analysis/hessian_trace": result["hessian"]["trace"],
+      }
+    )
   if "sharpness" in result:
     scalars["analysis/m_sharpness"] = result["sharpness"]["value"]
   writer.run.summary.update(scalars)
@@ -456,12 +554,23 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
   p.add_argument("--no_wandb", action="store_true", help="do not log to the run's wandb")
   args = p.parse_args(argv)
   settings = Settings(
-      what=tuple(w.strip() for w in args.what.split(",") if w.strip()),
-      num_examples=args.num_examples, batch_size=args.batch_size, seed=args.seed, top_k=args.top_k,
-      hessian_method=args.hessian_method, hessian_iters=args.hessian_iters,
-      trace_probes=args.trace_probes, rho=args.rho, m=args.m, ascent_steps=args.ascent_steps,
-      grid_1d=args.grid_1d, grid_2d=args.grid_2d, grid_range=args.grid_range,
-      progress=not args.no_progress, wandb=not args.no_wandb)
+    what=tuple(w.strip() for w in args.what.split(",") if w.strip()),
+    num_examples=args.num_examples,
+    batch_size=args.batch_size,
+    seed=args.seed,
+    top_k=args.top_k,
+    hessian_method=args.hessian_method,
+    hessian_iters=args.hessian_iters,
+    trace_probes=args.trace_probes,
+    rho=args.rho,
+    m=args.m,
+    ascent_steps=args.ascent_steps,
+    grid_1d=args.grid_1d,
+    grid_2d=args.grid_2d,
+    grid_range=args.grid_range,
+    progress=not args.no_progress,
+    wandb=not args.no_wandb,
+  )
   return args, settings
 
 
@@ -472,8 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except SystemExit as e:  # argparse has printed its one line (or --help)
     return e.code
   try:
-    analyze(args.workdir, settings, checkpoint=args.checkpoint,
-            environ=os.environ)
+    analyze(args.workdir, settings, checkpoint=args.checkpoint, environ=os.environ)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -36,10 +36,16 @@ def _manager(directory: str, barrier_prefix: str, **options) -> ocp.CheckpointMa
   # Distinct barrier names per manager: with several processes, `checkpoints/` and `best/` save
   # the same step, and shared names would pair one manager's barrier with the other's.
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(
-          create=True, cleanup_tmp_directories=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              barrier_sync_key_prefix=barrier_prefix), **options))
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      create=True,
+      cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        barrier_sync_key_prefix=barrier_prefix
+      ),
+      **options,
+    ),
+  )
 
 
 def _one_line(e: BaseException) -> str:
@@ -60,10 +66,14 @@ class Checkpointer:
     self._open()
 
   def _open(self) -> None:
-    self.last = _manager(os.path.join(self.workdir, LAST_DIR), "jaxsam_last",
-                         max_to_keep=self.keep)
-    self.best = _manager(os.path.join(self.workdir, BEST_DIR), "jaxsam_best", max_to_keep=1,
-                         best_fn=lambda m: m["test/accuracy"], best_mode="max")
+    self.last = _manager(os.path.join(self.workdir, LAST_DIR), "jaxsam_last", max_to_keep=self.keep)
+    self.best = _manager(
+      os.path.join(self.workdir, BEST_DIR),
+      "jaxsam_best",
+      max_to_keep=1,
+      best_fn=lambda m: m["test/accuracy"],
+      best_mode="max",
+    )
 
   def save(self, step: int, state: Any, meta: dict, *, best_metrics: dict | None = None) -> str:
     """Saves to `checkpoints/` and, when `best_metrics` is given, offers it to `best/`.
@@ -79,8 +89,9 @@ class Checkpointer:
       self.wait()
     except Exception as e:  # orbax/tensorstore wrap OSErrors in many types
       raise errors.CheckpointError(
-          f"saving checkpoint step {step} under {self.workdir} failed ({_one_line(e)}); earlier "
-          f"checkpoints are intact: free space or fix the folder, then rerun to resume") from e
+        f"saving checkpoint step {step} under {self.workdir} failed ({_one_line(e)}); earlier "
+        f"checkpoints are intact: free space or fix the folder, then rerun to resume"
+      ) from e
     return self.step_path(step)
 
   def wait(self) -> None:
@@ -119,11 +130,15 @@ class Checkpointer:
       except CorruptCheckpointError as e:
         if len(self.steps()) == 1:
           raise errors.CheckpointError(
-              f"{e}; no earlier checkpoint in {newest and os.path.dirname(newest)} restores: "
-              f"move the workdir aside to start fresh") from e
+            f"{e}; no earlier checkpoint in {newest and os.path.dirname(newest)} restores: "
+            f"move the workdir aside to start fresh"
+          ) from e
         moved = self.quarantine(step)
-        print(f"warning: {e}; moved it to {moved} and resuming from the previous checkpoint",
-              file=sys.stderr, flush=True)
+        print(
+          f"warning: {e}; moved it to {moved} and resuming from the previous checkpoint",
+          file=sys.stderr,
+          flush=True,
+        )
     return None
 
   def quarantine(self, step: int) -> str:
@@ -162,13 +177,15 @@ def check_compatible(path: str, abstract_state: Any) -> None:
     metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
   except Exception as e:
     raise CorruptCheckpointError(
-        f"checkpoint {path} is damaged (its metadata cannot be read: {_one_line(e)})") from e
+      f"checkpoint {path} is damaged (its metadata cannot be read: {_one_line(e)})"
+    ) from e
   saved, wanted = _leaf_signature(metadata), _leaf_signature(abstract_state)
   if saved != wanted:
     raise errors.CheckpointError(
-        f"checkpoint {path} belongs to another model or config ({_describe(saved)}; this config's "
-        f"train state has {_describe(wanted)}); use the config it was trained with, or another "
-        "--workdir")
+      f"checkpoint {path} belongs to another model or config ({_describe(saved)}; this config's "
+      f"train state has {_describe(wanted)}); use the config it was trained with, or another "
+      "--workdir"
+    )
 
 
 def restore(path: str, abstract_state: Any) -> tuple[Any, dict]:
@@ -180,16 +197,22 @@ def restore(path: str, abstract_state: Any) -> tuple[Any, dict]:
   path = os.path.abspath(path)
   if not os.path.isdir(os.path.join(path, "state")):
     raise errors.CheckpointError(
-        f"checkpoint {path} has no 'state' folder; pass a step folder such as "
-        f"<workdir>/{LAST_DIR}/<step>")
+      f"checkpoint {path} has no 'state' folder; pass a step folder such as "
+      f"<workdir>/{LAST_DIR}/<step>"
+    )
   check_compatible(path, abstract_state)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    restored = checkpointer.restore(path, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    restored = checkpointer.restore(
+      path,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+    )
   except Exception as e:  # orbax raises many types; the structure matched, so the files are bad
     raise CorruptCheckpointError(
-        f"checkpoint {path} is damaged (truncated or unreadable files: {_one_line(e)})") from e
+      f"checkpoint {path} is damaged (truncated or unreadable files: {_one_line(e)})"
+    ) from e
   finally:
     checkpointer.close()
   return restored["state"], restored["meta"]

@@ -43,9 +43,14 @@ def enable(path: str) -> str | None:
   reason = unwritable_reason(path) if path else None
   if not path or reason:
     jax.config.update("jax_enable_compilation_cache", False)
-    return None if not path else (
+    return (
+      None
+      if not path
+      else (
         f"compilation cache {path} is not writable ({reason}); compiling without a persistent "
-        "cache (--compilation_cache=DIR to choose another folder, '' to turn it off)")
+        "cache (--compilation_cache=DIR to choose another folder, '' to turn it off)"
+      )
+    )
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
   return None

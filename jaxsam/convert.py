@@ -29,12 +29,14 @@ _MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. resnet5
 _INPUT = flags.DEFINE_string("input", None, "weight file to convert", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output .safetensors or .msgpack", required=True)
 _RESNET_V1 = flags.DEFINE_bool("resnet_v1", False, "v1 layout (Keras' ResNet50 weights)")
-_ORIGIN = flags.DEFINE_string("origin", "", "who trained the weights: keras, torchvision or timm; "
-                              "'' = from the input's format")
+_ORIGIN = flags.DEFINE_string(
+  "origin", "", "who trained the weights: keras, torchvision or timm; '' = from the input's format"
+)
 
 
-def convert(model_name: str, input_path: str, output_path: str, resnet_v1: bool = False,
-            origin: str = "") -> int:
+def convert(
+  model_name: str, input_path: str, output_path: str, resnet_v1: bool = False, origin: str = ""
+) -> int:
   """Converts `input_path` for `model_name`; returns the number of tensors written."""
   model_config = ml_collections.ConfigDict({"name": model_name, "resnet_v1": resnet_v1})
   origin = _origin(input_path, origin)
@@ -55,10 +57,14 @@ def _origin(input_path: str, origin: str) -> str:
   if origin and origin not in pretrained.ORIGINS:
     raise ConfigError(f"--origin={origin!r} is unknown; known: {', '.join(pretrained.ORIGINS)}")
   found = pretrained.weights_origin(input_path)
-  allowed = {"keras": ("keras",), "torchvision": ("torchvision", "timm")}.get(found, pretrained.ORIGINS)
+  allowed = {"keras": ("keras",), "torchvision": ("torchvision", "timm")}.get(
+    found, pretrained.ORIGINS
+  )
   if origin and origin not in allowed:
-    raise ConfigError(f"--origin={origin!r} does not fit {input_path!r}, a {found} weight file; "
-                      f"accepted: {', '.join(allowed)}")
+    raise ConfigError(
+      f"--origin={origin!r} does not fit {input_path!r}, a {found} weight file; "
+      f"accepted: {', '.join(allowed)}"
+    )
   return origin or found
 
 

@@ -28,8 +28,13 @@ from jaxsam import errors
 
 DEFAULT_TIMEOUT_S = 300
 # The SLURM variables that must all be present for a run to count as a SLURM job step.
-_SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                   "SLURM_LOCALID")
+_SLURM_REQUIRED = (
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+)
 
 
 class DistributedError(errors.UserError):
@@ -39,6 +44,7 @@ class DistributedError(errors.UserError):
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
   """Where this process sits in a multi-process run (what `jax.distributed.initialize` needs)."""
+
   coordinator_address: str | None  # host:port of process 0's service; None: JAX finds it
   num_processes: int
   process_id: int
@@ -51,7 +57,8 @@ def parse_address(address: str) -> tuple[str, int]:
   host, sep, port = address.rpartition(":")
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
     raise DistributedError(
-        f"--coordinator_address={address!r} is not host:port (e.g. 10.0.0.1:12345)")
+      f"--coordinator_address={address!r} is not host:port (e.g. 10.0.0.1:12345)"
+    )
   return host.strip("[]"), int(port)
 
 
@@ -79,13 +86,22 @@ def slurm_spec(env: Mapping[str, str]) -> ProcessSpec | None:
   visible = env.get("CUDA_VISIBLE_DEVICES", "")
   one_gpu_bound = visible != "" and "," not in visible
   local_ids = (local,) if _slurm_tasks_on_node(env) > 1 and not one_gpu_bound else None
-  return ProcessSpec(coordinator_address=None, num_processes=num, process_id=pid,
-                     local_device_ids=local_ids, source="slurm")
+  return ProcessSpec(
+    coordinator_address=None,
+    num_processes=num,
+    process_id=pid,
+    local_device_ids=local_ids,
+    source="slurm",
+  )
 
 
-def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None, *,
-            env: Mapping[str, str] | None = None) -> ProcessSpec | None:
+def resolve(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  env: Mapping[str, str] | None = None,
+) -> ProcessSpec | None:
   """The process layout from explicit flags, completed by SLURM's variables when `env` is given.
 
   Returns None for a single-process run. Explicit values win over SLURM's, but a count or id that
@@ -95,8 +111,11 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
   ProcessSpec(coordinator_address='10.0.0.1:1234', num_processes=2, process_id=1, ...)
   """
   slurm = slurm_spec(env) if env is not None else None
-  given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
-           "--process_id": process_id}
+  given = {
+    "--coordinator_address": coordinator_address,
+    "--num_processes": num_processes,
+    "--process_id": process_id,
+  }
   if slurm is None:
     if all(v is None for v in given.values()):
       return None
@@ -104,17 +123,21 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
     if missing:
       have = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
       raise DistributedError(
-          f"{have} needs {' and '.join(missing)} too (or run under SLURM, which sets them)")
+        f"{have} needs {' and '.join(missing)} too (or run under SLURM, which sets them)"
+      )
     spec = ProcessSpec(coordinator_address, num_processes, process_id)
   else:
     for flag, value, slurm_value, var in (
-        ("--num_processes", num_processes, slurm.num_processes, "SLURM_NTASKS"),
-        ("--process_id", process_id, slurm.process_id, "SLURM_PROCID")):
+      ("--num_processes", num_processes, slurm.num_processes, "SLURM_NTASKS"),
+      ("--process_id", process_id, slurm.process_id, "SLURM_PROCID"),
+    ):
       if value is not None and value != slurm_value:
         raise DistributedError(
-            f"{flag}={value} does not match {var}={slurm_value}; drop the flag under SLURM")
-    spec = dataclasses.replace(slurm, coordinator_address=coordinator_address
-                               or slurm.coordinator_address)
+          f"{flag}={value} does not match {var}={slurm_value}; drop the flag under SLURM"
+        )
+    spec = dataclasses.replace(
+      slurm, coordinator_address=coordinator_address or slurm.coordinator_address
+    )
   check(spec)
   return spec
 
@@ -125,8 +148,9 @@ def check(spec: ProcessSpec) -> None:
     raise DistributedError(f"--num_processes={spec.num_processes} must be >= 1")
   if not 0 <= spec.process_id < spec.num_processes:
     raise DistributedError(
-        f"--process_id={spec.process_id} must be in [0, {spec.num_processes - 1}] for "
-        f"--num_processes={spec.num_processes}")
+      f"--process_id={spec.process_id} must be in [0, {spec.num_processes - 1}] for "
+      f"--num_processes={spec.num_processes}"
+    )
   if spec.coordinator_address is not None:
     parse_address(spec.coordinator_address)
 
@@ -153,8 +177,9 @@ def _check_port_free(port: int, spec: ProcessSpec) -> None:
     except OSError as e:
       if e.errno == errno.EADDRINUSE:
         raise DistributedError(
-            f"coordinator port {port} of {spec.coordinator_address} is in use on process 0; "
-            "pick another port") from e
+          f"coordinator port {port} of {spec.coordinator_address} is in use on process 0; "
+          "pick another port"
+        ) from e
       raise
 
 
@@ -165,8 +190,9 @@ def _wait_bounded(spec: ProcessSpec, timeout_s: int, deadline: float) -> None:
     _check_port_free(port, spec)
   elif not _wait_for_coordinator(host, port, deadline):
     raise DistributedError(
-        f"coordinator {spec.coordinator_address} unreachable after {timeout_s}s (process "
-        f"{spec.process_id} of {spec.num_processes}); is process 0 running there, the port open?")
+      f"coordinator {spec.coordinator_address} unreachable after {timeout_s}s (process "
+      f"{spec.process_id} of {spec.num_processes}); is process 0 running there, the port open?"
+    )
 
 
 def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
@@ -193,17 +219,20 @@ def initialize(spec: ProcessSpec | None, *, timeout_s: int = DEFAULT_TIMEOUT_S) 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(
-        coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
-        process_id=spec.process_id,
-        # [] = every local device; JAX's SLURM rule would give each task one GPU.
-        local_device_ids=list(spec.local_device_ids or ()),
-        cluster_detection_method=None if spec.source == "slurm" else "deactivate",
-        initialization_timeout=max(1, int(deadline - time.time())))
+      coordinator_address=spec.coordinator_address,
+      num_processes=spec.num_processes,
+      process_id=spec.process_id,
+      # [] = every local device; JAX's SLURM rule would give each task one GPU.
+      local_device_ids=list(spec.local_device_ids or ()),
+      cluster_detection_method=None if spec.source == "slurm" else "deactivate",
+      initialization_timeout=max(1, int(deadline - time.time())),
+    )
   except (RuntimeError, ValueError) as e:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     raise DistributedError(
-        f"jax.distributed.initialize failed for process {spec.process_id} of "
-        f"{spec.num_processes} ({spec.source}) within {timeout_s}s: {first}") from e
+      f"jax.distributed.initialize failed for process {spec.process_id} of "
+      f"{spec.num_processes} ({spec.source}) within {timeout_s}s: {first}"
+    ) from e
   verify(spec)
 
 
@@ -214,23 +243,27 @@ def verify(spec: ProcessSpec) -> None:
   same message instead of some failing and the others hanging in their first collective.
   """
   from jax.experimental import multihost_utils
+
   claims = multihost_utils.process_allgather(
-      np.asarray([spec.num_processes, spec.process_id], np.int32))
-  check_claims(spec, np.asarray(claims).reshape(-1, 2), jax.process_count(),
-               jax.process_index())
+    np.asarray([spec.num_processes, spec.process_id], np.int32)
+  )
+  check_claims(spec, np.asarray(claims).reshape(-1, 2), jax.process_count(), jax.process_index())
 
 
-def check_claims(spec: ProcessSpec, claims: np.ndarray, process_count: int,
-                 process_index: int) -> None:
+def check_claims(
+  spec: ProcessSpec, claims: np.ndarray, process_count: int, process_index: int
+) -> None:
   """`claims[k]` = (num_processes, process_id) that process k was started with."""
   for k, (count, pid) in enumerate(claims.tolist()):
     if count != process_count or pid != k:
       raise DistributedError(
-          f"process {k} was started with --num_processes={count} --process_id={pid} but the "
-          f"coordinator {spec.coordinator_address or '(from SLURM)'} runs {process_count} "
-          "processes; start every process with the same --num_processes and a distinct "
-          "--process_id")
+        f"process {k} was started with --num_processes={count} --process_id={pid} but the "
+        f"coordinator {spec.coordinator_address or '(from SLURM)'} runs {process_count} "
+        "processes; start every process with the same --num_processes and a distinct "
+        "--process_id"
+      )
   if process_index != spec.process_id:
     raise DistributedError(
-        f"--process_id={spec.process_id} but the coordinator numbered this process "
-        f"{process_index}; give every process a distinct --process_id")
+      f"--process_id={spec.process_id} but the coordinator numbered this process "
+      f"{process_index}; give every process a distinct --process_id"
+    )

@@ -17,8 +17,9 @@ from jaxsam import parallel, steps, train, writers
 from jaxsam import workdir as workdir_lib
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, *,
-                        checkpoint: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict | None, workdir: str, *, checkpoint: str | None = None
+) -> dict[str, Any]:
   """Scores one checkpoint on the test split; writes and returns the `eval.json` record.
 
   Args:
@@ -31,6 +32,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     "per_class_accuracy"}; accuracies are fractions in [0, 1].
   """
   from jaxsam.data import pipeline  # TF import: only once we know there is work to do
+
   pipeline.hide_gpus_from_tf()
   if config is None:
     config = workdir_lib.read_config(workdir)
@@ -41,19 +43,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
   metrics = train.evaluate_test_split(eval_step, state, setup, config.eval_batch_size)
   result = {
-      "checkpoint": path,
-      "step": int(parallel.fetch(state.step)),
-      "epoch": meta.get("epoch"),
-      "loss": metrics["test/loss"],
-      "top1": metrics["test/accuracy"],
-      "top5": metrics["test/top5"],
-      "count": metrics["test/count"],
-      "per_class_accuracy": metrics["per_class_accuracy"],
+    "checkpoint": path,
+    "step": int(parallel.fetch(state.step)),
+    "epoch": meta.get("epoch"),
+    "loss": metrics["test/loss"],
+    "top1": metrics["test/accuracy"],
+    "top5": metrics["test/top5"],
+    "count": metrics["test/count"],
+    "per_class_accuracy": metrics["per_class_accuracy"],
   }
   if parallel.is_main_process():
     out = os.path.join(workdir, workdir_lib.EVAL_FILE)
     writers.write_json(out, result)
-    print(f"jaxsam eval: {path} (step {result['step']}): loss {result['loss']:.4f}, top-1 "
-          f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% over "
-          f"{result['count']} test images -> {out}", flush=True)
+    print(
+      f"jaxsam eval: {path} (step {result['step']}): loss {result['loss']:.4f}, top-1 "
+      f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% over "
+      f"{result['count']} test images -> {out}",
+      flush=True,
+    )
   return result

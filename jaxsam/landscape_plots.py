@@ -45,8 +45,7 @@ def line_figure(line: Mapping[str, Sequence[float]], title: str = "") -> Figure:
   ax.set_xlabel("step along a filter-normalised direction")
   ax.set_ylabel("train loss", color="tab:blue")
   acc = ax.twinx()
-  acc.plot(x, 100 * _floats(line["accuracy"]), color="tab:orange", ls="--",
-           label="train accuracy")
+  acc.plot(x, 100 * _floats(line["accuracy"]), color="tab:orange", ls="--", label="train accuracy")
   acc.set_ylabel("train accuracy (%)", color="tab:orange")
   ax.axvline(0.0, color="grey", lw=0.5)
   ax.set_title(title or "1-D loss landscape")
@@ -59,8 +58,10 @@ def contour_figure(surface: Mapping[str, Any], title: str = "") -> Figure:
   x, y = _floats(surface["x"]), _floats(surface["y"])
   # log10 of the loss: it grows by orders of magnitude towards the edges and linear contours
   # would spend every level there, leaving the basin around the checkpoint one flat colour.
-  panels = (("loss", "log10 train loss", "viridis", lambda z: np.log10(np.maximum(z, 1e-12))),
-            ("accuracy", "train accuracy (%)", "magma", lambda z: 100 * z))
+  panels = (
+    ("loss", "log10 train loss", "viridis", lambda z: np.log10(np.maximum(z, 1e-12))),
+    ("accuracy", "train accuracy (%)", "magma", lambda z: 100 * z),
+  )
   for i, (key, label, cmap, transform) in enumerate(panels):
     ax = fig.add_subplot(1, 2, i + 1)
     z = transform(_floats(surface[key]).T)  # [x, y] -> rows are y for contourf
@@ -76,13 +77,15 @@ def contour_figure(surface: Mapping[str, Any], title: str = "") -> Figure:
   return fig
 
 
-def write_landscape_plots(landscape: Mapping[str, Any], out_dir: str, title: str = ""
-                          ) -> dict[str, str]:
+def write_landscape_plots(
+  landscape: Mapping[str, Any], out_dir: str, title: str = ""
+) -> dict[str, str]:
   """Writes the 1-D line plot and the 2-D contour plot; returns {"landscape_1d": path, ...}."""
   return {
-      "landscape_1d": _save(line_figure(landscape["1d"], title), os.path.join(out_dir, LINE_FILE)),
-      "landscape_2d": _save(contour_figure(landscape["2d"], title),
-                            os.path.join(out_dir, CONTOUR_FILE)),
+    "landscape_1d": _save(line_figure(landscape["1d"], title), os.path.join(out_dir, LINE_FILE)),
+    "landscape_2d": _save(
+      contour_figure(landscape["2d"], title), os.path.join(out_dir, CONTOUR_FILE)
+    ),
   }
 
 
@@ -100,16 +103,18 @@ def comparison_figure(analyses: Mapping[str, Mapping[str, Any]], title: str = ""
   ax.set_ylabel("train loss (log scale)")
   ax.set_title("1-D loss landscape")
   ax.legend()
-  for i, (key, err, name) in enumerate((("lambda_max", None, "Hessian $\\lambda_{max}$"),
-                                        ("trace", "trace_stderr", "Hessian trace"))):
+  for i, (key, err, name) in enumerate(
+    (("lambda_max", None, "Hessian $\\lambda_{max}$"), ("trace", "trace_stderr", "Hessian trace"))
+  ):
     bar = fig.add_subplot(1, 3, i + 2)
     values = _floats([analyses[lb]["hessian"][key] for lb in labels])
     errs = _floats([analyses[lb]["hessian"][err] for lb in labels]) if err else None
     bar.bar(labels, values, yerr=errs, color=colors, capsize=4)
     for j, v in enumerate(values):
       top = v + (errs[j] if errs is not None else 0.0)
-      bar.annotate(f"{v:.3g}", (j, top), ha="center", va="bottom", xytext=(0, 3),
-                   textcoords="offset points")
+      bar.annotate(
+        f"{v:.3g}", (j, top), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points"
+      )
     bar.set_title(name + (" (Hutchinson, $\\pm$1 s.e.)" if err else ""))
   if title:
     fig.suptitle(title)
@@ -125,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--title", default="")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   runs = [r for r in args.runs.split(",") if r]
-  labels = [lb for lb in args.labels.split(",") if lb] or [os.path.basename(os.path.normpath(r))
-                                                           for r in runs]
+  labels = [lb for lb in args.labels.split(",") if lb] or [
+    os.path.basename(os.path.normpath(r)) for r in runs
+  ]
   if len(labels) != len(runs):
     print(f"error: {len(labels)} labels for {len(runs)} runs", file=sys.stderr)
     return 2
@@ -139,12 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
     if analyses[label] is None:
-      print(f"error: {path} does not exist; run python -m jaxsam.analyze --workdir={run} first",
-            file=sys.stderr)
+      print(
+        f"error: {path} does not exist; run python -m jaxsam.analyze --workdir={run} first",
+        file=sys.stderr,
+      )
       return 2
     if "hessian" not in analyses[label] or "landscape" not in analyses[label]:
-      print(f"error: {path} lacks hessian or landscape; analyse with --what=hessian,landscape",
-            file=sys.stderr)
+      print(
+        f"error: {path} lacks hessian or landscape; analyse with --what=hessian,landscape",
+        file=sys.stderr,
+      )
       return 2
   _save(comparison_figure(analyses, args.title), args.out)
   print(f"wrote {args.out}")

@@ -34,10 +34,10 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
   correct = correct_top1(logits, labels) * mask
   label_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
   return {
-      "loss": jnp.sum(cross_entropy(logits, labels) * mask),
-      "correct": jnp.sum(correct),
-      "correct_top5": jnp.sum(correct_topk(logits, labels, 5) * mask),
-      "count": jnp.sum(mask),
-      "class_correct": jnp.sum(label_hot * correct[:, None], axis=0),
-      "class_count": jnp.sum(label_hot, axis=0),
+    "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+    "correct": jnp.sum(correct),
+    "correct_top5": jnp.sum(correct_topk(logits, labels, 5) * mask),
+    "count": jnp.sum(mask),
+    "class_correct": jnp.sum(label_hot * correct[:, None], axis=0),
+    "class_count": jnp.sum(label_hot, axis=0),
   }

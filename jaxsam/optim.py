@@ -23,7 +23,8 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
   name = config.schedule.name
   if name not in SCHEDULES:
     raise errors.ConfigError(
-        f"schedule.name={name!r} is unknown; known: {', '.join(sorted(SCHEDULES))}")
+      f"schedule.name={name!r} is unknown; known: {', '.join(sorted(SCHEDULES))}"
+    )
   main = SCHEDULES[name](peak, max(1, total_steps - warmup_steps))
   if warmup_steps <= 0:
     return main
@@ -32,16 +33,17 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
 
 
 SCHEDULES: dict[str, Callable[[float, int], optax.Schedule]] = {
-    "cosine": lambda peak, steps: optax.cosine_decay_schedule(peak, steps),
-    "constant": lambda peak, steps: optax.constant_schedule(peak),
+  "cosine": lambda peak, steps: optax.cosine_decay_schedule(peak, steps),
+  "constant": lambda peak, steps: optax.constant_schedule(peak),
 }
 
 
 def _sgd(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
   # add_decayed_weights before sgd == torch's `d_p = d_p.add(p, alpha=weight_decay)`.
   return optax.chain(
-      optax.add_decayed_weights(opt.weight_decay) if opt.weight_decay else optax.identity(),
-      optax.sgd(lr, momentum=opt.momentum or None, nesterov=opt.nesterov))
+    optax.add_decayed_weights(opt.weight_decay) if opt.weight_decay else optax.identity(),
+    optax.sgd(lr, momentum=opt.momentum or None, nesterov=opt.nesterov),
+  )
 
 
 def _adamw(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -51,13 +53,15 @@ def _adamw(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradient
 OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
 
 
-def make_base_optimizer(config: ml_collections.ConfigDict,
-                        lr: optax.Schedule) -> optax.GradientTransformation:
+def make_base_optimizer(
+  config: ml_collections.ConfigDict, lr: optax.Schedule
+) -> optax.GradientTransformation:
   """Clipping (optional) followed by the named optimizer, with the given lr schedule."""
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise errors.ConfigError(
-        f"optimizer.name={opt.name!r} is unknown; known: {', '.join(sorted(OPTIMIZERS))}")
+      f"optimizer.name={opt.name!r} is unknown; known: {', '.join(sorted(OPTIMIZERS))}"
+    )
   if opt.grad_clip_norm < 0:
     raise errors.ConfigError(f"optimizer.grad_clip_norm={opt.grad_clip_norm} must be >= 0")
   base = OPTIMIZERS[opt.name](opt, lr)
@@ -66,15 +70,21 @@ def make_base_optimizer(config: ml_collections.ConfigDict,
   return base
 
 
-def make_rho(config: ml_collections.ConfigDict, lr: optax.Schedule,
-             steps_per_epoch: int) -> float | optax.Schedule:
+def make_rho(
+  config: ml_collections.ConfigDict, lr: optax.Schedule, steps_per_epoch: int
+) -> float | optax.Schedule:
   """SAM's radius: constant, or (GSAM) following the lr schedule from rho down to sam.rho_min."""
   if config.sam.variant != "gsam" or not config.sam.rho:
     return float(config.sam.rho)
   total_steps = max(1, int(config.num_epochs * steps_per_epoch))
   lr_values = [float(lr(s)) for s in range(0, total_steps + 1, max(1, total_steps // 1000))]
-  return sam_lib.gsam_rho_schedule(lr, lr_max=max(lr_values), lr_min=min(lr_values),
-                                   rho_max=config.sam.rho, rho_min=config.sam.rho_min)
+  return sam_lib.gsam_rho_schedule(
+    lr,
+    lr_max=max(lr_values),
+    lr_min=min(lr_values),
+    rho_max=config.sam.rho,
+    rho_min=config.sam.rho_min,
+  )
 
 
 def schedule_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -95,8 +105,9 @@ def accum_steps(config: ml_collections.ConfigDict, per_device_batch: int) -> int
   n = config.accum_steps
   if not isinstance(n, int) or n < 1 or per_device_batch % n:
     raise errors.ConfigError(
-        f"accum_steps={n!r} is invalid; accepted: an integer >= 1 that divides the per-device "
-        f"batch {per_device_batch}")
+      f"accum_steps={n!r} is invalid; accepted: an integer >= 1 that divides the per-device "
+      f"batch {per_device_batch}"
+    )
   return n
 
 
@@ -104,13 +115,17 @@ def _check_msam(config: ml_collections.ConfigDict) -> None:
   opt = config.optimizer
   if config.sam.variant == "msam" and config.sam.rho and (opt.name != "sgd" or not opt.momentum):
     raise errors.ConfigError(
-        f"sam.variant='msam' perturbs along SGD's momentum buffer; got optimizer.name="
-        f"{opt.name!r} momentum={opt.momentum!r}; use optimizer.name='sgd' with momentum > 0")
+      f"sam.variant='msam' perturbs along SGD's momentum buffer; got optimizer.name="
+      f"{opt.name!r} momentum={opt.momentum!r}; use optimizer.name='sgd' with momentum > 0"
+    )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
-                   axis_name: str | tuple[str, ...] | None
-                   ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+def make_optimizer(
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  *,
+  axis_name: str | tuple[str, ...] | None,
+) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
   """The full optimizer: SAM around the base chain (rho = 0 compiles the plain one-pass step).
 
   With accum_steps = n the base is optax.MultiSteps: the compiled step calls `update` once per
@@ -124,18 +139,29 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
   s = config.sam
   _check_msam(config)
   tx = sam_lib.sam(
-      base, make_rho(config, lr, steps_per_epoch), variant=s.variant, eta=s.eta, alpha=s.alpha,
-      eps=s.eps, sync=s.sync, axis_name=axis_name,
-      ascent_weight_decay=config.optimizer.weight_decay if s.ascent_weight_decay else 0.0,
-      every=s.every, start_step=sam_start_step(config, steps_per_epoch),
-      reuse_weight=s.reuse_weight, adaptive_decay=s.adaptive_decay,
-      adaptive_c=(s.adaptive_c_start, s.adaptive_c_end),
-      total_steps=schedule_steps(config, steps_per_epoch), accum_steps=n)
+    base,
+    make_rho(config, lr, steps_per_epoch),
+    variant=s.variant,
+    eta=s.eta,
+    alpha=s.alpha,
+    eps=s.eps,
+    sync=s.sync,
+    axis_name=axis_name,
+    ascent_weight_decay=config.optimizer.weight_decay if s.ascent_weight_decay else 0.0,
+    every=s.every,
+    start_step=sam_start_step(config, steps_per_epoch),
+    reuse_weight=s.reuse_weight,
+    adaptive_decay=s.adaptive_decay,
+    adaptive_c=(s.adaptive_c_start, s.adaptive_c_end),
+    total_steps=schedule_steps(config, steps_per_epoch),
+    accum_steps=n,
+  )
   return tx, lr
 
 
-def host_ascent_schedule(config: ml_collections.ConfigDict,
-                         steps_per_epoch: int) -> Callable[[int], bool] | None:
+def host_ascent_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> Callable[[int], bool] | None:
   """step -> whether it is a SAM step, for the count-based schedules (sam.every, start_fraction,
   LookSAM); None when every step is the same program (SGD, plain SAM, MSAM) or the choice is made
   on the device (AE-SAM)."""
@@ -146,8 +172,9 @@ def host_ascent_schedule(config: ml_collections.ConfigDict,
   return functools.partial(sam_lib.takes_ascent, every=s.every, start_step=start)
 
 
-def step_sam_settings(config: ml_collections.ConfigDict, per_device_batch: int,
-                      steps_per_epoch: int) -> dict:
+def step_sam_settings(
+  config: ml_collections.ConfigDict, per_device_batch: int, steps_per_epoch: int
+) -> dict:
   """The SAM fields of steps.StepConfig: ascent group size, micro-batches and MSAM's point.
 
   The group size (sam.m, default the micro-batch) is checked against the per-device micro-batch,
@@ -158,10 +185,10 @@ def step_sam_settings(config: ml_collections.ConfigDict, per_device_batch: int,
   rho = config.sam.rho
   msam = config.sam.variant == "msam" and bool(rho)
   return {
-      "sam_group_size": 0 if not rho or msam else steps.sam_group_size(config.sam.m, micro),
-      "accum_steps": n,
-      "msam_rho": float(rho) if msam else 0.0,
-      "msam_start_step": sam_start_step(config, steps_per_epoch) if msam else 0,
+    "sam_group_size": 0 if not rho or msam else steps.sam_group_size(config.sam.m, micro),
+    "accum_steps": n,
+    "msam_rho": float(rho) if msam else 0.0,
+    "msam_start_step": sam_start_step(config, steps_per_epoch) if msam else 0,
   }
 
 

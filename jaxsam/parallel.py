@@ -38,8 +38,9 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batc
   num_devices = mesh.devices.size
   if global_batch_size <= 0 or global_batch_size % num_devices:
     raise errors.ConfigError(
-        f"{what}={global_batch_size} must be a positive multiple of the device count "
-        f"{num_devices} (e.g. {num_devices * max(1, global_batch_size // num_devices or 1)})")
+      f"{what}={global_batch_size} must be a positive multiple of the device count "
+      f"{num_devices} (e.g. {num_devices * max(1, global_batch_size // num_devices or 1)})"
+    )
   return global_batch_size // jax.process_count()
 
 
@@ -51,14 +52,17 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   # not-yet-measured diagnostics) never compare equal; every process holds the same tree anyway.
   sharding = replicated(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+  )
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Turns this process's slice of a global batch into global arrays sharded over `DATA_AXIS`."""
   sharding = batch_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
 
 
 class DevicePrefetch:
@@ -71,8 +75,7 @@ class DevicePrefetch:
   a training loop starved by its input.
   """
 
-  def __init__(self, local_batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
-               size: int = 2):
+  def __init__(self, local_batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2):
     if size < 1:
       raise ValueError(f"prefetch size={size} must be at least 1")
     self._source = iter(local_batches)
@@ -127,6 +130,7 @@ def global_any(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   from jax.experimental import multihost_utils
+
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
 
 
@@ -134,6 +138,7 @@ def barrier(name: str) -> None:
   """Blocks until every process reaches the barrier `name` (no-op for a single process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 

@@ -37,12 +37,20 @@ def curves_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = 
       marker = "o" if split == "test" else None
       x, y = _series(records, f"{split}/loss")
       if x:
-        loss_ax.plot(x, y, style, color=color, marker=marker, markersize=3,
-                     label=f"{prefix}{split}")
+        loss_ax.plot(
+          x, y, style, color=color, marker=marker, markersize=3, label=f"{prefix}{split}"
+        )
       x, y = _series(records, f"{split}/accuracy")
       if x:
-        acc_ax.plot(x, [100 * v for v in y], style, color=color, marker=marker, markersize=3,
-                    label=f"{prefix}{split}")
+        acc_ax.plot(
+          x,
+          [100 * v for v in y],
+          style,
+          color=color,
+          marker=marker,
+          markersize=3,
+          label=f"{prefix}{split}",
+        )
   loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
   acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
   for ax in (loss_ax, acc_ax):
@@ -55,8 +63,9 @@ def curves_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str = 
   return fig
 
 
-def write_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
-                 title: str = "") -> str:
+def write_curves(
+  runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, title: str = ""
+) -> str:
   """Draws `runs` ({label: records}) to a PNG at `path`, replaced atomically; returns the path."""
   return save_png(curves_figure(runs, title), path)
 
@@ -69,8 +78,9 @@ def save_png(fig: Figure, path: str) -> str:
   return path
 
 
-def mean_test_curves_figure(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
-                            title: str = "") -> Figure:
+def mean_test_curves_figure(
+  groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], title: str = ""
+) -> Figure:
   """Test accuracy (%) against epoch per group of runs: the mean over the group's runs at each
   evaluated epoch, with a ± one-standard-deviation band."""
   fig = Figure(figsize=(8, 4.8), dpi=100)
@@ -83,12 +93,19 @@ def mean_test_curves_figure(groups: Mapping[str, Sequence[Sequence[Mapping[str, 
         by_epoch.setdefault(x, []).append(100 * y)
     xs = sorted(by_epoch)
     means = [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs]
-    stds = [math.sqrt(sum((v - m) ** 2 for v in by_epoch[x]) / max(len(by_epoch[x]) - 1, 1))
-            for x, m in zip(xs, means, strict=True)]
+    stds = [
+      math.sqrt(sum((v - m) ** 2 for v in by_epoch[x]) / max(len(by_epoch[x]) - 1, 1))
+      for x, m in zip(xs, means, strict=True)
+    ]
     color = f"C{i % 10}"
     ax.plot(xs, means, "-o", color=color, markersize=3, label=f"{name} (n={len(runs)})")
-    ax.fill_between(xs, [m - s for m, s in zip(means, stds, strict=True)],
-                    [m + s for m, s in zip(means, stds, strict=True)], color=color, alpha=0.15)
+    ax.fill_between(
+      xs,
+      [m - s for m, s in zip(means, stds, strict=True)],
+      [m + s for m, s in zip(means, stds, strict=True)],
+      color=color,
+      alpha=0.15,
+    )
   ax.set(xlabel="epoch", ylabel="test top-1 accuracy (%)", title=title)
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
@@ -97,7 +114,8 @@ def mean_test_curves_figure(groups: Mapping[str, Sequence[Sequence[Mapping[str, 
   return fig
 
 
-def write_mean_test_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str,
-                           title: str = "") -> str:
+def write_mean_test_curves(
+  groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: str, title: str = ""
+) -> str:
   """Draws `mean_test_curves_figure` to a PNG at `path`, replaced atomically; returns the path."""
   return save_png(mean_test_curves_figure(groups, title), path)

@@ -24,7 +24,8 @@ def parse_steps(text: str | None) -> tuple[int, int] | None:
   match = _RANGE.fullmatch(text)
   if not match or int(match[1]) >= int(match[2]):
     raise errors.UserError(
-        f"--profile_steps={text} must be START:END with 0 <= START < END, e.g. 10:20")
+      f"--profile_steps={text} must be START:END with 0 <= START < END, e.g. 10:20"
+    )
   return int(match[1]), int(match[2])
 
 
@@ -36,23 +37,32 @@ class StepTrace:
   context manager, it stops a trace that an exception or a preemption cut short.
   """
 
-  def __init__(self, train_step: Callable, steps: tuple[int, int] | None, log_dir: str,
-               total_steps: int):
+  def __init__(
+    self, train_step: Callable, steps: tuple[int, int] | None, log_dir: str, total_steps: int
+  ):
     self._step_fn = train_step
     self._steps = steps
     self._log_dir = log_dir
     self._last = None if steps is None else min(steps[1], total_steps) - 1
     self._active = False
     if steps is not None and steps[1] > total_steps:
-      traced = (f"tracing steps {steps[0]} to {total_steps - 1}" if steps[0] < total_steps
-                else "no step is traced")
-      print(f"warning: --profile_steps={steps[0]}:{steps[1]} goes past the run's {total_steps} "
-            f"steps; {traced}", file=sys.stderr, flush=True)
+      traced = (
+        f"tracing steps {steps[0]} to {total_steps - 1}"
+        if steps[0] < total_steps
+        else "no step is traced"
+      )
+      print(
+        f"warning: --profile_steps={steps[0]}:{steps[1]} goes past the run's {total_steps} "
+        f"steps; {traced}",
+        file=sys.stderr,
+        flush=True,
+      )
 
   def __call__(self, state, batch, step: int) -> Any:
     if self._steps is None:
       return self._step_fn(state, batch, step)
     import jax  # pylint: disable=import-outside-toplevel
+
     if not self._active and self._steps[0] <= step <= self._last:
       os.makedirs(self._log_dir, exist_ok=True)
       jax.profiler.start_trace(self._log_dir, create_perfetto_trace=True)
@@ -67,6 +77,7 @@ class StepTrace:
     if not self._active:
       return
     import jax  # pylint: disable=import-outside-toplevel
+
     jax.block_until_ready(wait_for)
     jax.profiler.stop_trace()
     self._active = False

@@ -20,8 +20,16 @@ from jaxsam import workdir as workdir_lib
 
 AUGMENT_ORDER = ("none", "flip", "crop", "crop-flip", "cutout", "randaugment", "autoaugment")
 # Flattened config keys never worth a column: bookkeeping, not experimental settings.
-IGNORED_KEYS = ("wandb.", "progress_bar", "log_every_steps", "checkpoint_", "dataset.data_dir",
-                "dataset.download", "dataset.path", "dataset.cache_dir")
+IGNORED_KEYS = (
+  "wandb.",
+  "progress_bar",
+  "log_every_steps",
+  "checkpoint_",
+  "dataset.data_dir",
+  "dataset.download",
+  "dataset.path",
+  "dataset.cache_dir",
+)
 # Shown as their own columns when a run uses them.
 DATA_COLUMNS = ("dataset.label_noise", "dataset.train_examples")
 
@@ -41,8 +49,12 @@ def augmentation_label(config: dict) -> str:
   geometric base alone is crop-flip, flip (no random crop), crop (no flip) or none."""
   aug = config.get("augment", {})
   crop, flip = aug.get("crop_padding", 4), aug.get("flip", True)
-  base = {(True, True): "crop-flip", (False, True): "flip", (True, False): "crop",
-          (False, False): "none"}[(bool(crop), bool(flip))]
+  base = {
+    (True, True): "crop-flip",
+    (False, True): "flip",
+    (True, False): "crop",
+    (False, False): "none",
+  }[(bool(crop), bool(flip))]
   parts = []
   if aug.get("autoaugment"):
     parts.append("autoaugment")
@@ -74,25 +86,31 @@ def load_run(run_dir: str) -> dict[str, Any]:
   """A run's config, metrics, best/final test accuracy and (if analysed) λ_max."""
   run = workdir_lib.read_run(run_dir)
   config, records, summary = run.config, run.records, run.summary
-  accuracies = [r["test/accuracy"] for r in records
-                if isinstance(r.get("test/accuracy"), float) and math.isfinite(r["test/accuracy"])]
+  accuracies = [
+    r["test/accuracy"]
+    for r in records
+    if isinstance(r.get("test/accuracy"), float) and math.isfinite(r["test/accuracy"])
+  ]
   epochs = [r["epoch"] for r in records if "test/accuracy" in r]
   dataset = config.get("dataset", {})
   lambda_max = ((run.analysis or {}).get("hessian") or {}).get("lambda_max")
   return {
-      "dir": run_dir, "config": config, "records": records,
-      "augmentation": augmentation_label(config), "optimizer": optimizer_label(config),
-      "best": max(accuracies) if accuracies else None,
-      "final": accuracies[-1] if accuracies else None,
-      "epochs": epochs[-1] if epochs else 0,
-      "planned_epochs": config.get("num_epochs"),
-      "lambda_max": lambda_max,
-      "label_noise": dataset.get("label_noise", 0.0),
-      "train_examples": dataset.get("train_examples", 0),  # the subset asked for; 0 = all
-      "num_train": summary.get("train_examples"),  # the examples the run trained on
-      "wall_time_s": summary.get("wall_time_s"),
-      "sam_fraction": summary.get("sam_fraction"),
-      "seed": config.get("seed"),
+    "dir": run_dir,
+    "config": config,
+    "records": records,
+    "augmentation": augmentation_label(config),
+    "optimizer": optimizer_label(config),
+    "best": max(accuracies) if accuracies else None,
+    "final": accuracies[-1] if accuracies else None,
+    "epochs": epochs[-1] if epochs else 0,
+    "planned_epochs": config.get("num_epochs"),
+    "lambda_max": lambda_max,
+    "label_noise": dataset.get("label_noise", 0.0),
+    "train_examples": dataset.get("train_examples", 0),  # the subset asked for; 0 = all
+    "num_train": summary.get("train_examples"),  # the examples the run trained on
+    "wall_time_s": summary.get("wall_time_s"),
+    "sam_fraction": summary.get("sam_fraction"),
+    "seed": config.get("seed"),
   }
 
 
@@ -100,8 +118,12 @@ def differing_settings(runs: Sequence[dict]) -> list[str]:
   """Config keys whose values are not the same in every run (bookkeeping keys left out)."""
   flat = [flatten(r["config"]) for r in runs]
   keys = sorted(set().union(*flat))
-  return [k for k in keys if not k.startswith(IGNORED_KEYS)
-          and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+  return [
+    k
+    for k in keys
+    if not k.startswith(IGNORED_KEYS)
+    and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1
+  ]
 
 
 def _pct(x: float | None) -> str:
@@ -109,25 +131,32 @@ def _pct(x: float | None) -> str:
 
 
 def _order(values, preferred) -> list[str]:
-  return sorted(set(values), key=lambda v: (preferred.index(v) if v in preferred else
-                                            len(preferred), v))
+  return sorted(
+    set(values), key=lambda v: (preferred.index(v) if v in preferred else len(preferred), v)
+  )
 
 
 def markdown(runs: Sequence[dict]) -> str:
   """The two tables: augmentation x optimizer (best / final %), and one row per run."""
   augs = _order([r["augmentation"] for r in runs], AUGMENT_ORDER)
   opts = _order([r["optimizer"] for r in runs], ("SGD",))
-  lines = ["Test accuracy (%), best / final:", "",
-           "| augmentation | " + " | ".join(opts) + " |",
-           "|---|" + "---|" * len(opts)]
+  lines = [
+    "Test accuracy (%), best / final:",
+    "",
+    "| augmentation | " + " | ".join(opts) + " |",
+    "|---|" + "---|" * len(opts),
+  ]
   for aug in augs:
     cells = []
     for opt in opts:
-      here = [(i, r) for i, r in enumerate(runs, 1)
-              if r["augmentation"] == aug and r["optimizer"] == opt]
+      here = [
+        (i, r) for i, r in enumerate(runs, 1) if r["augmentation"] == aug and r["optimizer"] == opt
+      ]
       tag = len(here) > 1  # several runs share a cell: name them by their row below
-      cells.append("<br>".join(f"{_pct(r['best'])} / {_pct(r['final'])}" + (f" (#{i})" * tag)
-                               for i, r in here) or "")
+      cells.append(
+        "<br>".join(f"{_pct(r['best'])} / {_pct(r['final'])}" + (f" (#{i})" * tag) for i, r in here)
+        or ""
+      )
     lines.append(f"| {aug} | " + " | ".join(cells) + " |")
   diff = [k for k in differing_settings(runs) if k not in DATA_COLUMNS]
   show_data = any(r["label_noise"] or r["train_examples"] for r in runs)
@@ -135,14 +164,25 @@ def markdown(runs: Sequence[dict]) -> str:
   header = ["#", "run", "augmentation", "optimizer", *diff]
   header += ["label noise", "train examples"] * show_data
   header += ["epochs", "best %", "final %"] + ["λ_max"] * show_lambda
-  lines += ["", "Runs" + (" (settings that differ between them)" if diff else "") + ":", "",
-            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += [
+    "",
+    "Runs" + (" (settings that differ between them)" if diff else "") + ":",
+    "",
+    "| " + " | ".join(header) + " |",
+    "|" + "---|" * len(header),
+  ]
   for i, r in enumerate(runs, 1):
     flat = flatten(r["config"])
     epochs = f"{r['epochs']:g}/{r['planned_epochs']}" if r["planned_epochs"] else f"{r['epochs']:g}"
-    row = [str(i), os.path.basename(os.path.normpath(r["dir"])), r["augmentation"],
-           r["optimizer"], *(json.dumps(flat.get(k)) if isinstance(flat.get(k), str) else
-                             str(flat.get(k)) for k in diff)]
+    row = [
+      str(i),
+      os.path.basename(os.path.normpath(r["dir"])),
+      r["augmentation"],
+      r["optimizer"],
+      *(
+        json.dumps(flat.get(k)) if isinstance(flat.get(k), str) else str(flat.get(k)) for k in diff
+      ),
+    ]
     row += [f"{r['label_noise']:g}", str(r["train_examples"] or "all")] * show_data
     row += [epochs, _pct(r["best"]), _pct(r["final"])]
     if show_lambda:
@@ -160,8 +200,11 @@ def group_by_setting(runs: Sequence[dict]) -> dict[str, list[dict]]:
   groups: dict[str, list[dict]] = {}
   keys: dict[str, str] = {}
   for r in runs:
-    flat = {k: v for k, v in flatten(r["config"]).items()
-            if k not in SEED_KEYS and not k.startswith(IGNORED_KEYS)}
+    flat = {
+      k: v
+      for k, v in flatten(r["config"]).items()
+      if k not in SEED_KEYS and not k.startswith(IGNORED_KEYS)
+    }
     key = json.dumps(flat, sort_keys=True)
     if key not in keys:
       label = f"{r['optimizer']} {r['planned_epochs']} ep"
@@ -203,8 +246,10 @@ def seed_table(runs: Sequence[dict]) -> str:
 
   Cost is epochs x passes per step, in SGD-epochs: equal cost means equal compute.
   """
-  header = ("| setting | label noise | train examples | cost (SGD epochs) | seeds | best % | "
-            "final % | wall s / run |")
+  header = (
+    "| setting | label noise | train examples | cost (SGD epochs) | seeds | best % | "
+    "final % | wall s / run |"
+  )
   lines = [header, "|---|---|---|---|---|---|---|---|"]
   for label, group in group_by_setting(runs).items():
     first = group[0]
@@ -212,32 +257,36 @@ def seed_table(runs: Sequence[dict]) -> str:
     cost = (first["planned_epochs"] or 0) * passes_per_step(first["config"], fraction)
     wall, _, _ = mean_std([r["wall_time_s"] for r in group])
     seeds = ",".join(str(r["seed"]) for r in group)
-    lines.append(f"| {label} | {first['label_noise']:g} | {first['train_examples'] or 'all'} | "
-                 f"{cost:.3g} | {seeds} | {_pct_pm([r['best'] for r in group])} | "
-                 f"{_pct_pm([r['final'] for r in group])} | "
-                 f"{'–' if wall is None else f'{wall:.0f}'} |")
+    lines.append(
+      f"| {label} | {first['label_noise']:g} | {first['train_examples'] or 'all'} | "
+      f"{cost:.3g} | {seeds} | {_pct_pm([r['best'] for r in group])} | "
+      f"{_pct_pm([r['final'] for r in group])} | "
+      f"{'–' if wall is None else f'{wall:.0f}'} |"
+    )
   return "\n".join(lines)
 
 
 def write_seed_curves(runs: Sequence[dict], path: str) -> str:
   """Test accuracy against epoch, mean ± std over each setting's seeds, one line per setting."""
-  groups = {label: [r["records"] for r in group]
-            for label, group in group_by_setting(runs).items()}
+  groups = {label: [r["records"] for r in group] for label, group in group_by_setting(runs).items()}
   return plots.write_mean_test_curves(groups, path, title="test accuracy, mean ± std over seeds")
 
 
 def write_report_curves(runs: Sequence[dict], path: str) -> str:
-  labelled = {f"#{i} {r['augmentation']} {r['optimizer']}": r["records"]
-              for i, r in enumerate(runs, 1)}
+  labelled = {
+    f"#{i} {r['augmentation']} {r['optimizer']}": r["records"] for i, r in enumerate(runs, 1)
+  }
   return plots.write_curves(labelled, path, title="test (dashed) and train (solid)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxsam.report", description=__doc__.split(
-      "\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m jaxsam.report", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="launch.py workdirs")
-  parser.add_argument("--output", default="report_curves.png",
-                      help="combined curves PNG (default: report_curves.png)")
+  parser.add_argument(
+    "--output", default="report_curves.png", help="combined curves PNG (default: report_curves.png)"
+  )
   args = parser.parse_args(argv)
   try:
     runs = [load_run(d) for d in args.run_dirs]

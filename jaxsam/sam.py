@@ -134,8 +134,13 @@ def _asam_ascent(grads, params, rho, *, eps, eta, mask):
 # Registry of ascent rules; GSAM ascends as SAM and differs only in the descent gradient. LookSAM
 # and AE-SAM ascend as SAM and differ in when (and, for LookSAM, what) they descend; MSAM has no
 # ascent pass (its perturbation comes from the momentum buffer, see msam_point).
-_ASCENTS = {"sam": _sam_ascent, "asam": _asam_ascent, "gsam": _sam_ascent,
-            "looksam": _sam_ascent, "aesam": _sam_ascent}
+_ASCENTS = {
+  "sam": _sam_ascent,
+  "asam": _asam_ascent,
+  "gsam": _sam_ascent,
+  "looksam": _sam_ascent,
+  "aesam": _sam_ascent,
+}
 VARIANTS = (*_ASCENTS, "msam")
 # LookSAM's reuse weight alpha (Liu et al. 2022 use 0.7); AE-SAM's EMA decay and the threshold
 # multiplier c_t, linear in the step from C_START to C_END (Jiang et al. 2023's CIFAR setting).
@@ -172,19 +177,22 @@ def takes_ascent(opt_step: int, *, every: int = 1, start_step: int = 0) -> bool:
 def looksam_direction(g_clean, g_sam, eps: float):
   """g_v = g_sam minus its projection on g_clean, in fp32: what LookSAM stores on a SAM step."""
   coef = tree_vdot(g_clean, g_sam) / (tree_vdot(g_clean, g_clean) + eps)
-  return jax.tree.map(lambda gc, gs: gs.astype(jnp.float32) - coef * gc.astype(jnp.float32),
-                      g_clean, g_sam)
+  return jax.tree.map(
+    lambda gc, gs: gs.astype(jnp.float32) - coef * gc.astype(jnp.float32), g_clean, g_sam
+  )
 
 
 def looksam_reuse(g_clean, direction, weight: float, eps: float):
   """LookSAM's in-between gradient g + alpha * (||g|| / ||g_v||) * g_v, cast to g's dtypes."""
   scale = weight * global_norm(g_clean) / (global_norm(direction) + eps)
-  return jax.tree.map(lambda g, v: (g.astype(jnp.float32) + scale * v).astype(g.dtype),
-                      g_clean, direction)
+  return jax.tree.map(
+    lambda g, v: (g.astype(jnp.float32) + scale * v).astype(g.dtype), g_clean, direction
+  )
 
 
-def adaptive_update(stats: AdaptiveState, sq_norm: jax.Array, c: jax.Array,
-                    decay: float) -> tuple[AdaptiveState, jax.Array]:
+def adaptive_update(
+  stats: AdaptiveState, sq_norm: jax.Array, c: jax.Array, decay: float
+) -> tuple[AdaptiveState, jax.Array]:
   """AE-SAM: fold ||g||^2 into the running mean and variance; SAM iff ||g||^2 >= mean + c*std.
 
   A threshold multiplier c = -inf always takes SAM, +inf never (c * std is not formed when std = 0,
@@ -199,11 +207,12 @@ def adaptive_update(stats: AdaptiveState, sq_norm: jax.Array, c: jax.Array,
 
 def find_momentum(base_state: Any) -> Any:
   """The momentum buffer (optax's `trace`) inside a base optimizer's state; ValueError if none."""
-  traces = [x.trace for x in jax.tree.leaves(base_state, is_leaf=_is_trace)
-            if _is_trace(x)]
+  traces = [x.trace for x in jax.tree.leaves(base_state, is_leaf=_is_trace) if _is_trace(x)]
   if len(traces) != 1:
-    raise ConfigError(f"sam variant='msam' needs a base optimizer with one momentum buffer (SGD "
-                      f"with momentum > 0); found {len(traces)}")
+    raise ConfigError(
+      f"sam variant='msam' needs a base optimizer with one momentum buffer (SGD "
+      f"with momentum > 0); found {len(traces)}"
+    )
   return traces[0]
 
 
@@ -211,8 +220,15 @@ def _is_trace(x) -> bool:
   return isinstance(x, optax.TraceState)
 
 
-def msam_point(params: Any, state: "SAMState", rho: float, *, eps: float = 1e-12,
-               start_step: int = 0, accum_steps: int = 1) -> Any:
+def msam_point(
+  params: Any,
+  state: "SAMState",
+  rho: float,
+  *,
+  eps: float = 1e-12,
+  start_step: int = 0,
+  accum_steps: int = 1,
+) -> Any:
   """Where Momentum-SAM takes its one gradient: w - rho * v / ||v||, v the momentum buffer.
 
   Becker et al. 2024 perturb along the negative momentum direction (v accumulates gradients, and
@@ -229,11 +245,7 @@ def msam_point(params: Any, state: "SAMState", rho: float, *, eps: float = 1e-12
 
 
 def gsam_rho_schedule(
-  lr_schedule: optax.Schedule | float,
-  lr_max: float,
-  lr_min: float,
-  rho_max: float,
-  rho_min: float,
+  lr_schedule: optax.Schedule | float, lr_max: float, lr_min: float, rho_max: float, rho_min: float
 ) -> optax.Schedule:
   """GSAM's rho that follows the learning rate (Zhuang et al. 2022, Sec. 5).
 
@@ -282,30 +294,50 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_schedule_args(variant: str, *, every, start_step, reuse_weight, adaptive_decay,
-                         adaptive_c, total_steps, accum_steps) -> None:
+def _check_schedule_args(
+  variant: str,
+  *,
+  every,
+  start_step,
+  reuse_weight,
+  adaptive_decay,
+  adaptive_c,
+  total_steps,
+  accum_steps,
+) -> None:
   """One-line errors for the cheaper-SAM arguments, and for an option the variant would ignore."""
-  for name, value, low in (("every", every, 1), ("start_step", start_step, 0),
-                           ("total_steps", total_steps, 0), ("accum_steps", accum_steps, 1)):
+  for name, value, low in (
+    ("every", every, 1),
+    ("start_step", start_step, 0),
+    ("total_steps", total_steps, 0),
+    ("accum_steps", accum_steps, 1),
+  ):
     if not _is_int(value) or value < low:
       raise ConfigError(f"sam {name}={value!r} is invalid; accepted: an integer >= {low}")
   if every > 1 and variant in ("aesam", "msam"):
-    raise ConfigError(f"sam every={every} is not used by variant={variant!r} (it decides its own "
-                      "steps); set every=1, or use variant 'sam'/'looksam'")
+    raise ConfigError(
+      f"sam every={every} is not used by variant={variant!r} (it decides its own "
+      "steps); set every=1, or use variant 'sam'/'looksam'"
+    )
   if reuse_weight != LOOKSAM_REUSE_WEIGHT:
     if variant != "looksam":
-      raise ConfigError(f"sam reuse_weight={reuse_weight!r} is only used by variant='looksam' "
-                        f"(got {variant!r}); leave it at {LOOKSAM_REUSE_WEIGHT}")
+      raise ConfigError(
+        f"sam reuse_weight={reuse_weight!r} is only used by variant='looksam' "
+        f"(got {variant!r}); leave it at {LOOKSAM_REUSE_WEIGHT}"
+      )
     _check_nonneg("reuse_weight", reuse_weight)
   adaptive_set = adaptive_decay != AESAM_DECAY or tuple(adaptive_c) != (AESAM_C_START, AESAM_C_END)
   if adaptive_set and variant != "aesam":
-    raise ConfigError(f"sam adaptive_decay/adaptive_c are only used by variant='aesam' (got "
-                      f"{variant!r}); leave them at {AESAM_DECAY}/{(AESAM_C_START, AESAM_C_END)}")
+    raise ConfigError(
+      f"sam adaptive_decay/adaptive_c are only used by variant='aesam' (got "
+      f"{variant!r}); leave them at {AESAM_DECAY}/{(AESAM_C_START, AESAM_C_END)}"
+    )
   if not (_is_real(adaptive_decay) and 0 <= adaptive_decay < 1):
     raise ConfigError(f"sam adaptive_decay={adaptive_decay!r} is invalid; accepted: 0 <= d < 1")
   if len(adaptive_c) != 2 or not all(_is_real(c) and not math.isnan(c) for c in adaptive_c):
-    raise ConfigError(f"sam adaptive_c={adaptive_c!r} is invalid; accepted: two floats "
-                      "(-inf and inf allowed)")
+    raise ConfigError(
+      f"sam adaptive_c={adaptive_c!r} is invalid; accepted: two floats (-inf and inf allowed)"
+    )
 
 
 def sam(
@@ -451,9 +483,16 @@ def sam(
     )
   if not isinstance(sync, bool):
     raise ConfigError(f"sam sync={sync!r} is invalid; accepted: True or False")
-  _check_schedule_args(variant, every=every, start_step=start_step, reuse_weight=reuse_weight,
-                       adaptive_decay=adaptive_decay, adaptive_c=adaptive_c,
-                       total_steps=total_steps, accum_steps=accum_steps)
+  _check_schedule_args(
+    variant,
+    every=every,
+    start_step=start_step,
+    reuse_weight=reuse_weight,
+    adaptive_decay=adaptive_decay,
+    adaptive_c=adaptive_c,
+    total_steps=total_steps,
+    accum_steps=accum_steps,
+  )
   names_ok = isinstance(axis_name, str) or (
     isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
   )
@@ -502,8 +541,9 @@ def sam(
 
   def finish(g_final, state, params, extra_args, **diagnostics):
     updates, base_state = base.update(g_final, state.base_state, params, **extra_args)
-    new_state = SAMState(count=optax.safe_int32_increment(state.count), base_state=base_state,
-                         **diagnostics)
+    new_state = SAMState(
+      count=optax.safe_int32_increment(state.count), base_state=base_state, **diagnostics
+    )
     return to_param_dtype(updates, params), new_state
 
   def take_ascent(opt_step, clean_norm, policy_state):
@@ -515,10 +555,14 @@ def sam(
       take = take & ((opt_step - start_step) % every == 0)
     if variant == "aesam":
       frac = jnp.clip(opt_step.astype(f32) / max(total_steps, 1), 0.0, 1.0)
-      c = jnp.where(frac >= 1, c_end, c_start + (c_end - c_start) * frac) if c_end != c_start \
-          else jnp.asarray(c_start, f32)
-      policy_state, adaptive_take = adaptive_update(policy_state, jnp.square(clean_norm), c,
-                                                    adaptive_decay)
+      c = (
+        jnp.where(frac >= 1, c_end, c_start + (c_end - c_start) * frac)
+        if c_end != c_start
+        else jnp.asarray(c_start, f32)
+      )
+      policy_state, adaptive_take = adaptive_update(
+        policy_state, jnp.square(clean_norm), c, adaptive_decay
+      )
       take = take & adaptive_take
     return take, policy_state
 
@@ -564,8 +608,15 @@ def sam(
       g_final = looksam_reuse(g_clean, policy_state.direction, reuse_weight, eps)
     return g_final, nan, nan, nan, policy_state
 
-  def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None,
-                ascent: bool | None = None, **extra_args):
+  def update_fn(
+    grads,
+    state,
+    params=None,
+    *,
+    grad_fn: GradFn | None = None,
+    ascent: bool | None = None,
+    **extra_args,
+  ):
     if params is None:
       raise TypeError("sam.update needs params (the weights to perturb)")
     g_clean = pmean(grads)
@@ -574,18 +625,38 @@ def sam(
 
     if static_zero:
       # Plain one-pass step: the base on the averaged clean gradient, nothing else in the graph.
-      return finish(g_clean, state, params, extra_args, rho=zero, clean_grad_norm=clean_norm,
-                    sam_grad_norm=clean_norm, cosine=one, perturbed_loss=nan, active=zero,
-                    policy_state=state.policy_state)
+      return finish(
+        g_clean,
+        state,
+        params,
+        extra_args,
+        rho=zero,
+        clean_grad_norm=clean_norm,
+        sam_grad_norm=clean_norm,
+        cosine=one,
+        perturbed_loss=nan,
+        active=zero,
+        policy_state=state.policy_state,
+      )
 
     opt_step = state.count // accum_steps
     rho_t = jnp.asarray(rho(opt_step) if callable(rho) else rho, f32)
     if variant == "msam":
       # The caller took `grads` at msam_point: one gradient, no second pass.
       active = one if not start_step else (opt_step >= start_step).astype(f32)
-      return finish(g_clean, state, params, extra_args, rho=rho_t * active,
-                    clean_grad_norm=clean_norm, sam_grad_norm=clean_norm, cosine=one,
-                    perturbed_loss=nan, active=active, policy_state=state.policy_state)
+      return finish(
+        g_clean,
+        state,
+        params,
+        extra_args,
+        rho=rho_t * active,
+        clean_grad_norm=clean_norm,
+        sam_grad_norm=clean_norm,
+        cosine=one,
+        perturbed_loss=nan,
+        active=active,
+        policy_state=state.policy_state,
+      )
     if grad_fn is None:
       raise TypeError("sam.update needs grad_fn=params -> (loss, grads) when rho is not a static 0")
 
@@ -600,10 +671,21 @@ def sam(
       g_final, sam_norm, cosine, loss_p, policy_state = skip_pass(g_clean, policy_state)
     else:
       g_final, sam_norm, cosine, loss_p, policy_state = jax.lax.cond(
-        take, sam_side, lambda ps: skip_pass(g_clean, ps), policy_state)
+        take, sam_side, lambda ps: skip_pass(g_clean, ps), policy_state
+      )
     active = jnp.asarray(float(take), f32) if isinstance(take, bool) else take.astype(f32)
-    return finish(g_final, state, params, extra_args, rho=rho_t, clean_grad_norm=clean_norm,
-                  sam_grad_norm=sam_norm, cosine=cosine, perturbed_loss=loss_p, active=active,
-                  policy_state=policy_state)
+    return finish(
+      g_final,
+      state,
+      params,
+      extra_args,
+      rho=rho_t,
+      clean_grad_norm=clean_norm,
+      sam_grad_norm=sam_norm,
+      cosine=cosine,
+      perturbed_loss=loss_p,
+      active=active,
+      policy_state=policy_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -37,8 +37,7 @@ def hvp(loss_fn: LossFn, params: Params, vector: Params, batch: Batch) -> Params
   return jax.jvp(grad_fn, (params,), (vector,))[1]
 
 
-def hessian_matvec(loss_fn: LossFn, params: Params, batches: Sequence[Batch]
-                   ) -> tuple[MatVec, int]:
+def hessian_matvec(loss_fn: LossFn, params: Params, batches: Sequence[Batch]) -> tuple[MatVec, int]:
   """The Hessian of sum_b loss_fn(params, b) as a function of flat vectors, and its dimension.
 
   Each batch's HVP is one compiled call (params replicated, batch as sharded as given); the sum
@@ -70,6 +69,7 @@ def hessian_matvec(loss_fn: LossFn, params: Params, batches: Sequence[Batch]
 
 class Eigen(NamedTuple):
   """Top eigenvalues (descending) with a convergence measure for each."""
+
   eigenvalues: np.ndarray
   residuals: np.ndarray  # Lanczos: |beta_m * s_last| = ||H y - theta y||; power: same, measured
   num_matvecs: int
@@ -100,8 +100,16 @@ def _lanczos_step(basis: jax.Array, j: jax.Array, q: jax.Array, w: jax.Array):
   return basis, alpha, beta, w / jnp.where(beta > 0, beta, 1.0)
 
 
-def lanczos(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: jax.Array,
-            dtype=jnp.float32, progress: bool = False) -> Eigen:
+def lanczos(
+  matvec: MatVec,
+  dim: int,
+  *,
+  num_iters: int,
+  k: int,
+  key: jax.Array,
+  dtype=jnp.float32,
+  progress: bool = False,
+) -> Eigen:
   """Top-k eigenvalues of a symmetric operator by `num_iters` Lanczos steps.
 
   Args:
@@ -138,7 +146,7 @@ def lanczos(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: jax.Array,
     betas.append(beta)
   m = len(alphas)
   tri = np.diag(np.asarray(alphas, np.float64))
-  off = np.asarray(betas[:m - 1], np.float64)
+  off = np.asarray(betas[: m - 1], np.float64)
   tri += np.diag(off, 1) + np.diag(off, -1)
   theta, s = np.linalg.eigh(tri)
   order = np.argsort(theta)[::-1][:k]
@@ -146,8 +154,17 @@ def lanczos(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: jax.Array,
   return Eigen(eigenvalues=theta[order], residuals=residuals, num_matvecs=m)
 
 
-def power_iteration(matvec: MatVec, dim: int, *, num_iters: int, k: int, key: jax.Array,
-                    dtype=jnp.float32, tol: float = 1e-6, progress: bool = False) -> Eigen:
+def power_iteration(
+  matvec: MatVec,
+  dim: int,
+  *,
+  num_iters: int,
+  k: int,
+  key: jax.Array,
+  dtype=jnp.float32,
+  tol: float = 1e-6,
+  progress: bool = False,
+) -> Eigen:
   """Top-k eigenvalues (largest magnitude) by power iteration with deflation, as PyHessian does.
 
   Each eigenvector is iterated orthogonal to the ones found before; iteration stops when the
@@ -208,13 +225,21 @@ def _rademacher(key: jax.Array, i: int, dim: int, dtype) -> jax.Array:
 
 class Trace(NamedTuple):
   """Hutchinson's estimate of tr(H) with the standard error of the mean over probes."""
+
   trace: float
   stderr: float
   samples: np.ndarray  # v_i^T H v_i per probe
 
 
-def hutchinson_trace(matvec: MatVec, dim: int, *, num_probes: int, key: jax.Array,
-                     dtype=jnp.float32, progress: bool = False) -> Trace:
+def hutchinson_trace(
+  matvec: MatVec,
+  dim: int,
+  *,
+  num_probes: int,
+  key: jax.Array,
+  dtype=jnp.float32,
+  progress: bool = False,
+) -> Trace:
   """tr(H) ~ mean_i v_i^T H v_i over Rademacher probes v_i (unbiased; Hutchinson 1989).
 
   Rademacher probes have the least variance among i.i.d. probes: Var(v^T H v) =
@@ -236,8 +261,9 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def ascent_sharpness(loss_fn: LossFn, params: Params, batch: Batch, *, rho: float,
-                     steps: int = 1) -> jax.Array:
+def ascent_sharpness(
+  loss_fn: LossFn, params: Params, batch: Batch, *, rho: float, steps: int = 1
+) -> jax.Array:
   """L(w + eps_s) - L(w) for one group of examples after s = 1..steps ascent steps (cumulative max).
 
   Step 1 is SAM's one-step solution eps = rho g / ||g|| of max_{||eps|| <= rho} L(w + eps) (Foret et
@@ -270,13 +296,21 @@ def ascent_sharpness(loss_fn: LossFn, params: Params, batch: Batch, *, rho: floa
 
 class Sharpness(NamedTuple):
   """m-sharpness per ascent-step count: mean over groups and its standard error."""
+
   values: np.ndarray  # [steps]
   stderr: np.ndarray  # [steps]
   num_groups: int
 
 
-def m_sharpness(loss_fn: LossFn, params: Params, group_batches: Iterable[tuple[Batch, Any]], *,
-                rho: float, steps: int = 1, progress: bool = False) -> Sharpness:
+def m_sharpness(
+  loss_fn: LossFn,
+  params: Params,
+  group_batches: Iterable[tuple[Batch, Any]],
+  *,
+  rho: float,
+  steps: int = 1,
+  progress: bool = False,
+) -> Sharpness:
   """The SAM paper's m-sharpness: the mean over disjoint groups of m examples of their sharpness.
 
   Args:
@@ -289,8 +323,9 @@ def m_sharpness(loss_fn: LossFn, params: Params, group_batches: Iterable[tuple[B
     steps: ascent steps; see `ascent_sharpness`.
     progress: a tqdm bar over batches.
   """
-  ascend = jax.vmap(lambda p, b: ascent_sharpness(loss_fn, p, b, rho=rho, steps=steps),
-                    in_axes=(None, 0))
+  ascend = jax.vmap(
+    lambda p, b: ascent_sharpness(loss_fn, p, b, rho=rho, steps=steps), in_axes=(None, 0)
+  )
 
   @jax.jit
   def moments(p, batch, weight):
@@ -298,17 +333,18 @@ def m_sharpness(loss_fn: LossFn, params: Params, group_batches: Iterable[tuple[B
     # the groups are sharded over devices of several processes.
     values = ascend(p, batch)
     w = jnp.asarray(weight, values.dtype)[:, None]
-    return jnp.sum(w), jnp.sum(w * values, 0), jnp.sum(w * values ** 2, 0)
+    return jnp.sum(w), jnp.sum(w * values, 0), jnp.sum(w * values**2, 0)
 
   count, total, squares = 0.0, 0.0, 0.0
-  for batch, weight in tqdm.tqdm(group_batches, desc="m-sharpness", disable=not progress,
-                                 leave=False):
+  for batch, weight in tqdm.tqdm(
+    group_batches, desc="m-sharpness", disable=not progress, leave=False
+  ):
     c, t, q = (np.asarray(x, np.float64) for x in jax.device_get(moments(params, batch, weight)))
     count, total, squares = count + c, total + t, squares + q
   n = round(float(count))
   mean = total / count
   if n > 1:
-    variance = np.maximum(squares - count * mean ** 2, 0.0) / (count - 1)
+    variance = np.maximum(squares - count * mean**2, 0.0) / (count - 1)
     stderr = np.sqrt(variance / count)
   else:
     stderr = np.full_like(mean, np.nan)
@@ -319,8 +355,9 @@ def m_sharpness(loss_fn: LossFn, params: Params, group_batches: Iterable[tuple[B
 
 
 @functools.partial(jax.jit, static_argnames="ignore_1d")
-def filter_normalized_direction(key: jax.Array, params: Params, *,
-                                ignore_1d: bool = True) -> Params:
+def filter_normalized_direction(
+  key: jax.Array, params: Params, *, ignore_1d: bool = True
+) -> Params:
   """A Gaussian direction rescaled filter-wise to the weights' filter norms (Li et al. 2018).
 
   A filter is a slice along the last axis (Flax conv kernels are HWIO, dense kernels IO), so each
@@ -347,14 +384,22 @@ def filter_normalized_direction(key: jax.Array, params: Params, *,
 @jax.jit
 def _shift(params: Params, directions: tuple, coords: jax.Array) -> Params:
   """params + sum_i coords[i] * directions[i]."""
+
   def leaf(w, *ds):
     return w + sum(c * d for c, d in zip(coords, ds)).astype(w.dtype)
+
   return jax.tree.map(leaf, params, *directions)
 
 
-def landscape(eval_fn: Callable[[Params], dict[str, float]], params: Params,
-              directions: Sequence[Params], axes: Sequence[np.ndarray], *,
-              progress: bool = False, desc: str = "landscape") -> dict[str, np.ndarray]:
+def landscape(
+  eval_fn: Callable[[Params], dict[str, float]],
+  params: Params,
+  directions: Sequence[Params],
+  axes: Sequence[np.ndarray],
+  *,
+  progress: bool = False,
+  desc: str = "landscape",
+) -> dict[str, np.ndarray]:
   """eval_fn(params + sum_i a_i d_i) on the grid axes[0] x axes[1] x ... (1-D or 2-D plots).
 
   Args:

@@ -25,14 +25,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense (no sparsity) peak TFLOP/s per device from NVIDIA's data sheets: (bf16, tf32).
 # Most specific name first: device_kind is e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe'.
 PEAK_TFLOPS = (
-    ("H100 PCIe", (756.0, 378.0)),
-    ("H100 NVL", (835.0, 418.0)),
-    ("GH200", (989.0, 494.0)),
-    ("H200", (989.0, 494.0)),
-    ("H100", (989.0, 494.0)),  # SXM
-    ("A100", (312.0, 156.0)),
-    ("L40S", (362.0, 183.0)),
-    ("L4", (121.0, 60.0)),
+  ("H100 PCIe", (756.0, 378.0)),
+  ("H100 NVL", (835.0, 418.0)),
+  ("GH200", (989.0, 494.0)),
+  ("H200", (989.0, 494.0)),
+  ("H100", (989.0, 494.0)),  # SXM
+  ("A100", (312.0, 156.0)),
+  ("L40S", (362.0, 183.0)),
+  ("L4", (121.0, 60.0)),
 )
 
 
@@ -50,18 +50,27 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
-def step_config(config: ml_collections.ConfigDict, per_device_batch: int, image_size: int,
-                steps_per_epoch: int) -> steps.StepConfig:
+def step_config(
+  config: ml_collections.ConfigDict, per_device_batch: int, image_size: int, steps_per_epoch: int
+) -> steps.StepConfig:
   """The StepConfig the loop derives from `config` (ImageNet normalisation: the same cost)."""
   return steps.StepConfig(
-      image_size=image_size, mean=steps.IMAGENET_MEAN, std=steps.IMAGENET_STD,
-      dtype=compute_dtype(config.dtype), label_smoothing=config.label_smoothing,
-      **optim.step_sam_settings(config, per_device_batch, steps_per_epoch))
+    image_size=image_size,
+    mean=steps.IMAGENET_MEAN,
+    std=steps.IMAGENET_STD,
+    dtype=compute_dtype(config.dtype),
+    label_smoothing=config.label_smoothing,
+    **optim.step_sam_settings(config, per_device_batch, steps_per_epoch),
+  )
 
 
-def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
-               steps_per_epoch: int = 1000,
-               ascent: bool | None = None) -> tuple[Any, Any, Any, steps.StepConfig]:
+def build_step(
+  config: ml_collections.ConfigDict,
+  mesh,
+  num_classes: int,
+  steps_per_epoch: int = 1000,
+  ascent: bool | None = None,
+) -> tuple[Any, Any, Any, steps.StepConfig]:
   """(jitted train step, model, optimizer, StepConfig) as the loop builds them from `config`.
 
   `config.model.image_size` must be set (there is no dataset to take the native size from).
@@ -74,8 +83,9 @@ def build_step(config: ml_collections.ConfigDict, mesh, num_classes: int,
   parallel.per_process_batch_size(config.batch_size, mesh)  # the loop's error if it won't divide
   per_device = config.batch_size // mesh.devices.size
   cfg = step_config(config, per_device, size, steps_per_epoch)
-  tx, lr = optim.make_optimizer(config, steps_per_epoch,
-                                axis_name=optim.sam_axis_name(cfg, per_device))
+  tx, lr = optim.make_optimizer(
+    config, steps_per_epoch, axis_name=optim.sam_axis_name(cfg, per_device)
+  )
   model = models.create_model(config.model, num_classes=num_classes, dtype=cfg.dtype)
   extra = {} if ascent is None else {"ascent": ascent}
   step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg, **extra)
@@ -92,11 +102,16 @@ def init_state(model, tx, image_size: int, dtype, seed: int = 0) -> steps.TrainS
   """A fresh train state on the host (random init; the loop's own adds pretrained weights)."""
   init_rng, dropout_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
   dummy = jnp.zeros((1, image_size, image_size, 3), dtype)
-  variables = jax.jit(lambda r, d: model.init({"params": r, "dropout": d}, dummy,
-                                              train=False))(init_rng, dropout_rng)
-  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(variables["params"]), rng=step_rng)
+  variables = jax.jit(lambda r, d: model.init({"params": r, "dropout": d}, dummy, train=False))(
+    init_rng, dropout_rng
+  )
+  return steps.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(variables["params"]),
+    rng=step_rng,
+  )
 
 
 def abstract_state(model, tx, image_size: int, dtype, mesh) -> steps.TrainState:
@@ -106,13 +121,18 @@ def abstract_state(model, tx, image_size: int, dtype, mesh) -> steps.TrainState:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
-def synthetic_batch(batch_size: int, image_size: int, num_classes: int, mesh,
-                    seed: int = 0) -> dict[str, jax.Array]:
+def synthetic_batch(
+  batch_size: int, image_size: int, num_classes: int, mesh, seed: int = 0
+) -> dict[str, jax.Array]:
   """Random uint8 images and int32 labels, sharded over the data axis as the loop's batches."""
   rng = np.random.default_rng(seed)
   return parallel.shard_batch(
-      {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
-       "label": rng.integers(0, num_classes, (batch_size,)).astype(np.int32)}, mesh)
+    {
+      "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
+      "label": rng.integers(0, num_classes, (batch_size,)).astype(np.int32),
+    },
+    mesh,
+  )
 
 
 def flops(compiled) -> float:
@@ -130,9 +150,13 @@ def memory(compiled) -> dict[str, int]:
   `peak_memory_in_bytes` is kept as `xla_peak`; on CPU it is smaller than the arguments alone.
   """
   stats = compiled.memory_analysis()
-  out = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
-         "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes),
-         "xla_peak": int(getattr(stats, "peak_memory_in_bytes", 0))}
+  out = {
+    "argument": int(stats.argument_size_in_bytes),
+    "output": int(stats.output_size_in_bytes),
+    "alias": int(stats.alias_size_in_bytes),
+    "temp": int(stats.temp_size_in_bytes),
+    "xla_peak": int(getattr(stats, "peak_memory_in_bytes", 0)),
+  }
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
 

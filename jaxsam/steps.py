@@ -34,6 +34,7 @@ CAFFE_STD = (1 / 255,) * 3
 @flax.struct.dataclass
 class TrainState:
   """Everything a step reads and writes; replicated over devices, saved whole in checkpoints."""
+
   step: jax.Array  # int32 scalar: train steps taken
   params: Any
   batch_stats: Any  # BN running statistics (empty for models without BN)
@@ -44,6 +45,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """The static settings a compiled step closes over (hashable, read once from the config)."""
+
   image_size: int  # resolution the model sees; uint8 batches arrive at native size
   mean: tuple[float, float, float]  # per-channel, 0-1 scale, in the model's channel order
   std: tuple[float, float, float]
@@ -60,8 +62,9 @@ def sam_group_size(m: int, per_device_batch: int) -> int:
   """Examples per SAM ascent group: `sam.m`, or the per-device batch when m = 0."""
   if m < 0 or (m and per_device_batch % m):
     raise errors.ConfigError(
-        f"sam.m={m} must be 0 (the per-device batch) or divide the per-device batch "
-        f"{per_device_batch}")
+      f"sam.m={m} must be 0 (the per-device batch) or divide the per-device batch "
+      f"{per_device_batch}"
+    )
   return m or per_device_batch
 
 
@@ -80,17 +83,35 @@ def preprocess(images: jax.Array, cfg: StepConfig) -> jax.Array:
   return x.astype(cfg.dtype)
 
 
-def _loss_fn(params, batch_stats, images, labels, dropout_key, *, model: nn.Module,
-             cfg: StepConfig):
+def _loss_fn(
+  params, batch_stats, images, labels, dropout_key, *, model: nn.Module, cfg: StepConfig
+):
   """Mean cross-entropy of one forward pass in train mode; aux = (logits, new BN statistics)."""
-  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                 train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+  logits, new_vars = model.apply(
+    {"params": params, "batch_stats": batch_stats},
+    images,
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": dropout_key},
+  )
   loss = jnp.mean(losses.cross_entropy(logits, labels, cfg.label_smoothing))
   return loss, (logits, new_vars.get("batch_stats", {}))
 
 
-def _group_update(state: TrainState, opt_state, images, labels, dropout_key, *, model, tx, cfg,
-                  axis_names, perturbed: list, ascent: bool | None):
+def _group_update(
+  state: TrainState,
+  opt_state,
+  images,
+  labels,
+  dropout_key,
+  *,
+  model,
+  tx,
+  cfg,
+  axis_names,
+  perturbed: list,
+  ascent: bool | None,
+):
   """One `tx.update` from one ascent group: clean pass, SAM's perturbed pass (if taken), updates.
 
   Returns (updates, new BN statistics, optimizer state, metrics); the weights are not applied, so
@@ -101,8 +122,13 @@ def _group_update(state: TrainState, opt_state, images, labels, dropout_key, *, 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   at = state.params
   if cfg.msam_rho:  # MSAM's one pass, at the weights moved against the momentum
-    at = sam_lib.msam_point(state.params, opt_state, cfg.msam_rho,
-                            start_step=cfg.msam_start_step, accum_steps=cfg.accum_steps)
+    at = sam_lib.msam_point(
+      state.params,
+      opt_state,
+      cfg.msam_rho,
+      start_step=cfg.msam_start_step,
+      accum_steps=cfg.accum_steps,
+    )
   (loss, (logits, new_stats)), grads = grad_fn(at, state.batch_stats, images, labels, dropout_key)
 
   def perturbed_grad(params):
@@ -112,11 +138,11 @@ def _group_update(state: TrainState, opt_state, images, labels, dropout_key, *, 
     (p_loss, _), p_grads = grad_fn(params, state.batch_stats, images, labels, dropout_key)
     return p_loss, p_grads
 
-  updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=perturbed_grad,
-                                 ascent=ascent)
+  updates, opt_state = tx.update(
+    grads, opt_state, state.params, grad_fn=perturbed_grad, ascent=ascent
+  )
   batch_stats = jax.lax.pmean(new_stats, axis_names)
-  metrics = {"train/loss": loss,
-             "train/accuracy": jnp.mean(losses.correct_top1(logits, labels))}
+  metrics = {"train/loss": loss, "train/accuracy": jnp.mean(losses.correct_top1(logits, labels))}
   metrics = jax.lax.pmean(metrics, axis_names)
   # Already the same on every device and group; a host-scheduled base step logs them too (NaN
   # where there was no ascent), so that both programs return the same metrics.
@@ -139,8 +165,9 @@ def _device_update(state: TrainState, opt_state, images, labels, key, *, cfg, **
   split = lambda x: x.reshape((num_groups, group) + x.shape[1:])
   keys = jax.random.split(key, num_groups)
   vmapped = jax.vmap(
-      lambda im, lb, k: update(state, opt_state, im, lb, k, axis_names=(DATA_AXIS, GROUP_AXIS)),
-      axis_name=GROUP_AXIS)
+    lambda im, lb, k: update(state, opt_state, im, lb, k, axis_names=(DATA_AXIS, GROUP_AXIS)),
+    axis_name=GROUP_AXIS,
+  )
   outs = vmapped(split(images), split(labels), keys)
   return jax.tree.map(lambda x: x[0], outs)
 
@@ -158,8 +185,9 @@ def _accumulated_update(state: TrainState, images, labels, key, *, cfg, **kwargs
     return update(state, state.opt_state, images, labels, key)
   micro = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])
   xs = (micro(images), micro(labels), jax.random.split(key, n))
-  shapes = jax.eval_shape(lambda im, lb, k: update(state, state.opt_state, im, lb, k),
-                          *jax.tree.map(lambda x: x[0], xs))
+  shapes = jax.eval_shape(
+    lambda im, lb, k: update(state, state.opt_state, im, lb, k), *jax.tree.map(lambda x: x[0], xs)
+  )
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
 
   def body(carry, x):
@@ -169,15 +197,22 @@ def _accumulated_update(state: TrainState, images, labels, key, *, cfg, **kwargs
     return (opt_state, (updates, *sums)), None
 
   (opt_state, (updates, stats_sum, metrics_sum)), _ = jax.lax.scan(
-      body, (state.opt_state, zeros), xs)
+    body, (state.opt_state, zeros), xs
+  )
   mean = lambda tree: jax.tree.map(lambda x: x / n, tree)
   return updates, mean(stats_sum), opt_state, mean(metrics_sum)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformationExtraArgs, lr_schedule: optax.Schedule,
-               cfg: StepConfig, ascent: bool | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformationExtraArgs,
+  lr_schedule: optax.Schedule,
+  cfg: StepConfig,
+  ascent: bool | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step (SAM, a cheaper variant, or plain when rho = 0) on this device's slice.
 
   `ascent`: a host-side choice for the count-based SAM schedules (see jaxsam.sam.sam); None lets
@@ -190,13 +225,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
   perturbed = []
   updates, batch_stats, opt_state, metrics = _accumulated_update(
-      state, images, labels, key, model=model, tx=tx, cfg=cfg, perturbed=perturbed, ascent=ascent)
+    state, images, labels, key, model=model, tx=tx, cfg=cfg, perturbed=perturbed, ascent=ascent
+  )
   if perturbed or ascent is not None:
     metrics["sam/gap"] = metrics["sam/perturbed_loss"] - metrics["train/loss"]
   metrics["lr"] = lr_schedule(state.step)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
   return new_state, metrics
 
 
@@ -206,21 +243,23 @@ def sam_metrics(opt_state) -> dict[str, jax.Array]:
   On a step that skipped the ascent, the perturbed loss, SAM gradient norm and cosine are NaN.
   """
   return {
-      "sam/active": opt_state.active,
-      "sam/rho": opt_state.rho,
-      "sam/perturbed_loss": opt_state.perturbed_loss,
-      "sam/clean_grad_norm": opt_state.clean_grad_norm,
-      "sam/grad_norm": opt_state.sam_grad_norm,
-      "sam/cosine": opt_state.cosine,
+    "sam/active": opt_state.active,
+    "sam/rho": opt_state.rho,
+    "sam/perturbed_loss": opt_state.perturbed_loss,
+    "sam/clean_grad_norm": opt_state.clean_grad_norm,
+    "sam/grad_norm": opt_state.sam_grad_norm,
+    "sam/cosine": opt_state.cosine,
   }
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              cfg: StepConfig) -> dict[str, jax.Array]:
+def eval_step(
+  state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, cfg: StepConfig
+) -> dict[str, jax.Array]:
   """Masked sums (loss, top-1, top-5, per class) over the global batch; BN in inference mode."""
   images = preprocess(batch["image"], cfg)
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                       train=False)
+  logits = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+  )
   sums = losses.eval_sums(logits, batch["label"], batch["mask"])
   return jax.lax.psum(sums, DATA_AXIS)
 
@@ -228,8 +267,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
 def compile_train_step(mesh: Mesh, **kwargs):
   """jit(shard_map(train_step)): state replicated, batch sharded over the data axis, donated."""
   fn = functools.partial(train_step, **kwargs)
-  sharded = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
-                          out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+  sharded = jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+    out_specs=(PartitionSpec(), PartitionSpec()),
+    check_vma=False,
+  )
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -247,6 +291,11 @@ def compile_scheduled_train_step(mesh: Mesh, schedule: Callable[[int], bool] | N
 def compile_eval_step(mesh: Mesh, **kwargs):
   """jit(shard_map(eval_step)) returning replicated sums."""
   fn = functools.partial(eval_step, **kwargs)
-  sharded = jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
-                          out_specs=PartitionSpec(), check_vma=False)
+  sharded = jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+    out_specs=PartitionSpec(),
+    check_vma=False,
+  )
   return jax.jit(sharded)

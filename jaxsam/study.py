@@ -25,6 +25,7 @@ from jaxsam import workdir as workdir_lib
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One optimizer setting of the grid: a config file, an epoch multiplier and sam.* overrides."""
+
   config_file: str
   epoch_factor: int = 1
   overrides: tuple[tuple[str, int | float | str], ...] = ()
@@ -35,12 +36,14 @@ SGD, SAM = "configs/cifar10_sgd.py", "configs/cifar10_sam.py"
 # methods' published defaults (k = 5, the last 20 %, AE-SAM's c from -1 to 1); MSAM takes rho 0.3,
 # the default of its authors' reference optimizer, since its radius is measured along the momentum.
 ARMS = {
-    "sgd": Arm(SGD), "sgd2x": Arm(SGD, 2), "sam": Arm(SAM),
-    "sam5": Arm(SAM, overrides=(("sam.every", 5),)),
-    "looksam5": Arm(SAM, overrides=(("sam.variant", "looksam"), ("sam.every", 5))),
-    "late20": Arm(SAM, overrides=(("sam.start_fraction", 0.8),)),
-    "aesam": Arm(SAM, overrides=(("sam.variant", "aesam"),)),
-    "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
+  "sgd": Arm(SGD),
+  "sgd2x": Arm(SGD, 2),
+  "sam": Arm(SAM),
+  "sam5": Arm(SAM, overrides=(("sam.every", 5),)),
+  "looksam5": Arm(SAM, overrides=(("sam.variant", "looksam"), ("sam.every", 5))),
+  "late20": Arm(SAM, overrides=(("sam.start_fraction", 0.8),)),
+  "aesam": Arm(SAM, overrides=(("sam.variant", "aesam"),)),
+  "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
 }
 DEFAULT_ARMS = ("sgd", "sgd2x", "sam")
 CHEAP_ARMS = ("sam5", "looksam5", "late20", "aesam", "msam")
@@ -50,6 +53,7 @@ LABEL_NOISE = (0.0, 0.4)
 @dataclasses.dataclass(frozen=True)
 class Size:
   """What one study size changes in the configs; `why` is printed with the plan."""
+
   epochs: int
   seeds: tuple[int, ...]
   overrides: dict[str, int | float | str]  # typed as the config keys, so they apply directly
@@ -57,26 +61,39 @@ class Size:
 
 
 SIZES = {
-    # 2-core CPU, <= 60 min: XLA's CPU convolutions run ResNet-8 at 16 px at ~900 images/s for
-    # SGD and ~450 for SAM (with the input pipeline on the same 2 cores), and a launch costs ~30 s
-    # of start-up, so 18 runs of 1,500 images x 40 epochs (80 for the 2x arm) take about an hour.
-    # The regime SAM is meant for, a model that can overfit: 150 images per class, flips but no
-    # random crops, so that SGD fits the clean train labels and has epochs left to start
-    # memorising the noisy ones. (With crop + flip on 2,000 images it still underfitted at 40
-    # epochs: 64 % train accuracy on clean labels.) All 10,000 test images are scored (about 0.5 %
-    # standard error per run), every 10 epochs.
-    "cpu": Size(epochs=40, seeds=(0, 1, 2), overrides={
-        "model.name": "resnet8", "model.image_size": 16,
-        "dtype": "float32", "dataset.train_examples": 1500, "augment.crop_padding": 0,
-        "batch_size": 128, "eval_batch_size": 1000, "eval_every_epochs": 10,
-        "checkpoint_every_epochs": 10, "log_every_steps": 11},
-        why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, "
-            "batch 128"),
-    # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
-    # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
-    "gpu": Size(epochs=30, seeds=(0, 1, 2), overrides={
-        "eval_every_epochs": 5, "checkpoint_every_epochs": 10},
-        why="ResNet-18 (CIFAR stem) at 32 px, bf16, all 50,000 images, 30 epochs, batch 256"),
+  # 2-core CPU, <= 60 min: XLA's CPU convolutions run ResNet-8 at 16 px at ~900 images/s for
+  # SGD and ~450 for SAM (with the input pipeline on the same 2 cores), and a launch costs ~30 s
+  # of start-up, so 18 runs of 1,500 images x 40 epochs (80 for the 2x arm) take about an hour.
+  # The regime SAM is meant for, a model that can overfit: 150 images per class, flips but no
+  # random crops, so that SGD fits the clean train labels and has epochs left to start
+  # memorising the noisy ones. (With crop + flip on 2,000 images it still underfitted at 40
+  # epochs: 64 % train accuracy on clean labels.) All 10,000 test images are scored (about 0.5 %
+  # standard error per run), every 10 epochs.
+  "cpu": Size(
+    epochs=40,
+    seeds=(0, 1, 2),
+    overrides={
+      "model.name": "resnet8",
+      "model.image_size": 16,
+      "dtype": "float32",
+      "dataset.train_examples": 1500,
+      "augment.crop_padding": 0,
+      "batch_size": 128,
+      "eval_batch_size": 1000,
+      "eval_every_epochs": 10,
+      "checkpoint_every_epochs": 10,
+      "log_every_steps": 11,
+    },
+    why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, batch 128",
+  ),
+  # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
+  # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
+  "gpu": Size(
+    epochs=30,
+    seeds=(0, 1, 2),
+    overrides={"eval_every_epochs": 5, "checkpoint_every_epochs": 10},
+    why="ResNet-18 (CIFAR stem) at 32 px, bf16, all 50,000 images, 30 epochs, batch 256",
+  ),
 }
 
 
@@ -93,14 +110,21 @@ def repo_root() -> str:
   """The checkout holding launch.py and configs/ (the study runs them as files)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if not os.path.isfile(os.path.join(root, "launch.py")):
-    raise errors.ConfigError(f"launch.py not found in {root}; run the study from a jaxsam "
-                             "checkout (pip install -e .)")
+    raise errors.ConfigError(
+      f"launch.py not found in {root}; run the study from a jaxsam checkout (pip install -e .)"
+    )
   return root
 
 
-def plan(size: Size, data: str, out: str, seeds: Sequence[int],
-         noises: Sequence[float] = LABEL_NOISE, num_train: int = 50_000,
-         arms: Sequence[str] = DEFAULT_ARMS) -> list[Run]:
+def plan(
+  size: Size,
+  data: str,
+  out: str,
+  seeds: Sequence[int],
+  noises: Sequence[float] = LABEL_NOISE,
+  num_train: int = 50_000,
+  arms: Sequence[str] = DEFAULT_ARMS,
+) -> list[Run]:
   """Every run of the grid, in the order they run: by seed, then noise, then arm."""
   runs = []
   examples = size.overrides.get("dataset.train_examples", 0) or num_train
@@ -109,20 +133,37 @@ def plan(size: Size, data: str, out: str, seeds: Sequence[int],
       for name in arms:
         arm = ARMS[name]
         factor = arm.epoch_factor
-        overrides = {**size.overrides, "num_epochs": size.epochs * factor,
-                     "seed": seed, "dataset.label_noise": noise,
-                     "dataset.source": "image_folder", "dataset.path": data,
-                     "wandb.mode": "disabled", "progress_bar": "False", **dict(arm.overrides)}
+        overrides = {
+          **size.overrides,
+          "num_epochs": size.epochs * factor,
+          "seed": seed,
+          "dataset.label_noise": noise,
+          "dataset.source": "image_folder",
+          "dataset.path": data,
+          "wandb.mode": "disabled",
+          "progress_bar": "False",
+          **dict(arm.overrides),
+        }
         if factor > 1:  # the same number of curve points as the 1x arms
           for key in ("eval_every_epochs", "checkpoint_every_epochs"):
             if key in overrides:
               overrides[key] *= factor
         workdir = os.path.join(out, f"{name}-noise{noise:g}-seed{seed}")
-        argv = ("launch.py", f"--config={arm.config_file}", f"--workdir={workdir}",
-                *(f"--config.{k}={v}" for k, v in overrides.items()))
-        runs.append(Run(os.path.basename(workdir), workdir, argv,
-                        images=examples * size.epochs * factor,
-                        passes=2 if arm.config_file == SAM else 1))
+        argv = (
+          "launch.py",
+          f"--config={arm.config_file}",
+          f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in overrides.items()),
+        )
+        runs.append(
+          Run(
+            os.path.basename(workdir),
+            workdir,
+            argv,
+            images=examples * size.epochs * factor,
+            passes=2 if arm.config_file == SAM else 1,
+          )
+        )
   return runs
 
 
@@ -144,15 +185,19 @@ def execute(runs: Sequence[Run], out: str, root: str) -> None:
     start = time.time()
     log = os.path.join(out, "logs", f"{run.name}.log")
     with open(log, "a") as f:
-      code = subprocess.call([sys.executable, *run.argv], cwd=root, env=env, stdout=f,
-                             stderr=subprocess.STDOUT)
+      code = subprocess.call(
+        [sys.executable, *run.argv], cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT
+      )
     if code != 0:
-      raise errors.ConfigError(f"run {run.name} exited with {code}; see {log} (rerun the same "
-                               "command to resume)")
+      raise errors.ConfigError(
+        f"run {run.name} exited with {code}; see {log} (rerun the same command to resume)"
+      )
     summary = workdir_lib.read_summary(run.workdir)
-    print(f"[{i}/{len(runs)}] {run.name}: final test accuracy "
-          f"{100 * summary['final_test_accuracy']:.2f}% in {time.time() - start:.0f} s",
-          flush=True)
+    print(
+      f"[{i}/{len(runs)}] {run.name}: final test accuracy "
+      f"{100 * summary['final_test_accuracy']:.2f}% in {time.time() - start:.0f} s",
+      flush=True,
+    )
 
 
 def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | None) -> str:
@@ -162,8 +207,16 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
   lines = [f"# SGD vs SAM: {len(loaded)} runs", "", f"`{command}`", ""]
   if wall_s is not None:
     lines += [f"Wall time of this invocation: {wall_s / 60:.1f} min.", ""]
-  lines += ["Test accuracy (%), mean ± std over seeds:", "", report.seed_table(loaded), "",
-            report.markdown(loaded), "", f"![curves]({os.path.basename(curves)})", ""]
+  lines += [
+    "Test accuracy (%), mean ± std over seeds:",
+    "",
+    report.seed_table(loaded),
+    "",
+    report.markdown(loaded),
+    "",
+    f"![curves]({os.path.basename(curves)})",
+    "",
+  ]
   path = os.path.join(out, "study.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
@@ -184,7 +237,8 @@ def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   for name, module in (("sgd", cifar10_sgd), ("sam", cifar10_sam)):
     config = module.get_config()
     config.update_from_flattened_dict(
-        {k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))})
+      {k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))}
+    )
     config.batch_size = batch_size
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
     state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
@@ -193,8 +247,9 @@ def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   return out
 
 
-def estimate_seconds(runs: Sequence[Run], gflops: dict[str, float], peak_tflops: float,
-                     mfu: float) -> float:
+def estimate_seconds(
+  runs: Sequence[Run], gflops: dict[str, float], peak_tflops: float, mfu: float
+) -> float:
   """Seconds of training compute for the grid at `mfu` of `peak_tflops` (no eval, no compile)."""
   total = sum(r.images * gflops["sam" if r.passes == 2 else "sgd"] for r in runs) * 1e9
   return total / (peak_tflops * 1e12 * mfu)
@@ -206,8 +261,9 @@ def parse_arms(text: str) -> list[str]:
   names = [n for a in names for n in ((*DEFAULT_ARMS, *CHEAP_ARMS) if a == "cheap" else (a,))]
   unknown = [a for a in names if a not in ARMS]
   if unknown or not names:
-    raise errors.ConfigError(f"--arms={text!r} names unknown arms {unknown}; known: "
-                             f"{', '.join(ARMS)}, or 'cheap'")
+    raise errors.ConfigError(
+      f"--arms={text!r} names unknown arms {unknown}; known: {', '.join(ARMS)}, or 'cheap'"
+    )
   return list(dict.fromkeys(names))
 
 
@@ -222,23 +278,39 @@ def parse_floats(flag: str, text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxsam.study", description=__doc__.split(
-      "\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m jaxsam.study", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("--size", choices=sorted(SIZES), required=True)
-  parser.add_argument("--data", required=True,
-                      help="CIFAR-10 as an image folder or archive (<split>/<class>/<image>)")
+  parser.add_argument(
+    "--data", required=True, help="CIFAR-10 as an image folder or archive (<split>/<class>/<image>)"
+  )
   parser.add_argument("--out", required=True, help="folder for the runs, study.md and curves")
   parser.add_argument("--seeds", default="", help="comma-separated (default: the size's)")
-  parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                      help=f"comma-separated, of {', '.join(ARMS)}; 'cheap' adds "
-                           f"{', '.join(CHEAP_ARMS)} to the default three")
-  parser.add_argument("--noise", default="", help="comma-separated label-noise fractions "
-                      f"(default: {','.join(f'{n:g}' for n in LABEL_NOISE)})")
+  parser.add_argument(
+    "--arms",
+    default=",".join(DEFAULT_ARMS),
+    help=f"comma-separated, of {', '.join(ARMS)}; 'cheap' adds "
+    f"{', '.join(CHEAP_ARMS)} to the default three",
+  )
+  parser.add_argument(
+    "--noise",
+    default="",
+    help="comma-separated label-noise fractions "
+    f"(default: {','.join(f'{n:g}' for n in LABEL_NOISE)})",
+  )
   parser.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
-  parser.add_argument("--estimate", action="store_true",
-                      help="print the grid's FLOP-based GPU time (compiles, runs nothing)")
-  parser.add_argument("--peak_tflops", type=float, default=989.0,
-                      help="--estimate: the GPU's dense bf16 peak (H100 SXM: 989)")
+  parser.add_argument(
+    "--estimate",
+    action="store_true",
+    help="print the grid's FLOP-based GPU time (compiles, runs nothing)",
+  )
+  parser.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=989.0,
+    help="--estimate: the GPU's dense bf16 peak (H100 SXM: 989)",
+  )
   parser.add_argument("--mfu", type=float, default=0.25, help="--estimate: assumed MFU")
   args = parser.parse_args(argv)
   try:
@@ -252,18 +324,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = repo_root()
     data = os.path.abspath(os.path.expanduser(args.data))
     if not os.path.exists(data):
-      raise errors.ConfigError(f"--data={args.data} does not exist; give CIFAR-10 as an image "
-                               "folder or .tar.gz laid out as <split>/<class>/<image>")
+      raise errors.ConfigError(
+        f"--data={args.data} does not exist; give CIFAR-10 as an image "
+        "folder or .tar.gz laid out as <split>/<class>/<image>"
+      )
     out = os.path.abspath(args.out)
     runs = plan(size, data, out, seeds, noises=noises, arms=arms)
-    print(f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
-          f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})", flush=True)
+    print(
+      f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
+      f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",
+      flush=True,
+    )
     if args.estimate:
       gflops = step_gflops_per_image(size, root)
       seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
-      print(f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "
-            f"grid's training compute at {100 * args.mfu:.0f}% MFU of {args.peak_tflops:g} "
-            f"TFLOP/s: {seconds / 60:.1f} min (+ eval, start-up, compiles)", flush=True)
+      print(
+        f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "
+        f"grid's training compute at {100 * args.mfu:.0f}% MFU of {args.peak_tflops:g} "
+        f"TFLOP/s: {seconds / 60:.1f} min (+ eval, start-up, compiles)",
+        flush=True,
+      )
     if args.dry_run or args.estimate:
       for run in runs:
         print(" ".join(run.argv))

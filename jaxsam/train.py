@@ -30,6 +30,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a config resolves to once the data is known (shared by train, eval and analysis)."""
+
   data: streaming.Data  # in memory (sources.DatasetArrays) or streamed (streaming.Stream)
   model: Any  # flax module
   step_config: steps.StepConfig
@@ -57,7 +58,8 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
   mode = config.model.normalization
   if mode not in NORMALIZATIONS:
     raise errors.ConfigError(
-        f"model.normalization={mode!r} is unknown; known: {', '.join(NORMALIZATIONS)}")
+      f"model.normalization={mode!r} is unknown; known: {', '.join(NORMALIZATIONS)}"
+    )
   if mode == "auto" and config.model.pretrained:
     mode = models.pretrained.input_normalization(config.model.pretrained, config.model)
   if mode == "imagenet":
@@ -67,8 +69,9 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
   return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
 
 
-def build_setup(config: ml_collections.ConfigDict, mesh=None,
-                data: sources.DatasetArrays | None = None) -> Setup:
+def build_setup(
+  config: ml_collections.ConfigDict, mesh=None, data: sources.DatasetArrays | None = None
+) -> Setup:
   """Loads the data and resolves model, step settings and step counts from the config."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.per_process_batch_size(config.batch_size, mesh)
@@ -83,15 +86,25 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None,
   per_device = config.batch_size // mesh.devices.size
   spe = streaming.train_steps_per_epoch(data, config.batch_size, jax.process_count())
   step_config = steps.StepConfig(
-      image_size=image_size, **normalization(config, data), dtype=compute_dtype(config),
-      label_smoothing=config.label_smoothing,
-      **optim.step_sam_settings(config, per_device, spe))
+    image_size=image_size,
+    **normalization(config, data),
+    dtype=compute_dtype(config),
+    label_smoothing=config.label_smoothing,
+    **optim.step_sam_settings(config, per_device, spe),
+  )
   model = models.create_model(config.model, num_classes=num_classes, dtype=step_config.dtype)
   total = int(config.num_epochs * spe)
   if config.max_steps:
     total = min(total, config.max_steps)
-  return Setup(data=data, model=model, step_config=step_config, num_classes=num_classes,
-               mesh=mesh, steps_per_epoch=spe, total_steps=total)
+  return Setup(
+    data=data,
+    model=model,
+    step_config=step_config,
+    num_classes=num_classes,
+    mesh=mesh,
+    steps_per_epoch=spe,
+    total_steps=total,
+  )
 
 
 def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
@@ -100,14 +113,19 @@ def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> s
   init_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
   size = setup.step_config.image_size
   dummy = jnp.zeros((1, size, size, 3), setup.step_config.dtype)
-  variables = jax.jit(lambda r, d: setup.model.init({"params": r, "dropout": d}, dummy,
-                                                    train=False))(init_rng, dropout_rng)
+  variables = jax.jit(
+    lambda r, d: setup.model.init({"params": r, "dropout": d}, dummy, train=False)
+  )(init_rng, dropout_rng)
   if config.model.pretrained:
     variables = models.pretrained.load_pretrained(config.model.pretrained, config.model, variables)
   params = variables["params"]
-  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), rng=step_rng)
+  return steps.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    rng=step_rng,
+  )
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
@@ -129,25 +147,28 @@ def setup_optimizer(config: ml_collections.ConfigDict, setup: Setup):
   return optim.make_optimizer(config, setup.steps_per_epoch, axis_name=axis)
 
 
-def evaluate_test_split(eval_step, state: steps.TrainState, setup: Setup,
-                        global_batch: int) -> dict:
+def evaluate_test_split(
+  eval_step, state: steps.TrainState, setup: Setup, global_batch: int
+) -> dict:
   """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
   totals = None
-  for batch in streaming.test_batches(setup.data, global_batch=global_batch,
-                                      size=setup.step_config.image_size,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count()):
+  for batch in streaming.test_batches(
+    setup.data,
+    global_batch=global_batch,
+    size=setup.step_config.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
     sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = parallel.fetch(totals)
   count = float(totals["count"])
   return {
-      "test/loss": float(totals["loss"]) / count,
-      "test/accuracy": float(totals["correct"]) / count,
-      "test/top5": float(totals["correct_top5"]) / count,
-      "test/count": int(count),
-      "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)
-                             ).tolist(),
+    "test/loss": float(totals["loss"]) / count,
+    "test/accuracy": float(totals["correct"]) / count,
+    "test/top5": float(totals["correct_top5"]) / count,
+    "test/count": int(count),
+    "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)).tolist(),
   }
 
 
@@ -238,6 +259,7 @@ class _Loop:
   `meta` is saved with every checkpoint (epoch, best accuracy, unlogged window, wall time, SAM
   step count), so that a resumed run continues the same records and summary.
   """
+
   config: ml_collections.ConfigDict
   setup: Setup
   workdir: str
@@ -267,8 +289,9 @@ class _Loop:
     return math.ceil(self.step / spe) if self.epoch_end else self.step // spe
 
   def due_at_epoch_end(self, every_epochs: int) -> bool:
-    return self.epoch_end and (self.epochs_done % every_epochs == 0
-                               or self.step == self.setup.total_steps)
+    return self.epoch_end and (
+      self.epochs_done % every_epochs == 0 or self.step == self.setup.total_steps
+    )
 
   def wall_time(self) -> float:
     return self.wall_before + time.time() - self.t_start
@@ -294,47 +317,63 @@ def _fetch(loop: _Loop, clock: TrainClock) -> None:
   bad = _first_nonfinite(loop.meta["window"], loop.step - len(loop.meta["window"]) + 1)
   if bad is not None:
     raise TrainingError(
-        f"non-finite train loss at step {bad}; last good checkpoint: "
-        f"{loop.checkpointer.latest_path() or 'none'}; try a lower optimizer.learning_rate")
+      f"non-finite train loss at step {bad}; last good checkpoint: "
+      f"{loop.checkpointer.latest_path() or 'none'}; try a lower optimizer.learning_rate"
+    )
 
 
 def _log_train(loop: _Loop, train_seconds: float, input_wait_ms: float) -> None:
   """One record of the window's means, with images/s over the window's training time and the
   mean wait per step for the next batch (`DevicePrefetch.mean_wait_ms`)."""
   window = loop.meta["window"]
-  loop.record = {"step": loop.step, "epoch": loop.step / loop.setup.steps_per_epoch,
-                 **window_mean(window), "images_per_sec":
-                 len(window) * loop.config.batch_size / max(train_seconds, 1e-9),
-                 "time/input_wait_ms": input_wait_ms}
+  loop.record = {
+    "step": loop.step,
+    "epoch": loop.step / loop.setup.steps_per_epoch,
+    **window_mean(window),
+    "images_per_sec": len(window) * loop.config.batch_size / max(train_seconds, 1e-9),
+    "time/input_wait_ms": input_wait_ms,
+  }
   loop.sink.write(loop.record)
-  loop.bar.set_postfix(loss=f"{loop.record['train/loss']:.4f}",
-                       acc=f"{100 * loop.record['train/accuracy']:.2f}%",
-                       img_s=f"{loop.record['images_per_sec']:.0f}")
+  loop.bar.set_postfix(
+    loss=f"{loop.record['train/loss']:.4f}",
+    acc=f"{100 * loop.record['train/accuracy']:.2f}%",
+    img_s=f"{loop.record['images_per_sec']:.0f}",
+  )
   loop.meta["window"] = []
 
 
 def _write_curves(workdir: str) -> None:
   records = writers.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
-  plots.write_curves({"": records}, os.path.join(workdir, workdir_lib.CURVES_FILE),
-                     title=os.path.basename(os.path.normpath(os.path.abspath(workdir))))
+  plots.write_curves(
+    {"": records},
+    os.path.join(workdir, workdir_lib.CURVES_FILE),
+    title=os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+  )
 
 
 def _evaluate(loop: _Loop, eval_step, state) -> None:
   """Test metrics to the sinks, the best accuracy to meta, an epoch line and the curves."""
   metrics = evaluate_test_split(eval_step, state, loop.setup, loop.config.eval_batch_size)
   epoch = loop.epochs_done
-  loop.sink.write({"step": loop.step, "epoch": epoch, **{
-      k: v for k, v in metrics.items() if k.startswith("test/") and k != "test/count"}})
+  loop.sink.write(
+    {
+      "step": loop.step,
+      "epoch": epoch,
+      **{k: v for k, v in metrics.items() if k.startswith("test/") and k != "test/count"},
+    }
+  )
   acc = metrics["test/accuracy"]
   if loop.meta["best_accuracy"] is None or acc > loop.meta["best_accuracy"]:
     loop.meta["best_accuracy"], loop.meta["best_epoch"] = acc, epoch
   loop.meta.update(last_accuracy=acc, evaluated_epoch=epoch)
   if parallel.is_main_process():
     r = loop.record
-    loop.bar.write(f"epoch {epoch:3d} | step {loop.step} | train loss {r['train/loss']:.4f} "
-                   f"acc {100 * r['train/accuracy']:.2f}% | test loss {metrics['test/loss']:.4f} "
-                   f"acc {100 * acc:.2f}% top5 {100 * metrics['test/top5']:.2f}% | "
-                   f"{r['images_per_sec']:.0f} img/s")
+    loop.bar.write(
+      f"epoch {epoch:3d} | step {loop.step} | train loss {r['train/loss']:.4f} "
+      f"acc {100 * r['train/accuracy']:.2f}% | test loss {metrics['test/loss']:.4f} "
+      f"acc {100 * acc:.2f}% top5 {100 * metrics['test/top5']:.2f}% | "
+      f"{r['images_per_sec']:.0f} img/s"
+    )
     _write_curves(loop.workdir)
 
 
@@ -373,8 +412,7 @@ def _close_on_error(loop: _Loop):
     raise
 
 
-FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [],
-              "wall_time": 0.0}
+FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
 
 
 def _restore(config, checkpointer, state):
@@ -389,29 +427,31 @@ def _restore(config, checkpointer, state):
 
 def _announce(setup: Setup, start_step: int, resumed: bool) -> None:
   if parallel.is_main_process():
-    print(f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
-          f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
-          f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
-          + (f"resuming at step {start_step}" if resumed else "fresh start"), flush=True)
+    print(
+      f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
+      f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
+      f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
+      + (f"resuming at step {start_step}" if resumed else "fresh start"),
+      flush=True,
+    )
 
 
 def _summary(loop: _Loop) -> dict:
   config, setup, meta = loop.config, loop.setup, loop.meta
   return {
-      "final_test_accuracy": meta.get("last_accuracy"),
-      "best_test_accuracy": meta["best_accuracy"],
-      "best_epoch": meta["best_epoch"],
-      "steps": loop.step,
-      "epochs": loop.step / setup.steps_per_epoch,
-      "wall_time_s": loop.wall_time(),
-      "num_devices": int(setup.mesh.devices.size),
-      "num_processes": jax.process_count(),
-      "sam_m": setup.step_config.sam_group_size,
-      "sam_fraction": (meta["sam_steps"] / loop.step if loop.step
-                       else default_sam_active(config)),
-      "train_examples": streaming.num_train(setup.data),
-      "label_noise": config.dataset.label_noise,
-      "completed": loop.step >= setup.total_steps,
+    "final_test_accuracy": meta.get("last_accuracy"),
+    "best_test_accuracy": meta["best_accuracy"],
+    "best_epoch": meta["best_epoch"],
+    "steps": loop.step,
+    "epochs": loop.step / setup.steps_per_epoch,
+    "wall_time_s": loop.wall_time(),
+    "num_devices": int(setup.mesh.devices.size),
+    "num_processes": jax.process_count(),
+    "sam_m": setup.step_config.sam_group_size,
+    "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
+    "train_examples": streaming.num_train(setup.data),
+    "label_noise": config.dataset.label_noise,
+    "completed": loop.step >= setup.total_steps,
   }
 
 
@@ -421,8 +461,52 @@ def _device_batches(train_input, setup: Setup, start: int) -> parallel.DevicePre
   return parallel.DevicePrefetch(itertools.islice(local, setup.total_steps - start), setup.mesh)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
-                       profile_steps: tuple[int, int] | None = None) -> dict:
+def _compile_steps(config, setup: Setup, tx, lr_schedule, workdir: str, profile_steps):
+  """(train step of (state, batch, step), eval step): the host picks the SAM or base program per
+  step for the count-based SAM schedules, and the train step traces `profile_steps`."""
+  schedule = optim.host_ascent_schedule(config, setup.steps_per_epoch)
+  train_step = steps.compile_scheduled_train_step(
+    setup.mesh, schedule, model=setup.model, tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config
+  )
+  profile_dir = os.path.join(workdir, workdir_lib.PROFILE_DIR)
+  traced = profiling.StepTrace(train_step, profile_steps, profile_dir, setup.total_steps)
+  return traced, steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
+
+
+def _start_loop(
+  config, setup: Setup, workdir: str, sink, checkpointer, meta: dict, start: int
+) -> "_Loop":
+  """The loop's shared record at step `start`, with its progress bar (main process only)."""
+  show = parallel.is_main_process() and config.progress_bar
+  bar = tqdm.tqdm(
+    total=setup.total_steps,
+    initial=start,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not show,
+    leave=False,
+  )
+  return _Loop(
+    config,
+    setup,
+    workdir,
+    sink,
+    checkpointer,
+    bar,
+    meta,
+    step=start,
+    saved_step=start,
+    wall_before=float(meta["wall_time"]),
+  )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  overwrite: bool = False,
+  profile_steps: tuple[int, int] | None = None,
+) -> dict:
   """Trains and evaluates as the config says; resumes from the workdir's latest checkpoint.
 
   `profile_steps` (START, END) traces steps START to END - 1 into the workdir (`jaxsam.profiling`).
@@ -439,19 +523,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
   state, meta, resumed = _restore(config, checkpointer, parallel.replicate(state, setup.mesh))
   start = int(parallel.fetch(state.step))
-  sink = writers.create_run_writer(config, workdir, start_step=start, environ=os.environ,
-                                   main_process=parallel.is_main_process())
+  main = parallel.is_main_process()
+  sink = writers.create_run_writer(
+    config, workdir, start_step=start, environ=os.environ, main_process=main
+  )
   _announce(setup, start, resumed)
-  train_step = profiling.StepTrace(steps.compile_scheduled_train_step(
-      setup.mesh, optim.host_ascent_schedule(config, setup.steps_per_epoch), model=setup.model,
-      tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config), profile_steps,
-      os.path.join(workdir, workdir_lib.PROFILE_DIR), setup.total_steps)
-  eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
+  train_step, eval_step = _compile_steps(config, setup, tx, lr_schedule, workdir, profile_steps)
   batches = _device_batches(train_input, setup, start)
-  bar = tqdm.tqdm(total=setup.total_steps, initial=start, unit="step", dynamic_ncols=True,
-                  disable=not (parallel.is_main_process() and config.progress_bar), leave=False)
-  loop = _Loop(config, setup, workdir, sink, checkpointer, bar, meta, step=start,
-               saved_step=start, wall_before=float(meta["wall_time"]))
+  loop = _start_loop(config, setup, workdir, sink, checkpointer, meta, start)
   clock = TrainClock()
   with _Preemption() as preemption, _close_on_error(loop), train_step:
     while loop.step < setup.total_steps:
@@ -459,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         state, metrics = train_step(state, next(batches), loop.step)
       loop.pending.append(metrics)
       loop.step += 1
-      bar.update(1)
+      loop.bar.update(1)
       stop = _agreed_stop(preemption.requested, loop.log_due)
       if loop.log_due or stop:
         _fetch(loop, clock)
@@ -472,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       if stop:
         _preempt(loop, state)
         break
-  bar.close()
+  loop.bar.close()
   checkpointer.close()
   summary = _summary(loop)
   sink.finish(summary)

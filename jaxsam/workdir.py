@@ -35,46 +35,56 @@ PROFILE_DIR = "profile"
 
 class Entry(NamedTuple):
   """One file or folder of the run folder: what it holds, and whether `--overwrite` removes it."""
+
   what: str
   cleared: bool
 
 
 ENTRIES: dict[str, Entry] = {
-    CONFIG_FILE: Entry("the resolved config; a rerun of another config is refused", True),
-    METRICS_FILE: Entry("one JSON record per line (train and test metrics by step)", True),
-    SUMMARY_FILE: Entry("final and best test accuracy, steps, wall time (a completed run)", True),
-    CURVES_FILE: Entry("train/test loss and accuracy against epoch, redrawn at every eval", True),
-    LAST_DIR: Entry("orbax: the last `checkpoint_keep` train states, by step", True),
-    BEST_DIR: Entry("orbax: the train state with the best test accuracy", True),
-    CORRUPT_DIR: Entry("checkpoints that failed to load, moved aside", True),
-    EVAL_FILE: Entry("--mode=eval: one checkpoint's test loss, top-1, top-5, per class", True),
-    ANALYSIS_DIR: Entry("jaxsam.analyze: analysis.json and the landscape PNGs", True),
-    PROFILE_DIR: Entry("launch.py --profile_steps: jax.profiler traces (TensorBoard, Perfetto)",
-                       True),
-    WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
-    # Kept: offline runs not yet synced live here; the new run gets a new id and its own folder.
-    WANDB_DIR: Entry("wandb's own files, one folder per wandb run (offline runs sync from here)",
-                     False),
+  CONFIG_FILE: Entry("the resolved config; a rerun of another config is refused", True),
+  METRICS_FILE: Entry("one JSON record per line (train and test metrics by step)", True),
+  SUMMARY_FILE: Entry("final and best test accuracy, steps, wall time (a completed run)", True),
+  CURVES_FILE: Entry("train/test loss and accuracy against epoch, redrawn at every eval", True),
+  LAST_DIR: Entry("orbax: the last `checkpoint_keep` train states, by step", True),
+  BEST_DIR: Entry("orbax: the train state with the best test accuracy", True),
+  CORRUPT_DIR: Entry("checkpoints that failed to load, moved aside", True),
+  EVAL_FILE: Entry("--mode=eval: one checkpoint's test loss, top-1, top-5, per class", True),
+  ANALYSIS_DIR: Entry("jaxsam.analyze: analysis.json and the landscape PNGs", True),
+  PROFILE_DIR: Entry(
+    "launch.py --profile_steps: jax.profiler traces (TensorBoard, Perfetto)", True
+  ),
+  WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
+  # Kept: offline runs not yet synced live here; the new run gets a new id and its own folder.
+  WANDB_DIR: Entry(
+    "wandb's own files, one folder per wandb run (offline runs sync from here)", False
+  ),
 }
 CLEARED = tuple(name for name, entry in ENTRIES.items() if entry.cleared)
 
 # Keys that may change between a run and its resumption without making it another run (where the
 # decoded-image cache lives changes no pixel).
-RESUME_MAY_CHANGE = frozenset({"max_steps", "progress_bar", "wandb.mode", "log_every_steps",
-                               "dataset.cache_dir"})
+RESUME_MAY_CHANGE = frozenset(
+  {"max_steps", "progress_bar", "wandb.mode", "log_every_steps", "dataset.cache_dir"}
+)
 # Keys that may differ between a checkpoint's run and the config it is analysed with: they change
 # logging, tracking or the length of training only, never the model. A name ending in "." is a
 # whole section.
 ANALYSIS_MAY_DIFFER = RESUME_MAY_CHANGE | {
-    "num_epochs", "eval_every_epochs", "checkpoint_every_epochs", "checkpoint_keep", "wandb."}
+  "num_epochs",
+  "eval_every_epochs",
+  "checkpoint_every_epochs",
+  "checkpoint_keep",
+  "wandb.",
+}
 
 
 def _allowed(name: str, allowed: Collection[str]) -> bool:
   return name in allowed or any(a.endswith(".") and name.startswith(a) for a in allowed)
 
 
-def config_diff(old: Mapping, new: Mapping, allowed: Collection[str] = (),
-                prefix: str = "") -> list[str]:
+def config_diff(
+  old: Mapping, new: Mapping, allowed: Collection[str] = (), prefix: str = ""
+) -> list[str]:
   """Dotted names of the leaf keys whose values differ, sorted, leaving out the `allowed` ones."""
   out = []
   for k in sorted(set(old) | set(new)):
@@ -101,19 +111,25 @@ def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> N
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
     raise errors.ConfigError(
-        f"--workdir={workdir} is not writable ({existing} is not a writable directory)")
+      f"--workdir={workdir} is not writable ({existing} is not a writable directory)"
+    )
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path) and not overwrite:
-    diff = config_diff(_read_json(path, "use a new --workdir, or --overwrite to replace it"),
-                       json.loads(config_to_json(config)), RESUME_MAY_CHANGE)
+    diff = config_diff(
+      _read_json(path, "use a new --workdir, or --overwrite to replace it"),
+      json.loads(config_to_json(config)),
+      RESUME_MAY_CHANGE,
+    )
     if diff:
       raise errors.ConfigError(
-          f"--workdir={workdir} holds a run of another config (differs in {', '.join(diff[:5])}); "
-          "use a new --workdir, or --overwrite to replace it")
+        f"--workdir={workdir} holds a run of another config (differs in {', '.join(diff[:5])}); "
+        "use a new --workdir, or --overwrite to replace it"
+      )
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, *,
-            main_process: bool = True) -> None:
+def prepare(
+  config: ml_collections.ConfigDict, workdir: str, overwrite: bool, *, main_process: bool = True
+) -> None:
   """Checks the workdir; the main process clears it when `overwrite`, then writes config.json."""
   check(config, workdir, overwrite)
   if not main_process:
@@ -157,8 +173,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise errors.ConfigError(
-        f"--workdir={workdir} has no {CONFIG_FILE}; give the folder of a training run or pass "
-        "--config")
+      f"--workdir={workdir} has no {CONFIG_FILE}; give the folder of a training run or pass "
+      "--config"
+    )
   return ml_collections.ConfigDict(_read_json(path, "pass --config"))
 
 
@@ -167,16 +184,21 @@ def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
   if checkpoint:
     if not os.path.isdir(checkpoint):
       raise errors.CheckpointError(
-          f"--checkpoint={checkpoint} is not a folder; pass a step folder such as "
-          f"{os.path.join(workdir, LAST_DIR, '<step>')}")
+        f"--checkpoint={checkpoint} is not a folder; pass a step folder such as "
+        f"{os.path.join(workdir, LAST_DIR, '<step>')}"
+      )
     return os.path.abspath(checkpoint)
   last = os.path.join(workdir, LAST_DIR)
-  found = sorted((int(n) for n in os.listdir(last) if n.isdigit()), reverse=True) \
-      if os.path.isdir(last) else []
+  found = (
+    sorted((int(n) for n in os.listdir(last) if n.isdigit()), reverse=True)
+    if os.path.isdir(last)
+    else []
+  )
   if not found:
     raise errors.CheckpointError(
-        f"--workdir={workdir} holds no checkpoint in {LAST_DIR}/; train first or pass "
-        "--checkpoint=PATH")
+      f"--workdir={workdir} holds no checkpoint in {LAST_DIR}/; train first or pass "
+      "--checkpoint=PATH"
+    )
   return os.path.abspath(os.path.join(last, str(found[0])))
 
 
@@ -199,6 +221,7 @@ def read_analysis(workdir: str) -> dict[str, Any] | None:
 @dataclasses.dataclass(frozen=True)
 class Run:
   """A run folder read back: the config, the metrics records and what exists of summary/analysis."""
+
   path: str
   config: dict[str, Any]
   records: list[dict[str, Any]]
@@ -209,10 +232,16 @@ class Run:
 def read_run(workdir: str) -> Run:
   """Everything a report needs from one run folder; a folder without config.json is refused."""
   from jaxsam import writers  # writers takes its file names from this module
+
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise errors.ConfigError(f"{workdir} is not a run folder (no {CONFIG_FILE}); give workdirs "
-                             "of launch.py runs")
-  return Run(path=workdir, config=_read_json(path, "give workdirs of launch.py runs"),
-             records=writers.read_metrics(os.path.join(workdir, METRICS_FILE)),
-             summary=read_summary(workdir), analysis=read_analysis(workdir))
+    raise errors.ConfigError(
+      f"{workdir} is not a run folder (no {CONFIG_FILE}); give workdirs of launch.py runs"
+    )
+  return Run(
+    path=workdir,
+    config=_read_json(path, "give workdirs of launch.py runs"),
+    records=writers.read_metrics(os.path.join(workdir, METRICS_FILE)),
+    summary=read_summary(workdir),
+    analysis=read_analysis(workdir),
+  )

@@ -135,8 +135,9 @@ class MultiWriter:
       w.close()
 
 
-def wandb_credentials_found(environ: Mapping[str, str], netrc_path: str | None = None,
-                            host: str = WANDB_HOST) -> bool:
+def wandb_credentials_found(
+  environ: Mapping[str, str], netrc_path: str | None = None, host: str = WANDB_HOST
+) -> bool:
   """True when wandb could log in without a prompt: WANDB_API_KEY, or a netrc entry for `host`.
 
   The same two sources wandb reads; checked here so that `wandb.mode=auto` never waits on a login.
@@ -151,12 +152,16 @@ def wandb_credentials_found(environ: Mapping[str, str], netrc_path: str | None =
 
 
 # WANDB_MODE values wandb itself accepts, as our modes.
-_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-              "disabled": "disabled"}
+_ENV_MODES = {
+  "online": "online",
+  "run": "online",
+  "offline": "offline",
+  "dryrun": "offline",
+  "disabled": "disabled",
+}
 
 
-def resolve_wandb_mode(mode: str, environ: Mapping[str, str],
-                       netrc_path: str | None = None) -> str:
+def resolve_wandb_mode(mode: str, environ: Mapping[str, str], netrc_path: str | None = None) -> str:
   """The mode wandb runs in: an explicit config mode wins; `auto` follows WANDB_MODE when set,
   else online with credentials (see `wandb_credentials_found`) and offline without."""
   if mode not in WANDB_MODES:
@@ -199,12 +204,15 @@ class WandbWriter:
     if step < self._first_step:
       return
     # Plain floats, NaN included: wandb charts NaN as a gap, where metrics.jsonl writes null.
-    self.run.log({k: v.item() if hasattr(v, "item") else v for k, v in record.items()
-                  if k != "step"}, step=step)
+    self.run.log(
+      {k: v.item() if hasattr(v, "item") else v for k, v in record.items() if k != "step"},
+      step=step,
+    )
 
   def log_checkpoint(self, path: str, step: int, aliases: list[str]) -> None:
     """Uploads one checkpoint folder as a `model` artifact named after the run."""
     import wandb
+
     artifact = wandb.Artifact(f"{self.run.id}-checkpoint", type="model", metadata={"step": step})
     artifact.add_dir(path)
     self.run.log_artifact(artifact, aliases=aliases)
@@ -219,8 +227,9 @@ class WandbWriter:
       self.run.finish(exit_code=exit_code)
 
 
-def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], *,
-                        environ: Mapping[str, str]) -> WandbWriter | None:
+def create_wandb_writer(
+  wandb_config, workdir: str, run_config: dict[str, Any], *, environ: Mapping[str, str]
+) -> WandbWriter | None:
   """Starts (or resumes) the workdir's wandb run as `wandb_config` says; None when disabled.
 
   Args:
@@ -237,21 +246,31 @@ def create_wandb_writer(wandb_config, workdir: str, run_config: dict[str, Any], 
   if mode == "disabled":
     return None
   import wandb
+
   kwargs = {
-      "project": wandb_config.project or None, "entity": wandb_config.entity or None,
-      "name": wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
-      "group": wandb_config.group or None,
-      "tags": [t.strip() for t in wandb_config.tags.split(",") if t.strip()] or None,
-      "config": run_config, "dir": workdir, "resume": "allow", "id": read_wandb_run_id(workdir)}
+    "project": wandb_config.project or None,
+    "entity": wandb_config.entity or None,
+    "name": wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+    "group": wandb_config.group or None,
+    "tags": [t.strip() for t in wandb_config.tags.split(",") if t.strip()] or None,
+    "config": run_config,
+    "dir": workdir,
+    "resume": "allow",
+    "id": read_wandb_run_id(workdir),
+  }
   try:
-    run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
-                     **kwargs)
+    run = wandb.init(
+      mode=mode, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S), **kwargs
+    )
   except Exception as e:  # wandb raises CommError, UsageError, timeouts...: all mean "not online"
     if mode != "online":
       raise
-    print(f"warning: wandb online start failed ({type(e).__name__}: "
-          f"{(str(e).splitlines() or [''])[0][:200]}); logging offline, upload later with "
-          f"`wandb sync {os.path.join(workdir, WANDB_DIR)}`", file=sys.stderr)
+    print(
+      f"warning: wandb online start failed ({type(e).__name__}: "
+      f"{(str(e).splitlines() or [''])[0][:200]}); logging offline, upload later with "
+      f"`wandb sync {os.path.join(workdir, WANDB_DIR)}`",
+      file=sys.stderr,
+    )
     run = wandb.init(mode="offline", **kwargs)
   _write_wandb_run_id(workdir, run.id)
   return WandbWriter(run)
@@ -265,8 +284,12 @@ class RunWriter:
   (non-zero: failed). A RunWriter with no sinks (processes other than 0) does nothing.
   """
 
-  def __init__(self, writers: list[Writer] = (), wandb: WandbWriter | None = None,
-               log_checkpoints: bool = False):
+  def __init__(
+    self,
+    writers: list[Writer] = (),
+    wandb: WandbWriter | None = None,
+    log_checkpoints: bool = False,
+  ):
     self._writers = list(writers) + [wandb] * (wandb is not None)
     self._wandb = wandb
     self._log_checkpoints = log_checkpoints and wandb is not None
@@ -295,8 +318,9 @@ class RunWriter:
         w.close()
 
 
-def create_run_writer(config, workdir: str, *, start_step: int, main_process: bool,
-                      environ: Mapping[str, str]) -> RunWriter:
+def create_run_writer(
+  config, workdir: str, *, start_step: int, main_process: bool, environ: Mapping[str, str]
+) -> RunWriter:
   """The run's sinks: metrics.jsonl (records past `start_step` dropped: the resumed run redoes
   them) and wandb as `config.wandb` says; no sinks on processes other than 0."""
   if not main_process:

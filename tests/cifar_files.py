@@ -14,8 +14,12 @@ def cifar_batch(rng, n, label_field, num_classes):
   """A batch in the real CIFAR python format: bytes keys, uint8 [N, 3072] planes, list labels."""
   data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
   labels = [int(v) for v in rng.integers(0, num_classes, size=n)]
-  batch = {b"batch_label": b"testing batch", label_field: labels, b"data": data,
-           b"filenames": [b"img_%d.png" % i for i in range(n)]}
+  batch = {
+    b"batch_label": b"testing batch",
+    label_field: labels,
+    b"data": data,
+    b"filenames": [b"img_%d.png" % i for i in range(n)],
+  }
   if label_field == b"fine_labels":
     batch[b"coarse_labels"] = [v // 5 for v in labels]
   return batch
@@ -28,6 +32,7 @@ def py2_pickle(obj) -> bytes:
   (SHORT_)BINSTRING opcodes, which Python 3 reads back as bytes (encoding='bytes', our reader)
   or as str (encoding='latin1', torchvision's). Python 3 would write bytes via _codecs.encode.
   """
+
   class Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch can be extended
     dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
 
@@ -49,8 +54,12 @@ def write_cifar(root, layout, as_tar, rng, per_batch=4):
   """Writes torchvision's CIFAR layout (folder or .tar.gz) as Python 2 pickles; returns
   (path, train batches, test batches, label field)."""
   if layout == "cifar-10-batches-py":
-    field, classes, train_files, test_files = b"labels", 10, [f"data_batch_{i}" for i in
-                                                              range(1, 6)], ["test_batch"]
+    field, classes, train_files, test_files = (
+      b"labels",
+      10,
+      [f"data_batch_{i}" for i in range(1, 6)],
+      ["test_batch"],
+    )
     meta = ("batches.meta", {b"label_names": [b"c%d" % i for i in range(10)]})
   else:
     field, classes, train_files, test_files = b"fine_labels", 100, ["train"], ["test"]

@@ -17,8 +17,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # One persistent XLA compilation cache for the whole session, inherited by the launch.py
 # subprocesses: the many tiny runs compile the same programs (a kill-and-resume pair, the two
 # processes of a multi-host run...), and compiling dominates their cost on 2 CPU cores.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"jaxsam-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(tempfile.gettempdir(), f"jaxsam-tests-xla-cache-{os.getuid()}"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when

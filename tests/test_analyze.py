@@ -16,9 +16,20 @@ from jaxsam.data import sources
 
 pytestmark = pytest.mark.slow  # trains a run, then analyses it
 
-SETTINGS = analyze.Settings(num_examples=200, batch_size=64, top_k=3, hessian_iters=6,
-                            trace_probes=3, m=(20,), rho=(0.05,), ascent_steps=1, grid_1d=3,
-                            grid_2d=3, progress=False, wandb=False)
+SETTINGS = analyze.Settings(
+  num_examples=200,
+  batch_size=64,
+  top_k=3,
+  hessian_iters=6,
+  trace_probes=3,
+  m=(20,),
+  rho=(0.05,),
+  ascent_steps=1,
+  grid_1d=3,
+  grid_2d=3,
+  progress=False,
+  wandb=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +56,18 @@ def reference_train_loss(run_dir, settings):
   run = analyze.restore_run(run_dir)
   data = sources.load_dataset(run.config.dataset)
   index = np.random.default_rng(settings.seed).permutation(len(data.train.labels))
-  index = index[:settings.num_examples]
+  index = index[: settings.num_examples]
   model = models.create_model(run.config.model, num_classes=data.num_classes, dtype=jnp.float32)
   images = steps.preprocess(jnp.asarray(data.train.images[index]), run.setup.step_config)
   state = jax.device_get(run.state)
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                       train=False)
+  logits = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+  )
   labels = jnp.asarray(data.train.labels[index])
-  return (float(jnp.mean(losses.cross_entropy(logits, labels))),
-          float(jnp.mean(losses.correct_top1(logits, labels))))
+  return (
+    float(jnp.mean(losses.cross_entropy(logits, labels))),
+    float(jnp.mean(losses.correct_top1(logits, labels))),
+  )
 
 
 def test_analysis_json_and_pngs(run_dir, result):
@@ -96,10 +110,19 @@ def test_cli_reproduces_the_analysis_for_the_same_seed(run_dir, result, capsys):
   # numbers. Only the landscape is redone: recompiling the HVP would double the test's time, and
   # the Lanczos and Hutchinson draws are checked for determinism in tests/test_sharpness.py.
   s = SETTINGS
-  code = analyze.main([f"--workdir={run_dir}", "--what=landscape",
-                       f"--num_examples={s.num_examples}", f"--batch_size={s.batch_size}",
-                       f"--grid_1d={s.grid_1d}", f"--grid_2d={s.grid_2d}", "--seed=0",
-                       "--no_progress", "--no_wandb"])
+  code = analyze.main(
+    [
+      f"--workdir={run_dir}",
+      "--what=landscape",
+      f"--num_examples={s.num_examples}",
+      f"--batch_size={s.batch_size}",
+      f"--grid_1d={s.grid_1d}",
+      f"--grid_2d={s.grid_2d}",
+      "--seed=0",
+      "--no_progress",
+      "--no_wandb",
+    ]
+  )
   assert code == 0
   assert "train loss" in capsys.readouterr().out
   with open(workdir_lib.analysis_path(run_dir)) as f:
@@ -135,8 +158,9 @@ def test_checkpoint_of_another_config(run_dir, tmp_path, capsys):
   other.mkdir()
   (other / workdir_lib.CONFIG_FILE).write_text(json.dumps(config))
   checkpoint = os.path.join(run_dir, "checkpoints", "4")
-  one_line_error(capsys, [f"--workdir={other}", f"--checkpoint={checkpoint}"],
-                 "another config", "model.width")
+  one_line_error(
+    capsys, [f"--workdir={other}", f"--checkpoint={checkpoint}"], "another config", "model.width"
+  )
   # A bare copy of the checkpoint has no config beside it: the shape check of restore catches it.
   bare = tmp_path / "bare" / "ckpt" / "4"
   shutil.copytree(checkpoint, bare)
@@ -144,18 +168,22 @@ def test_checkpoint_of_another_config(run_dir, tmp_path, capsys):
 
 
 def test_too_many_examples(run_dir, capsys):
-  one_line_error(capsys, [f"--workdir={run_dir}", "--num_examples=5000"],
-                 "--num_examples=5000", "1437")
+  one_line_error(
+    capsys, [f"--workdir={run_dir}", "--num_examples=5000"], "--num_examples=5000", "1437"
+  )
 
 
-@pytest.mark.parametrize("flag, needle", [
+@pytest.mark.parametrize(
+  "flag, needle",
+  [
     ("--what=hessian,curvature", "--what="),
     ("--grid_2d=4", "odd"),
     ("--m=0", "--m=0"),
     ("--rho=-1", "--rho="),
     ("--hessian_method=arnoldi", "arnoldi"),
     ("--top_k=x", "--top_k"),
-])
+  ],
+)
 def test_bad_flags(flag, needle, tmp_path, capsys):
   # Checked before anything is loaded, so the workdir need not even exist.
   one_line_error(capsys, [f"--workdir={tmp_path}", flag], needle)
@@ -165,6 +193,7 @@ def test_wandb_is_skipped_when_the_run_has_it_disabled(tmp_path):
   # Real call into jaxsam.writers (catches a signature drift); a disabled run starts no wandb.
   config = quickstart.get_config()
   config.wandb.mode = "disabled"
-  analyze.log_to_wandb(config, str(tmp_path), {"step": 1, "train_loss": 0.1, "train_accuracy": 1.0},
-                       {}, environ={})
+  analyze.log_to_wandb(
+    config, str(tmp_path), {"step": 1, "train_loss": 0.1, "train_accuracy": 1.0}, {}, environ={}
+  )
   assert not os.path.exists(tmp_path / "wandb")

@@ -28,15 +28,24 @@ def _small(photo, height=HEIGHT, width=WIDTH):
 @pytest.fixture(scope="module")
 def photos():
   """Real photos that packages ship (scikit-image, scikit-learn), downsized: uint8 [3, H, W, 3]."""
-  return np.stack([_small(skimage_data.astronaut()), _small(skimage_data.chelsea()),
-                   _small(load_sample_images().images[1])])
+  return np.stack(
+    [
+      _small(skimage_data.astronaut()),
+      _small(skimage_data.chelsea()),
+      _small(load_sample_images().images[1]),
+    ]
+  )
 
 
 def _pil(name, image, arg):
   """The PIL reference for each op: ImageOps, ImageEnhance, Image.rotate / Image.transform."""
   im = Image.fromarray(image)
-  affine = {"shear_x": (1, arg, 0, 0, 1, 0), "shear_y": (1, 0, 0, arg, 1, 0),
-            "translate_x": (1, 0, arg, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, arg)}
+  affine = {
+    "shear_x": (1, arg, 0, 0, 1, 0),
+    "shear_y": (1, 0, 0, arg, 1, 0),
+    "translate_x": (1, 0, arg, 0, 1, 0),
+    "translate_y": (1, 0, 0, 0, 1, arg),
+  }
   if name in affine:
     out = im.transform(im.size, Image.AFFINE, affine[name], Image.NEAREST, fillcolor=GREY)
   elif name == "rotate":
@@ -144,18 +153,31 @@ def _torchvision_cifar10_policy():
   with open(path) as f:
     tree = ast.parse(f.read())
   for node in ast.walk(tree):
-    if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-        and ast.unparse(node.test).endswith("AutoAugmentPolicy.CIFAR10")):
+    if (
+      isinstance(node, ast.If)
+      and isinstance(node.test, ast.Compare)
+      and ast.unparse(node.test).endswith("AutoAugmentPolicy.CIFAR10")
+    ):
       return ast.literal_eval(node.body[0].value)
   pytest.fail("CIFAR-10 policy not found in torchvision's autoaugment.py")
 
 
 def test_autoaugment_cifar10_policy_equals_torchvision():
-  rename = {"Invert": "invert", "Contrast": "contrast", "Rotate": "rotate",
-            "TranslateX": "translate_x", "TranslateY": "translate_y", "Sharpness": "sharpness",
-            "ShearY": "shear_y", "AutoContrast": "autocontrast", "Equalize": "equalize",
-            "Posterize": "posterize", "Color": "color", "Brightness": "brightness",
-            "Solarize": "solarize"}
+  rename = {
+    "Invert": "invert",
+    "Contrast": "contrast",
+    "Rotate": "rotate",
+    "TranslateX": "translate_x",
+    "TranslateY": "translate_y",
+    "Sharpness": "sharpness",
+    "ShearY": "shear_y",
+    "AutoContrast": "autocontrast",
+    "Equalize": "equalize",
+    "Posterize": "posterize",
+    "Color": "color",
+    "Brightness": "brightness",
+    "Solarize": "solarize",
+  }
   theirs = _torchvision_cifar10_policy()
   ours = augment.AUTOAUGMENT_POLICIES["cifar10"]
   assert len(ours) == len(theirs) == 25
@@ -177,13 +199,15 @@ def test_apply_ops_equals_each_examples_op_alone(photos):
   index = tf.constant(np.arange(n) % len(names), tf.int32)
   levels = tf.constant(np.linspace(0, 10, n), tf.float64)
   negate = tf.constant(np.arange(n) % 3 == 0)
-  batched = augment.apply_ops(tf.constant(images), names, index, levels, negate,
-                              augment.RANDAUGMENT_ARGS).numpy()
+  batched = augment.apply_ops(
+    tf.constant(images), names, index, levels, negate, augment.RANDAUGMENT_ARGS
+  ).numpy()
   for i in range(n):
     name = names[int(index[i])]
-    arg = augment.RANDAUGMENT_ARGS[name](levels[i:i + 1], negate[i:i + 1], (HEIGHT, WIDTH))
-    np.testing.assert_array_equal(batched[i], augment.OPS[name](images[i], arg[0]).numpy(),
-                                  err_msg=f"example {i}: {name}")
+    arg = augment.RANDAUGMENT_ARGS[name](levels[i : i + 1], negate[i : i + 1], (HEIGHT, WIDTH))
+    np.testing.assert_array_equal(
+      batched[i], augment.OPS[name](images[i], arg[0]).numpy(), err_msg=f"example {i}: {name}"
+    )
 
 
 def _config(**overrides):
@@ -201,15 +225,20 @@ def _config(**overrides):
 def test_random_crop_is_a_window_of_the_padded_image(photos):
   images = np.concatenate([photos] * 20)
   for fill, mode in (("reflect", "reflect"), ("constant", "constant")):
-    fn = augment.make_train_augment(_config(crop_padding=4, crop_fill=fill),
-                                    image_shape=(HEIGHT, WIDTH, 3))
+    fn = augment.make_train_augment(
+      _config(crop_padding=4, crop_fill=fill), image_shape=(HEIGHT, WIDTH, 3)
+    )
     out = fn(images, _seeds(len(images))).numpy()
     assert out.shape == images.shape
     offsets = set()
     for image, cropped in zip(images, out):
       padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode=mode)
-      found = [(dy, dx) for dy in range(9) for dx in range(9)
-               if np.array_equal(padded[dy:dy + HEIGHT, dx:dx + WIDTH], cropped)]
+      found = [
+        (dy, dx)
+        for dy in range(9)
+        for dx in range(9)
+        if np.array_equal(padded[dy : dy + HEIGHT, dx : dx + WIDTH], cropped)
+      ]
       assert found, f"{fill}: output is no window of the padded image"
       offsets.update(found)
     assert len(offsets) > 20  # offsets vary over the 81 possible
@@ -236,7 +265,9 @@ def test_cutout_removes_a_clipped_square():
     rows, cols = np.nonzero(changed)
     assert len(rows) > 0 and np.all(cut[changed] == augment.FILL_VALUE)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    assert changed[top:bottom, left:right].all() and changed.sum() == (bottom - top) * (right - left)
+    assert changed[top:bottom, left:right].all() and changed.sum() == (bottom - top) * (
+      right - left
+    )
     assert bottom - top <= size and right - left <= size
     # A side shorter than `size` only where the square meets a border.
     assert bottom - top == size or top == 0 or bottom == 32
@@ -246,8 +277,9 @@ def test_cutout_removes_a_clipped_square():
 
 
 def test_augment_is_deterministic_per_example_and_seed_dependent(photos):
-  config = _config(crop_padding=4, flip=True, cutout_size=8, randaugment__num_ops=2,
-                   randaugment__magnitude=9)
+  config = _config(
+    crop_padding=4, flip=True, cutout_size=8, randaugment__num_ops=2, randaugment__magnitude=9
+  )
   fn = augment.make_train_augment(config, image_shape=(HEIGHT, WIDTH, 3))
   images = np.concatenate([photos] * 4)
   seeds = _seeds(len(images))
@@ -286,16 +318,22 @@ def test_autoaugment_runs_in_graph_mode_and_changes_images(photos):
   assert 0.55 < changed < 0.9
 
 
-@pytest.mark.parametrize("overrides, pattern", [
+@pytest.mark.parametrize(
+  "overrides, pattern",
+  [
     ({"randaugment__magnitude": 11}, r"magnitude=11; expected a number in \[0, 10\]"),
     ({"randaugment__magnitude": -1}, r"magnitude=-1"),
     ({"randaugment__num_ops": -2}, r"num_ops=-2; expected an int >= 0"),
-    ({"autoaugment": "imagenet"}, r"autoaugment='imagenet'; expected '' \(off\) or one of \['cifar10'\]"),
+    (
+      {"autoaugment": "imagenet"},
+      r"autoaugment='imagenet'; expected '' \(off\) or one of \['cifar10'\]",
+    ),
     ({"autoaugment": "cifar10", "randaugment__num_ops": 2}, r"are both set"),
     ({"crop_fill": "wrap"}, r"crop_fill='wrap'; expected one of \['reflect', 'constant'\]"),
     ({"crop_padding": 40, "crop_fill": "reflect"}, r"must be < the image side 32"),
     ({"cutout_size": -1}, r"cutout_size=-1"),
-])
+  ],
+)
 def test_bad_config_is_a_one_line_config_error(overrides, pattern):
   with pytest.raises(ConfigError, match=pattern) as info:
     augment.make_train_augment(_config(**overrides))

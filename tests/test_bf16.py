@@ -31,8 +31,9 @@ def build(dtype: str):
   setup = train.build_setup(config, mesh=mesh)
   tx, lr = train.setup_optimizer(config, setup)
   state = parallel.replicate(train.create_train_state(config, setup, tx), mesh)
-  step = steps.compile_train_step(mesh, model=setup.model, tx=tx, lr_schedule=lr,
-                                  cfg=setup.step_config)
+  step = steps.compile_train_step(
+    mesh, model=setup.model, tx=tx, lr_schedule=lr, cfg=setup.step_config
+  )
   images, labels = setup.data.train.images[:16], setup.data.train.labels[:16]
   batch = parallel.shard_batch({"image": images, "label": labels.astype(np.int32)}, mesh)
   return step, state, batch, (setup, images, labels.astype(np.int32))
@@ -47,8 +48,13 @@ def bf16_run():
   for _ in range(STEPS):  # the same batch again and again: the loss must go down
     state, metrics = step(state, batch)
     history.append(float(metrics["train/loss"]))
-  return {"hlo": hlo, "losses": history, "state": state, "metrics": metrics,
-          "fp32_inputs": (setup, state0, images, labels)}
+  return {
+    "hlo": hlo,
+    "losses": history,
+    "state": state,
+    "metrics": metrics,
+    "fp32_inputs": (setup, state0, images, labels),
+  }
 
 
 @pytest.mark.slow
@@ -81,9 +87,20 @@ def test_bf16_first_loss_matches_fp32_forward(bf16_run):
   cfg = dataclasses.replace(setup.step_config, dtype=jnp.float32)
   x = steps.preprocess(jnp.asarray(images), cfg)
   # Each device normalises BN with its own half of the batch: average the two halves' losses.
-  halves = [jnp.mean(losses.cross_entropy(model.apply(
-      {"params": state0.params, "batch_stats": state0.batch_stats}, x[i:i + 8], train=True,
-      mutable=["batch_stats"])[0], labels[i:i + 8])) for i in (0, 8)]
+  halves = [
+    jnp.mean(
+      losses.cross_entropy(
+        model.apply(
+          {"params": state0.params, "batch_stats": state0.batch_stats},
+          x[i : i + 8],
+          train=True,
+          mutable=["batch_stats"],
+        )[0],
+        labels[i : i + 8],
+      )
+    )
+    for i in (0, 8)
+  ]
   fp32_loss = float(np.mean(halves))
   np.testing.assert_allclose(bf16_run["losses"][0], fp32_loss, rtol=2e-2)
   assert bf16_run["losses"][0] != fp32_loss  # the step did compute in bf16

@@ -15,8 +15,10 @@ from jaxsam import errors
 
 
 def _state(value: float, size: int = 64):
-  return {"params": {"w": jnp.full((size,), value, jnp.float32)},
-          "step": jnp.asarray(int(value), jnp.int32)}
+  return {
+    "params": {"w": jnp.full((size,), value, jnp.float32)},
+    "step": jnp.asarray(int(value), jnp.int32),
+  }
 
 
 def _abstract(size: int = 64):
@@ -31,8 +33,12 @@ def _largest_file(folder: str) -> str:
 def _saved(workdir, steps, size=64, best=None):
   c = ckpt_lib.Checkpointer(str(workdir), keep=2)
   for step in steps:
-    c.save(step, _state(float(step), size), {"epoch": step},
-           best_metrics=None if best is None else {"test/accuracy": best[step]})
+    c.save(
+      step,
+      _state(float(step), size),
+      {"epoch": step},
+      best_metrics=None if best is None else {"test/accuracy": best[step]},
+    )
   return c
 
 
@@ -63,7 +69,9 @@ def test_truncated_latest_errors_clearly_and_previous_restores(tmp_path, capsys)
   assert path == c.step_path(1) and meta == {"epoch": 1}
   np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full(4096, 1.0, np.float32))
   warning = capsys.readouterr().err.strip().splitlines()
-  assert len(warning) == 1 and warning[0].startswith("warning: checkpoint ") and latest in warning[0]
+  assert (
+    len(warning) == 1 and warning[0].startswith("warning: checkpoint ") and latest in warning[0]
+  )
   assert c.steps() == [1]
   assert os.path.isdir(os.path.join(str(tmp_path), ckpt_lib.CORRUPT_DIR, "2", "state"))
   # The next save of that step works (the damaged folder no longer blocks it).
@@ -85,8 +93,10 @@ def test_another_configs_checkpoint_is_refused_not_skipped(tmp_path):
   with pytest.raises(errors.CheckpointError) as e:
     c.restore_latest(_abstract(size=128))
   assert not isinstance(e.value, ckpt_lib.CorruptCheckpointError)
-  assert "belongs to another model or config (2 arrays, 65 values; this config's train state " \
-      "has 2 arrays, 129 values)" in str(e.value)
+  assert (
+    "belongs to another model or config (2 arrays, 65 values; this config's train state "
+    "has 2 arrays, 129 values)" in str(e.value)
+  )
   assert c.steps() == [1, 2]  # nothing moved aside
   with pytest.raises(errors.CheckpointError, match="has no 'state' folder"):
     ckpt_lib.restore(str(tmp_path), _abstract())

@@ -15,10 +15,13 @@ pytestmark = pytest.mark.slow  # trains on the real archive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_JPEG = os.environ.get("JAXSAM_CIFAR10_JPEG") or os.path.join(
-    ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+  ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"
+)
 needs_archive = pytest.mark.skipif(
-    not os.path.isfile(CIFAR10_JPEG), reason=f"the CIFAR-10 JPEG archive is absent "
-    f"({CIFAR10_JPEG}; set JAXSAM_CIFAR10_JPEG to its path)")
+  not os.path.isfile(CIFAR10_JPEG),
+  reason=f"the CIFAR-10 JPEG archive is absent "
+  f"({CIFAR10_JPEG}; set JAXSAM_CIFAR10_JPEG to its path)",
+)
 
 
 @needs_archive
@@ -26,15 +29,34 @@ def test_launch_on_a_noisy_subset_of_the_real_archive(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/cifar10_sam.py", f"--workdir={workdir}",
-       "--config.dataset.source=image_folder", f"--config.dataset.path={CIFAR10_JPEG}",
-       f"--config.dataset.cache_dir={tmp_path / 'cache'}", "--config.dataset.train_examples=200",
-       "--config.dataset.label_noise=0.4", "--config.model.name=resnet8",
-       "--config.model.width=4", "--config.model.image_size=8", "--config.dtype=float32",
-       "--config.batch_size=50", "--config.eval_batch_size=1000", "--config.num_epochs=1",
-       "--config.log_every_steps=2", "--config.progress_bar=false",
-       "--config.wandb.mode=disabled"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    [
+      sys.executable,
+      "launch.py",
+      "--config=configs/cifar10_sam.py",
+      f"--workdir={workdir}",
+      "--config.dataset.source=image_folder",
+      f"--config.dataset.path={CIFAR10_JPEG}",
+      f"--config.dataset.cache_dir={tmp_path / 'cache'}",
+      "--config.dataset.train_examples=200",
+      "--config.dataset.label_noise=0.4",
+      "--config.model.name=resnet8",
+      "--config.model.width=4",
+      "--config.model.image_size=8",
+      "--config.dtype=float32",
+      "--config.batch_size=50",
+      "--config.eval_batch_size=1000",
+      "--config.num_epochs=1",
+      "--config.log_every_steps=2",
+      "--config.progress_bar=false",
+      "--config.wandb.mode=disabled",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
@@ -62,8 +84,9 @@ def test_study_grid_is_equal_compute_and_uses_config_keys(size, tmp_path):
   keys = _flat_keys(cifar10_sgd.get_config())
   assert keys == _flat_keys(cifar10_sam.get_config())
   for run in runs:
-    overrides = [a.removeprefix("--config.").split("=", 1)[0] for a in run.argv
-                 if a.startswith("--config.")]
+    overrides = [
+      a.removeprefix("--config.").split("=", 1)[0] for a in run.argv if a.startswith("--config.")
+    ]
     assert set(overrides) <= keys, set(overrides) - keys
   # Equal compute: the 2x SGD arm passes as many images through the model as SAM does.
   cost = {r.name.split("-")[0]: r.images * r.passes for r in runs[:3]}
@@ -71,16 +94,42 @@ def test_study_grid_is_equal_compute_and_uses_config_keys(size, tmp_path):
 
 
 def test_study_dry_run_and_bad_input(tmp_path):
-  ok = subprocess.run([sys.executable, "-m", "jaxsam.study", "--size=cpu", f"--data={ROOT}",
-                       f"--out={tmp_path}", "--seeds=4", "--dry_run"], cwd=ROOT,
-                      capture_output=True, text=True, timeout=300, check=False)
+  ok = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxsam.study",
+      "--size=cpu",
+      f"--data={ROOT}",
+      f"--out={tmp_path}",
+      "--seeds=4",
+      "--dry_run",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert ok.returncode == 0, ok.stderr
   lines = [line for line in ok.stdout.splitlines() if line.startswith("launch.py")]
   assert len(lines) == 6 and all("--config.seed=4" in line for line in lines)
   assert not os.listdir(tmp_path)  # a dry run writes nothing
-  bad = subprocess.run([sys.executable, "-m", "jaxsam.study", "--size=cpu",
-                        f"--data={tmp_path / 'none'}", f"--out={tmp_path}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, check=False)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxsam.study",
+      "--size=cpu",
+      f"--data={tmp_path / 'none'}",
+      f"--out={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
 
 
@@ -88,29 +137,43 @@ def _fake_run(root, name, *, rho, epochs, seed, accuracies, noise=0.4):
   """A run folder in launch.py's format: config.json, metrics.jsonl and summary.json."""
   run_dir = root / name
   run_dir.mkdir()
-  config = {"seed": seed, "num_epochs": epochs, "sam": {"rho": rho, "variant": "sam"},
-            "optimizer": {"name": "sgd"}, "augment": {},
-            "dataset": {"label_noise": noise, "train_examples": 4000}}
+  config = {
+    "seed": seed,
+    "num_epochs": epochs,
+    "sam": {"rho": rho, "variant": "sam"},
+    "optimizer": {"name": "sgd"},
+    "augment": {},
+    "dataset": {"label_noise": noise, "train_examples": 4000},
+  }
   (run_dir / "config.json").write_text(json.dumps(config))
   with open(run_dir / "metrics.jsonl", "w") as f:
-    f.writelines(json.dumps({"step": i, "epoch": i * epochs / len(accuracies),
-                          "test/accuracy": acc}) + "\n" for i, acc in enumerate(accuracies, 1))
-  (run_dir / "summary.json").write_text(json.dumps(
-      {"label_noise": noise, "train_examples": 4000, "wall_time_s": 100.0 + seed}))
+    f.writelines(
+      json.dumps({"step": i, "epoch": i * epochs / len(accuracies), "test/accuracy": acc}) + "\n"
+      for i, acc in enumerate(accuracies, 1)
+    )
+  (run_dir / "summary.json").write_text(
+    json.dumps({"label_noise": noise, "train_examples": 4000, "wall_time_s": 100.0 + seed})
+  )
   return str(run_dir)
 
 
 def test_seed_table_gives_mean_and_std_per_setting(tmp_path):
-  dirs = [_fake_run(tmp_path, f"sgd{s}", rho=0.0, epochs=20, seed=s, accuracies=[0.5, a])
-          for s, a in ((0, 0.60), (1, 0.62), (2, 0.64))]
-  dirs += [_fake_run(tmp_path, f"sam{s}", rho=0.05, epochs=20, seed=s, accuracies=[0.7, a])
-           for s, a in ((0, 0.70), (1, 0.74))]
+  dirs = [
+    _fake_run(tmp_path, f"sgd{s}", rho=0.0, epochs=20, seed=s, accuracies=[0.5, a])
+    for s, a in ((0, 0.60), (1, 0.62), (2, 0.64))
+  ]
+  dirs += [
+    _fake_run(tmp_path, f"sam{s}", rho=0.05, epochs=20, seed=s, accuracies=[0.7, a])
+    for s, a in ((0, 0.70), (1, 0.74))
+  ]
   runs = [report.load_run(d) for d in dirs]
   table = report.seed_table(runs).splitlines()
-  assert table[2] == ("| SGD 20 ep, noise 0.4 | 0.4 | 4000 | 20 | 0,1,2 | 62.00 ± 2.00 | "
-                      "62.00 ± 2.00 | 101 |")
-  assert table[3] == ("| SAM(ρ=0.05) 20 ep, noise 0.4 | 0.4 | 4000 | 40 | 0,1 | 72.00 ± 2.83 | "
-                      "72.00 ± 2.83 | 100 |")
+  assert table[2] == (
+    "| SGD 20 ep, noise 0.4 | 0.4 | 4000 | 20 | 0,1,2 | 62.00 ± 2.00 | 62.00 ± 2.00 | 101 |"
+  )
+  assert table[3] == (
+    "| SAM(ρ=0.05) 20 ep, noise 0.4 | 0.4 | 4000 | 40 | 0,1 | 72.00 ± 2.83 | 72.00 ± 2.83 | 100 |"
+  )
   png = report.write_seed_curves(runs, str(tmp_path / "curves.png"))
   assert os.path.getsize(png) > 10_000
   mean, std, n = report.mean_std([0.60, 0.62, 0.64, None])

@@ -9,16 +9,27 @@ import pytest
 from jaxsam import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/quickstart.py", "--config.num_epochs=1", "--config.max_steps=2",
-        "--config.model.image_size=8", "--config.progress_bar=False",
-        "--config.wandb.mode=disabled"]
+TINY = [
+  "--config=configs/quickstart.py",
+  "--config.num_epochs=1",
+  "--config.max_steps=2",
+  "--config.model.image_size=8",
+  "--config.progress_bar=False",
+  "--config.wandb.mode=disabled",
+]
 
 
 def launch(workdir, *args, env=None):
   env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV} | (env or {})
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *TINY,
-                         f"--workdir={workdir}", *args], cwd=ROOT, check=False,
-                        capture_output=True, text=True, timeout=300, env=env)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch.py"), *TINY, f"--workdir={workdir}", *args],
+    cwd=ROOT,
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
 
 
 def test_flag_then_environment_then_the_user_cache_folder():

@@ -41,8 +41,10 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(workdir_lib.config_to_json(diverging))
   last_good = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")
-  with pytest.raises(train.TrainingError,
-                     match=re.escape(f"non-finite train loss at step 13; last good checkpoint: {last_good}")):
+  with pytest.raises(
+    train.TrainingError,
+    match=re.escape(f"non-finite train loss at step 13; last good checkpoint: {last_good}"),
+  ):
     train.train_and_evaluate(diverging, workdir)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=2)

@@ -37,8 +37,11 @@ def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval") / "run")
   summary = train.train_and_evaluate(_tiny_config(), workdir)
   assert summary["completed"] and summary["steps"] == 14
-  evals = [r for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-           if "test/accuracy" in r]
+  evals = [
+    r
+    for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+    if "test/accuracy" in r
+  ]
   assert [r["step"] for r in evals] == [11, 14]
   return workdir, {r["step"]: r for r in evals}
 
@@ -60,7 +63,8 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
   sizes = np.bincount(labels, minlength=10)
   assert len(result["per_class_accuracy"]) == 10
   assert np.dot(result["per_class_accuracy"], sizes) / sizes.sum() == pytest.approx(
-      result["top1"], abs=1e-6)  # per-class ratios are float32
+    result["top1"], abs=1e-6
+  )  # per-class ratios are float32
 
 
 @pytest.mark.slow
@@ -74,27 +78,59 @@ def test_eval_of_an_earlier_checkpoint(run):
 @pytest.mark.slow
 def test_launch_eval_mode_writes_eval_json(run, tmp_path):
   workdir, logged = run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   best = ckpt_lib.Checkpointer(workdir, 2)
   best_path = best.best_path()
   best.close()
-  proc = subprocess.run([sys.executable, "launch.py", "--mode=eval", f"--workdir={workdir}",
-                         f"--checkpoint={best_path}"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "launch.py",
+      "--mode=eval",
+      f"--workdir={workdir}",
+      f"--checkpoint={best_path}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, workdir_lib.EVAL_FILE)) as f:
     result = json.load(f)
   step = result["step"]
-  assert result["top1"] == logged[step]["test/accuracy"] == max(
-      r["test/accuracy"] for r in logged.values())
+  assert (
+    result["top1"]
+    == logged[step]["test/accuracy"]
+    == max(r["test/accuracy"] for r in logged.values())
+  )
   assert "jaxsam eval:" in proc.stdout
-  bad = subprocess.run([sys.executable, "launch.py", "--mode=eval",
-                        f"--workdir={workdir}", f"--checkpoint={tmp_path}/nope"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600, check=False)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "launch.py",
+      "--mode=eval",
+      f"--workdir={workdir}",
+      f"--checkpoint={tmp_path}/nope",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-      f"error: --checkpoint={tmp_path}/nope is not a folder; pass a step folder such as "
-      f"{workdir}/checkpoints/<step>")
+    f"error: --checkpoint={tmp_path}/nope is not a folder; pass a step folder such as "
+    f"{workdir}/checkpoints/<step>"
+  )
 
 
 def test_eval_bad_input(tmp_path):
@@ -113,14 +149,17 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(run, tmp_path):
   with pytest.raises(errors.ConfigError) as e:
     workdir_lib.prepare(other, workdir, overwrite=False)
   assert str(e.value) == (
-      f"--workdir={workdir} holds a run of another config (differs in optimizer.learning_rate, "
-      "seed); use a new --workdir, or --overwrite to replace it")
+    f"--workdir={workdir} holds a run of another config (differs in optimizer.learning_rate, "
+    "seed); use a new --workdir, or --overwrite to replace it"
+  )
   # Keys that only change how a run is watched may differ on resume.
-  workdir_lib.prepare(_tiny_config(**{"max_steps": 0, "wandb.mode": "offline"}), workdir,
-                      overwrite=False)
+  workdir_lib.prepare(
+    _tiny_config(**{"max_steps": 0, "wandb.mode": "offline"}), workdir, overwrite=False
+  )
   # --overwrite replaces the old run: its checkpoints and metrics go, other files stay.
   copy = str(tmp_path / "copy")
   import shutil
+
   shutil.copytree(workdir, copy)
   with open(os.path.join(copy, "notes.txt"), "w") as f:
     f.write("mine")

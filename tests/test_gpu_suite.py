@@ -4,8 +4,9 @@ import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("gpu_suite", os.path.join(ROOT, "bench",
-                                                                          "gpu_suite.py"))
+_spec = importlib.util.spec_from_file_location(
+  "gpu_suite", os.path.join(ROOT, "bench", "gpu_suite.py")
+)
 suite = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(suite)
 
@@ -29,11 +30,20 @@ def test_a_model_over_its_budget_is_a_timeout_row_per_optimizer(tmp_path):
 
 
 def test_table_has_one_line_per_row_with_the_status_where_there_are_no_figures():
-  base = {"model": "resnet8", "image_size": 8, "batch": 8, "dtype": "float32",
-          "cifar_stem": False}
-  ok = dict(base, optimizer="sgd", status="ok", step_ms=2.0, images_per_s=4000.0,
-            gflop_image=0.01, mfu=None, peak_bytes=3 * 2**20, temp_bytes=2**20, compile_s=1.5,
-            compile_cached=True)
+  base = {"model": "resnet8", "image_size": 8, "batch": 8, "dtype": "float32", "cifar_stem": False}
+  ok = dict(
+    base,
+    optimizer="sgd",
+    status="ok",
+    step_ms=2.0,
+    images_per_s=4000.0,
+    gflop_image=0.01,
+    mfu=None,
+    peak_bytes=3 * 2**20,
+    temp_bytes=2**20,
+    compile_s=1.5,
+    compile_cached=True,
+  )
   oom = dict(base, optimizer="sam", status="oom", reason="RESOURCE_EXHAUSTED")
   lines = suite.table([ok, oom]).splitlines()
   assert len(lines) == 4 and all(line.count("|") == 14 for line in lines)

@@ -16,9 +16,20 @@ from jaxsam.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_JPEG = os.environ.get("JAXSAM_CIFAR10_JPEG") or os.path.join(
-    ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck")
+  ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"
+)
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 
 
 def _config(path, tmp_path, **overrides):
@@ -72,8 +83,9 @@ def test_folder_class_index_is_sorted_names_and_pixels_are_exact(tmp_path):
   assert data.train.images.dtype == np.uint8 and data.train.labels.dtype == np.int32
   for split, loaded in (("train", data.train), ("test", data.test)):
     for label, name in enumerate(data.class_names):
-      np.testing.assert_array_equal(loaded.images[loaded.labels == label],
-                                    np.stack(arrays[split][name]))
+      np.testing.assert_array_equal(
+        loaded.images[loaded.labels == label], np.stack(arrays[split][name])
+      )
 
 
 @pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
@@ -99,9 +111,17 @@ def test_archives_with_a_wrapping_folder_match_the_folder(tmp_path, kind):
 
 def test_jpeg_bmp_and_grey_images_decode_like_pil(tmp_path):
   rgb, grey = _images(0, 1)[0], _images(1, 1, (8, 8))[0]
-  layout = {split: {"a": [("x.jpg", _encode(rgb, "JPEG")), ("y.bmp", _encode(rgb, "BMP")),
-                          ("z.png", _encode(grey, "PNG")), ("notes.txt", b"not an image")]}
-            for split in ("train", "test")}
+  layout = {
+    split: {
+      "a": [
+        ("x.jpg", _encode(rgb, "JPEG")),
+        ("y.bmp", _encode(rgb, "BMP")),
+        ("z.png", _encode(grey, "PNG")),
+        ("notes.txt", b"not an image"),
+      ]
+    }
+    for split in ("train", "test")
+  }
   data = sources.load_dataset(_config(write_folder(tmp_path / "d", layout), tmp_path))
   assert len(data.train.labels) == 3  # notes.txt is not an image file: ignored as torchvision
   expected_jpeg = np.asarray(Image.open(io.BytesIO(_encode(rgb, "JPEG"))).convert("RGB"))
@@ -115,8 +135,10 @@ def test_mixed_sizes_need_image_size_and_resize_like_torchvision(tmp_path):
   from torchvision.transforms import v2
 
   wide, tall = _images(0, 1, (12, 20, 3))[0], _images(1, 1, (18, 10, 3))[0]
-  layout = {split: {"a": [("0.png", _encode(wide, "PNG"))], "b": [("0.png", _encode(tall, "PNG"))]}
-            for split in ("train", "test")}
+  layout = {
+    split: {"a": [("0.png", _encode(wide, "PNG"))], "b": [("0.png", _encode(tall, "PNG"))]}
+    for split in ("train", "test")
+  }
   folder = write_folder(tmp_path / "d", layout)
   with pytest.raises(DataError, match=r"several sizes.*dataset.image_size") as info:
     sources.load_dataset(_config(folder, tmp_path))
@@ -165,8 +187,19 @@ def _bad_tar(tmp_path, member_name):
   return path
 
 
-@pytest.mark.parametrize("case", ["not_archive", "missing", "missing_split", "empty_class",
-                                  "class_mismatch", "truncated", "escape", "absolute"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "not_archive",
+    "missing",
+    "missing_split",
+    "empty_class",
+    "class_mismatch",
+    "truncated",
+    "escape",
+    "absolute",
+  ],
+)
 def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path, case):
   layout, _ = png_layout()
   path, match = None, None
@@ -189,7 +222,7 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path, case):
     path, match = write_folder(tmp_path / "d", layout), r"different classes.*'cat'.*'dog'"
   elif case == "truncated":
     raw = layout["train"]["bee"][1][1]
-    layout["train"]["bee"][1] = ("01.png", raw[:len(raw) // 2])
+    layout["train"]["bee"][1] = ("01.png", raw[: len(raw) // 2])
     path, match = write_folder(tmp_path / "d", layout), r"cannot decode image .*bee.01\.png"
   elif case == "escape":
     path, match = _bad_tar(tmp_path, "../outside.png"), r"'\.\./outside\.png', which escapes"
@@ -220,9 +253,11 @@ def test_cache_key_depends_on_every_setting():
   assert base != image_folder.cache_key("abc", ["train", "test"], 32)
 
 
-@pytest.mark.skipif(not os.path.isfile(CIFAR10_JPEG),
-                    reason=f"the CIFAR-10 JPEG archive is absent ({CIFAR10_JPEG}; set "
-                    "JAXSAM_CIFAR10_JPEG to its path)")
+@pytest.mark.skipif(
+  not os.path.isfile(CIFAR10_JPEG),
+  reason=f"the CIFAR-10 JPEG archive is absent ({CIFAR10_JPEG}; set "
+  "JAXSAM_CIFAR10_JPEG to its path)",
+)
 @pytest.mark.slow
 def test_real_cifar10_jpeg_archive(tmp_path):
   data = sources.load_dataset(_config(CIFAR10_JPEG, tmp_path, name="cifar10"))

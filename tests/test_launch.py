@@ -13,8 +13,14 @@ from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-QUICK = ["--config.num_epochs=1", "--config.model.image_size=8", "--config.batch_size=64",
-         "--config.log_every_steps=5", "--config.progress_bar=False", "--config.wandb.mode=disabled"]
+QUICK = [
+  "--config.num_epochs=1",
+  "--config.model.image_size=8",
+  "--config.batch_size=64",
+  "--config.log_every_steps=5",
+  "--config.progress_bar=False",
+  "--config.wandb.mode=disabled",
+]
 
 
 def read(path):
@@ -24,28 +30,39 @@ def read(path):
 
 def launch(*args, cwd=ROOT, timeout=300):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd, check=False,
-                        capture_output=True, text=True, timeout=timeout, env=env)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+    cwd=cwd,
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env,
+  )
 
 
 def load_config(path):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("cfg", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIG_FILES
-                                  if os.path.basename(p) not in ("common.py", "__init__.py")],
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+  "path",
+  [p for p in CONFIG_FILES if os.path.basename(p) not in ("common.py", "__init__.py")],
+  ids=os.path.basename,
+)
 def test_every_config_file_loads_with_every_base_key(path):
   config = load_config(path)
   base = common.get_base_config()
 
   def keys(d, prefix=""):
     return {prefix + k for k, v in d.items() if not hasattr(v, "items")} | {
-        x for k, v in d.items() if hasattr(v, "items") for x in keys(v, prefix + k + ".")}
+      x for k, v in d.items() if hasattr(v, "items") for x in keys(v, prefix + k + ".")
+    }
 
   assert keys(config) == keys(base)
   doc = read(path)
@@ -55,8 +72,9 @@ def test_every_config_file_loads_with_every_base_key(path):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("quick") / "run")
-  result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", "--config.seed=7",
-                  *QUICK)
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={workdir}", "--config.seed=7", *QUICK
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir, result
 
@@ -93,15 +111,17 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_unknown_config_key_is_one_line_error(tmp_path):
-  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
-                  "--config.sam.rhoo=0.1")
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={tmp_path}/w", "--config.sam.rhoo=0.1"
+  )
   assert_one_line_error(result, "rhoo")
   assert not os.path.exists(tmp_path / "w")
 
 
 def test_wrong_typed_override_is_one_line_error(tmp_path):
-  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
-                  "--config.batch_size=lots")
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={tmp_path}/w", "--config.batch_size=lots"
+  )
   assert_one_line_error(result, "lots")
   assert not os.path.exists(tmp_path / "w")
 
@@ -111,16 +131,23 @@ def test_missing_config_file_is_one_line_error(tmp_path):
   assert_one_line_error(result, "nope.py")
 
 
-TINY = ["--config.max_steps=5", "--config.model.image_size=8", "--config.model.width=4",
-        "--config.batch_size=64", "--config.log_every_steps=5", "--config.progress_bar=False",
-        "--config.wandb.mode=disabled"]
+TINY = [
+  "--config.max_steps=5",
+  "--config.model.image_size=8",
+  "--config.model.width=4",
+  "--config.batch_size=64",
+  "--config.log_every_steps=5",
+  "--config.progress_bar=False",
+  "--config.wandb.mode=disabled",
+]
 
 
 @pytest.mark.slow
 def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
   workdir = tmp_path / "w"
-  result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", "--profile_steps=2:4",
-                  *TINY)
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={workdir}", "--profile_steps=2:4", *TINY
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*"))
   assert any(t.endswith(".xplane.pb") for t in traces), traces
@@ -132,18 +159,21 @@ def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_profile_steps_past_the_run_warn_and_train_on(tmp_path):
-  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
-                  "--profile_steps=7:9", *TINY)
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={tmp_path}/w", "--profile_steps=7:9", *TINY
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "warning: --profile_steps=7:9 goes past the run's 5 steps; no step is traced" in (
-      result.stderr)
+    result.stderr
+  )
   assert not os.path.exists(tmp_path / "w" / "profile")
 
 
 @pytest.mark.parametrize("value", ["4:2", "3:3", "-1:4", "2-4", "a:b", "5"])
 def test_malformed_profile_steps_is_one_line_error(tmp_path, value):
-  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w",
-                  f"--profile_steps={value}")
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={tmp_path}/w", f"--profile_steps={value}"
+  )
   assert_one_line_error(result, f"--profile_steps={value}", "START:END")
   assert not os.path.exists(tmp_path / "w")
 
@@ -169,28 +199,44 @@ def test_unwritable_workdir_is_one_line_error(tmp_path):
 def test_workdir_of_another_config_is_refused(quick_run):
   workdir, _ = quick_run
   before = read(os.path.join(workdir, "metrics.jsonl"))
-  result = launch("--config=configs/quickstart.py", f"--workdir={workdir}", *QUICK,
-                  "--config.optimizer.learning_rate=0.5")
+  result = launch(
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    *QUICK,
+    "--config.optimizer.learning_rate=0.5",
+  )
   assert_one_line_error(result, "optimizer.learning_rate", "--overwrite")
   assert read(os.path.join(workdir, "metrics.jsonl")) == before
 
 
 @pytest.mark.slow
 def test_bad_config_value_exits_2_with_one_line_and_creates_nothing(tmp_path):
-  result = launch("--config=configs/quickstart.py", f"--workdir={tmp_path}/w", *QUICK,
-                  "--config.sam.rho=-1.0")
+  result = launch(
+    "--config=configs/quickstart.py", f"--workdir={tmp_path}/w", *QUICK, "--config.sam.rho=-1.0"
+  )
   assert_one_line_error(result, "rho=-1.0")
   assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("sam.variant", "bsam", "bsam"), ("model.name", "resnet9000", "resnet9000"),
-    ("batch_size", 63, "batch_size=63"), ("dataset.name", "imagenet_nope", "imagenet_nope"),
-    ("augment.randaugment.magnitude", 11, "11"), ("schedule.name", "wavy", "wavy"),
-    ("optimizer.name", "lion9", "lion9"), ("dtype", "float8", "float8"), ("sam.m", 3, "sam.m=3")])
-def test_bad_config_values_raise_user_errors_before_the_workdir_exists(tmp_path, key, value,
-                                                                       fragment):
+@pytest.mark.parametrize(
+  "key,value,fragment",
+  [
+    ("sam.variant", "bsam", "bsam"),
+    ("model.name", "resnet9000", "resnet9000"),
+    ("batch_size", 63, "batch_size=63"),
+    ("dataset.name", "imagenet_nope", "imagenet_nope"),
+    ("augment.randaugment.magnitude", 11, "11"),
+    ("schedule.name", "wavy", "wavy"),
+    ("optimizer.name", "lion9", "lion9"),
+    ("dtype", "float8", "float8"),
+    ("sam.m", 3, "sam.m=3"),
+  ],
+)
+def test_bad_config_values_raise_user_errors_before_the_workdir_exists(
+  tmp_path, key, value, fragment
+):
   from jaxsam import errors, train
+
   config = load_config(os.path.join(ROOT, "configs", "quickstart.py"))
   config.sam.rho = 0.05
   node, *path = [config] + key.split(".")

@@ -55,7 +55,9 @@ def random_variables(module, size: int, seed: int = 0):
 
 
 def test_unknown_name_lists_known_names():
-  with pytest.raises(ConfigError, match=r"unknown config.model.name 'resnet51'.*resnet50.*wrn28_10"):
+  with pytest.raises(
+    ConfigError, match=r"unknown config.model.name 'resnet51'.*resnet50.*wrn28_10"
+  ):
     models.create_model(model_config("resnet51"), num_classes=10)
 
 
@@ -118,7 +120,9 @@ def test_init_and_train_step_of_the_quickstart_model():
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(2)}
   variables = jax.jit(lambda: module.init(rngs, x, train=False))()
   logits, state = jax.jit(
-    lambda v: module.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+    lambda v: module.apply(
+      v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}
+    )
   )(variables)
   assert logits.shape == (4, 10) and logits.dtype == jnp.float32
   assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
@@ -134,7 +138,9 @@ def test_freeze_bn_uses_running_statistics_when_training():
   np.testing.assert_array_equal(train, module.apply(variables, x, train=False))
   jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
   unfrozen = models.create_model(model_config("resnet8"), num_classes=3)
-  assert not np.allclose(unfrozen.apply(variables, x, train=True, mutable=["batch_stats"])[0], train)
+  assert not np.allclose(
+    unfrozen.apply(variables, x, train=True, mutable=["batch_stats"])[0], train
+  )
 
 
 def test_dropout_draws_from_the_dropout_rng():
@@ -143,7 +149,9 @@ def test_dropout_draws_from_the_dropout_rng():
   variables = random_variables(module, 8)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   apply = jax.jit(
-    lambda k: module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})[0]
+    lambda k: module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})[
+      0
+    ]
   )
   a, b, a2 = apply(jax.random.key(0)), apply(jax.random.key(1)), apply(jax.random.key(0))
   np.testing.assert_array_equal(a, a2)
@@ -153,10 +161,17 @@ def test_dropout_draws_from_the_dropout_rng():
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_zero_init_residual_zeroes_each_blocks_last_bn_scale(block):
   module = resnet.ResNet(
-    stage_sizes=(2,), block=block, num_classes=3, widths=(4,), stem="cifar", stem_width=4,
+    stage_sizes=(2,),
+    block=block,
+    num_classes=3,
+    widths=(4,),
+    stem="cifar",
+    stem_width=4,
     zero_init_residual=True,
   )
-  params = module.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 3)), train=False)["params"]
+  params = module.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 3)), train=False)[
+    "params"
+  ]
   last = "bn2" if block == "basic" else "bn3"
   for name in ("layer1_0", "layer1_1"):
     assert not params[name][last]["scale"].any() and params[name]["bn1"]["scale"].all()

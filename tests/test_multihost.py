@@ -24,12 +24,19 @@ from jaxsam import distributed
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.py")
 STEPS = 60  # < 89 steps per epoch at batch 16: one epoch-end (eval + checkpoint) at the last step
-TINY = [f"--config={REPO / 'configs' / 'quickstart.py'}", "--config.model.image_size=8",
-        "--config.batch_size=16", "--config.eval_batch_size=32", "--config.progress_bar=false",
-        "--config.log_every_steps=2", f"--config.max_steps={STEPS}",
-        # Plain SGD, no RandAugment: this file tests the process plumbing; SAM over devices is
-        # checked against per-shard references in test_steps.py and test_sam.py.
-        "--config.sam.rho=0.0", "--config.augment.randaugment.num_ops=0"]
+TINY = [
+  f"--config={REPO / 'configs' / 'quickstart.py'}",
+  "--config.model.image_size=8",
+  "--config.batch_size=16",
+  "--config.eval_batch_size=32",
+  "--config.progress_bar=false",
+  "--config.log_every_steps=2",
+  f"--config.max_steps={STEPS}",
+  # Plain SGD, no RandAugment: this file tests the process plumbing; SAM over devices is
+  # checked against per-shard references in test_steps.py and test_sam.py.
+  "--config.sam.rho=0.0",
+  "--config.augment.randaugment.num_ops=0",
+]
 TIMEOUT = 400  # a hung run fails the test instead of blocking CI
 
 
@@ -42,9 +49,14 @@ def free_port() -> int:
 def child_env(devices: int) -> dict:
   """CPU only, `devices` devices per process, no SLURM variables leaking in from a CI job."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", WANDB_MODE="disabled",
-             PYTHONUNBUFFERED="1")
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    WANDB_MODE="disabled",
+    PYTHONUNBUFFERED="1",
+  )
   return env
 
 
@@ -68,8 +80,13 @@ class Proc:
     self.cwd.mkdir(parents=True, exist_ok=True)
     self.out_path, self.err_path = folder / f"{name}.out", folder / f"{name}.err"
     with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-      self.popen = subprocess.Popen([sys.executable, LAUNCH, *args], cwd=self.cwd,
-                                    env=child_env(devices), stdout=out, stderr=err)
+      self.popen = subprocess.Popen(
+        [sys.executable, LAUNCH, *args],
+        cwd=self.cwd,
+        env=child_env(devices),
+        stdout=out,
+        stderr=err,
+      )
     _STARTED.append(self.popen)
 
   def wait(self, timeout: float = TIMEOUT) -> int:
@@ -92,10 +109,21 @@ class Proc:
 def start_processes(folder, name, args, *, num, devices, counts=None) -> list[Proc]:
   port = free_port()
   counts = counts or [num] * num
-  return [Proc(folder, f"{name}{p}", [*args, f"--coordinator_address=127.0.0.1:{port}",
-                                       f"--num_processes={counts[p]}", f"--process_id={p}",
-                                       "--distributed_timeout_s=120"], devices)
-          for p in range(num)]
+  return [
+    Proc(
+      folder,
+      f"{name}{p}",
+      [
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={counts[p]}",
+        f"--process_id={p}",
+        "--distributed_timeout_s=120",
+      ],
+      devices,
+    )
+    for p in range(num)
+  ]
 
 
 def read_records(workdir) -> list[dict]:
@@ -134,12 +162,21 @@ def runs(tmp_path_factory):
     time.sleep(0.05)
   first[1].popen.send_signal(signal.SIGTERM)  # like a scheduler preempting one host
   first_rc = [p.wait() for p in first]
-  checkpoints = sorted(int(d.name) for d in (multi_dir / "checkpoints").iterdir()
-                       if d.name.isdigit())
+  checkpoints = sorted(
+    int(d.name) for d in (multi_dir / "checkpoints").iterdir() if d.name.isdigit()
+  )
   second = start_processes(folder, "second", [*TINY, f"--workdir={multi_dir}"], num=2, devices=1)
-  return {"single": single, "single_rc": single.wait(), "single_dir": single_dir,
-          "first": first, "first_rc": first_rc, "checkpoints_after_first": checkpoints,
-          "second": second, "second_rc": [p.wait() for p in second], "multi_dir": multi_dir}
+  return {
+    "single": single,
+    "single_rc": single.wait(),
+    "single_dir": single_dir,
+    "first": first,
+    "first_rc": first_rc,
+    "checkpoints_after_first": checkpoints,
+    "second": second,
+    "second_rc": [p.wait() for p in second],
+    "multi_dir": multi_dir,
+  }
 
 
 @pytest.mark.slow
@@ -166,10 +203,12 @@ def test_two_processes_end_like_one_process_with_the_same_global_batch(runs):
     for a, b in zip(jax.tree.leaves(single[part]), jax.tree.leaves(multi[part]), strict=True):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=part)
   timing = {"images_per_sec", "time/input_wait_ms"}
-  records = [{k: v for k, v in r.items() if k not in timing}
-             for r in read_records(runs["multi_dir"])]
-  expected = [{k: v for k, v in r.items() if k not in timing}
-              for r in read_records(runs["single_dir"])]
+  records = [
+    {k: v for k, v in r.items() if k not in timing} for r in read_records(runs["multi_dir"])
+  ]
+  expected = [
+    {k: v for k, v in r.items() if k not in timing} for r in read_records(runs["single_dir"])
+  ]
   assert len(records) == len(expected) == STEPS // 2 + 1  # every log step once, plus the eval
   for got, want in zip(records, expected):
     assert got.keys() == want.keys()
@@ -196,8 +235,12 @@ def test_only_process_zero_writes(runs):
 
 @pytest.mark.slow
 def test_process_id_out_of_range_fails_before_any_network(tmp_path):
-  proc = Proc(tmp_path, "bad", [*TINY, "--coordinator_address=127.0.0.1:1", "--num_processes=2",
-                                "--process_id=2"], devices=1)
+  proc = Proc(
+    tmp_path,
+    "bad",
+    [*TINY, "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+    devices=1,
+  )
   assert proc.wait(60) == 2
   assert "--process_id=2 must be in [0, 1]" in one_error_line(proc)
 
@@ -205,9 +248,18 @@ def test_process_id_out_of_range_fails_before_any_network(tmp_path):
 @pytest.mark.slow
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   start = time.time()
-  proc = Proc(tmp_path, "lost", [*TINY, f"--coordinator_address=127.0.0.1:{free_port()}",
-                                 "--num_processes=2", "--process_id=1",
-                                 "--distributed_timeout_s=3"], devices=1)
+  proc = Proc(
+    tmp_path,
+    "lost",
+    [
+      *TINY,
+      f"--coordinator_address=127.0.0.1:{free_port()}",
+      "--num_processes=2",
+      "--process_id=1",
+      "--distributed_timeout_s=3",
+    ],
+    devices=1,
+  )
   assert proc.wait(90) == 2
   assert "unreachable after 3s" in one_error_line(proc)
   assert time.time() - start < 60  # startup plus the 3 s wait, not a hang
@@ -215,8 +267,9 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
 
 @pytest.mark.slow
 def test_processes_started_with_different_counts_all_fail(tmp_path):
-  procs = start_processes(tmp_path, "mismatch", [*TINY, f"--workdir={tmp_path / 'w'}"], num=2,
-                          devices=1, counts=[2, 3])
+  procs = start_processes(
+    tmp_path, "mismatch", [*TINY, f"--workdir={tmp_path / 'w'}"], num=2, devices=1, counts=[2, 3]
+  )
   assert [p.wait(120) for p in procs] == [2, 2]
   for p in procs:
     assert "process 1 was started with --num_processes=3" in one_error_line(p)
@@ -225,8 +278,13 @@ def test_processes_started_with_different_counts_all_fail(tmp_path):
 @pytest.mark.slow
 def test_global_batch_not_divisible_by_all_devices(tmp_path):
   # 2 processes x 2 devices: 6 splits over one process's devices but not over all 4.
-  procs = start_processes(tmp_path, "batch", [*TINY, "--config.batch_size=6",
-                                              f"--workdir={tmp_path / 'w'}"], num=2, devices=2)
+  procs = start_processes(
+    tmp_path,
+    "batch",
+    [*TINY, "--config.batch_size=6", f"--workdir={tmp_path / 'w'}"],
+    num=2,
+    devices=2,
+  )
   assert [p.wait(180) for p in procs] == [2, 2]
   for p in procs:
     assert "batch_size=6 must be a positive multiple of the device count 4" in one_error_line(p)
@@ -235,8 +293,14 @@ def test_global_batch_not_divisible_by_all_devices(tmp_path):
 # --- Process layout resolution (pure). ------------------------------------------------------------
 
 
-SLURM = {"SLURM_JOB_ID": "4321", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-         "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+SLURM = {
+  "SLURM_JOB_ID": "4321",
+  "SLURM_NTASKS": "8",
+  "SLURM_PROCID": "5",
+  "SLURM_LOCALID": "1",
+  "SLURM_STEP_NODELIST": "gpu[07-08]",
+  "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+}
 
 
 def test_resolve_from_flags_and_single_process():
@@ -250,8 +314,13 @@ def test_resolve_from_slurm_leaves_the_address_to_jax():
   spec = distributed.resolve(env=SLURM)
   assert spec.coordinator_address is None  # jax.distributed.initialize's SLURM detection finds it
   assert (spec.num_processes, spec.process_id, spec.local_device_ids) == (8, 5, (1,))
-  one_per_node = {**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
-                  "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+  one_per_node = {
+    **SLURM,
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+  }
   assert distributed.resolve(env=one_per_node).local_device_ids is None  # all local GPUs
   bound = {**SLURM, "CUDA_VISIBLE_DEVICES": "3"}  # --gpus-per-task: SLURM bound one GPU already
   assert distributed.resolve(env=bound).local_device_ids is None
@@ -259,17 +328,22 @@ def test_resolve_from_slurm_leaves_the_address_to_jax():
   assert distributed.resolve("h:99", env=SLURM).coordinator_address == "h:99"
 
 
-@pytest.mark.parametrize("node_list, first", [
-    ("node001", "node001"), ("a,b", "a"), ("n[003-005,9],m1", "n003"), ("gpu[1,7-9]", "gpu1")])
+@pytest.mark.parametrize(
+  "node_list, first",
+  [("node001", "node001"), ("a,b", "a"), ("n[003-005,9],m1", "n003"), ("gpu[1,7-9]", "gpu1")],
+)
 def test_jax_slurm_detection_picks_the_first_host_and_the_job_port(monkeypatch, node_list, first):
   from jax._src.clusters import SlurmCluster
+
   for key, value in {**SLURM, "SLURM_STEP_NODELIST": node_list}.items():
     monkeypatch.setenv(key, value)
   assert SlurmCluster.is_env_present()
   assert SlurmCluster.get_coordinator_address(None, None) == f"{first}:{4321 % 4096 + 61440}"
 
 
-@pytest.mark.parametrize("args, env, message", [
+@pytest.mark.parametrize(
+  "args, env, message",
+  [
     (("h:1", 2, 2), None, "--process_id=2 must be in [0, 1]"),
     (("h:1", 0, 0), None, "--num_processes=0 must be >= 1"),
     (("h:1", None, 1), None, "needs --num_processes too"),
@@ -278,7 +352,8 @@ def test_jax_slurm_detection_picks_the_first_host_and_the_job_port(monkeypatch, 
     (("h:99999", 2, 0), None, "is not host:port"),
     ((None, 4, None), SLURM, "--num_processes=4 does not match SLURM_NTASKS=8"),
     ((None, None, 0), SLURM, "--process_id=0 does not match SLURM_PROCID=5"),
-])
+  ],
+)
 def test_resolve_rejects_inconsistent_input(args, env, message):
   with pytest.raises(distributed.DistributedError, match="^.*$") as e:
     distributed.resolve(*args, env=env)
@@ -288,8 +363,10 @@ def test_resolve_rejects_inconsistent_input(args, env, message):
 def test_check_claims():
   spec = distributed.ProcessSpec("h:1", 2, 0)
   distributed.check_claims(spec, np.array([[2, 0], [2, 1]]), 2, 0)
-  with pytest.raises(distributed.DistributedError, match="process 1 was started with "
-                                                          "--num_processes=3 --process_id=1"):
+  with pytest.raises(
+    distributed.DistributedError,
+    match="process 1 was started with --num_processes=3 --process_id=1",
+  ):
     distributed.check_claims(spec, np.array([[2, 0], [3, 1]]), 2, 0)
   with pytest.raises(distributed.DistributedError, match="numbered this process 1"):
     distributed.check_claims(spec, np.array([[2, 0], [2, 1]]), 2, 1)

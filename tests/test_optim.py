@@ -35,8 +35,10 @@ def random_problem(grad_scale=1.0, seed=0):
   """fp32 params and NUM_STEPS gradients per leaf (the same numbers go to jax and torch)."""
   rng = np.random.default_rng(seed)
   params = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-  grads = [{k: (grad_scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-           for _ in range(NUM_STEPS)]
+  grads = [
+    {k: (grad_scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+    for _ in range(NUM_STEPS)
+  ]
   return params, grads
 
 
@@ -82,8 +84,11 @@ def test_sgd_equals_torch_sgd_with_coupled_weight_decay(nesterov):
   config = make_config(nesterov=nesterov)
   params, grads = random_problem()
   ours = run_ours(optim.make_base_optimizer(config, constant_lr(config)), params, grads)
-  theirs = run_torch(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                                nesterov=nesterov), params, grads)
+  theirs = run_torch(
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov),
+    params,
+    grads,
+  )
   assert_histories_close(ours, theirs, rtol=1e-6, atol=ATOL)
   # Not vacuous: the parameters moved by far more than the tolerance.
   assert np.max(np.abs(ours[-1]["dense"] - params["dense"])) > 0.1
@@ -95,8 +100,9 @@ def test_weight_decay_is_coupled_not_decoupled():
   params, grads = random_problem()
   zeros = [jax.tree.map(np.zeros_like, g) for g in grads]
   ours = run_ours(optim.make_base_optimizer(config, constant_lr(config)), params, zeros)
-  theirs = run_torch(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
-                     params, zeros)
+  theirs = run_torch(
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1), params, zeros
+  )
   assert_histories_close(ours, theirs, rtol=1e-6, atol=ATOL)
   assert np.all(np.abs(ours[-1]["bias"]) < np.abs(params["bias"]))
 
@@ -106,13 +112,15 @@ def test_clipping_acts_before_weight_decay_as_torch_clip_grad_norm():
   config = make_config(clip=1.0, weight_decay=1e-2)
   params, grads = random_problem(grad_scale=10.0)
   ours = run_ours(optim.make_base_optimizer(config, constant_lr(config)), params, grads)
-  theirs = run_torch(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2),
-                     params, grads, clip=1.0)
+  theirs = run_torch(
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2), params, grads, clip=1.0
+  )
   # torch divides by (norm + 1e-6): a relative difference of ~1e-6 / norm (norm ~ 100 here).
   assert_histories_close(ours, theirs, rtol=1e-6, atol=ATOL)
   # Clipping after the decay (the wrong order) would give a measurably different trajectory.
-  wrong = optax.chain(optax.add_decayed_weights(1e-2), optax.clip_by_global_norm(1.0),
-                      optax.sgd(0.1, momentum=0.9))
+  wrong = optax.chain(
+    optax.add_decayed_weights(1e-2), optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)
+  )
   wrong_hist = run_ours(wrong, params, grads)
   assert np.max(np.abs(wrong_hist[-1]["conv"] - theirs[-1]["conv"])) > 1e-4
 
@@ -121,8 +129,9 @@ def test_adamw_equals_torch_adamw():
   config = make_config(name="adamw", lr=1e-2, weight_decay=0.05)
   params, grads = random_problem()
   ours = run_ours(optim.make_base_optimizer(config, constant_lr(config)), params, grads)
-  theirs = run_torch(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, eps=1e-8),
-                     params, grads)
+  theirs = run_torch(
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, eps=1e-8), params, grads
+  )
   assert_histories_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -146,8 +155,9 @@ def test_cosine_schedule_equals_torch_cosine_annealing():
   total = 3 * steps_per_epoch
   schedule = optim.make_schedule(config, steps_per_epoch)
   ours = np.array([float(schedule(s)) for s in range(total)])
-  theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total),
-                     0.1, total)
+  theirs = torch_lrs(
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total), 0.1, total
+  )
   np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-8)
   assert float(schedule(total)) == pytest.approx(0.0, abs=1e-8)
 
@@ -229,7 +239,10 @@ def test_make_optimizer_with_rho_zero_is_the_base_sgd():
   params, grads = random_problem(seed=3)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=10, axis_name=None)
   ours = run_ours(tx, params, grads)
-  theirs = run_torch(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                                nesterov=True), params, grads)
+  theirs = run_torch(
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True),
+    params,
+    grads,
+  )
   assert_histories_close(ours, theirs, rtol=1e-6, atol=ATOL)
   assert math.isfinite(float(tx.init(jax.tree.map(jnp.asarray, params)).clean_grad_norm))

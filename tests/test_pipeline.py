@@ -35,8 +35,9 @@ def flip_augment(images, seeds):
 
 
 def jax_free_coin(seeds):
-  return tf.map_fn(lambda s: tf.random.stateless_uniform([], seed=s) < 0.5, seeds,
-                   fn_output_signature=tf.bool)
+  return tf.map_fn(
+    lambda s: tf.random.stateless_uniform([], seed=s) < 0.5, seeds, fn_output_signature=tf.bool
+  )
 
 
 def test_same_seed_same_batches_and_epochs_are_permutations():
@@ -51,14 +52,15 @@ def test_same_seed_same_batches_and_epochs_are_permutations():
   spe = pipeline.steps_per_epoch(50, 8)  # 6 full batches; the last 2 examples wait a turn
   epoch0 = [i for x in a[:spe] for i in ids(x)]
   assert len(set(epoch0)) == spe * 8
-  assert [i for x in a[spe:2 * spe] for i in ids(x)] != epoch0  # a new order every epoch
+  assert [i for x in a[spe : 2 * spe] for i in ids(x)] != epoch0  # a new order every epoch
 
 
 def test_resumed_stream_continues_the_same_batches():
   split = make_split()
   full = take(pipeline.train_batches(split, flip_augment, seed=1, global_batch=8), 15)
-  resumed = take(pipeline.train_batches(split, flip_augment, seed=1, global_batch=8,
-                                        start_step=9), 6)
+  resumed = take(
+    pipeline.train_batches(split, flip_augment, seed=1, global_batch=8, start_step=9), 6
+  )
   for x, y in zip(full[9:], resumed):
     np.testing.assert_array_equal(x["image"], y["image"])
 
@@ -66,8 +68,15 @@ def test_resumed_stream_continues_the_same_batches():
 def test_process_shards_are_disjoint_and_make_up_the_global_batch():
   split = make_split()
   one = take(pipeline.train_batches(split, flip_augment, seed=0, global_batch=8), 7)
-  shards = [take(pipeline.train_batches(split, flip_augment, seed=0, global_batch=8,
-                                        process_index=p, process_count=2), 7) for p in range(2)]
+  shards = [
+    take(
+      pipeline.train_batches(
+        split, flip_augment, seed=0, global_batch=8, process_index=p, process_count=2
+      ),
+      7,
+    )
+    for p in range(2)
+  ]
   for step, whole in enumerate(one):
     p0, p1 = shards[0][step], shards[1][step]
     assert not set(ids(p0)) & set(ids(p1))
@@ -94,6 +103,7 @@ def test_batch_larger_than_the_split_is_a_config_error():
 
 class FixedLogits(nn.Module):
   """Logits that depend on the input only: predicts class (pixel value % classes)."""
+
   num_classes: int = 7
 
   @nn.compact
@@ -109,23 +119,39 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   test = make_split(n=50, seed=1)
   ids_ = test.images[:, 0, 0, 0].astype(int)
   expected_correct = ids_ % 7 == test.labels
-  data = sources.DatasetArrays(name="fixed", train=make_split(), test=test, num_classes=7,
-                               mean=(0.0,) * 3, std=(1.0,) * 3)
+  data = sources.DatasetArrays(
+    name="fixed", train=make_split(), test=test, num_classes=7, mean=(0.0,) * 3, std=(1.0,) * 3
+  )
   mesh = parallel.make_mesh(jax.devices()[:8])
   cfg = steps.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
   model = FixedLogits()
-  setup = train.Setup(data=data, model=model, step_config=cfg, num_classes=7, mesh=mesh,
-                      steps_per_epoch=1, total_steps=1)
+  setup = train.Setup(
+    data=data,
+    model=model,
+    step_config=cfg,
+    num_classes=7,
+    mesh=mesh,
+    steps_per_epoch=1,
+    total_steps=1,
+  )
   eval_step = steps.compile_eval_step(mesh, model=model, cfg=cfg)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)), train=False)
-  state = parallel.replicate(steps.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats={}, opt_state=(),
-      rng=jax.random.PRNGKey(0)), mesh)
+  state = parallel.replicate(
+    steps.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats={},
+      opt_state=(),
+      rng=jax.random.PRNGKey(0),
+    ),
+    mesh,
+  )
   result = train.evaluate_test_split(eval_step, state, setup, global_batch=16)
   assert result["test/count"] == 50
   assert result["test/accuracy"] == pytest.approx(expected_correct.mean(), abs=1e-7)
-  per_class = [expected_correct[test.labels == c].mean() if (test.labels == c).any() else 0.0
-               for c in range(7)]
+  per_class = [
+    expected_correct[test.labels == c].mean() if (test.labels == c).any() else 0.0 for c in range(7)
+  ]
   np.testing.assert_allclose(result["per_class_accuracy"], per_class, atol=1e-7)
   logits = np.eye(7)[ids_ % 7] * 10.0
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -135,6 +161,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
 def test_every_config_file_builds_its_augmentation():
   """The study configs' augment presets are accepted by the augmentation builder."""
   from jaxsam.data import augment
+
   for preset in (common.use_cutout, common.use_randaugment, common.use_autoaugment):
     config = preset(common.get_base_config())
     fn = augment.make_train_augment(config.augment, image_shape=(32, 32, 3))

@@ -113,9 +113,13 @@ def bn_element_counts(model, x) -> dict:
   counts, hooks = {}, []
   for name, m in model.named_modules():
     if isinstance(m, torch.nn.BatchNorm2d):
-      hooks.append(m.register_forward_hook(
-        lambda mod, inp, out, name=name: counts.__setitem__(name, inp[0].numel() // inp[0].shape[1])
-      ))
+      hooks.append(
+        m.register_forward_hook(
+          lambda mod, inp, out, name=name: counts.__setitem__(
+            name, inp[0].numel() // inp[0].shape[1]
+          )
+        )
+      )
   with torch.no_grad():
     model.eval()(x)
   for h in hooks:
@@ -159,14 +163,17 @@ def check_against_torch(torch_model, name: str, tmp_path, seed: int):
   updated, _ = pretrained.map_torch({k: v.numpy() for k, v in new_state.items()}, family)
   before, _ = pretrained.map_torch({k: v.numpy() for k, v in state.items()}, family)
   n_by_name, _ = pretrained.map_torch(
-    {f"{k}.running_var": np.full(1, n, np.float32) for k, n in counts.items()}, "efficientnet" if "eff" in name else "resnet"
+    {f"{k}.running_var": np.full(1, n, np.float32) for k, n in counts.items()},
+    "efficientnet" if "eff" in name else "resnet",
   )
   for key, value in stats.items():
     ref = updated[f"batch_stats/{key}"]
     if key.endswith("/var"):
       n = n_by_name[f"batch_stats/{key}"][0]
       old = 0.9 * before[f"batch_stats/{key}"]
-      np.testing.assert_allclose((value - old) * n / (n - 1), ref - old, rtol=1e-3, atol=1e-5, err_msg=key)
+      np.testing.assert_allclose(
+        (value - old) * n / (n - 1), ref - old, rtol=1e-3, atol=1e-5, err_msg=key
+      )
     else:
       np.testing.assert_allclose(value, ref, rtol=1e-4, atol=1e-5, err_msg=key)
   return variables
@@ -204,7 +211,9 @@ def randomise_keras(model, x_calibrate: np.ndarray, seed: int) -> None:
       layer.rate = 0.0  # deterministic train-mode logits, as the Flax side with rates 0
   for layer in bns:
     gamma, beta, mean, var = layer.get_weights()
-    layer.set_weights([rng.uniform(0.5, 1.0, gamma.shape), rng.normal(0, 0.1, beta.shape), mean, var])
+    layer.set_weights(
+      [rng.uniform(0.5, 1.0, gamma.shape), rng.normal(0, 0.1, beta.shape), mean, var]
+    )
     layer.momentum = 0.0  # one training call sets the moving statistics to the batch's
   model(x_calibrate, training=True)
   for layer in bns:
@@ -241,7 +250,9 @@ def check_against_keras(ref, name: str, files: list, config_kw: dict, family: st
 
   module = models.create_model(model_config(name, **config_kw), 1000)
   fresh = init_zeros(module, x)
-  loaded = [pretrained.load_pretrained(path, model_config(name, **config_kw), fresh) for _, path in files]
+  loaded = [
+    pretrained.load_pretrained(path, model_config(name, **config_kw), fresh) for _, path in files
+  ]
   for other in loaded[1:]:
     jax.tree.map(np.testing.assert_array_equal, loaded[0], other)
   variables = loaded[0]
@@ -255,23 +266,29 @@ def check_against_keras(ref, name: str, files: list, config_kw: dict, family: st
   # Keras, like Flax, updates the moving variance with the biased batch variance.
   updated, _ = pretrained.map_keras(keras_weights(ref), family)
   for key, value in stats.items():
-    np.testing.assert_allclose(value, updated[f"batch_stats/{key}"], rtol=1e-4, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(
+      value, updated[f"batch_stats/{key}"], rtol=1e-4, atol=1e-5, err_msg=key
+    )
   return module, before
 
 
 @pytest.mark.slow
 def test_resnet50_v1_matches_keras(tmp_path):
-  ref = keras.applications.ResNet50(weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+  ref = keras.applications.ResNet50(
+    weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None
+  )
   files = [
     (save_legacy_h5, tmp_path / "resnet50.h5"),
     (lambda m, p: m.save(p), tmp_path / "resnet50.keras"),
   ]
-  module, weights = check_against_keras(ref, "resnet50", files, {"resnet_v1": True}, "resnet", seed=2)
-  # Keras' conv biases fold into the BN means, so ours has exactly the bias-free count.
-  conv_biases = sum(
-    v.size for k, v in weights.items() if k.endswith("_conv/bias")
+  module, weights = check_against_keras(
+    ref, "resnet50", files, {"resnet_v1": True}, "resnet", seed=2
   )
-  assert param_count(module) == 25_557_032 == ref.count_params() - 53_120 - conv_biases  # 53,120 BN stats
+  # Keras' conv biases fold into the BN means, so ours has exactly the bias-free count.
+  conv_biases = sum(v.size for k, v in weights.items() if k.endswith("_conv/bias"))
+  assert (
+    param_count(module) == 25_557_032 == ref.count_params() - 53_120 - conv_biases
+  )  # 53,120 BN stats
 
 
 @pytest.mark.slow
@@ -317,12 +334,12 @@ def run_config(name: str, path, normalization: str = "auto", **kw) -> ml_collect
 
 
 def jaxsam_logits(path, name: str, images: np.ndarray, modes=("auto",), **kw) -> dict:
-  """{normalization mode: eval logits} of jaxsam's own path from uint8 images, weights of `path`.
-  """
+  """{normalization mode: eval logits} of jaxsam's own path from uint8 images, weights of `path`."""
   module = models.create_model(run_config(name, path, **kw).model, 1000)
   x = jnp.zeros(images.shape, jnp.float32)
-  variables = pretrained.load_pretrained(path, run_config(name, path, **kw).model,
-                                         init_zeros(module, x))
+  variables = pretrained.load_pretrained(
+    path, run_config(name, path, **kw).model, init_zeros(module, x)
+  )
   apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
   out = {}
   for mode in modes:
@@ -346,8 +363,9 @@ def check_end_to_end(ref_logits, path, name, images, wrong: str, **kw) -> float:
 @pytest.mark.slow
 def test_keras_resnet50_end_to_end_with_caffe_preprocessing(tmp_path):
   images = uint8_images(seed=4)
-  ref = keras.applications.ResNet50(weights=None, input_shape=(E2E_SIZE, E2E_SIZE, 3),
-                                    classifier_activation=None)
+  ref = keras.applications.ResNet50(
+    weights=None, input_shape=(E2E_SIZE, E2E_SIZE, 3), classifier_activation=None
+  )
   x_ref = keras.applications.resnet50.preprocess_input(images.astype(np.float32))
   randomise_keras(ref, x_ref, seed=4)
   ref_logits = np.asarray(ref(x_ref, training=False))
@@ -356,15 +374,17 @@ def test_keras_resnet50_end_to_end_with_caffe_preprocessing(tmp_path):
   assert pretrained.read_file(tmp_path / "r.msgpack")[2]["origin"] == "keras"
   for path in (tmp_path / "resnet50.h5", tmp_path / "r.msgpack"):
     assert train.normalization(run_config("resnet50", path, resnet_v1=True), None)["bgr"]
-  check_end_to_end(ref_logits, tmp_path / "r.msgpack", "resnet50", images, "imagenet",
-                   resnet_v1=True)
+  check_end_to_end(
+    ref_logits, tmp_path / "r.msgpack", "resnet50", images, "imagenet", resnet_v1=True
+  )
 
 
 @pytest.mark.slow
 def test_keras_efficientnet_b0_end_to_end_with_its_own_input_layers(tmp_path):
   images = uint8_images(seed=5)
-  ref = keras.applications.EfficientNetB0(weights=None, input_shape=(E2E_SIZE, E2E_SIZE, 3),
-                                          classifier_activation=None)
+  ref = keras.applications.EfficientNetB0(
+    weights=None, input_shape=(E2E_SIZE, E2E_SIZE, 3), classifier_activation=None
+  )
   # With weights="imagenet" Keras builds Rescaling(1/255), Normalization(ImageNet mean, variance =
   # std) and Rescaling(1/sqrt(std)): (x/255 - mean)/std. weights=None builds no second Rescaling,
   # so variance = std**2 gives the same input layers. Keras' models take raw 0-255 input.
@@ -381,8 +401,15 @@ def test_keras_efficientnet_b0_end_to_end_with_its_own_input_layers(tmp_path):
   ref_logits = np.asarray(ref(x_ref, training=False))
   save_legacy_h5(ref, tmp_path / "b0.h5")  # with the Normalization layer, as efficientnetb0.h5
   convert("efficientnet_b0", str(tmp_path / "b0.h5"), str(tmp_path / "b0.safetensors"))
-  check_end_to_end(ref_logits, tmp_path / "b0.safetensors", "efficientnet_b0", images, "caffe",
-                   dropout_rate=0.0, drop_connect_rate=0.0)
+  check_end_to_end(
+    ref_logits,
+    tmp_path / "b0.safetensors",
+    "efficientnet_b0",
+    images,
+    "caffe",
+    dropout_rate=0.0,
+    drop_connect_rate=0.0,
+  )
 
 
 @pytest.mark.slow
@@ -390,8 +417,12 @@ def test_torchvision_resnet50_end_to_end_with_imagenet_transforms(tmp_path):
   images = uint8_images(seed=6)
   ref = torchvision.models.resnet50(weights=None)
   preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
-  transform = torchvision.transforms.Compose([  # the preset without its resize and crop
-    torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(preset.mean, preset.std)])
+  transform = torchvision.transforms.Compose(
+    [  # the preset without its resize and crop
+      torchvision.transforms.ToTensor(),
+      torchvision.transforms.Normalize(preset.mean, preset.std),
+    ]
+  )
   x_ref = torch.stack([transform(image) for image in images])
   torch.manual_seed(6)
   randomise_torch_bn(ref, seed=6, x=x_ref)
@@ -405,18 +436,25 @@ def test_torchvision_resnet50_end_to_end_with_imagenet_transforms(tmp_path):
 def test_preprocess_matches_each_librarys_preprocessing():
   """steps.preprocess with each convention equals the library's own on the same uint8 images."""
   images = uint8_images(seed=7)[:2, :8, :8]
-  ours = lambda mode: np.asarray(steps.preprocess(jnp.asarray(images), steps.StepConfig(
-    image_size=8, **train.normalization(run_config("resnet50", "", mode), None))))
+  ours = lambda mode: np.asarray(
+    steps.preprocess(
+      jnp.asarray(images),
+      steps.StepConfig(image_size=8, **train.normalization(run_config("resnet50", "", mode), None)),
+    )
+  )
   caffe = keras.applications.resnet50.preprocess_input(images.astype(np.float32))
   np.testing.assert_allclose(ours("caffe"), caffe, rtol=0, atol=2e-5)  # values up to ~150
   preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
   tv = torchvision.transforms.Normalize(preset.mean, preset.std)(
-    torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+  )
   np.testing.assert_allclose(ours("imagenet"), tv.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
 
 
 def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path):
-  picked = lambda path, name="resnet50", **kw: train.normalization(run_config(name, path, **kw), None)
+  picked = lambda path, name="resnet50", **kw: train.normalization(
+    run_config(name, path, **kw), None
+  )
   caffe = {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
   imagenet = {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
   v1 = model_config("resnet50", resnet_v1=True)
@@ -452,14 +490,21 @@ def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path)
 def test_bad_normalization_and_origin_are_one_line_errors(resnet18_state, tmp_path):
   with pytest.raises(ConfigError) as info:
     train.normalization(run_config("resnet50", "", normalization="bgr"), None)
-  assert str(info.value) == ("model.normalization='bgr' is unknown; "
-                             "known: auto, imagenet, caffe, dataset")
+  assert str(info.value) == (
+    "model.normalization='bgr' is unknown; known: auto, imagenet, caffe, dataset"
+  )
   tv = save_state(resnet18_state, tmp_path / "tv.safetensors")
-  with pytest.raises(ConfigError, match=r"--origin='tf' is unknown; known: keras, torchvision, "
-                                        r"timm$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"--origin='tf' is unknown; known: keras, torchvision, "
+    r"timm$",
+  ):
     convert("resnet18", str(tv), str(tmp_path / "o.safetensors"), origin="tf")
-  with pytest.raises(ConfigError, match=r"--origin='keras' does not fit .* a torchvision weight "
-                                        r"file; accepted: torchvision, timm$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"--origin='keras' does not fit .* a torchvision weight "
+    r"file; accepted: torchvision, timm$",
+  ):
     convert("resnet18", str(tv), str(tmp_path / "o.safetensors"), origin="keras")
 
 
@@ -469,7 +514,9 @@ def test_bad_normalization_and_origin_are_one_line_errors(resnet18_state, tmp_pa
 @pytest.fixture(scope="module")
 def resnet18_state():
   torch.manual_seed(0)
-  return {k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+  return {
+    k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
+  }
 
 
 def save_state(state, path):
@@ -482,13 +529,17 @@ def save_state(state, path):
 def random_fill(shapes, seed: int = 0):
   leaves, treedef = jax.tree.flatten(shapes)
   rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=s.shape), s.dtype) for s in leaves])
+  return jax.tree.unflatten(
+    treedef, [jnp.asarray(rng.normal(size=s.shape), s.dtype) for s in leaves]
+  )
 
 
 def fresh_variables(name: str, num_classes: int, **kw):
   module = models.create_model(model_config(name, **kw), num_classes)
   x = jnp.zeros((1, 32, 32, 3))
-  return random_fill(jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False)))
+  return random_fill(
+    jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
+  )
 
 
 def load_error(path, name, variables, **kw) -> str:
@@ -504,11 +555,17 @@ def test_head_of_another_class_count_stays_fresh(resnet18_state, tmp_path):
   fresh = fresh_variables("resnet18", 10)
   loaded = flat(pretrained.load_pretrained(path, "resnet18", fresh))
   np.testing.assert_array_equal(loaded["params/fc/kernel"], flat(fresh)["params/fc/kernel"])
-  np.testing.assert_array_equal(loaded["params/conv1/kernel"], resnet18_state["conv1.weight"].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(loaded["batch_stats/layer4_1/bn2/var"], resnet18_state["layer4.1.bn2.running_var"].numpy())
+  np.testing.assert_array_equal(
+    loaded["params/conv1/kernel"], resnet18_state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+    loaded["batch_stats/layer4_1/bn2/var"], resnet18_state["layer4.1.bn2.running_var"].numpy()
+  )
   # A headless file (include_top=False style) loads too, with the head kept.
   headless = {k: v for k, v in resnet18_state.items() if not k.startswith("fc.")}
-  loaded = flat(pretrained.load_pretrained(save_state(headless, tmp_path / "h.safetensors"), "resnet18", fresh))
+  loaded = flat(
+    pretrained.load_pretrained(save_state(headless, tmp_path / "h.safetensors"), "resnet18", fresh)
+  )
   np.testing.assert_array_equal(loaded["params/fc/bias"], flat(fresh)["params/fc/bias"])
 
 
@@ -518,7 +575,9 @@ def test_weights_of_another_architecture_are_named(resnet18_state, tmp_path):
   message = load_error(path, "resnet34", fresh_variables("resnet34", 1000))
   assert "missing batch_stats/layer1_2/bn1/mean" in message
   message = load_error(path, "resnet50", fresh_variables("resnet50", 1000))
-  assert "missing batch_stats/layer1_0/bn3/mean" in message and "wrong shape batch_stats/" in message
+  assert (
+    "missing batch_stats/layer1_0/bn3/mean" in message and "wrong shape batch_stats/" in message
+  )
   effnet = {k: v.contiguous() for k, v in torchvision.models.efficientnet_b0().state_dict().items()}
   path = save_state(effnet, tmp_path / "b0.safetensors")
   message = load_error(path, "resnet18", fresh_variables("resnet18", 1000))
@@ -535,14 +594,18 @@ def test_unexpected_and_wrongly_shaped_tensors_are_named(resnet18_state, tmp_pat
   assert "unexpected params/layer1_0/bn1/extra_buffer" in message
   bad = dict(resnet18_state, **{"layer2.0.conv1.weight": torch.zeros(128, 64, 5, 5)})
   message = load_error(save_state(bad, tmp_path / "b.safetensors"), "resnet18", fresh)
-  assert "wrong shape params/layer2_0/conv1/kernel (5, 5, 64, 128) vs model (3, 3, 64, 128)" in message
+  assert (
+    "wrong shape params/layer2_0/conv1/kernel (5, 5, 64, 128) vs model (3, 3, 64, 128)" in message
+  )
 
 
 def test_wrong_path_truncated_and_non_weight_files(resnet18_state, tmp_path):
   fresh = fresh_variables("resnet18", 1000)
   assert "not found" in load_error(tmp_path / "nope.safetensors", "resnet18", fresh)
   assert "unknown weight file type '.npz'" in load_error(
-    save_state(resnet18_state, tmp_path / "x.safetensors").rename(tmp_path / "x.npz"), "resnet18", fresh
+    save_state(resnet18_state, tmp_path / "x.safetensors").rename(tmp_path / "x.npz"),
+    "resnet18",
+    fresh,
   )
   data = save_state(resnet18_state, tmp_path / "w.safetensors").read_bytes()
   torch.save(resnet18_state, tmp_path / "w.pth")
@@ -562,7 +625,9 @@ def test_wrong_path_truncated_and_non_weight_files(resnet18_state, tmp_path):
 
 def test_pth_without_torch_says_how_to_fix(resnet18_state, tmp_path, monkeypatch):
   torch.save(resnet18_state, tmp_path / "w.pth")
-  monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` fails, as uninstalled
+  monkeypatch.setitem(
+    __import__("sys").modules, "torch", None
+  )  # `import torch` fails, as uninstalled
   message = load_error(tmp_path / "w.pth", "resnet18", fresh_variables("resnet18", 1000))
   assert "needs torch" in message and ".safetensors" in message
 
@@ -579,11 +644,17 @@ def test_layout_mismatches_are_refused(resnet18_state, tmp_path):
   fresh = fresh_variables("resnet50", 1000)
   assert "resnet_v1=True" in load_error(keras_file, "resnet50", fresh)
   tv = save_state(resnet18_state, tmp_path / "r18.safetensors")
-  assert "resnet_v1=False" in load_error(tv, "resnet18", fresh_variables("resnet18", 1000), resnet_v1=True)
-  assert "no torchvision/Keras layout" in load_error(tv, "resnet20", fresh_variables("resnet20", 10))
+  assert "resnet_v1=False" in load_error(
+    tv, "resnet18", fresh_variables("resnet18", 1000), resnet_v1=True
+  )
+  assert "no torchvision/Keras layout" in load_error(
+    tv, "resnet20", fresh_variables("resnet20", 10)
+  )
   # A converted file remembers its layout.
   convert("resnet18", str(tv), str(tmp_path / "c.safetensors"))
-  message = load_error(tmp_path / "c.safetensors", "resnet18", fresh_variables("resnet18", 1000), resnet_v1=True)
+  message = load_error(
+    tmp_path / "c.safetensors", "resnet18", fresh_variables("resnet18", 1000), resnet_v1=True
+  )
   assert "'torchvision'-layout" in message
 
 
@@ -593,9 +664,18 @@ def test_convert_cli_reports_one_line_errors(tmp_path):
   import sys
 
   out = subprocess.run(
-    [sys.executable, "-m", "jaxsam.convert", "--model=resnet50", f"--input={tmp_path / 'missing.pth'}",
-     f"--output={tmp_path / 'o.safetensors'}"],
-    capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)),
+    [
+      sys.executable,
+      "-m",
+      "jaxsam.convert",
+      "--model=resnet50",
+      f"--input={tmp_path / 'missing.pth'}",
+      f"--output={tmp_path / 'o.safetensors'}",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
   )
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith("error: pretrained weight file not found")

@@ -29,8 +29,9 @@ def parse(path: str, *overrides: str):
   argv = ["launch.py", f"--config={path}", *overrides]
   values = flags.FlagValues()
   # sys_argv: the override flags are defined from the command line they will parse.
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "config file", flag_values=values, lock_config=True, sys_argv=argv
+  )
   values(argv)
   return values.config
 
@@ -38,8 +39,9 @@ def parse(path: str, *overrides: str):
 def param_count(config, num_classes: int) -> int:
   model = models.create_model(config.model, num_classes, jnp.dtype(config.dtype))
   x = jnp.zeros((1, config.model.image_size, config.model.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0),
-                                              "dropout": jax.random.key(1)}, x, train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+  )
   return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(shapes["params"]))
 
 
@@ -61,7 +63,9 @@ def test_recipe_config_streams_and_its_input_keys_resolve(path):
   size = config.model.image_size
   assert size == 224 and config.augment.random_resized_crop and config.augment.flip
   assert transforms.check_crop(config.augment.crop_scale, config.augment.crop_ratio) == (
-      (0.08, 1.0), (0.75, 4.0 / 3.0))
+    (0.08, 1.0),
+    (0.75, 4.0 / 3.0),
+  )
   assert transforms.eval_short_side(size, config.dataset.eval_crop_fraction) == 256
   augment.make_train_augment(config.augment, image_shape=(size, size, 3))
 
@@ -77,7 +81,10 @@ def test_imagenet_recipe_values_resolve():
   assert float(lr(steps * config.num_epochs)) == pytest.approx(0.0, abs=1e-6)  # cosine to 0
   assert config.optimizer.nesterov and config.optimizer.momentum == 0.9
   assert (config.sam.rho, config.label_smoothing, config.optimizer.weight_decay) == (
-      0.05, 0.1, 1e-4)
+    0.05,
+    0.1,
+    1e-4,
+  )
   params = {"w": jnp.ones((3,))}
   tx.init(params)  # the SAM chain builds from the config's keys
 
@@ -106,11 +113,23 @@ def test_slurm_script_launches_the_recipe_unchanged(path, tmp_path):
   (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
   (bin_dir / "srun").chmod(0o755)
   config = os.path.relpath(path, ROOT)
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-             SLURM_JOB_NUM_NODES="2", SLURM_GPUS_PER_NODE="4")
+  env = dict(
+    os.environ,
+    PATH=f"{bin_dir}:{os.environ['PATH']}",
+    SLURM_JOB_ID="4242",
+    SLURM_JOB_NUM_NODES="2",
+    SLURM_GPUS_PER_NODE="4",
+  )
   env.pop("WORKDIR", None)
-  result = subprocess.run(["bash", "scripts/slurm.sh", config, "--config.sam.rho=0.1"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, check=False, timeout=60)
+  result = subprocess.run(
+    ["bash", "scripts/slurm.sh", config, "--config.sam.rho=0.1"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   argv = record.read_text().splitlines()
   name = os.path.basename(path)[:-3]
@@ -118,7 +137,13 @@ def test_slurm_script_launches_the_recipe_unchanged(path, tmp_path):
   assert argv[3:] == [f"--config={config}", f"--workdir=runs/{name}-4242", "--config.sam.rho=0.1"]
   parsed = parse(os.path.join(ROOT, config), argv[-1])
   assert parsed.sam.rho == 0.1 and parsed.dataset.in_memory == "false"
-  elsewhere = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sh"), config],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
-                             timeout=60)
+  elsewhere = subprocess.run(
+    ["bash", os.path.join(ROOT, "scripts", "slurm.sh"), config],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+    timeout=60,
+  )
   assert elsewhere.returncode == 2 and "submit from the jaxsam checkout" in elsewhere.stderr

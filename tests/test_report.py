@@ -10,24 +10,44 @@ import pytest
 from jaxsam import plots, report, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/quickstart.py", "--config.num_epochs=1", "--config.max_steps=3",
-        "--config.model.image_size=8", "--config.model.width=4", "--config.batch_size=128",
-        "--config.eval_batch_size=128", "--config.progress_bar=false",
-        "--config.wandb.mode=disabled"]
+TINY = [
+  "--config=configs/quickstart.py",
+  "--config.num_epochs=1",
+  "--config.max_steps=3",
+  "--config.model.image_size=8",
+  "--config.model.width=4",
+  "--config.batch_size=128",
+  "--config.eval_batch_size=128",
+  "--config.progress_bar=false",
+  "--config.wandb.mode=disabled",
+]
 
 
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("report")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   no_ra = "--config.augment.randaugment.num_ops=0"
-  variants = {"sgd": ["--config.sam.rho=0.0", no_ra],
-              "sam": ["--config.sam.rho=0.05", no_ra, "--config.augment.cutout_size=4"]}
-  procs = {name: subprocess.Popen(
-      [sys.executable, "launch.py", f"--workdir={tmp / name}", *TINY, *extra], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for name, extra in variants.items()}
+  variants = {
+    "sgd": ["--config.sam.rho=0.0", no_ra],
+    "sam": ["--config.sam.rho=0.05", no_ra, "--config.augment.cutout_size=4"],
+  }
+  procs = {
+    name: subprocess.Popen(
+      [sys.executable, "launch.py", f"--workdir={tmp / name}", *TINY, *extra],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for name, extra in variants.items()
+  }
   for proc in procs.values():
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
@@ -38,17 +58,25 @@ def run_dirs(tmp_path_factory):
 
 
 def _final_accuracy(run_dir):
-  return [r for r in writers.read_metrics(os.path.join(run_dir, writers.METRICS_FILE))
-          if "test/accuracy" in r][-1]["test/accuracy"]
+  return [
+    r
+    for r in writers.read_metrics(os.path.join(run_dir, writers.METRICS_FILE))
+    if "test/accuracy" in r
+  ][-1]["test/accuracy"]
 
 
 @pytest.mark.slow
 def test_report_table_and_curves(run_dirs, tmp_path):
   sgd, sam = run_dirs
   out_png = tmp_path / "combined.png"
-  proc = subprocess.run([sys.executable, "-m", "jaxsam.report", sgd, sam,
-                         f"--output={out_png}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "jaxsam.report", sgd, sam, f"--output={out_png}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   a, b = (f"{100 * _final_accuracy(d):.2f}" for d in (sgd, sam))
@@ -57,11 +85,14 @@ def test_report_table_and_curves(run_dirs, tmp_path):
   assert f"| crop | {a} / {a} |  |" in lines
   assert f"| cutout |  | {b} / {b} |" in lines
   header = next(line for line in lines if line.startswith("| # |"))
-  assert header == ("| # | run | augmentation | optimizer | augment.cutout_size | sam.rho | epochs "
-                    "| best % | final % | λ_max |")
+  assert header == (
+    "| # | run | augmentation | optimizer | augment.cutout_size | sam.rho | epochs "
+    "| best % | final % | λ_max |"
+  )
   assert f"| 1 | sgd | crop | SGD | 0 | 0.0 | 1/1 | {a} | {a} | – |" in lines
   assert f"| 2 | sam | cutout | SAM(ρ=0.05) | 4 | 0.05 | 1/1 | {b} | {b} | 12.5 |" in lines
   from PIL import Image
+
   with Image.open(out_png) as image:
     assert image.format == "PNG"
 
@@ -95,8 +126,14 @@ def test_metrics_hold_numbers_only_and_sam_keys_only_with_sam(run_dirs):
   plain = _strict_lines(os.path.join(sgd, writers.METRICS_FILE))
   assert not [k for r in plain for k in r if k.startswith("sam/")]
   train = [r for r in _strict_lines(os.path.join(sam, writers.METRICS_FILE)) if "train/loss" in r]
-  sam_keys = {"sam/rho", "sam/perturbed_loss", "sam/gap", "sam/clean_grad_norm",
-              "sam/grad_norm", "sam/cosine"}
+  sam_keys = {
+    "sam/rho",
+    "sam/perturbed_loss",
+    "sam/gap",
+    "sam/clean_grad_norm",
+    "sam/grad_norm",
+    "sam/cosine",
+  }
   assert train and all(sam_keys <= set(r) for r in train)
   assert all(_is_number(r[k]) for r in train for k in sam_keys)
 
@@ -110,11 +147,13 @@ def test_report_reads_metrics_with_nonfinite_strings(run_dirs, tmp_path):
   with open(os.path.join(sgd, "config.json")) as f:
     (old / "config.json").write_text(f.read())
   with open(old / writers.METRICS_FILE, "w") as f:
-    f.write('{"step": 2, "epoch": 0.5, "train/loss": 2.0, "train/accuracy": 0.25, "lr": 0.1, '
-            '"sam/rho": 0.0, "sam/perturbed_loss": "nan", "sam/gap": "nan"}\n'
-            '{"step": 4, "epoch": 1.0, "train/loss": "inf", "train/accuracy": 0.5, "lr": 0.1, '
-            '"sam/perturbed_loss": "nan", "sam/gap": "-inf"}\n'
-            '{"step": 4, "epoch": 1, "test/loss": 1.5, "test/accuracy": 0.625, "test/top5": 1.0}\n')
+    f.write(
+      '{"step": 2, "epoch": 0.5, "train/loss": 2.0, "train/accuracy": 0.25, "lr": 0.1, '
+      '"sam/rho": 0.0, "sam/perturbed_loss": "nan", "sam/gap": "nan"}\n'
+      '{"step": 4, "epoch": 1.0, "train/loss": "inf", "train/accuracy": 0.5, "lr": 0.1, '
+      '"sam/perturbed_loss": "nan", "sam/gap": "-inf"}\n'
+      '{"step": 4, "epoch": 1, "test/loss": 1.5, "test/accuracy": 0.625, "test/top5": 1.0}\n'
+    )
   run = report.load_run(str(old))
   assert run["best"] == run["final"] == 0.625 and run["epochs"] == 1
   assert "| crop | 62.50 / 62.50 |" in report.markdown([run])
@@ -122,14 +161,18 @@ def test_report_reads_metrics_with_nonfinite_strings(run_dirs, tmp_path):
   report.write_report_curves([run], str(out_png))
   plots.write_curves({"": run["records"]}, str(tmp_path / "curves.png"))
   from PIL import Image
+
   for png in (out_png, tmp_path / "curves.png"):
     with Image.open(png) as image:
       assert image.format == "PNG"
 
 
 def test_labels_from_config():
-  base = {"optimizer": {"name": "sgd"}, "sam": {"rho": 0.0, "variant": "sam"},
-          "augment": {"cutout_size": 0, "randaugment": {"num_ops": 0}, "autoaugment": ""}}
+  base = {
+    "optimizer": {"name": "sgd"},
+    "sam": {"rho": 0.0, "variant": "sam"},
+    "augment": {"cutout_size": 0, "randaugment": {"num_ops": 0}, "autoaugment": ""},
+  }
   assert report.augmentation_label(base) == "crop-flip"
   flips_only = json.loads(json.dumps(base))
   flips_only["augment"].update(crop_padding=0, flip=True)
@@ -154,8 +197,10 @@ def test_labels_from_config():
 def test_not_a_run_dir_is_one_line_exit_2(tmp_path, capsys):
   assert report.main([str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
-  assert err == f"error: {tmp_path} is not a run folder (no config.json); give workdirs of " \
-      "launch.py runs"
+  assert (
+    err == f"error: {tmp_path} is not a run folder (no config.json); give workdirs of "
+    "launch.py runs"
+  )
 
 
 def test_sweep_grid_renders_valid_launch_flags():
@@ -174,20 +219,25 @@ def test_sweep_grid_renders_valid_launch_flags():
   params = sweep["parameters"]
   grid = {k: v["values"] for k, v in params.items() if "values" in v}
   fixed = {k: v["value"] for k, v in params.items() if "value" in v}
-  assert set(grid) == {"config.optimizer.learning_rate", "config.optimizer.weight_decay",
-                       "config.sam.rho"}
+  assert set(grid) == {
+    "config.optimizer.learning_rate",
+    "config.optimizer.weight_decay",
+    "config.sam.rho",
+  }
   config_arg = next(a for a in sweep["command"] if a.startswith("--config="))
   points = list(itertools.product(*grid.values()))
   assert len(points) == 27
   for point in points:
     values = {**dict(zip(grid, point)), **fixed}
     args = sweep_utils.create_sweep_command_args(
-        {"args": {k: {"value": v} for k, v in values.items()}})["args"]
+      {"args": {k: {"value": v} for k, v in values.items()}}
+    )["args"]
     argv = ["launch.py", config_arg, *args]
     flag_values = flags.FlagValues()
     # As launch.py defines it; sys_argv: the override flags are registered from the argv at hand.
-    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file(
+      "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:

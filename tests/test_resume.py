@@ -31,29 +31,50 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 11  # 1,437 digits // 128
 NUM_EPOCHS = 3
 TOTAL = STEPS_PER_EPOCH * NUM_EPOCHS
-TINY = ["--config=configs/quickstart.py", f"--config.num_epochs={NUM_EPOCHS}",
-        "--config.model.image_size=8", "--config.model.width=4", "--config.batch_size=128",
-        "--config.eval_batch_size=128", "--config.sam.rho=0.05",
-        "--config.sam.variant=looksam", "--config.sam.every=3",
-        "--config.augment.randaugment.num_ops=1", "--config.log_every_steps=1",
-        "--config.checkpoint_every_epochs=1", "--config.checkpoint_keep=2",
-        "--config.progress_bar=false", "--config.wandb.mode=offline"]
+TINY = [
+  "--config=configs/quickstart.py",
+  f"--config.num_epochs={NUM_EPOCHS}",
+  "--config.model.image_size=8",
+  "--config.model.width=4",
+  "--config.batch_size=128",
+  "--config.eval_batch_size=128",
+  "--config.sam.rho=0.05",
+  "--config.sam.variant=looksam",
+  "--config.sam.every=3",
+  "--config.augment.randaugment.num_ops=1",
+  "--config.log_every_steps=1",
+  "--config.checkpoint_every_epochs=1",
+  "--config.checkpoint_keep=2",
+  "--config.progress_bar=false",
+  "--config.wandb.mode=offline",
+]
 TIME_KEYS = {"images_per_sec", "time/input_wait_ms"}
 
 
 def _env(tmp: str) -> dict:
   env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="2", WANDB_SILENT="true", WANDB_DIR=tmp,
-             WANDB_CACHE_DIR=os.path.join(tmp, "wandb-cache"),
-             WANDB_CONFIG_DIR=os.path.join(tmp, "wandb-config"), PYTHONUNBUFFERED="1")
+  env.update(
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    WANDB_SILENT="true",
+    WANDB_DIR=tmp,
+    WANDB_CACHE_DIR=os.path.join(tmp, "wandb-cache"),
+    WANDB_CONFIG_DIR=os.path.join(tmp, "wandb-config"),
+    PYTHONUNBUFFERED="1",
+  )
   env.pop("WANDB_MODE", None)
   return env
 
 
 def _launch(workdir: str, tmp: str, log: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "launch.py", f"--workdir={workdir}", *TINY], cwd=ROOT,
-                          env=_env(tmp), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    [sys.executable, "launch.py", f"--workdir={workdir}", *TINY],
+    cwd=ROOT,
+    env=_env(tmp),
+    stdout=open(log, "w"),
+    stderr=subprocess.STDOUT,
+  )
 
 
 def _interrupt_mid_epoch(proc: subprocess.Popen, workdir: str, after_step: int, sig: int) -> int:
@@ -65,7 +86,8 @@ def _interrupt_mid_epoch(proc: subprocess.Popen, workdir: str, after_step: int, 
     assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be interrupted"
     steps = [r["step"] for r in writers.read_metrics(metrics) if "train/loss" in r]
     has_checkpoint = os.path.isdir(os.path.join(workdir, ckpt_lib.LAST_DIR)) and any(
-        n.isdigit() for n in os.listdir(os.path.join(workdir, ckpt_lib.LAST_DIR)))
+      n.isdigit() for n in os.listdir(os.path.join(workdir, ckpt_lib.LAST_DIR))
+    )
     if steps and steps[-1] > after_step and steps[-1] % STEPS_PER_EPOCH and has_checkpoint:
       proc.send_signal(sig)
       return steps[-1]
@@ -89,12 +111,14 @@ def runs(tmp_path_factory):
   assert b1.wait(timeout=60) == -signal.SIGKILL
   info = {"killed_at": killed_at, "wandb_ids": [writers.read_wandb_run_id(b)]}
   info["checkpoints_after_kill"] = sorted(
-      int(n) for n in os.listdir(os.path.join(b, ckpt_lib.LAST_DIR)) if n.isdigit())
+    int(n) for n in os.listdir(os.path.join(b, ckpt_lib.LAST_DIR)) if n.isdigit()
+  )
   b2 = _launch(b, tmp, logs["b2"])
   info["sigterm_at"] = _interrupt_mid_epoch(b2, b, killed_at, signal.SIGTERM)
   info["b2_rc"] = b2.wait(timeout=300)
   info["checkpoints_after_sigterm"] = sorted(
-      int(n) for n in os.listdir(os.path.join(b, ckpt_lib.LAST_DIR)) if n.isdigit())
+    int(n) for n in os.listdir(os.path.join(b, ckpt_lib.LAST_DIR)) if n.isdigit()
+  )
   info["wandb_ids"].append(writers.read_wandb_run_id(b))
   b3 = _launch(b, tmp, logs["b3"])
   assert b3.wait(timeout=600) == 0, _output(logs["b3"])[-3000:]
@@ -107,8 +131,11 @@ def _load_state(checkpoint: str) -> dict:
   """A checkpoint's train state as numpy arrays, whatever mesh saved it."""
   path = epath.Path(checkpoint) / "state"
   metadata = ocp.StandardCheckpointHandler().metadata(path)
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata,
-                      is_leaf=lambda x: hasattr(x, "shape"))
+  args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+    metadata,
+    is_leaf=lambda x: hasattr(x, "shape"),
+  )
   return ocp.PyTreeCheckpointer().restore(path, restore_args=args)
 
 
@@ -133,8 +160,14 @@ def test_kill9_and_sigterm_resume_equals_uninterrupted(runs):
     a_summary = json.load(f)
   with open(os.path.join(runs["b"], workdir_lib.SUMMARY_FILE)) as f:
     b_summary = json.load(f)
-  for key in ("final_test_accuracy", "best_test_accuracy", "best_epoch", "steps", "completed",
-              "sam_fraction"):
+  for key in (
+    "final_test_accuracy",
+    "best_test_accuracy",
+    "best_epoch",
+    "steps",
+    "completed",
+    "sam_fraction",
+  ):
     assert a_summary[key] == b_summary[key], key
   assert a_summary["completed"] and a_summary["steps"] == TOTAL
   assert a_summary["sam_fraction"] == pytest.approx(11 / TOTAL)  # steps 0, 3, ..., 30
@@ -168,5 +201,6 @@ def test_resumed_runs_continue_one_wandb_run(runs):
 
 def test_curves_png_written(runs):
   from PIL import Image
+
   with Image.open(os.path.join(runs["a"], "curves.png")) as image:
     assert image.format == "PNG" and image.size[0] > 500

@@ -48,8 +48,9 @@ def run_transform(tx, a, w, num_steps, noise_seed=1):
   """`num_steps` updates of `tx` on L(w) = 1/2 w^T A_t w, A_t = A + a small per-step change (so
   that gradient norms vary from step to step); returns (weights per step, states per step)."""
   rng = np.random.default_rng(noise_seed)
-  mats = [jnp.asarray(a + 0.3 * np.diag(rng.normal(size=len(w))), jnp.float32)
-          for _ in range(num_steps)]
+  mats = [
+    jnp.asarray(a + 0.3 * np.diag(rng.normal(size=len(w))), jnp.float32) for _ in range(num_steps)
+  ]
 
   @jax.jit
   def step(params, state, mat):
@@ -150,9 +151,11 @@ def test_aesam_at_minus_infinity_is_sam_and_at_plus_infinity_is_the_base():
   base_path, _, _ = run_transform(sam_lib.sam(base_opt(), 0.0), a, w, 6)
   inf = float("inf")
   always, s_always, _ = run_transform(
-      sam_lib.sam(base_opt(), RHO, variant="aesam", adaptive_c=(-inf, -inf)), a, w, 6)
+    sam_lib.sam(base_opt(), RHO, variant="aesam", adaptive_c=(-inf, -inf)), a, w, 6
+  )
   never, s_never, _ = run_transform(
-      sam_lib.sam(base_opt(), RHO, variant="aesam", adaptive_c=(inf, inf)), a, w, 6)
+    sam_lib.sam(base_opt(), RHO, variant="aesam", adaptive_c=(inf, inf)), a, w, 6
+  )
   assert_paths_close(always, sam_path, rtol=1e-6, atol=1e-7)
   assert_paths_close(never, base_path, rtol=1e-6, atol=1e-7)
   assert [float(s.active) for s in s_always] == [1] * 6
@@ -163,8 +166,9 @@ def test_aesam_statistics_and_switching_follow_the_paper_rule():
   """mean/var are EMAs of ||g||^2; SAM iff ||g||^2 >= mean + c_t std, c_t linear over the run."""
   a, w = quadratic(5)
   decay, c0, c1, total = 0.5, -0.5, 0.5, 6
-  tx = sam_lib.sam(base_opt(), RHO, variant="aesam", adaptive_decay=decay, adaptive_c=(c0, c1),
-                   total_steps=total)
+  tx = sam_lib.sam(
+    base_opt(), RHO, variant="aesam", adaptive_decay=decay, adaptive_c=(c0, c1), total_steps=total
+  )
   got, states, mats = run_transform(tx, a, w, total)
   mean = var = 0.0
   w_ref, v = np.asarray(w, np.float64), np.zeros(len(w))
@@ -212,8 +216,9 @@ def test_msam_matches_a_hand_written_reference_on_a_quadratic():
 
 def test_msam_needs_a_momentum_buffer():
   with pytest.raises(ConfigError, match="momentum"):
-    sam_lib.msam_point(jnp.zeros(3), sam_lib.sam(optax.adam(0.1), 0.1, variant="msam").init(
-        jnp.zeros(3)), 0.1)
+    sam_lib.msam_point(
+      jnp.zeros(3), sam_lib.sam(optax.adam(0.1), 0.1, variant="msam").init(jnp.zeros(3)), 0.1
+    )
 
 
 def test_a_skipped_step_never_runs_the_perturbed_pass():
@@ -271,9 +276,11 @@ def variant_config(**sam):
 
 
 @pytest.mark.slow  # compiles the real train step, several configs
-@pytest.mark.parametrize("sam", [{"every": 2}, {"variant": "looksam", "every": 2},
-                                 {"variant": "aesam"}, {"start_fraction": 0.2}],
-                         ids=["every2", "looksam", "aesam", "late"])
+@pytest.mark.parametrize(
+  "sam",
+  [{"every": 2}, {"variant": "looksam", "every": 2}, {"variant": "aesam"}, {"start_fraction": 0.2}],
+  ids=["every2", "looksam", "aesam", "late"],
+)
 def test_8_devices_take_the_branch_1_device_with_8_groups_takes(sam):
   batches = [make_batch(seed=s) for s in range(4)]
   config = variant_config(**sam)
@@ -289,13 +296,22 @@ def _run_with_settings(config, mesh, model, batches, per_device):
   """run_steps with the StepConfig SAM fields the train loop derives from the config."""
   settings = optim.step_sam_settings(config, per_device, steps_per_epoch=10)
   groups = settings["sam_group_size"] < per_device // settings["accum_steps"]
-  return run_steps(config, mesh, model, batches, group=settings["sam_group_size"] * groups,
-                   cfg=dataclasses.replace(step_cfg(), **settings))
+  return run_steps(
+    config,
+    mesh,
+    model,
+    batches,
+    group=settings["sam_group_size"] * groups,
+    cfg=dataclasses.replace(step_cfg(), **settings),
+  )
 
 
 @pytest.mark.slow  # compiles the real train step, several configs
-@pytest.mark.parametrize("sam", [{}, {"every": 2}, {"start_fraction": 0.2}, {"variant": "aesam"}],
-                         ids=["sam", "every2", "late", "aesam"])
+@pytest.mark.parametrize(
+  "sam",
+  [{}, {"every": 2}, {"start_fraction": 0.2}, {"variant": "aesam"}],
+  ids=["sam", "every2", "late", "aesam"],
+)
 def test_accum_steps_equals_sam_m_of_the_micro_batch(sam):
   """accum_steps = 2 on a per-device batch of 32 is sam.m = 16: own ascent, own BN statistics."""
   batches = [make_batch(seed=s) for s in range(3)]
@@ -311,14 +327,22 @@ def test_accum_steps_equals_sam_m_of_the_micro_batch(sam):
   assert_trees_close(got.params, want.params)
   assert_trees_close(got.batch_stats, want.batch_stats)
   assert [m["sam/active"] for m in m_acc] == [m["sam/active"] for m in m_grp]
-  np.testing.assert_allclose([m["train/loss"] for m in m_acc],
-                             [m["train/loss"] for m in m_grp], rtol=1e-5)
+  np.testing.assert_allclose(
+    [m["train/loss"] for m in m_acc], [m["train/loss"] for m in m_grp], rtol=1e-5
+  )
 
 
 @pytest.mark.slow  # compiles the real train step, several configs
-@pytest.mark.parametrize("sam", [{"variant": "looksam", "every": 2}, {"variant": "gsam",
-                                 "alpha": 0.1}, {"variant": "msam"}, {"variant": "asam"}],
-                         ids=["looksam", "gsam", "msam", "asam"])
+@pytest.mark.parametrize(
+  "sam",
+  [
+    {"variant": "looksam", "every": 2},
+    {"variant": "gsam", "alpha": 0.1},
+    {"variant": "msam"},
+    {"variant": "asam"},
+  ],
+  ids=["looksam", "gsam", "msam", "asam"],
+)
 def test_accum_steps_runs_every_variant(sam):
   """Each micro-batch is one SAM update: LookSAM's stored direction and GSAM's decomposition use
   the micro-batch's (device-averaged) gradients, so they differ from sam.m grouping; it trains."""
@@ -354,14 +378,18 @@ def test_msam_step_takes_one_pass_and_keeps_clean_weights():
   # The reference: the same loop by hand, gradients at w - rho v / ||v||.
   tx, _ = optim.make_optimizer(config, steps_per_epoch=10, axis_name=None)
   model = TinyNet()
-  params = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)),
-                      train=False)["params"]
+  params = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)), train=False)[
+    "params"
+  ]
   state = tx.init(params)
   cfg = step_cfg()
   for b in batches:
     images = steps.preprocess(jnp.asarray(b["image"]), cfg)
-    loss = lambda p, b=b, images=images: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, images, train=False), b["label"]))
+    loss = lambda p, b=b, images=images: jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, images, train=False), b["label"]
+      )
+    )
     grads = jax.grad(loss)(sam_lib.msam_point(params, state, 0.5))
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
@@ -371,7 +399,9 @@ def test_msam_step_takes_one_pass_and_keeps_clean_weights():
 # --- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,needle", [
+@pytest.mark.parametrize(
+  "kwargs,needle",
+  [
     ({"every": 0}, "every=0"),
     ({"every": 2, "variant": "aesam"}, "every=2 is not used"),
     ({"every": 2, "variant": "msam"}, "every=2 is not used"),
@@ -380,18 +410,22 @@ def test_msam_step_takes_one_pass_and_keeps_clean_weights():
     ({"reuse_weight": 0.5}, "reuse_weight=0.5 is only used by variant='looksam'"),
     ({"adaptive_c": (0.0, 1.0)}, "only used by variant='aesam'"),
     ({"variant": "aesam", "adaptive_decay": 1.0}, "adaptive_decay=1.0"),
-])
+  ],
+)
 def test_bad_variant_arguments_raise_one_line_config_errors(kwargs, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")) as e:
     sam_lib.sam(base_opt(), RHO, **kwargs)
   assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("key,value,needle", [
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
     ("sam.start_fraction", 1.0, "sam.start_fraction=1.0"),
     ("sam.start_fraction", -0.1, "sam.start_fraction=-0.1"),
     ("accum_steps", 3, "accum_steps=3 is invalid; accepted: an integer >= 1 that divides"),
-])
+  ],
+)
 def test_bad_config_keys_raise_config_errors(key, value, needle):
   config = make_config(rho=0.05)
   section, _, name = key.rpartition(".")
@@ -408,10 +442,12 @@ def test_msam_with_a_momentum_free_optimizer_is_a_config_error():
     optim.make_optimizer(config, steps_per_epoch=10, axis_name=None)
 
 
-
 @pytest.mark.slow  # compiles the real train step, several configs
-@pytest.mark.parametrize("sam", [{"every": 3}, {"variant": "looksam", "every": 3},
-                                 {"start_fraction": 0.3}], ids=["every3", "looksam", "late"])
+@pytest.mark.parametrize(
+  "sam",
+  [{"every": 3}, {"variant": "looksam", "every": 3}, {"start_fraction": 0.3}],
+  ids=["every3", "looksam", "late"],
+)
 def test_host_scheduled_steps_equal_the_on_device_schedule(sam):
   """The loop's two branch-free programs chosen on the host give the cond path's training."""
   batches = [make_batch(seed=s) for s in range(5)]
@@ -420,8 +456,9 @@ def test_host_scheduled_steps_equal_the_on_device_schedule(sam):
   mesh = MESH_8()
   tx, lr = optim.make_optimizer(config, steps_per_epoch=10, axis_name=parallel.DATA_AXIS)
   schedule = optim.host_ascent_schedule(config, steps_per_epoch=10)
-  step = steps.compile_scheduled_train_step(mesh, schedule, model=TinyNet(), tx=tx,
-                                            lr_schedule=lr, cfg=step_cfg())
+  step = steps.compile_scheduled_train_step(
+    mesh, schedule, model=TinyNet(), tx=tx, lr_schedule=lr, cfg=step_cfg()
+  )
   state = parallel.replicate(init_state(TinyNet(), tx), mesh)
   active = []
   for i, b in enumerate(batches):
@@ -429,8 +466,9 @@ def test_host_scheduled_steps_equal_the_on_device_schedule(sam):
     active.append(float(m["sam/active"]))
   assert_trees_close(parallel.fetch(state).params, want.params)
   assert active == [m["sam/active"] for m in m_cond] == [float(schedule(i)) for i in range(5)]
-  sam_only = steps.compile_train_step(mesh, ascent=True, model=TinyNet(), tx=tx, lr_schedule=lr,
-                                      cfg=step_cfg())
+  sam_only = steps.compile_train_step(
+    mesh, ascent=True, model=TinyNet(), tx=tx, lr_schedule=lr, cfg=step_cfg()
+  )
   hlo = sam_only.lower(state, parallel.shard_batch(batches[0], mesh)).compile().as_text()
   assert "conditional" not in hlo
 

@@ -29,7 +29,7 @@ def spectrum_matrix(seed=0, dim=DIM):
 def quadratic_params(a):
   """L(w) = 1/2 w^T A w on a two-leaf pytree (so flattening is exercised), split in 2 batches."""
   a = jnp.asarray(a, jnp.float32)
-  unflat = lambda w: {"x": w[:DIM // 2], "y": {"z": w[DIM // 2:]}}
+  unflat = lambda w: {"x": w[: DIM // 2], "y": {"z": w[DIM // 2 :]}}
   flat = lambda p: jnp.concatenate([p["x"], p["y"]["z"]])
 
   def loss_fn(params, batch):  # each batch contributes a share, the sum is the whole loss
@@ -72,8 +72,9 @@ def test_lanczos_top_k_matches_spectrum():
 
 def test_lanczos_exact_when_iterations_reach_dimension():
   a, lam = spectrum_matrix(seed=3, dim=12)
-  eig = sharpness.lanczos(lambda v: jnp.asarray(a, jnp.float32) @ v, 12, num_iters=50, k=12,
-                          key=jax.random.PRNGKey(1))
+  eig = sharpness.lanczos(
+    lambda v: jnp.asarray(a, jnp.float32) @ v, 12, num_iters=50, k=12, key=jax.random.PRNGKey(1)
+  )
   assert eig.num_matvecs <= 12
   np.testing.assert_allclose(eig.eigenvalues, np.sort(lam)[::-1], rtol=1e-4, atol=1e-5)
 
@@ -82,8 +83,15 @@ def test_power_iteration_top_k_matches_spectrum():
   a, _ = spectrum_matrix()
   with enable_x64():  # the stopping tolerance 1e-10 is below float32 resolution
     a64 = jnp.asarray(a)
-    eig = sharpness.power_iteration(lambda v: a64 @ v, DIM, num_iters=400, k=3, tol=1e-10,
-                                    key=jax.random.PRNGKey(0), dtype=jnp.float64)
+    eig = sharpness.power_iteration(
+      lambda v: a64 @ v,
+      DIM,
+      num_iters=400,
+      k=3,
+      tol=1e-10,
+      key=jax.random.PRNGKey(0),
+      dtype=jnp.float64,
+    )
   assert rel(eig.eigenvalues, TOP[:3]) <= 1e-4
 
 
@@ -106,7 +114,7 @@ def test_hutchinson_unbiased_within_its_standard_error():
   matvec, dim = sharpness.hessian_matvec(loss_fn, unflat(jnp.zeros(DIM)), batches)
   n = 400
   tr = sharpness.hutchinson_trace(matvec, dim, num_probes=n, key=jax.random.PRNGKey(7))
-  sigma = np.sqrt(2 * (np.sum(a ** 2) - np.sum(np.diag(a) ** 2)))
+  sigma = np.sqrt(2 * (np.sum(a**2) - np.sum(np.diag(a) ** 2)))
   assert abs(tr.trace - lam.sum()) <= 4 * sigma / np.sqrt(n)
   assert 0.8 <= tr.stderr / (sigma / np.sqrt(n)) <= 1.2
 
@@ -121,8 +129,9 @@ def test_landscape_equals_closed_form():
   eval_fn = lambda p: {"loss": float(sum(loss_fn(p, b) for b in batches))}
   as_tree = lambda x: unflat(jnp.asarray(x, jnp.float32))
   grid = sharpness.landscape(eval_fn, as_tree(w), [as_tree(d1), as_tree(d2)], [xs, ys])
-  expected = np.array([[0.5 * (w + x * d1 + y * d2) @ a @ (w + x * d1 + y * d2) for y in ys]
-                       for x in xs])
+  expected = np.array(
+    [[0.5 * (w + x * d1 + y * d2) @ a @ (w + x * d1 + y * d2) for y in ys] for x in xs]
+  )
   assert grid["loss"].shape == (5, 3)
   np.testing.assert_allclose(grid["loss"], expected, rtol=1e-4, atol=1e-4)
   line = sharpness.landscape(eval_fn, as_tree(w), [as_tree(d1)], [xs])
@@ -150,7 +159,7 @@ def test_one_step_sharpness_closed_form():
   got = sharpness.ascent_sharpness(loss_fn, params, batch, rho=rho, steps=1)
   a = x[0].T @ x[0] / 5
   g = a @ w - x[0].T @ y[0] / 5
-  expected = rho * np.linalg.norm(g) + 0.5 * rho ** 2 * g @ a @ g / (g @ g)
+  expected = rho * np.linalg.norm(g) + 0.5 * rho**2 * g @ a @ g / (g @ g)
   assert got.shape == (1,)
   assert rel(got[0], expected) <= 1e-4
 
@@ -187,13 +196,18 @@ def test_m_sharpness_is_the_mean_over_groups_and_ignores_padding():
   loss_fn, params, x, y, _ = linear_regression(groups=6)
   rho = 0.1
   as_batch = lambda i: (jnp.asarray(x[i], jnp.float32), jnp.asarray(y[i], jnp.float32))
-  singles = [float(sharpness.ascent_sharpness(loss_fn, params, as_batch(i), rho=rho)[0])
-             for i in range(6)]
+  singles = [
+    float(sharpness.ascent_sharpness(loss_fn, params, as_batch(i), rho=rho)[0]) for i in range(6)
+  ]
   # Two batches of 4 groups; the last two groups of the second batch are padding (weight 0).
   idx = [np.array([0, 1, 2, 3]), np.array([4, 5, 0, 0])]
-  batches = [((jnp.asarray(x[i], jnp.float32), jnp.asarray(y[i], jnp.float32)),
-              np.array([1, 1, 1, 1.0]) if j == 0 else np.array([1, 1, 0, 0.0]))
-             for j, i in enumerate(idx)]
+  batches = [
+    (
+      (jnp.asarray(x[i], jnp.float32), jnp.asarray(y[i], jnp.float32)),
+      np.array([1, 1, 1, 1.0]) if j == 0 else np.array([1, 1, 0, 0.0]),
+    )
+    for j, i in enumerate(idx)
+  ]
   result = sharpness.m_sharpness(loss_fn, params, batches, rho=rho, steps=2)
   assert result.num_groups == 6
   assert rel(result.values[0], np.mean(singles)) <= 1e-5
@@ -253,15 +267,22 @@ def test_cnn_hvp_equals_finite_differences_of_gradients():
 
 
 def test_filter_normalized_direction():
-  params = {"conv": {"kernel": np.arange(48, dtype=np.float32).reshape(2, 2, 3, 4),
-                     "bias": np.ones(4, np.float32)},
-            "dense": {"kernel": np.full((5, 2), 3.0, np.float32), "bias": np.ones(2, np.float32)}}
+  params = {
+    "conv": {
+      "kernel": np.arange(48, dtype=np.float32).reshape(2, 2, 3, 4),
+      "bias": np.ones(4, np.float32),
+    },
+    "dense": {"kernel": np.full((5, 2), 3.0, np.float32), "bias": np.ones(2, np.float32)},
+  }
   params = jax.tree.map(jnp.asarray, params)
   d = jax.tree.map(np.asarray, sharpness.filter_normalized_direction(jax.random.PRNGKey(0), params))
   for name in ("conv", "dense"):
     w, dk = np.asarray(params[name]["kernel"]), d[name]["kernel"]
-    np.testing.assert_allclose(np.linalg.norm(dk.reshape(-1, w.shape[-1]), axis=0),
-                               np.linalg.norm(w.reshape(-1, w.shape[-1]), axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+      np.linalg.norm(dk.reshape(-1, w.shape[-1]), axis=0),
+      np.linalg.norm(w.reshape(-1, w.shape[-1]), axis=0),
+      rtol=1e-5,
+    )
     assert not np.allclose(dk / np.linalg.norm(dk), w / np.linalg.norm(w))  # random, not w
     np.testing.assert_array_equal(d[name]["bias"], 0.0)  # biases and BN: no direction
   again = sharpness.filter_normalized_direction(jax.random.PRNGKey(0), params)
@@ -274,8 +295,9 @@ def test_deterministic_for_a_fixed_seed():
   a, _ = spectrum_matrix()
   matvec = lambda v: jnp.asarray(a, jnp.float32) @ v
   run = lambda seed: (
-      sharpness.lanczos(matvec, DIM, num_iters=8, k=2, key=jax.random.PRNGKey(seed)).eigenvalues,
-      sharpness.hutchinson_trace(matvec, DIM, num_probes=5, key=jax.random.PRNGKey(seed)).trace)
+    sharpness.lanczos(matvec, DIM, num_iters=8, k=2, key=jax.random.PRNGKey(seed)).eigenvalues,
+    sharpness.hutchinson_trace(matvec, DIM, num_probes=5, key=jax.random.PRNGKey(seed)).trace,
+  )
   first, second, other = run(3), run(3), run(4)
   np.testing.assert_array_equal(first[0], second[0])
   assert first[1] == second[1]
@@ -284,5 +306,6 @@ def test_deterministic_for_a_fixed_seed():
 
 def test_landscape_rejects_mismatched_axes():
   with pytest.raises(ValueError, match="2 directions but 1 grid axes"):
-    sharpness.landscape(lambda p: {"loss": 0.0}, {"w": jnp.zeros(2)}, [{"w": jnp.ones(2)}] * 2,
-                        [np.zeros(3)])
+    sharpness.landscape(
+      lambda p: {"loss": 0.0}, {"w": jnp.zeros(2)}, [{"w": jnp.ones(2)}] * 2, [np.zeros(3)]
+    )

@@ -43,9 +43,12 @@ def test_digits_pixels_are_the_bundled_images_upscaled():
   assert (all_images == all_images[..., :1]).all()
   small = blocks[:, :, 0, :, 0].astype(np.float64) * 16.0 / 255.0
   # Splits are a partition: match each image back to its bundled original by pixels + label.
-  originals = {(img.astype(np.int64).tobytes(), int(t)) for img, t in zip(bunch.images, bunch.target)}
-  recovered = {(np.round(img).astype(np.int64).tobytes(), int(t))
-               for img, t in zip(small, all_labels)}
+  originals = {
+    (img.astype(np.int64).tobytes(), int(t)) for img, t in zip(bunch.images, bunch.target)
+  }
+  recovered = {
+    (np.round(img).astype(np.int64).tobytes(), int(t)) for img, t in zip(small, all_labels)
+  }
   assert recovered == originals
 
 
@@ -89,9 +92,9 @@ def test_tfds_loads_mock_data_into_memory(tmp_path, name, num_classes):
   assert data.train.images.shape[0] == 23 and data.train.images.shape[-1] == 3
   assert data.train.images.dtype == np.uint8 and data.train.labels.dtype == np.int32
   # Same pixels and labels as tfds yields, in order; grey (mnist) is repeated over 3 channels.
-  np.testing.assert_array_equal(data.train.images,
-                                np.broadcast_to(np.stack([x for x, _ in expected]),
-                                                data.train.images.shape))
+  np.testing.assert_array_equal(
+    data.train.images, np.broadcast_to(np.stack([x for x, _ in expected]), data.train.images.shape)
+  )
   np.testing.assert_array_equal(data.train.labels, [y for _, y in expected])
   np.testing.assert_allclose(data.mean, (data.train.images / 255.0).mean((0, 1, 2)), rtol=1e-9)
 
@@ -136,8 +139,10 @@ def _expected(batches, field):
 
 
 @pytest.mark.parametrize("as_tar", [False, True], ids=["folder", "tar.gz"])
-@pytest.mark.parametrize("layout, name, classes", [("cifar-10-batches-py", "cifar10", 10),
-                                                   ("cifar-100-python", "cifar100", 100)])
+@pytest.mark.parametrize(
+  "layout, name, classes",
+  [("cifar-10-batches-py", "cifar10", 10), ("cifar-100-python", "cifar100", 100)],
+)
 def test_cifar_python_reads_torchvision_layouts(tmp_path, layout, name, classes, as_tar):
   path, train, test, field = write_cifar(tmp_path, layout, as_tar, np.random.default_rng(0))
   data = sources.load_dataset(_dataset_config(name=name, source="cifar_python", path=str(path)))
@@ -156,20 +161,27 @@ def test_cifar_python_pixel_layout_matches_torchvision(tmp_path):
   import sys
 
   path, _, _, _ = write_cifar(tmp_path, "cifar-100-python", False, np.random.default_rng(1))
-  data = sources.load_dataset(_dataset_config(name="cifar100", source="cifar_python",
-                                              path=str(path)))
+  data = sources.load_dataset(
+    _dataset_config(name="cifar100", source="cifar_python", path=str(path))
+  )
   # torchvision in a child process: importing torch next to TensorFlow can crash the process.
   # Its md5 check is for the real files; ours are synthetic, so that check is bypassed.
   script = (
-      "import sys, numpy as np\n"
-      "try:\n  import torchvision\nexcept ImportError:\n  sys.exit(3)\n"
-      "torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True\n"
-      "peer = torchvision.datasets.CIFAR100(sys.argv[1], train=False, download=False)\n"
-      "np.savez(sys.argv[2], images=peer.data, labels=np.asarray(peer.targets))\n")
+    "import sys, numpy as np\n"
+    "try:\n  import torchvision\nexcept ImportError:\n  sys.exit(3)\n"
+    "torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True\n"
+    "peer = torchvision.datasets.CIFAR100(sys.argv[1], train=False, download=False)\n"
+    "np.savez(sys.argv[2], images=peer.data, labels=np.asarray(peer.targets))\n"
+  )
   out = tmp_path / "peer.npz"
-  result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(out)],
-                          check=False, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+  result = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path), str(out)],
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
+  )
   if result.returncode == 3:
     pytest.skip("torchvision is not installed")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -180,8 +192,9 @@ def test_cifar_python_pixel_layout_matches_torchvision(tmp_path):
 
 def test_cifar_python_accepts_torchvision_root(tmp_path):
   write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(2))
-  data = sources.load_dataset(_dataset_config(name="cifar10", source="cifar_python",
-                                              path=str(tmp_path)))
+  data = sources.load_dataset(
+    _dataset_config(name="cifar10", source="cifar_python", path=str(tmp_path))
+  )
   assert data.train.images.shape == (20, 32, 32, 3)
 
 
@@ -205,10 +218,14 @@ def test_cifar_python_bad_paths(tmp_path):
 
 def test_cifar_python_wrong_name_or_split(tmp_path):
   path, _, _, _ = write_cifar(tmp_path, "cifar-10-batches-py", True, np.random.default_rng(3))
-  _one_line_error(_dataset_config(name="cifar100", source="cifar_python", path=str(path)),
-                  r"holds cifar10 .* set dataset.name='cifar10'")
-  _one_line_error(_dataset_config(name="cifar10", source="cifar_python", path=str(path),
-                                  test_split="validation"), r"splits \['train', 'test'\]")
+  _one_line_error(
+    _dataset_config(name="cifar100", source="cifar_python", path=str(path)),
+    r"holds cifar10 .* set dataset.name='cifar10'",
+  )
+  _one_line_error(
+    _dataset_config(name="cifar10", source="cifar_python", path=str(path), test_split="validation"),
+    r"splits \['train', 'test'\]",
+  )
 
 
 def test_cifar_python_malformed_batches(tmp_path):
@@ -241,6 +258,8 @@ def test_cifar_python_refuses_pickles_that_name_other_globals(tmp_path):
 
   path, _, _, _ = write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(5))
   (path / "test_batch").write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
-  _one_line_error(_dataset_config(name="cifar10", source="cifar_python", path=str(path)),
-                  r"test_batch is not a CIFAR python batch \(UnpicklingError: global .*system "
-                  r"is not allowed")
+  _one_line_error(
+    _dataset_config(name="cifar10", source="cifar_python", path=str(path)),
+    r"test_batch is not a CIFAR python batch \(UnpicklingError: global .*system "
+    r"is not allowed",
+  )

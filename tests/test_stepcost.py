@@ -31,8 +31,9 @@ def compiled_step(config, mesh):
 
 @pytest.fixture(scope="module")
 def sgd_sam(mesh):
-  return {name: compiled_step(small_config(rho), mesh) for name, rho in (("sgd", 0.0),
-                                                                         ("sam", 0.05))}
+  return {
+    name: compiled_step(small_config(rho), mesh) for name, rho in (("sgd", 0.0), ("sam", 0.05))
+  }
 
 
 def test_abstract_state_matches_the_real_one(mesh):

@@ -26,6 +26,7 @@ class TinyNet(nn.Module):
 
 class TinyBNNet(nn.Module):
   """Conv + BatchNorm + dense: the smallest model whose BN statistics a step must get right."""
+
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -48,21 +49,29 @@ def make_config(rho=0.0, sync=False, m=0, lr=0.1):
 
 def make_batch(n=32, size=8, seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-          "label": rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32)}
+  return {
+    "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    "label": rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32),
+  }
 
 
 def step_cfg(size=8, group=0, dtype=jnp.float32):
-  return steps.StepConfig(image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=dtype,
-                          sam_group_size=group)
+  return steps.StepConfig(
+    image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=dtype, sam_group_size=group
+  )
 
 
 def init_state(model, tx, size=8):
-  variables = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 3)),
-                         train=False)
-  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(1))
+  variables = model.init(
+    {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 3)), train=False
+  )
+  return steps.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(variables["params"]),
+    rng=jax.random.PRNGKey(1),
+  )
 
 
 def run_steps(config, mesh, model, batches, group=0, cfg=None):
@@ -118,7 +127,7 @@ def test_per_device_sam_matches_hand_computed_per_shard_reference():
   grad = jax.grad(lambda p, x, y: _loss(model, p, x, y))
   sam_grads = []
   for shard in range(8):
-    x, y = images[shard * 4:(shard + 1) * 4], batch["label"][shard * 4:(shard + 1) * 4]
+    x, y = images[shard * 4 : (shard + 1) * 4], batch["label"][shard * 4 : (shard + 1) * 4]
     g = grad(params, x, y)
     norm = optax.global_norm(g)
     perturbed = jax.tree.map(lambda p, gi, norm=norm: p + rho * gi / norm, params, g)
@@ -145,8 +154,12 @@ def test_bn_running_statistics_come_from_the_clean_pass_only():
   got, _, _ = run_steps(make_config(rho=0.5), MESH_1(), model, [batch])
   state = init_state(model, optax.sgd(0.1))
   images = steps.preprocess(jnp.asarray(batch["image"]), step_cfg())
-  _, clean = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                         train=True, mutable=["batch_stats"])
+  _, clean = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats},
+    images,
+    train=True,
+    mutable=["batch_stats"],
+  )
   assert_trees_close(got.batch_stats, clean["batch_stats"], rtol=1e-5, atol=1e-6)
   # And the perturbed pass did move the weights differently from plain SGD.
   sgd, _, _ = run_steps(make_config(rho=0.0), MESH_1(), model, [batch])
@@ -161,9 +174,15 @@ def test_bn_statistics_are_averaged_over_devices():
   got, _, _ = run_steps(make_config(rho=0.05), MESH_8(), model, [batch])
   state = init_state(model, optax.sgd(0.1))
   images = steps.preprocess(jnp.asarray(batch["image"]), step_cfg())
-  per_shard = [model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                           images[i * 4:(i + 1) * 4], train=True, mutable=["batch_stats"])[1]
-               for i in range(8)]
+  per_shard = [
+    model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      images[i * 4 : (i + 1) * 4],
+      train=True,
+      mutable=["batch_stats"],
+    )[1]
+    for i in range(8)
+  ]
   expected = jax.tree.map(lambda *s: sum(s) / 8, *[p["batch_stats"] for p in per_shard])
   assert_trees_close(got.batch_stats, expected, rtol=1e-5, atol=1e-6)
 
@@ -172,12 +191,22 @@ def test_step_compiles_once_and_logs_sam_diagnostics():
   batches = [make_batch(seed=s) for s in range(3)]
   _, metrics, step = run_steps(make_config(rho=0.05), MESH_8(), TinyNet(), batches)
   assert step._cache_size() == 1
-  expected_keys = {"train/loss", "train/accuracy", "lr", "sam/rho", "sam/perturbed_loss",
-                   "sam/gap", "sam/clean_grad_norm", "sam/grad_norm", "sam/cosine"}
+  expected_keys = {
+    "train/loss",
+    "train/accuracy",
+    "lr",
+    "sam/rho",
+    "sam/perturbed_loss",
+    "sam/gap",
+    "sam/clean_grad_norm",
+    "sam/grad_norm",
+    "sam/cosine",
+  }
   assert expected_keys <= set(metrics[-1])
   assert metrics[-1]["sam/rho"] == pytest.approx(0.05)
   assert metrics[-1]["sam/gap"] == pytest.approx(
-      metrics[-1]["sam/perturbed_loss"] - metrics[-1]["train/loss"], abs=1e-6)
+    metrics[-1]["sam/perturbed_loss"] - metrics[-1]["train/loss"], abs=1e-6
+  )
 
 
 def test_plain_step_logs_no_sam_diagnostics():
@@ -208,8 +237,9 @@ def test_sam_costs_two_passes_and_rho_zero_costs_one():
 def test_bf16_compute_keeps_fp32_params_and_finite_updates():
   model = TinyBNNet(dtype=jnp.bfloat16)
   cfg = step_cfg(dtype=jnp.bfloat16)
-  state, metrics, _ = run_steps(make_config(rho=0.05), MESH_8(), model,
-                                [make_batch(seed=s) for s in range(2)], cfg=cfg)
+  state, metrics, _ = run_steps(
+    make_config(rho=0.05), MESH_8(), model, [make_batch(seed=s) for s in range(2)], cfg=cfg
+  )
   for leaf in jax.tree.leaves(state.params):
     assert leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf))
   assert np.isfinite(metrics[-1]["train/loss"]) and np.isfinite(metrics[-1]["sam/grad_norm"])

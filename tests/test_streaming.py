@@ -33,14 +33,23 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=3)}), supervised_keys=("image", "label"))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=3),
+        }
+      ),
+      supervised_keys=("image", "label"),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"train": self._generate_examples(NUM_TRAIN, 0),
-            "test": self._generate_examples(NUM_TEST, 1)}
+    return {
+      "train": self._generate_examples(NUM_TRAIN, 0),
+      "test": self._generate_examples(NUM_TEST, 1),
+    }
 
   def _generate_examples(self, n, salt):
     rng = np.random.default_rng(salt)
@@ -54,7 +63,8 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder):
 def prepare_tiny_shapes(data_dir: str) -> None:
   """Writes the tiny dataset's train and test splits in 4 record files each."""
   TinyShapes(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=4))
+    download_config=tfds.download.DownloadConfig(num_shards=4)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +102,9 @@ def _take(iterator, n):
 def test_tfds_split_read_from_four_record_files(stream):
   assert stream.train.num_examples == NUM_TRAIN and stream.test.num_examples == NUM_TEST
   assert stream.train.shard_lengths == (24, 24, 24, 24) and stream.num_classes == 3
-  windows = streaming.epoch_windows(stream.train, seed=0, epoch=0, process_index=0,
-                                    process_count=1, buffer=30)
+  windows = streaming.epoch_windows(
+    stream.train, seed=0, epoch=0, process_index=0, process_count=1, buffer=30
+  )
   # Whole files, two per window (24 < 30 <= 48), each file once.
   assert sorted(r for w in windows for r in w) == [(0, 24), (24, 48), (48, 72), (72, 96)]
   assert [len(w) for w in windows] == [2, 2]
@@ -101,14 +112,19 @@ def test_tfds_split_read_from_four_record_files(stream):
 
 def test_tfds_epoch_yields_every_example_once_and_epochs_differ(stream, tfds_dir):
   config = _config(tfds_dir)
-  batches = streaming.train_batches(stream, config.augment, size=16, seed=0, global_batch=16,
-                                    shuffle_buffer=30)
+  batches = streaming.train_batches(
+    stream, config.augment, size=16, seed=0, global_batch=16, shuffle_buffer=30
+  )
   epochs = [np.concatenate([_ids(b) for b in _take(batches, 6)]) for _ in range(2)]
   for ids in epochs:
     assert sorted(ids) == list(range(NUM_TRAIN))
   assert not np.array_equal(epochs[0], epochs[1])
-  first = _take(streaming.train_batches(stream, config.augment, size=16, seed=0, global_batch=16,
-                                        shuffle_buffer=30), 1)[0]
+  first = _take(
+    streaming.train_batches(
+      stream, config.augment, size=16, seed=0, global_batch=16, shuffle_buffer=30
+    ),
+    1,
+  )[0]
   np.testing.assert_array_equal(_ids(first), epochs[0][:16])  # same seed, same stream
   np.testing.assert_array_equal(first["label"], _ids(first) % 3)
   assert first["image"].shape == (16, 16, 16, 3) and first["image"].dtype == np.uint8
@@ -118,10 +134,18 @@ def test_tfds_resume_mid_epoch_continues_the_stream(stream, tfds_dir):
   config = _config(tfds_dir)
   config.augment.flip = True
   config.augment.randaugment.num_ops = 2
-  full = _take(streaming.train_batches(stream, config.augment, size=16, seed=3, global_batch=8,
-                                       shuffle_buffer=30), 15)
-  resumed = _take(streaming.train_batches(stream, config.augment, size=16, seed=3,
-                                          global_batch=8, start_step=9, shuffle_buffer=30), 6)
+  full = _take(
+    streaming.train_batches(
+      stream, config.augment, size=16, seed=3, global_batch=8, shuffle_buffer=30
+    ),
+    15,
+  )
+  resumed = _take(
+    streaming.train_batches(
+      stream, config.augment, size=16, seed=3, global_batch=8, start_step=9, shuffle_buffer=30
+    ),
+    6,
+  )
   for a, b in zip(full[9:], resumed, strict=True):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
@@ -130,9 +154,27 @@ def test_tfds_resume_mid_epoch_continues_the_stream(stream, tfds_dir):
 def test_tfds_two_processes_disjoint_and_covering(stream, tfds_dir):
   config = _config(tfds_dir)
   assert streaming.steps_per_epoch(stream, 16, process_count=2) == 6
-  parts = [np.concatenate([_ids(b) for b in _take(streaming.train_batches(
-      stream, config.augment, size=16, seed=0, global_batch=16, process_index=p,
-      process_count=2, shuffle_buffer=10), 6)]) for p in range(2)]
+  parts = [
+    np.concatenate(
+      [
+        _ids(b)
+        for b in _take(
+          streaming.train_batches(
+            stream,
+            config.augment,
+            size=16,
+            seed=0,
+            global_batch=16,
+            process_index=p,
+            process_count=2,
+            shuffle_buffer=10,
+          ),
+          6,
+        )
+      ]
+    )
+    for p in range(2)
+  ]
   assert len(parts[0]) == len(parts[1]) == NUM_TRAIN // 2
   assert not set(parts[0]) & set(parts[1])
   assert sorted(np.concatenate(parts)) == list(range(NUM_TRAIN))
@@ -143,8 +185,11 @@ def test_tfds_eval_counts_every_example_once_with_padding(stream):
     seen, masks = [], []
     lengths = set()
     for p in range(count):
-      batches = list(streaming.eval_batches(stream, size=16, global_batch=10, process_index=p,
-                                            process_count=count, crop_fraction=1.0))
+      batches = list(
+        streaming.eval_batches(
+          stream, size=16, global_batch=10, process_index=p, process_count=count, crop_fraction=1.0
+        )
+      )
       lengths.add(len(batches))
       for b in batches:
         assert b["image"].shape == (10 // count, 16, 16, 3)
@@ -164,7 +209,8 @@ def test_streamed_eval_batches_equal_in_memory_eval_batches(tmp_path):
       folder = tmp_path / "set" / split / f"c{i % 2}"
       folder.mkdir(parents=True, exist_ok=True)
       Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
-          folder / f"{i:03d}.png")
+        folder / f"{i:03d}.png"
+      )
   config = common.get_base_config()
   config.dataset.source, config.dataset.name = "image_folder", "set"
   config.dataset.path, config.dataset.cache_dir = str(tmp_path / "set"), str(tmp_path / "cache")
@@ -191,8 +237,9 @@ def test_streamed_eval_of_a_checkpoint_gives_the_in_memory_metrics(tmp_path):
     for i in range(n):
       folder = tmp_path / "set" / split / f"c{i % 3}"
       folder.mkdir(parents=True, exist_ok=True)
-      image = np.full((16, 16, 3), 60 * (i % 3), np.uint8) + rng.integers(0, 60, (16, 16, 3),
-                                                                          dtype=np.uint8)
+      image = np.full((16, 16, 3), 60 * (i % 3), np.uint8) + rng.integers(
+        0, 60, (16, 16, 3), dtype=np.uint8
+      )
       Image.fromarray(image).save(folder / f"{i:03d}.png")
   config = common.get_base_config()
   config.dataset.source, config.dataset.name = "image_folder", "set"
@@ -206,8 +253,11 @@ def test_streamed_eval_of_a_checkpoint_gives_the_in_memory_metrics(tmp_path):
   workdir = str(tmp_path / "run")
   summary = train.train_and_evaluate(config, workdir)
   assert summary["completed"] and summary["steps"] == 6
-  logged = [r for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-            if "test/accuracy" in r][-1]
+  logged = [
+    r
+    for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+    if "test/accuracy" in r
+  ][-1]
   config.dataset.in_memory = "false"
   result = evaluate.evaluate_checkpoint(config, workdir)
   assert result["step"] == 6 and result["count"] == 29
@@ -236,8 +286,10 @@ def test_mock_data_variable_size_images_stream_at_model_size(tmp_path):
     assert stream_.native_size == 0 and stream_.num_classes == 102
     with pytest.raises(errors.ConfigError, match="model.image_size"):
       streaming.image_size(stream_, 0)
-    runs = [_take(streaming.train_batches(stream_, config.augment, size=24, seed=1,
-                                          global_batch=8), 3) for _ in range(2)]
+    runs = [
+      _take(streaming.train_batches(stream_, config.augment, size=24, seed=1, global_batch=8), 3)
+      for _ in range(2)
+    ]
     batches = list(streaming.eval_batches(stream_, size=24, global_batch=16))
   for a, b in zip(*runs, strict=True):
     assert a["image"].shape == (8, 24, 24, 3)
@@ -264,12 +316,12 @@ COLOUR_LEVELS = 8  # per channel: index = (r, g, b) digits in base 8, 32 levels 
 
 
 def _colour(i: int) -> tuple[int, int, int]:
-  return tuple(32 * ((i // COLOUR_LEVELS ** c) % COLOUR_LEVELS) + 16 for c in range(3))
+  return tuple(32 * ((i // COLOUR_LEVELS**c) % COLOUR_LEVELS) + 16 for c in range(3))
 
 
 def _index(pixels: np.ndarray) -> np.ndarray:
   digits = np.clip(np.round((pixels.astype(float) - 16) / 32), 0, COLOUR_LEVELS - 1).astype(int)
-  return digits[..., 0] + COLOUR_LEVELS * digits[..., 1] + COLOUR_LEVELS ** 2 * digits[..., 2]
+  return digits[..., 0] + COLOUR_LEVELS * digits[..., 1] + COLOUR_LEVELS**2 * digits[..., 2]
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +345,9 @@ def jpeg_folder(tmp_path_factory):
 
 def test_folder_of_mixed_size_jpegs_streams_each_once_per_epoch(jpeg_folder):
   stream_ = streaming.open_stream(jpeg_folder.dataset)
-  assert stream_.train.num_examples == 300 and stream_.class_names == ("class0", "class1",
-                                                                       "class2")
+  assert stream_.train.num_examples == 300 and stream_.class_names == ("class0", "class1", "class2")
   assert streaming.choose(jpeg_folder.dataset)[0]  # mixed sizes: auto streams
-  batches = streaming.train_batches(stream_, jpeg_folder.augment, size=32, seed=0,
-                                    global_batch=50)
+  batches = streaming.train_batches(stream_, jpeg_folder.augment, size=32, seed=0, global_batch=50)
   ids = np.concatenate([_index(b["image"][:, 16, 16]) for b in _take(batches, 6)])
   assert sorted(ids) == list(range(300))
   # Same order as the in-memory path's epoch permutation.
@@ -314,15 +364,29 @@ def test_folder_random_resized_crop_and_randaugment_at_224(jpeg_folder):
   jpeg_folder.augment.flip = True
   jpeg_folder.augment.randaugment.num_ops = 2
   stream_ = streaming.open_stream(jpeg_folder.dataset)
-  two = [_take(streaming.train_batches(stream_, jpeg_folder.augment, size=224, seed=5,
-                                       global_batch=10, process_index=p, process_count=2), 2)
-         for p in range(2)]
+  two = [
+    _take(
+      streaming.train_batches(
+        stream_,
+        jpeg_folder.augment,
+        size=224,
+        seed=5,
+        global_batch=10,
+        process_index=p,
+        process_count=2,
+      ),
+      2,
+    )
+    for p in range(2)
+  ]
   assert two[0][0]["image"].shape == (5, 224, 224, 3)
-  one = _take(streaming.train_batches(stream_, jpeg_folder.augment, size=224, seed=5,
-                                      global_batch=10), 2)
+  one = _take(
+    streaming.train_batches(stream_, jpeg_folder.augment, size=224, seed=5, global_batch=10), 2
+  )
   for step in range(2):  # the two processes' halves are the one-process batch
     np.testing.assert_array_equal(
-        np.concatenate([two[0][step]["image"], two[1][step]["image"]]), one[step]["image"])
+      np.concatenate([two[0][step]["image"], two[1][step]["image"]]), one[step]["image"]
+    )
 
 
 def test_folder_with_no_images_and_archives_are_refused(tmp_path, jpeg_folder):
@@ -342,8 +406,10 @@ def test_folder_with_no_images_and_archives_are_refused(tmp_path, jpeg_folder):
 
 def test_tfds_split_with_no_images_is_refused(tmp_path):
   config = _mock_flowers_config(tmp_path)
-  with tfds.testing.mock_data(num_examples=0, data_dir=str(tmp_path)), pytest.raises(
-      errors.DataError, match="has no images"):
+  with (
+    tfds.testing.mock_data(num_examples=0, data_dir=str(tmp_path)),
+    pytest.raises(errors.DataError, match="has no images"),
+  ):
     streaming.open_stream(config.dataset)
 
 
@@ -386,18 +452,21 @@ def test_random_resized_box_is_torchvision_arithmetic(height, width):
 
   image = Image.new("RGB", (width, height))
   uniforms = tf.constant(np.random.default_rng(height).random(22), tf.float32)
-  for scale, ratio in (((0.3, 0.3), (0.9, 0.9)), ((0.08, 0.08), (4 / 3, 4 / 3)),
-                       ((1.0, 1.0), (0.75, 0.75))):
+  for scale, ratio in (
+    ((0.3, 0.3), (0.9, 0.9)),
+    ((0.08, 0.08), (4 / 3, 4 / 3)),
+    ((1.0, 1.0), (0.75, 0.75)),
+  ):
     _, _, h, w = RandomResizedCrop.get_params(image, scale=scale, ratio=ratio)
-    top, left, bh, bw = transforms.random_resized_box(height, width, uniforms, scale,
-                                                      ratio).numpy()
+    top, left, bh, bw = transforms.random_resized_box(height, width, uniforms, scale, ratio).numpy()
     assert (bh, bw) == (h, w), (scale, ratio)
     if (h, w) != (height, width) or scale != (1.0, 1.0):
       assert 0 <= top <= height - h and 0 <= left <= width - w
   # Every try fails (a whole-image area cannot take these ratios): the centre fallback, exact.
   wide = Image.new("RGB", (400, 100))
   assert tuple(transforms.random_resized_box(100, 400, uniforms, (1.0, 1.0)).numpy()) == tuple(
-      RandomResizedCrop.get_params(wide, scale=(1.0, 1.0), ratio=transforms.DEFAULT_RATIO))
+    RandomResizedCrop.get_params(wide, scale=(1.0, 1.0), ratio=transforms.DEFAULT_RATIO)
+  )
 
 
 @pytest.mark.parametrize("height,width", SIZES)
@@ -411,14 +480,19 @@ def test_crop_and_resize_match_torchvision_within_one_level(height, width):
   box = transforms.random_resized_box(height, width, uniforms).numpy()
   top, left, h, w = (int(v) for v in box)
   ours = transforms.resize(
-      transforms.decode_box(encoded, lambda *_: tf.constant(box)), 224, 224).numpy()
-  theirs = np.asarray(F.resized_crop(Image.fromarray(image), top, left, h, w, [224, 224],
-                                     F.InterpolationMode.BILINEAR))
+    transforms.decode_box(encoded, lambda *_: tf.constant(box)), 224, 224
+  ).numpy()
+  theirs = np.asarray(
+    F.resized_crop(
+      Image.fromarray(image), top, left, h, w, [224, 224], F.InterpolationMode.BILINEAR
+    )
+  )
   diff = np.abs(ours.astype(int) - theirs.astype(int))
   assert diff.max() <= 1 and diff.mean() < 0.25
   ours = transforms.eval_crop(encoded, 224, 0.875).numpy()
-  theirs = np.asarray(F.center_crop(F.resize(Image.fromarray(image), 256,
-                                             F.InterpolationMode.BILINEAR), 224))
+  theirs = np.asarray(
+    F.center_crop(F.resize(Image.fromarray(image), 256, F.InterpolationMode.BILINEAR), 224)
+  )
   diff = np.abs(ours.astype(int) - theirs.astype(int))
   assert ours.shape == theirs.shape == (224, 224, 3) and diff.max() <= 1 and diff.mean() < 0.25
 
@@ -430,8 +504,11 @@ def test_train_crop_decodes_jpeg_crop_in_one_step_and_inside_dataset_map():
   encoded = tf.constant(buffer.getvalue())
   seeds = tf.constant([[0, i] for i in range(4)], tf.int64)
   eager = [transforms.train_crop(encoded, s, 64).numpy() for s in seeds]
-  mapped = list(tf.data.Dataset.from_tensor_slices(seeds).map(
-      lambda s: transforms.train_crop(encoded, s, 64)).as_numpy_iterator())
+  mapped = list(
+    tf.data.Dataset.from_tensor_slices(seeds)
+    .map(lambda s: transforms.train_crop(encoded, s, 64))
+    .as_numpy_iterator()
+  )
   for a, b in zip(eager, mapped, strict=True):
     assert a.shape == (64, 64, 3)
     np.testing.assert_array_equal(a, b)
@@ -444,16 +521,27 @@ STREAM_SPE, STREAM_EPOCHS = 6, 3  # 96 examples // batch 16
 
 
 def _stream_args(data_dir: str) -> list[str]:
-  return ["--config=configs/quickstart.py", "--config.dataset.name=tiny_shapes",
-          f"--config.dataset.data_dir={data_dir}", "--config.dataset.in_memory=false",
-          "--config.dataset.shuffle_buffer=30", "--config.dataset.download=false",
-          f"--config.num_epochs={STREAM_EPOCHS}", "--config.model.image_size=16",
-          "--config.model.width=4", "--config.batch_size=16", "--config.eval_batch_size=16",
-          "--config.augment.random_resized_crop=true", "--config.augment.crop_padding=0",
-          "--config.augment.randaugment.num_ops=1", "--config.log_every_steps=1",
-          "--config.checkpoint_every_epochs=1", "--config.checkpoint_keep=2",
-          "--config.progress_bar=false",
-          "--config.wandb.mode=disabled"]
+  return [
+    "--config=configs/quickstart.py",
+    "--config.dataset.name=tiny_shapes",
+    f"--config.dataset.data_dir={data_dir}",
+    "--config.dataset.in_memory=false",
+    "--config.dataset.shuffle_buffer=30",
+    "--config.dataset.download=false",
+    f"--config.num_epochs={STREAM_EPOCHS}",
+    "--config.model.image_size=16",
+    "--config.model.width=4",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=16",
+    "--config.augment.random_resized_crop=true",
+    "--config.augment.crop_padding=0",
+    "--config.augment.randaugment.num_ops=1",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_epochs=1",
+    "--config.checkpoint_keep=2",
+    "--config.progress_bar=false",
+    "--config.wandb.mode=disabled",
+  ]
 
 
 @pytest.mark.slow
@@ -467,9 +555,13 @@ def test_streamed_kill9_and_resume_equals_uninterrupted(tfds_dir, tmp_path):
   env = test_resume._env(str(tmp_path))
 
   def launch(workdir, log):
-    return subprocess.Popen([sys.executable, "launch.py", f"--workdir={workdir}",
-                             *_stream_args(tfds_dir)], cwd=root, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, "launch.py", f"--workdir={workdir}", *_stream_args(tfds_dir)],
+      cwd=root,
+      env=env,
+      stdout=open(log, "w"),
+      stderr=subprocess.STDOUT,
+    )
 
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   run_a = launch(a, tmp_path / "a.log")
@@ -505,8 +597,11 @@ def _kill_mid_epoch(proc, workdir) -> int:
   deadline = time.time() + 600
   while time.time() < deadline:
     assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be killed"
-    steps = [r["step"] for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-             if "train/loss" in r]
+    steps = [
+      r["step"]
+      for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+      if "train/loss" in r
+    ]
     folder = os.path.join(workdir, "checkpoints")
     saved = os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
     if steps and steps[-1] > STREAM_SPE and steps[-1] % STREAM_SPE and saved:

@@ -22,8 +22,15 @@ pytestmark = pytest.mark.slow
 
 def run(*args):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900, check=False)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +43,35 @@ def study_run(tmp_path_factory):
   torch.manual_seed(0)
   torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp / "resnet50.pth")
   weights = tmp / "resnet50.msgpack"
-  converted = run("-m", "jaxsam.convert", "--model=resnet50", f"--input={tmp / 'resnet50.pth'}",
-                  f"--output={weights}")
+  converted = run(
+    "-m",
+    "jaxsam.convert",
+    "--model=resnet50",
+    f"--input={tmp / 'resnet50.pth'}",
+    f"--output={weights}",
+  )
   assert converted.returncode == 0, converted.stderr[-3000:]
-  archive, _, _, _ = write_cifar(tmp, "cifar-100-python", True, np.random.default_rng(0),
-                                 per_batch=12)
+  archive, _, _, _ = write_cifar(
+    tmp, "cifar-100-python", True, np.random.default_rng(0), per_batch=12
+  )
   workdir = tmp / "run"
   # 64 px instead of the config's 224 keeps this CI test to a minute; the code path is the same.
   # lr 0: SAM's two passes run, BN statistics move, and the saved params must be the imported ones.
-  result = run("launch.py", "--config=configs/sam_ra.py", f"--workdir={workdir}",
-               f"--config.model.pretrained={weights}", "--config.dataset.source=cifar_python",
-               f"--config.dataset.path={archive}", "--config.max_steps=2",
-               "--config.batch_size=8", "--config.eval_batch_size=8",
-               "--config.optimizer.learning_rate=0.0",
-               "--config.model.image_size=64", "--config.wandb.mode=disabled",
-               "--config.progress_bar=False")
+  result = run(
+    "launch.py",
+    "--config=configs/sam_ra.py",
+    f"--workdir={workdir}",
+    f"--config.model.pretrained={weights}",
+    "--config.dataset.source=cifar_python",
+    f"--config.dataset.path={archive}",
+    "--config.max_steps=2",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.optimizer.learning_rate=0.0",
+    "--config.model.image_size=64",
+    "--config.wandb.mode=disabled",
+    "--config.progress_bar=False",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, weights, result
 
@@ -78,8 +99,10 @@ def test_study_run_trains_the_converted_backbone(study_run):
   tx, _ = train.setup_optimizer(config, setup)
   abstract = train.abstract_train_state(config, setup, tx)
   state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints", "2"), abstract)
-  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                       {"params": abstract.params, "batch_stats": abstract.batch_stats})
+  zeros = jax.tree.map(
+    lambda s: np.zeros(s.shape, s.dtype),
+    {"params": abstract.params, "batch_stats": abstract.batch_stats},
+  )
   imported = pretrained.load_pretrained(str(weights), config.model, zeros)
   flat_imported = flax.traverse_util.flatten_dict(imported["params"], sep="/")
   flat_saved = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")

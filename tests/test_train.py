@@ -11,8 +11,10 @@ from jaxsam import train
 
 
 def test_window_mean_ignores_nan_only_in_sam_keys():
-  window = [{"train/loss": 1.0, "sam/active": 1.0, "sam/gap": 0.5},
-            {"train/loss": 3.0, "sam/active": 0.0, "sam/gap": math.nan}]
+  window = [
+    {"train/loss": 1.0, "sam/active": 1.0, "sam/gap": 0.5},
+    {"train/loss": 3.0, "sam/active": 0.0, "sam/gap": math.nan},
+  ]
   assert train.window_mean(window) == {"train/loss": 2.0, "sam/active": 0.5, "sam/gap": 0.5}
   window[0]["train/loss"] = math.nan
   assert math.isnan(train.window_mean(window)["train/loss"])
@@ -68,6 +70,7 @@ def test_device_prefetch_keeps_order_and_one_batch_ahead():
   import numpy as np
 
   from jaxsam import parallel
+
   pulled = []
 
   def source():

@@ -34,8 +34,11 @@ def test_subset_is_class_balanced_sorted_and_seeded(num_examples):
 
 
 def test_subset_larger_than_the_smallest_class_allows_is_refused():
-  with pytest.raises(DataError, match=r"train_examples=200 needs 50 examples of class 1, which "
-                     r"has 40; use at most 120") as info:
+  with pytest.raises(
+    DataError,
+    match=r"train_examples=200 needs 50 examples of class 1, which "
+    r"has 40; use at most 120",
+  ) as info:
     train_split.balanced_subset(_labels(), 200, 4, seed=0)
   assert "\n" not in str(info.value)
 

@@ -13,8 +13,13 @@ from jaxsam import checkpoint, errors, report, writers
 from jaxsam import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIRS = {workdir_lib.LAST_DIR, workdir_lib.BEST_DIR, workdir_lib.CORRUPT_DIR,
-        workdir_lib.ANALYSIS_DIR, workdir_lib.WANDB_DIR}
+DIRS = {
+  workdir_lib.LAST_DIR,
+  workdir_lib.BEST_DIR,
+  workdir_lib.CORRUPT_DIR,
+  workdir_lib.ANALYSIS_DIR,
+  workdir_lib.WANDB_DIR,
+}
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -43,22 +48,34 @@ def test_the_table_names_every_file_and_folder_and_the_writers_use_it():
   assert set(workdir_lib.CLEARED) == set(workdir_lib.ENTRIES) - {workdir_lib.WANDB_DIR}
   assert {"analysis", "eval.json", "config.json", "checkpoints"} <= set(workdir_lib.CLEARED)
   assert all(e.what and "\n" not in e.what for e in workdir_lib.ENTRIES.values())
-  assert checkpoint.LAST_DIR is workdir_lib.LAST_DIR and writers.METRICS_FILE is \
-      workdir_lib.METRICS_FILE
+  assert (
+    checkpoint.LAST_DIR is workdir_lib.LAST_DIR and writers.METRICS_FILE is workdir_lib.METRICS_FILE
+  )
   assert workdir_lib.analysis_path("w") == os.path.join("w", "analysis", "analysis.json")
 
 
 def test_config_diff_names_leaves_and_leaves_out_allowed_keys_and_sections():
   old = {"seed": 0, "sam": {"rho": 0.05, "m": 0}, "wandb": {"mode": "auto", "project": "a"}}
-  new = {"seed": 1, "sam": {"rho": 0.1, "m": 0}, "wandb": {"mode": "offline", "project": "b"},
-         "extra": 1}
+  new = {
+    "seed": 1,
+    "sam": {"rho": 0.1, "m": 0},
+    "wandb": {"mode": "offline", "project": "b"},
+    "extra": 1,
+  }
   assert workdir_lib.config_diff(old, new) == [
-      "extra", "sam.rho", "seed", "wandb.mode", "wandb.project"]
+    "extra",
+    "sam.rho",
+    "seed",
+    "wandb.mode",
+    "wandb.project",
+  ]
   assert workdir_lib.config_diff(old, new, {"seed", "wandb."}) == ["extra", "sam.rho"]
   assert workdir_lib.config_diff({"sam": {"rho": 1}}, {"sam": 2}) == ["sam"]
 
 
-@pytest.mark.parametrize("key, value, resumes, analyses", [
+@pytest.mark.parametrize(
+  "key, value, resumes, analyses",
+  [
     ("max_steps", 3, True, True),
     ("wandb.mode", "offline", True, True),
     ("wandb.project", "other", False, True),
@@ -68,9 +85,9 @@ def test_config_diff_names_leaves_and_leaves_out_allowed_keys_and_sections():
     ("model.width", 4, False, False),
     ("dataset.cache_dir", "/elsewhere", True, True),
     ("dataset.label_noise", 0.4, False, False),
-])
-def test_what_may_change_on_resume_and_what_may_differ_for_analysis(key, value, resumes,
-                                                                    analyses):
+  ],
+)
+def test_what_may_change_on_resume_and_what_may_differ_for_analysis(key, value, resumes, analyses):
   old, new = _config().to_dict(), _config(**{key: value}).to_dict()
   assert (not workdir_lib.config_diff(old, new, workdir_lib.RESUME_MAY_CHANGE)) == resumes
   assert (not workdir_lib.config_diff(old, new, workdir_lib.ANALYSIS_MAY_DIFFER)) == analyses
@@ -87,8 +104,10 @@ def test_check_refuses_a_file_an_unwritable_path_and_another_config(tmp_path):
   workdir_lib.prepare(_config(), workdir, overwrite=False)
   with pytest.raises(errors.ConfigError) as e:
     workdir_lib.check(_config(seed=3, num_epochs=9), workdir, overwrite=False)
-  assert str(e.value) == (f"--workdir={workdir} holds a run of another config (differs in "
-                          "num_epochs, seed); use a new --workdir, or --overwrite to replace it")
+  assert str(e.value) == (
+    f"--workdir={workdir} holds a run of another config (differs in "
+    "num_epochs, seed); use a new --workdir, or --overwrite to replace it"
+  )
   workdir_lib.check(_config(max_steps=5), workdir, overwrite=False)
   workdir_lib.check(_config(seed=3), workdir, overwrite=True)
   (tmp_path / "run" / "config.json").write_text("{not json")
@@ -149,13 +168,32 @@ def test_read_run_reads_config_metrics_summary_and_analysis(tmp_path):
 
 
 def _launch(workdir, *args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   proc = subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/quickstart.py", f"--workdir={workdir}",
-       "--config.model.image_size=8", "--config.model.width=4", "--config.batch_size=128",
-       "--config.progress_bar=False", "--config.wandb.mode=disabled", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      "launch.py",
+      "--config=configs/quickstart.py",
+      f"--workdir={workdir}",
+      "--config.model.image_size=8",
+      "--config.model.width=4",
+      "--config.batch_size=128",
+      "--config.progress_bar=False",
+      "--config.wandb.mode=disabled",
+      *args,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -176,7 +214,14 @@ def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
 
   _launch(workdir, "--config.num_epochs=1", "--overwrite")
   assert sorted(os.listdir(workdir)) == [
-      "best", "checkpoints", "config.json", "curves.png", "metrics.jsonl", "summary.json", "wandb"]
+    "best",
+    "checkpoints",
+    "config.json",
+    "curves.png",
+    "metrics.jsonl",
+    "summary.json",
+    "wandb",
+  ]
   assert os.listdir(workdir / "wandb") == ["offline-run-old"]  # wandb's history is the user's
   assert sorted(os.listdir(workdir / "checkpoints")) == ["11"] != old_steps
   run = report.load_run(str(workdir))

@@ -16,9 +16,17 @@ from jaxsam import errors, writers
 
 
 def _wandb_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({"mode": "offline", "project": "jaxsam-test", "entity": "",
-                                      "name": "", "tags": "a, b", "group": "g",
-                                      "log_checkpoints": False})
+  config = ml_collections.ConfigDict(
+    {
+      "mode": "offline",
+      "project": "jaxsam-test",
+      "entity": "",
+      "name": "",
+      "tags": "a, b",
+      "group": "g",
+      "log_checkpoints": False,
+    }
+  )
   config.update(overrides)
   return config
 
@@ -31,6 +39,7 @@ def wandb_records(run_file: str):
   (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
   """
   from wandb.proto import wandb_internal_pb2
+
   with open(run_file, "rb") as f:
     data = f.read()
   assert data[:4] == b":W&B", run_file
@@ -40,11 +49,11 @@ def wandb_records(run_file: str):
     if left < 7:  # block trailer padding
       pos += left
       continue
-    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
     if kind == 0 and length == 0:
       pos += left
       continue
-    chunk = data[pos + 7:pos + 7 + length]
+    chunk = data[pos + 7 : pos + 7 + length]
     pos += 7 + length
     buf = chunk if kind in (1, 2) else buf + chunk
     if kind in (1, 4):
@@ -57,15 +66,21 @@ def wandb_history(run_file: str) -> list[dict]:
   rows = []
   for record in wandb_records(run_file):
     if record.WhichOneof("record_type") == "history":
-      rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                   for item in record.history.item})
+      rows.append(
+        {
+          item.key or "/".join(item.nested_key): json.loads(item.value_json)
+          for item in record.history.item
+        }
+      )
   return rows
 
 
 def strict_json(text: str):
   """json.loads that rejects the NaN / Infinity tokens JSON does not have."""
+
   def reject(token):
     raise ValueError(f"non-JSON constant {token}")
+
   return json.loads(text, parse_constant=reject)
 
 
@@ -95,26 +110,42 @@ def test_metrics_with_nonfinite_strings_still_read(tmp_path):
   """Files that hold non-finite values as the strings "nan", "inf", "-inf" read as floats."""
   path = os.path.join(tmp_path, writers.METRICS_FILE)
   with open(path, "w") as f:
-    f.write('{"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": "nan"}\n'
-            '{"step": 2, "epoch": 1.0, "train/loss": "inf", "sam/gap": "-inf"}\n')
+    f.write(
+      '{"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": "nan"}\n'
+      '{"step": 2, "epoch": 1.0, "train/loss": "inf", "sam/gap": "-inf"}\n'
+    )
   records = writers.read_metrics(path)
   assert math.isnan(records[0]["sam/gap"])
   assert records[1]["train/loss"] == math.inf and records[1]["sam/gap"] == -math.inf
   writers.truncate_after(path, 1)  # a rewrite stores them as null
   with open(path) as f:
     assert [strict_json(line) for line in f] == [
-        {"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": None}]
+      {"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": None}
+    ]
 
 
 def test_write_json_makes_every_nonfinite_value_null(tmp_path):
   path = str(tmp_path / "out.json")
-  writers.write_json(path, {"a": np.float32(np.nan), "b": [1.5, float("inf"), -np.inf],
-                            "c": {"d": np.array([0.25, np.nan]), "e": (jnp.asarray(2.0),)},
-                            "f": "nan", "g": None, "h": 3})
+  writers.write_json(
+    path,
+    {
+      "a": np.float32(np.nan),
+      "b": [1.5, float("inf"), -np.inf],
+      "c": {"d": np.array([0.25, np.nan]), "e": (jnp.asarray(2.0),)},
+      "f": "nan",
+      "g": None,
+      "h": 3,
+    },
+  )
   with open(path) as f:
-    assert strict_json(f.read()) == {"a": None, "b": [1.5, None, None],
-                                     "c": {"d": [0.25, None], "e": [2.0]}, "f": "nan", "g": None,
-                                     "h": 3}
+    assert strict_json(f.read()) == {
+      "a": None,
+      "b": [1.5, None, None],
+      "c": {"d": [0.25, None], "e": [2.0]},
+      "f": "nan",
+      "g": None,
+      "h": 3,
+    }
   assert not os.path.exists(path + ".tmp")
 
 
@@ -153,8 +184,10 @@ def test_wandb_mode_resolution(tmp_path):
 
 
 def test_disabled_wandb_creates_nothing(tmp_path):
-  assert writers.create_wandb_writer(_wandb_config(mode="disabled"), str(tmp_path), {},
-                                     environ={}) is None
+  assert (
+    writers.create_wandb_writer(_wandb_config(mode="disabled"), str(tmp_path), {}, environ={})
+    is None
+  )
   assert os.listdir(tmp_path) == []
 
 
@@ -165,26 +198,34 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   run_config = {"seed": 3, "optimizer": {"learning_rate": 0.1}}
-  records = [{"step": 5, "epoch": 0.5, "train/loss": 2.0, "lr": 0.1},
-             {"step": 10, "epoch": 1.0, "train/loss": 1.5, "lr": 0.05},
-             {"step": 10, "epoch": 1, "test/loss": 1.25, "test/accuracy": 0.75}]
-  writer = writers.create_wandb_writer(_wandb_config(), workdir, run_config,
-                                       environ={"WANDB_MODE": "disabled"})
+  records = [
+    {"step": 5, "epoch": 0.5, "train/loss": 2.0, "lr": 0.1},
+    {"step": 10, "epoch": 1.0, "train/loss": 1.5, "lr": 0.05},
+    {"step": 10, "epoch": 1, "test/loss": 1.25, "test/accuracy": 0.75},
+  ]
+  writer = writers.create_wandb_writer(
+    _wandb_config(), workdir, run_config, environ={"WANDB_MODE": "disabled"}
+  )
   assert writer is not None and writer.run.settings.mode == "offline"
   for r in records:
     writer.write(r)
   writer.finish({"final_test_accuracy": 0.75})
   writer.close()
   import wandb
+
   wandb.teardown()  # the wandb service finishes writing the .wandb file when it shuts down
   run_id = writers.read_wandb_run_id(workdir)
   assert run_id == writer.run.id
-  files = glob.glob(os.path.join(workdir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+  files = glob.glob(
+    os.path.join(workdir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")
+  )
   assert len(files) == 1, os.listdir(os.path.join(workdir, "wandb"))
   history = wandb_history(files[0])
   # Train and test records of one step share a wandb row (x-axis = train step).
   assert [(h["_step"], h.get("train/loss"), h.get("test/accuracy")) for h in history] == [
-      (5, 2.0, None), (10, 1.5, 0.75)]
+    (5, 2.0, None),
+    (10, 1.5, 0.75),
+  ]
   assert history[1]["lr"] == 0.05 and history[1]["test/loss"] == 1.25
   run = next(r.run for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run")
   config = {u.key: json.loads(u.value_json) for u in run.config.update}
@@ -193,8 +234,9 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
   summary = {}
   for r in wandb_records(files[0]):
     if r.WhichOneof("record_type") == "summary":
-      summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json)
-                      for u in r.summary.update})
+      summary.update(
+        {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update}
+      )
   assert summary["final_test_accuracy"] == 0.75
   # Rerunning in the same workdir continues the same wandb run id.
   again = writers.create_wandb_writer(_wandb_config(), workdir, run_config, environ={})
@@ -238,8 +280,11 @@ def test_run_writer_owns_every_wandb_call(tmp_path):
   sink.finish({"steps": 1})
   sink.close(exit_code=1)
   assert wandb.records == [{"step": 1, "epoch": 0.5, "train/loss": 1.0}]
-  assert wandb.run.calls == [("artifact", "ckpt/1", 1, ["latest", "step-1", "best"]),
-                             "mark_preempting", ("summary", {"steps": 1})]
+  assert wandb.run.calls == [
+    ("artifact", "ckpt/1", 1, ["latest", "step-1", "best"]),
+    "mark_preempting",
+    ("summary", {"steps": 1}),
+  ]
   assert wandb.closed == [1]
   assert writers.read_metrics(os.path.join(tmp_path, writers.METRICS_FILE)) == wandb.records
   # Without log_checkpoints no artifact; without wandb (or on process k > 0) every call is a no-op.
@@ -247,6 +292,10 @@ def test_run_writer_owns_every_wandb_call(tmp_path):
   writers.RunWriter([], quiet).log_checkpoint("ckpt/2", 2, best=False)
   assert quiet.run.calls == []
   nothing = writers.RunWriter()
-  for call in (lambda: nothing.write({"step": 1}), nothing.mark_preempting,
-               lambda: nothing.finish({}), nothing.close):
+  for call in (
+    lambda: nothing.write({"step": 1}),
+    nothing.mark_preempting,
+    lambda: nothing.finish({}),
+    nothing.close,
+  ):
     call()

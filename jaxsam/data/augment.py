@@ -57,8 +57,9 @@ def uniform(seeds: tf.Tensor, stream: int) -> tf.Tensor:
   for column in range(2):
     word = seeds[:, column]
     for shift in (0, 32):
-      part = tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, shift), 0xFFFFFFFF),
-                     tf.uint32)
+      part = tf.cast(
+        tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, shift), 0xFFFFFFFF), tf.uint32
+      )
       x = _mix32(tf.bitwise.bitwise_xor(x, part))
   # Top 24 bits: exactly representable in float32, so the result is < 1.
   return tf.cast(tf.bitwise.right_shift(x, 8), tf.float32) * (1.0 / 2**24)
@@ -67,8 +68,9 @@ def uniform(seeds: tf.Tensor, stream: int) -> tf.Tensor:
 def _randint(seeds: tf.Tensor, stream: int, n) -> tf.Tensor:
   """Per-example integer uniform in [0, n) (int32 [B])."""
   n = tf.cast(n, tf.float32)
-  return tf.minimum(tf.cast(tf.floor(uniform(seeds, stream) * n), tf.int32),
-                    tf.cast(n, tf.int32) - 1)
+  return tf.minimum(
+    tf.cast(tf.floor(uniform(seeds, stream) * n), tf.int32), tf.cast(n, tf.int32) - 1
+  )
 
 
 # Stream numbers: each random decision draws from its own stream of the example's seed.
@@ -142,9 +144,14 @@ class _Stats:
     """Per-image, per-channel histograms, int32 [B, C, 256], by one bincount."""
     if self._hist is None:
       self._hist = tf.reshape(
-          tf.math.bincount(self.index, minlength=self.batch * self.channels * 256,
-                           maxlength=self.batch * self.channels * 256, dtype=tf.int32),
-          [self.batch, self.channels, 256])
+        tf.math.bincount(
+          self.index,
+          minlength=self.batch * self.channels * 256,
+          maxlength=self.batch * self.channels * 256,
+          dtype=tf.int32,
+        ),
+        [self.batch, self.channels, 256],
+      )
     return self._hist
 
   @property
@@ -198,8 +205,9 @@ def _equalize_lut(stats: _Stats, arg) -> tf.Tensor:
   step = (tf.reduce_sum(hist, axis=-1, keepdims=True) - last_count) // 255
   below = tf.cumsum(hist, axis=-1, exclusive=True)
   equalized = (step // 2 + below) // tf.maximum(step, 1)
-  keep = tf.logical_or(tf.equal(step, 0),
-                       tf.reduce_sum(tf.cast(hist > 0, tf.int32), -1, keepdims=True) <= 1)
+  keep = tf.logical_or(
+    tf.equal(step, 0), tf.reduce_sum(tf.cast(hist > 0, tf.int32), -1, keepdims=True) <= 1
+  )
   return tf.where(keep, stats.identity(), equalized)
 
 
@@ -258,8 +266,9 @@ def _rotate_matrix(degrees, height: int, width: int) -> tf.Tensor:
   angle = -tf.cast(degrees, tf.float64) * (math.pi / 180.0)
   cos, sin = tf.cos(angle), tf.sin(angle)
   cx, cy = width / 2.0, height / 2.0
-  return tf.stack([cos, sin, -cos * cx - sin * cy + cx,
-                   -sin, cos, sin * cx - cos * cy + cy], axis=-1)
+  return tf.stack(
+    [cos, sin, -cos * cx - sin * cy + cx, -sin, cos, sin * cx - cos * cy + cy], axis=-1
+  )
 
 
 def _shear_x_matrix(level, height: int, width: int) -> tf.Tensor:
@@ -315,9 +324,13 @@ def _apply_affine(images: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
   zero = tf.zeros_like(a)
   transforms = tf.cast(tf.stack([a, b, c, d, e, f, zero, zero], axis=-1), tf.float32)
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-      fill_value=tf.constant(FILL_VALUE, tf.float32), interpolation="NEAREST",
-      fill_mode="CONSTANT")
+    images=images,
+    transforms=transforms,
+    output_shape=tf.shape(images)[1:3],
+    fill_value=tf.constant(FILL_VALUE, tf.float32),
+    interpolation="NEAREST",
+    fill_mode="CONSTANT",
+  )
   out.set_shape(images.shape)  # the op's static shape is unknown in graph mode
   return out
 
@@ -351,7 +364,7 @@ def _smooth(images: tf.Tensor) -> tf.Tensor:
   total = 4 * x
   for dy in range(3):
     for dx in range(3):
-      total += padded[:, dy:dy + height, dx:dx + width, :]
+      total += padded[:, dy : dy + height, dx : dx + width, :]
   smoothed = (total + 6) // 13  # round(total / 13); never a tie as 13 is odd
   rows = tf.range(height)
   cols = tf.range(width)
@@ -380,21 +393,21 @@ class OpSpec:
 
 
 _SPECS = {
-    "identity": OpSpec("identity", _identity_lut),
-    "autocontrast": OpSpec("lut_stats", _autocontrast_lut),
-    "equalize": OpSpec("lut_stats", _equalize_lut),
-    "invert": OpSpec("lut", _invert_lut),
-    "solarize": OpSpec("lut", _solarize_lut),
-    "posterize": OpSpec("lut", _posterize_lut),
-    "brightness": OpSpec("lut", _brightness_lut),
-    "contrast": OpSpec("lut_stats", _contrast_lut),
-    "color": OpSpec("blend", _color),
-    "sharpness": OpSpec("blend", _sharpness),
-    "rotate": OpSpec("affine", _rotate_matrix),
-    "shear_x": OpSpec("affine", _shear_x_matrix),
-    "shear_y": OpSpec("affine", _shear_y_matrix),
-    "translate_x": OpSpec("affine", _translate_x_matrix),
-    "translate_y": OpSpec("affine", _translate_y_matrix),
+  "identity": OpSpec("identity", _identity_lut),
+  "autocontrast": OpSpec("lut_stats", _autocontrast_lut),
+  "equalize": OpSpec("lut_stats", _equalize_lut),
+  "invert": OpSpec("lut", _invert_lut),
+  "solarize": OpSpec("lut", _solarize_lut),
+  "posterize": OpSpec("lut", _posterize_lut),
+  "brightness": OpSpec("lut", _brightness_lut),
+  "contrast": OpSpec("lut_stats", _contrast_lut),
+  "color": OpSpec("blend", _color),
+  "sharpness": OpSpec("blend", _sharpness),
+  "rotate": OpSpec("affine", _rotate_matrix),
+  "shear_x": OpSpec("affine", _shear_x_matrix),
+  "shear_y": OpSpec("affine", _shear_y_matrix),
+  "translate_x": OpSpec("affine", _translate_x_matrix),
+  "translate_y": OpSpec("affine", _translate_y_matrix),
 }
 
 
@@ -417,9 +430,22 @@ def _as_op(name: str) -> Callable:
 OPS: dict[str, Callable] = {name: _as_op(name) for name in _SPECS}
 
 # RandAugment's 14 ops (Cubuk et al. 2019, section 3).
-RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color",
-                   "posterize", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
-                   "translate_x", "translate_y")
+RANDAUGMENT_OPS = (
+  "identity",
+  "autocontrast",
+  "equalize",
+  "rotate",
+  "solarize",
+  "color",
+  "posterize",
+  "contrast",
+  "brightness",
+  "sharpness",
+  "shear_x",
+  "shear_y",
+  "translate_x",
+  "translate_y",
+)
 
 # ------------------------------------------------------------------------ magnitude -> argument
 
@@ -441,71 +467,79 @@ def _no_arg(level, negate, size):
 # TF's RandAugment mapping (tensorflow/models official/vision/ops/augment.py `level_to_arg`),
 # except translate: TRANSLATE_FRACTION of the side instead of a fixed 100 px.
 RANDAUGMENT_ARGS: dict[str, Callable] = {
-    "identity": _no_arg,
-    "autocontrast": _no_arg,
-    "equalize": _no_arg,
-    "invert": _no_arg,
-    "rotate": lambda level, negate, size: _signed(level / MAX_LEVEL * 30.0, negate),
-    "solarize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 256.0),
-    "posterize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 4.0),
-    "color": _enhance_arg,
-    "contrast": _enhance_arg,
-    "brightness": _enhance_arg,
-    "sharpness": _enhance_arg,
-    "shear_x": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
-    "shear_y": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
-    "translate_x": lambda level, negate, size: _signed(
-        level / MAX_LEVEL * TRANSLATE_FRACTION * size[1], negate),
-    "translate_y": lambda level, negate, size: _signed(
-        level / MAX_LEVEL * TRANSLATE_FRACTION * size[0], negate),
+  "identity": _no_arg,
+  "autocontrast": _no_arg,
+  "equalize": _no_arg,
+  "invert": _no_arg,
+  "rotate": lambda level, negate, size: _signed(level / MAX_LEVEL * 30.0, negate),
+  "solarize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 256.0),
+  "posterize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 4.0),
+  "color": _enhance_arg,
+  "contrast": _enhance_arg,
+  "brightness": _enhance_arg,
+  "sharpness": _enhance_arg,
+  "shear_x": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
+  "shear_y": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
+  "translate_x": lambda level, negate, size: _signed(
+    level / MAX_LEVEL * TRANSLATE_FRACTION * size[1], negate
+  ),
+  "translate_y": lambda level, negate, size: _signed(
+    level / MAX_LEVEL * TRANSLATE_FRACTION * size[0], negate
+  ),
 }
 
 # The CIFAR-10 policy was searched with the AutoAugment code's mapping, where posterize and
 # solarize grow stronger with the level (TF's RandAugment mapping runs them the other way):
 # bits = 4 - int(level * 4 / 10), threshold = 256 - int(level * 256 / 10).
 AUTOAUGMENT_ARGS: dict[str, Callable] = {
-    **RANDAUGMENT_ARGS,
-    "posterize": lambda level, negate, size: 4.0 - tf.floor(level / MAX_LEVEL * 4.0),
-    "solarize": lambda level, negate, size: 256.0 - tf.floor(level / MAX_LEVEL * 256.0),
+  **RANDAUGMENT_ARGS,
+  "posterize": lambda level, negate, size: 4.0 - tf.floor(level / MAX_LEVEL * 4.0),
+  "solarize": lambda level, negate, size: 256.0 - tf.floor(level / MAX_LEVEL * 256.0),
 }
 
 # AutoAugment's CIFAR-10 policy (Cubuk et al. 2018, appendix table): 25 sub-policies of two
 # (op, probability, level) steps; levels of argument-free ops are unused.
 AUTOAUGMENT_POLICIES: dict[str, tuple] = {
-    "cifar10": (
-        (("invert", 0.1, 7), ("contrast", 0.2, 6)),
-        (("rotate", 0.7, 2), ("translate_x", 0.3, 9)),
-        (("sharpness", 0.8, 1), ("sharpness", 0.9, 3)),
-        (("shear_y", 0.5, 8), ("translate_y", 0.7, 9)),
-        (("autocontrast", 0.5, 8), ("equalize", 0.9, 2)),
-        (("shear_y", 0.2, 7), ("posterize", 0.3, 7)),
-        (("color", 0.4, 3), ("brightness", 0.6, 7)),
-        (("sharpness", 0.3, 9), ("brightness", 0.7, 9)),
-        (("equalize", 0.6, 5), ("equalize", 0.5, 1)),
-        (("contrast", 0.6, 7), ("sharpness", 0.6, 5)),
-        (("color", 0.7, 7), ("translate_x", 0.5, 8)),
-        (("equalize", 0.3, 7), ("autocontrast", 0.4, 8)),
-        (("translate_y", 0.4, 3), ("sharpness", 0.2, 6)),
-        (("brightness", 0.9, 6), ("color", 0.2, 8)),
-        (("solarize", 0.5, 2), ("invert", 0.0, 3)),
-        (("equalize", 0.2, 0), ("autocontrast", 0.6, 0)),
-        (("equalize", 0.2, 8), ("equalize", 0.6, 4)),
-        (("color", 0.9, 9), ("equalize", 0.6, 6)),
-        (("autocontrast", 0.8, 4), ("solarize", 0.2, 8)),
-        (("brightness", 0.1, 3), ("color", 0.7, 0)),
-        (("solarize", 0.4, 5), ("autocontrast", 0.9, 3)),
-        (("translate_y", 0.9, 9), ("translate_y", 0.7, 9)),
-        (("autocontrast", 0.9, 2), ("solarize", 0.8, 3)),
-        (("equalize", 0.8, 8), ("invert", 0.1, 3)),
-        (("translate_y", 0.7, 9), ("autocontrast", 0.9, 1)),
-    ),
+  "cifar10": (
+    (("invert", 0.1, 7), ("contrast", 0.2, 6)),
+    (("rotate", 0.7, 2), ("translate_x", 0.3, 9)),
+    (("sharpness", 0.8, 1), ("sharpness", 0.9, 3)),
+    (("shear_y", 0.5, 8), ("translate_y", 0.7, 9)),
+    (("autocontrast", 0.5, 8), ("equalize", 0.9, 2)),
+    (("shear_y", 0.2, 7), ("posterize", 0.3, 7)),
+    (("color", 0.4, 3), ("brightness", 0.6, 7)),
+    (("sharpness", 0.3, 9), ("brightness", 0.7, 9)),
+    (("equalize", 0.6, 5), ("equalize", 0.5, 1)),
+    (("contrast", 0.6, 7), ("sharpness", 0.6, 5)),
+    (("color", 0.7, 7), ("translate_x", 0.5, 8)),
+    (("equalize", 0.3, 7), ("autocontrast", 0.4, 8)),
+    (("translate_y", 0.4, 3), ("sharpness", 0.2, 6)),
+    (("brightness", 0.9, 6), ("color", 0.2, 8)),
+    (("solarize", 0.5, 2), ("invert", 0.0, 3)),
+    (("equalize", 0.2, 0), ("autocontrast", 0.6, 0)),
+    (("equalize", 0.2, 8), ("equalize", 0.6, 4)),
+    (("color", 0.9, 9), ("equalize", 0.6, 6)),
+    (("autocontrast", 0.8, 4), ("solarize", 0.2, 8)),
+    (("brightness", 0.1, 3), ("color", 0.7, 0)),
+    (("solarize", 0.4, 5), ("autocontrast", 0.9, 3)),
+    (("translate_y", 0.9, 9), ("translate_y", 0.7, 9)),
+    (("autocontrast", 0.9, 2), ("solarize", 0.8, 3)),
+    (("equalize", 0.8, 8), ("invert", 0.1, 3)),
+    (("translate_y", 0.7, 9), ("autocontrast", 0.9, 1)),
+  )
 }
 
 # ------------------------------------------------------------------------ batched op application
 
 
-def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: tf.Tensor,
-              negate: tf.Tensor, level_to_arg: dict[str, Callable]) -> tf.Tensor:
+def apply_ops(
+  images: tf.Tensor,
+  names: Sequence[str],
+  index: tf.Tensor,
+  level: tf.Tensor,
+  negate: tf.Tensor,
+  level_to_arg: dict[str, Callable],
+) -> tf.Tensor:
   """Applies op `names[index[i]]` at `level[i]` to example i, for the whole batch at once.
 
   Examples are partitioned by the kind of their op (pass-through, lookup table without / with
@@ -521,8 +555,9 @@ def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: 
   for k, name in enumerate(names):
     # float64 mapping, then float32: the factor PIL gets is float32(python float), and an FMA
     # that graph optimisation may form in float32 would move it by an ulp.
-    op_arg = tf.cast(level_to_arg[name](tf.cast(level, tf.float64), negate, (height, width)),
-                     tf.float32)
+    op_arg = tf.cast(
+      level_to_arg[name](tf.cast(level, tf.float64), negate, (height, width)), tf.float32
+    )
     arg = tf.where(tf.equal(index, k), op_arg, arg)
 
   positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), group, len(groups))
@@ -540,8 +575,9 @@ def apply_ops(images: tf.Tensor, names: Sequence[str], index: tf.Tensor, level: 
       lut = stats.identity()
       for k, name in enumerate(names):
         if _SPECS[name].kind == kind:
-          lut = tf.where(tf.equal(op_index, k)[:, None, None], _SPECS[name].build(stats, op_arg),
-                         lut)
+          lut = tf.where(
+            tf.equal(op_index, k)[:, None, None], _SPECS[name].build(stats, op_arg), lut
+          )
       outputs.append(_apply_lut(x, lut, stats.index))
     elif kind == "affine":
       matrix = _identity_matrix(tf.shape(x)[0])
@@ -593,8 +629,9 @@ def _reflect(index: tf.Tensor, size: int) -> tf.Tensor:
   return tf.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def crop_flip_cutout(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str, flip: bool,
-                     cutout_size: int) -> tf.Tensor:
+def crop_flip_cutout(
+  images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str, flip: bool, cutout_size: int
+) -> tf.Tensor:
   """Random crop with padding, then horizontal flip, then Cutout, as ONE gather of pixels.
 
   Crop: pad each side by `padding` (numpy-style reflect, or zeros) and crop back at a uniformly
@@ -622,10 +659,14 @@ def crop_flip_cutout(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: st
     source = first + rows[:, :, None] * width + cols[:, None, :]
   else:  # constant: sources outside the image read the zero pixel
     inside = tf.logical_and(
-        tf.logical_and(rows >= 0, rows < height)[:, :, None],
-        tf.logical_and(cols >= 0, cols < width)[:, None, :])
-    source = (first + tf.clip_by_value(rows, 0, height - 1)[:, :, None] * width
-              + tf.clip_by_value(cols, 0, width - 1)[:, None, :])
+      tf.logical_and(rows >= 0, rows < height)[:, :, None],
+      tf.logical_and(cols >= 0, cols < width)[:, None, :],
+    )
+    source = (
+      first
+      + tf.clip_by_value(rows, 0, height - 1)[:, :, None] * width
+      + tf.clip_by_value(cols, 0, width - 1)[:, None, :]
+    )
     source = tf.where(inside, source, pad_pixel)
   if cutout_size:
     top = _randint(seeds, _STREAM_CUTOUT_Y, height) - cutout_size // 2
@@ -633,11 +674,17 @@ def crop_flip_cutout(images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: st
     out_rows, out_cols = tf.range(height)[None, :], tf.range(width)[None, :]
     in_rows = tf.logical_and(out_rows >= top[:, None], out_rows < top[:, None] + cutout_size)
     in_cols = tf.logical_and(out_cols >= left[:, None], out_cols < left[:, None] + cutout_size)
-    source = tf.where(tf.logical_and(in_rows[:, :, None], in_cols[:, None, :]), cutout_pixel,
-                      source)
-  pixels = tf.concat([tf.reshape(images, [-1, channels]),
-                      tf.zeros([1, channels], images.dtype),
-                      tf.fill([1, channels], tf.constant(FILL_VALUE, images.dtype))], axis=0)
+    source = tf.where(
+      tf.logical_and(in_rows[:, :, None], in_cols[:, None, :]), cutout_pixel, source
+    )
+  pixels = tf.concat(
+    [
+      tf.reshape(images, [-1, channels]),
+      tf.zeros([1, channels], images.dtype),
+      tf.fill([1, channels], tf.constant(FILL_VALUE, images.dtype)),
+    ],
+    axis=0,
+  )
   out = tf.gather(pixels, source)
   out.set_shape(images.shape)
   return out
@@ -653,11 +700,14 @@ def _check_config(augment_config, image_shape) -> None:
   if not isinstance(padding, int) or padding < 0:
     raise ConfigError(f"augment.crop_padding={padding!r}; expected an int >= 0 (0 = no crop)")
   if augment_config.crop_fill not in CROP_FILLS:
-    raise ConfigError(f"augment.crop_fill={augment_config.crop_fill!r}; expected one of "
-                      f"{list(CROP_FILLS)}")
+    raise ConfigError(
+      f"augment.crop_fill={augment_config.crop_fill!r}; expected one of {list(CROP_FILLS)}"
+    )
   if augment_config.crop_fill == "reflect" and padding >= min(height, width):
-    raise ConfigError(f"augment.crop_padding={padding} with crop_fill='reflect' must be < the "
-                      f"image side {min(height, width)}")
+    raise ConfigError(
+      f"augment.crop_padding={padding} with crop_fill='reflect' must be < the "
+      f"image side {min(height, width)}"
+    )
   size = augment_config.cutout_size
   if not isinstance(size, int) or size < 0:
     raise ConfigError(f"augment.cutout_size={size!r}; expected an int >= 0 (0 = off)")
@@ -666,15 +716,20 @@ def _check_config(augment_config, image_shape) -> None:
     raise ConfigError(f"augment.randaugment.num_ops={num_ops!r}; expected an int >= 0 (0 = off)")
   magnitude = augment_config.randaugment.magnitude
   if not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= MAX_LEVEL:
-    raise ConfigError(f"augment.randaugment.magnitude={magnitude!r}; expected a number in "
-                      f"[0, {MAX_LEVEL:g}] (TF's RandAugment scale)")
+    raise ConfigError(
+      f"augment.randaugment.magnitude={magnitude!r}; expected a number in "
+      f"[0, {MAX_LEVEL:g}] (TF's RandAugment scale)"
+    )
   policy = augment_config.autoaugment
   if policy and policy not in AUTOAUGMENT_POLICIES:
-    raise ConfigError(f"augment.autoaugment={policy!r}; expected '' (off) or one of "
-                      f"{list(AUTOAUGMENT_POLICIES)}")
+    raise ConfigError(
+      f"augment.autoaugment={policy!r}; expected '' (off) or one of {list(AUTOAUGMENT_POLICIES)}"
+    )
   if policy and num_ops > 0:
-    raise ConfigError(f"augment.autoaugment={policy!r} and augment.randaugment.num_ops={num_ops} "
-                      f"are both set; use one of them (set the other to '' / 0)")
+    raise ConfigError(
+      f"augment.autoaugment={policy!r} and augment.randaugment.num_ops={num_ops} "
+      f"are both set; use one of them (set the other to '' / 0)"
+    )
   if len(image_shape) != 3 or image_shape[2] != 3:
     raise ConfigError(f"augmentation needs RGB images [H, W, 3], got image_shape={image_shape}")
 
@@ -722,8 +777,14 @@ def make_train_augment(augment_config, image_shape=(32, 32, 3)):
 
   # Traced once (a fixed signature; tracing takes seconds): eager calls run as one graph and
   # Dataset.map calls the same function. Python control flow depends only on the config.
-  traced = tf.function(augment, autograph=False, input_signature=[
-      tf.TensorSpec([None, *image_shape], tf.uint8), tf.TensorSpec([None, 2], tf.int64)])
+  traced = tf.function(
+    augment,
+    autograph=False,
+    input_signature=[
+      tf.TensorSpec([None, *image_shape], tf.uint8),
+      tf.TensorSpec([None, 2], tf.int64),
+    ],
+  )
 
   def augment_batch(images, seeds):
     return traced(tf.convert_to_tensor(images), tf.cast(seeds, tf.int64))

@@ -49,8 +49,10 @@ def _check_member(path: str, name: str) -> str:
   """A member's normalised posix path; DataError for an absolute path or one that escapes."""
   norm = posixpath.normpath(name.replace("\\", "/"))
   if posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
-    raise DataError(f"archive {path!r} has member {name!r}, which escapes the archive's folder; "
-                    "refusing to read it (members must be relative paths inside the archive)")
+    raise DataError(
+      f"archive {path!r} has member {name!r}, which escapes the archive's folder; "
+      "refusing to read it (members must be relative paths inside the archive)"
+    )
   return norm
 
 
@@ -87,8 +89,12 @@ def _tar_tree(path: str) -> Tree:
           contents[name] = archive.extractfile(member).read()
   except (tarfile.TarError, EOFError, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable tar archive ({e})") from e
-  return Tree(files=tuple(sorted(contents)), dirs=frozenset(dirs | _parent_dirs(list(contents))),
-              read=contents.__getitem__, where=lambda name: f"{path}:{name}")
+  return Tree(
+    files=tuple(sorted(contents)),
+    dirs=frozenset(dirs | _parent_dirs(list(contents))),
+    read=contents.__getitem__,
+    where=lambda name: f"{path}:{name}",
+  )
 
 
 def _zip_tree(path: str) -> Tree:
@@ -105,8 +111,12 @@ def _zip_tree(path: str) -> Tree:
           contents[name] = archive.read(info)
   except (zipfile.BadZipFile, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable zip archive ({e})") from e
-  return Tree(files=tuple(sorted(contents)), dirs=frozenset(dirs | _parent_dirs(list(contents))),
-              read=contents.__getitem__, where=lambda name: f"{path}:{name}")
+  return Tree(
+    files=tuple(sorted(contents)),
+    dirs=frozenset(dirs | _parent_dirs(list(contents))),
+    read=contents.__getitem__,
+    where=lambda name: f"{path}:{name}",
+  )
 
 
 def _walk(path: str):
@@ -139,11 +149,17 @@ def _folder_tree(path: str) -> Tree:
     with open(os.path.join(path, *name.split("/")), "rb") as f:
       return f.read()
 
-  return Tree(files=tuple(sorted(files)), dirs=frozenset(dirs), read=read,
-              where=lambda name: os.path.join(path, *name.split("/")))
+  return Tree(
+    files=tuple(sorted(files)),
+    dirs=frozenset(dirs),
+    read=read,
+    where=lambda name: os.path.join(path, *name.split("/")),
+  )
 
 
-EXPECTED = f"a folder or a {', '.join(ARCHIVE_SUFFIXES)} archive laid out as <split>/<class>/<image>"
+EXPECTED = (
+  f"a folder or a {', '.join(ARCHIVE_SUFFIXES)} archive laid out as <split>/<class>/<image>"
+)
 
 
 def _kind(path: str) -> str:
@@ -179,8 +195,10 @@ def _split_root(tree: Tree, path: str, split: str) -> str:
   if len(tops) == 1 and posixpath.join(next(iter(tops)), split) in tree.dirs:
     return posixpath.join(next(iter(tops)), split)
   found = sorted(d for d in tree.dirs if "/" not in d)
-  raise DataError(f"dataset.path {path!r} has no split folder {split!r} (found folders "
-                  f"{found[:10]}); set dataset.train_split / dataset.test_split to its folders")
+  raise DataError(
+    f"dataset.path {path!r} has no split folder {split!r} (found folders "
+    f"{found[:10]}); set dataset.train_split / dataset.test_split to its folders"
+  )
 
 
 def _split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[list[str]]]:
@@ -188,19 +206,22 @@ def _split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[l
   root = _split_root(tree, path, split)
   classes = sorted(posixpath.basename(d) for d in tree.dirs if posixpath.dirname(d) == root)
   if not classes:
-    raise DataError(f"split folder {tree.where(root)!r} holds no class folders; expected "
-                    f"{split}/<class>/<image>")
+    raise DataError(
+      f"split folder {tree.where(root)!r} holds no class folders; expected {split}/<class>/<image>"
+    )
   by_class: dict[str, list[str]] = {name: [] for name in classes}
   prefix = root + "/"
   for f in tree.files:  # one pass (tree.files is sorted, so each class's list is too)
     if f.startswith(prefix) and f.lower().endswith(IMAGE_EXTENSIONS):
-      name = f[len(prefix):].split("/", 1)[0]
+      name = f[len(prefix) :].split("/", 1)[0]
       if name in by_class:
         by_class[name].append(f)
   for name, images in by_class.items():
     if not images:
-      raise DataError(f"class folder {tree.where(posixpath.join(root, name))!r} holds no images "
-                      f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
+      raise DataError(
+        f"class folder {tree.where(posixpath.join(root, name))!r} holds no images "
+        f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images"
+      )
   return classes, list(by_class.values())
 
 
@@ -251,9 +272,10 @@ def _stack(images: list[np.ndarray], names: Sequence[str], tree: Tree) -> np.nda
     if len(shapes) > 1:
       (a, first), (b, second) = shapes.items()
       raise DataError(
-          f"images of several sizes ({a[1]}x{a[0]} in {tree.where(first)}, {b[1]}x{b[0]} in "
-          f"{tree.where(second)}); set dataset.image_size=N to resize each to N x N at load "
-          "(shorter side to N, then a centre crop)")
+        f"images of several sizes ({a[1]}x{a[0]} in {tree.where(first)}, {b[1]}x{b[0]} in "
+        f"{tree.where(second)}); set dataset.image_size=N to resize each to N x N at load "
+        "(shorter side to N, then a centre crop)"
+      )
   return np.stack(images)
 
 
@@ -284,8 +306,9 @@ def _write_cache(file: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(tmp, file)
 
 
-def load_arrays(path: str, splits: Sequence[str], *, size: int = 0,
-                cache_dir: str = "") -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+def load_arrays(
+  path: str, splits: Sequence[str], *, size: int = 0, cache_dir: str = ""
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
   """Class names and (uint8 images, int32 labels) per split, from the cache or by decoding.
 
   Args:
@@ -311,15 +334,20 @@ def load_arrays(path: str, splits: Sequence[str], *, size: int = 0,
     if other != classes:
       only_first = sorted(set(classes) - set(other))
       only_other = sorted(set(other) - set(classes))
-      raise DataError(f"splits {splits[0]!r} and {split!r} of {path!r} hold different classes "
-                      f"(only in {splits[0]!r}: {only_first[:5]}, only in {split!r}: "
-                      f"{only_other[:5]}); both splits need the same class folders")
+      raise DataError(
+        f"splits {splits[0]!r} and {split!r} of {path!r} hold different classes "
+        f"(only in {splits[0]!r}: {only_first[:5]}, only in {split!r}: "
+        f"{only_other[:5]}); both splits need the same class folders"
+      )
   arrays = {"classes": np.asarray(json.dumps(classes))}
   for split, (_, images, labels) in zip(splits, loaded, strict=True):
     arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
   try:
     _write_cache(cache_file, arrays)
   except OSError as e:
-    print(f"jaxsam: warning: could not cache decoded images in {cache_dir} ({e.strerror}); "
-          "the next launch decodes again", flush=True)
+    print(
+      f"jaxsam: warning: could not cache decoded images in {cache_dir} ({e.strerror}); "
+      "the next launch decodes again",
+      flush=True,
+    )
   return classes, [(images, labels) for _, images, labels in loaded]

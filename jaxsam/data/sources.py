@@ -52,7 +52,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
   pixels = images.reshape(-1, images.shape[-1])
   counts = np.zeros((pixels.shape[-1], 256))
   for start in range(0, len(pixels), _STATS_CHUNK):  # chunks that stay in cache: 5x faster
-    chunk = pixels[start:start + _STATS_CHUNK]
+    chunk = pixels[start : start + _STATS_CHUNK]
     for c in range(pixels.shape[-1]):
       counts[c] += np.bincount(chunk[:, c], minlength=256)
   values = np.arange(256, dtype=np.float64) / 255.0
@@ -74,18 +74,30 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
   return images
 
 
-def _make_dataset(name: str, train: Split, test: Split, num_classes: int,
-                  class_names: tuple[str, ...] = ()) -> DatasetArrays:
+def _make_dataset(
+  name: str, train: Split, test: Split, num_classes: int, class_names: tuple[str, ...] = ()
+) -> DatasetArrays:
   """Builds DatasetArrays with train-set channel statistics, checking dtypes and shapes."""
   for split in (train, test):
     if split.images.dtype != np.uint8 or split.images.ndim != 4 or split.images.shape[-1] != 3:
-      raise DataError(f"dataset {name!r}: expected uint8 images [N, H, W, 3], got "
-                      f"{split.images.dtype} {split.images.shape}")
+      raise DataError(
+        f"dataset {name!r}: expected uint8 images [N, H, W, 3], got "
+        f"{split.images.dtype} {split.images.shape}"
+      )
     if len(split.images) != len(split.labels):
-      raise DataError(f"dataset {name!r}: {len(split.images)} images but {len(split.labels)} labels")
+      raise DataError(
+        f"dataset {name!r}: {len(split.images)} images but {len(split.labels)} labels"
+      )
   mean, std = channel_stats(train.images)
-  return DatasetArrays(name=name, train=train, test=test, num_classes=num_classes, mean=mean,
-                       std=std, class_names=tuple(class_names))
+  return DatasetArrays(
+    name=name,
+    train=train,
+    test=test,
+    num_classes=num_classes,
+    mean=mean,
+    std=std,
+    class_names=tuple(class_names),
+  )
 
 
 # ------------------------------------------------------------------------------------------ digits
@@ -120,12 +132,19 @@ def load_digits(dataset_config) -> DatasetArrays:
   images = _to_rgb(_upscale_digits(bunch.images))
   labels = bunch.target.astype(np.int32)
   train_idx, test_idx = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SEED,
-      stratify=labels)
+    np.arange(len(labels)),
+    test_size=DIGITS_TEST_FRACTION,
+    random_state=DIGITS_SEED,
+    stratify=labels,
+  )
   # Sorted indices: a split's order does not depend on the splitter; the pipeline shuffles.
   train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-  return _make_dataset("digits", Split(images[train_idx], labels[train_idx]),
-                       Split(images[test_idx], labels[test_idx]), num_classes=10)
+  return _make_dataset(
+    "digits",
+    Split(images[train_idx], labels[train_idx]),
+    Split(images[test_idx], labels[test_idx]),
+    num_classes=10,
+  )
 
 
 # -------------------------------------------------------------------------------------------- tfds
@@ -154,8 +173,10 @@ def _tfds_builder(dataset_config):
   try:
     return tfds.builder(dataset_config.name, data_dir=dataset_config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f"unknown tfds dataset {dataset_config.name!r}; known: 'digits' or any name "
-                    f"in tfds.list_builders() (e.g. cifar10, cifar100, svhn_cropped)") from e
+    raise DataError(
+      f"unknown tfds dataset {dataset_config.name!r}; known: 'digits' or any name "
+      f"in tfds.list_builders() (e.g. cifar10, cifar100, svhn_cropped)"
+    ) from e
 
 
 def prepare(dataset_config) -> None:
@@ -173,22 +194,29 @@ def prepare(dataset_config) -> None:
   builder = _tfds_builder(dataset_config)
   if builder.is_prepared():
     return
-  where = (f"put the prepared tfds dataset at {builder.data_path} (e.g. `tfds build "
-           f"{dataset_config.name} --data_dir=DIR` on a machine with network, then copy DIR/"
-           f"{dataset_config.name}), or point dataset.data_dir at the folder holding it")
+  where = (
+    f"put the prepared tfds dataset at {builder.data_path} (e.g. `tfds build "
+    f"{dataset_config.name} --data_dir=DIR` on a machine with network, then copy DIR/"
+    f"{dataset_config.name}), or point dataset.data_dir at the folder holding it"
+  )
   if not dataset_config.download:
-    raise DataError(f"tfds dataset {dataset_config.name!r} is not prepared and dataset.download "
-                    f"is False: {where}")
+    raise DataError(
+      f"tfds dataset {dataset_config.name!r} is not prepared and dataset.download is False: {where}"
+    )
   if not _network_reachable():
-    raise DataError(f"tfds dataset {dataset_config.name!r} is not prepared and the network is "
-                    f"unreachable (probed {[h for h, _ in DOWNLOAD_PROBE_HOSTS]}): {where}")
+    raise DataError(
+      f"tfds dataset {dataset_config.name!r} is not prepared and the network is "
+      f"unreachable (probed {[h for h, _ in DOWNLOAD_PROBE_HOSTS]}): {where}"
+    )
   try:
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
     # Download/extract errors come in many types (network, checksum, disk); name them in one line.
     reason = " ".join(str(e).split())[:300]
-    raise DataError(f"could not download tfds dataset {dataset_config.name!r} "
-                    f"({type(e).__name__}: {reason}): {where}") from e
+    raise DataError(
+      f"could not download tfds dataset {dataset_config.name!r} "
+      f"({type(e).__name__}: {reason}): {where}"
+    ) from e
 
 
 def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
@@ -197,16 +225,20 @@ def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
 
   # Batches of 10k rather than batch_size=-1: bounded peak memory, and it works with
   # tfds.testing.mock_data (whose split sizes are unknown).
-  dataset = builder.as_dataset(split=split, shuffle_files=False).map(
-      lambda ex: (ex[image_key], ex[label_key])).batch(10_000)
+  dataset = (
+    builder.as_dataset(split=split, shuffle_files=False)
+    .map(lambda ex: (ex[image_key], ex[label_key]))
+    .batch(10_000)
+  )
   images, labels = [], []
   for image_batch, label_batch in tfds.as_numpy(dataset):
     images.append(image_batch)
     labels.append(label_batch)
   if not images:
     raise DataError(f"tfds dataset {builder.name!r} split {split!r} is empty")
-  return Split(_to_rgb(np.concatenate(images)).astype(np.uint8),
-               np.concatenate(labels).astype(np.int32))
+  return Split(
+    _to_rgb(np.concatenate(images)).astype(np.uint8), np.concatenate(labels).astype(np.int32)
+  )
 
 
 def load_tfds(dataset_config) -> DatasetArrays:
@@ -215,13 +247,17 @@ def load_tfds(dataset_config) -> DatasetArrays:
   builder = _tfds_builder(dataset_config)
   keys = builder.info.supervised_keys
   if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
-    raise DataError(f"tfds dataset {dataset_config.name!r} has no (image, label) supervised keys "
-                    f"(got {keys!r}); only image-classification datasets are supported")
+    raise DataError(
+      f"tfds dataset {dataset_config.name!r} has no (image, label) supervised keys "
+      f"(got {keys!r}); only image-classification datasets are supported"
+    )
   image_key, label_key = keys
   label_feature = builder.info.features[label_key]
   if not hasattr(label_feature, "num_classes"):
-    raise DataError(f"tfds dataset {dataset_config.name!r}: label {label_key!r} is not a "
-                    f"ClassLabel; only image-classification datasets are supported")
+    raise DataError(
+      f"tfds dataset {dataset_config.name!r}: label {label_key!r} is not a "
+      f"ClassLabel; only image-classification datasets are supported"
+    )
   train = _tfds_split(builder, dataset_config.train_split, label_key, image_key)
   test = _tfds_split(builder, dataset_config.test_split, label_key, image_key)
   return _make_dataset(dataset_config.name, train, test, int(label_feature.num_classes))
@@ -231,9 +267,13 @@ def load_tfds(dataset_config) -> DatasetArrays:
 
 # torchvision's layouts: folder name -> (dataset name, label field, train files, test files).
 CIFAR_LAYOUTS = {
-    "cifar-10-batches-py": ("cifar10", b"labels", [f"data_batch_{i}" for i in range(1, 6)],
-                            ["test_batch"]),
-    "cifar-100-python": ("cifar100", b"fine_labels", ["train"], ["test"]),
+  "cifar-10-batches-py": (
+    "cifar10",
+    b"labels",
+    [f"data_batch_{i}" for i in range(1, 6)],
+    ["test_batch"],
+  ),
+  "cifar-100-python": ("cifar100", b"fine_labels", ["train"], ["test"]),
 }
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 CIFAR_SIDE = 32
@@ -241,12 +281,12 @@ CIFAR_SIDE = 32
 # The only globals a CIFAR pickle may name: numpy's array reconstruction. Anything else (a
 # pickle can call any importable function) is refused, so a foreign file cannot run code.
 _CIFAR_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
-    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    # Python 3 writers at protocol 2 (the files' protocol) store bytes through codecs.encode.
-    ("_codecs", "encode"): codecs.encode,
+  ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+  ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): np.dtype,
+  # Python 3 writers at protocol 2 (the files' protocol) store bytes through codecs.encode.
+  ("_codecs", "encode"): codecs.encode,
 }
 
 
@@ -269,26 +309,37 @@ def _read_cifar_batch(raw: bytes, where: str, label_field: bytes, num_classes: i
     raise DataError(f"{where} is not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
   batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
   data, labels = batch.get(b"data"), batch.get(label_field)
-  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
-      data.shape[1] != 3 * CIFAR_SIDE * CIFAR_SIDE):
+  if (
+    not isinstance(data, np.ndarray)
+    or data.dtype != np.uint8
+    or data.ndim != 2
+    or (data.shape[1] != 3 * CIFAR_SIDE * CIFAR_SIDE)
+  ):
     got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-    raise DataError(f"{where} is not a CIFAR python batch: 'data' must be uint8 [N, 3072], "
-                    f"got {got}")
+    raise DataError(
+      f"{where} is not a CIFAR python batch: 'data' must be uint8 [N, 3072], got {got}"
+    )
   if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
-    raise DataError(f"{where} is not a CIFAR python batch: {label_field.decode()!r} must be a "
-                    f"list of {len(data)} labels")
+    raise DataError(
+      f"{where} is not a CIFAR python batch: {label_field.decode()!r} must be a "
+      f"list of {len(data)} labels"
+    )
   labels = np.asarray(labels)
-  if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or
-                                                        labels.max() >= num_classes)):
-    raise DataError(f"{where} is not a CIFAR python batch: {label_field.decode()!r} must be "
-                    f"integers in [0, {num_classes})")
+  if labels.dtype.kind not in "iu" or (
+    len(labels) and (labels.min() < 0 or labels.max() >= num_classes)
+  ):
+    raise DataError(
+      f"{where} is not a CIFAR python batch: {label_field.decode()!r} must be "
+      f"integers in [0, {num_classes})"
+    )
   images = data.reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1)
   return Split(np.ascontiguousarray(images), labels.astype(np.int32))
 
 
 def _concat(splits: list[Split]) -> Split:
-  return Split(np.concatenate([s.images for s in splits]),
-               np.concatenate([s.labels for s in splits]))
+  return Split(
+    np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits])
+  )
 
 
 def _cifar_member_reader(path: str):
@@ -312,8 +363,11 @@ def _cifar_member_reader(path: str):
       for layout in CIFAR_LAYOUTS:
         prefix = layout + "/"
         if any(name.startswith(prefix) for name in members):
-          contents = {name.removeprefix(prefix): archive.extractfile(member).read()
-                      for name, member in members.items() if name.startswith(prefix)}
+          contents = {
+            name.removeprefix(prefix): archive.extractfile(member).read()
+            for name, member in members.items()
+            if name.startswith(prefix)
+          }
 
           def read(name, contents=contents, layout=layout):
             if name not in contents:
@@ -337,8 +391,10 @@ def load_cifar_python(dataset_config) -> DatasetArrays:
     raise DataError(f"dataset.path {path!r} is not a CIFAR python archive; expected {expected}")
   name, label_field, train_files, test_files = CIFAR_LAYOUTS[layout]
   if dataset_config.name != name:
-    raise DataError(f"dataset.path {path!r} holds {name} ({layout}) but dataset.name is "
-                    f"{dataset_config.name!r}; set dataset.name={name!r}")
+    raise DataError(
+      f"dataset.path {path!r} holds {name} ({layout}) but dataset.name is "
+      f"{dataset_config.name!r}; set dataset.name={name!r}"
+    )
   files = {"train": train_files, "test": test_files}
   splits = []
   for split in (dataset_config.train_split, dataset_config.test_split):
@@ -365,23 +421,30 @@ def load_image_folder(dataset_config) -> DatasetArrays:
 
   splits = (dataset_config.train_split, dataset_config.test_split)
   if dataset_config.image_size < 0:
-    raise DataError(f"dataset.image_size={dataset_config.image_size} must be 0 (native sizes) "
-                    "or a positive side length in pixels")
-  classes, arrays = image_folder.load_arrays(dataset_config.path, splits,
-                                             size=dataset_config.image_size,
-                                             cache_dir=dataset_config.cache_dir)
+    raise DataError(
+      f"dataset.image_size={dataset_config.image_size} must be 0 (native sizes) "
+      "or a positive side length in pixels"
+    )
+  classes, arrays = image_folder.load_arrays(
+    dataset_config.path, splits, size=dataset_config.image_size, cache_dir=dataset_config.cache_dir
+  )
   (train_images, train_labels), (test_images, test_labels) = arrays
-  return _make_dataset(dataset_config.name, Split(train_images, train_labels),
-                       Split(test_images, test_labels), len(classes), class_names=tuple(classes))
+  return _make_dataset(
+    dataset_config.name,
+    Split(train_images, train_labels),
+    Split(test_images, test_labels),
+    len(classes),
+    class_names=tuple(classes),
+  )
 
 
 # -------------------------------------------------------------------------------------- registry
 
 SOURCES: dict[str, Callable] = {
-    "digits": load_digits,
-    "tfds": load_tfds,
-    "cifar_python": load_cifar_python,
-    "image_folder": load_image_folder,
+  "digits": load_digits,
+  "tfds": load_tfds,
+  "cifar_python": load_cifar_python,
+  "image_folder": load_image_folder,
 }
 
 # Names that select their own source whatever `dataset.source` says.
@@ -395,8 +458,10 @@ def _source_name(dataset_config) -> str:
   source = dataset_config.get("source", "tfds")
   if source not in SOURCES or source in NAMED_SOURCES:
     known = sorted(k for k in SOURCES if k not in NAMED_SOURCES)
-    raise DataError(f"unknown dataset.source {source!r} for dataset {dataset_config.name!r}; "
-                    f"known sources: {known}, or dataset.name in {list(NAMED_SOURCES)}")
+    raise DataError(
+      f"unknown dataset.source {source!r} for dataset {dataset_config.name!r}; "
+      f"known sources: {known}, or dataset.name in {list(NAMED_SOURCES)}"
+    )
   return source
 
 

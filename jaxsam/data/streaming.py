@@ -57,8 +57,9 @@ def host_memory_bytes() -> int:
 def _in_memory_setting(dataset_config) -> str:
   value = str(dataset_config.get("in_memory", "true")).lower()  # older configs: in memory
   if value not in IN_MEMORY_CHOICES:
-    raise errors.ConfigError(f"dataset.in_memory={dataset_config.in_memory!r}; expected one of "
-                             f"{list(IN_MEMORY_CHOICES)}")
+    raise errors.ConfigError(
+      f"dataset.in_memory={dataset_config.in_memory!r}; expected one of {list(IN_MEMORY_CHOICES)}"
+    )
   return value
 
 
@@ -84,7 +85,7 @@ def decoded_estimate(dataset_config) -> tuple[int | None, str]:
   if dataset_config.image_size:
     side = dataset_config.image_size
     return len(names) * side * side * 3, f"{len(names)} images at {side}x{side}"
-  sizes = _header_sizes(names[::max(1, len(names) // 64)])
+  sizes = _header_sizes(names[:: max(1, len(names) // 64)])
   if len(set(sizes)) > 1:
     return None, f"{len(names)} images of varying size in {path}"
   w, h = sizes[0]
@@ -115,30 +116,36 @@ def choose(dataset_config, memory_bytes: int | None = None) -> tuple[bool, str]:
   source = _source(dataset_config)
   name = dataset_config.name
   streamable = source in STREAMABLE_SOURCES and not (
-      source == "image_folder" and not os.path.isdir(os.path.expanduser(dataset_config.path)))
+    source == "image_folder" and not os.path.isdir(os.path.expanduser(dataset_config.path))
+  )
   if setting == "true" or (setting == "auto" and not streamable):
     why = "dataset.in_memory='true'" if setting == "true" else f"source {source!r} is in memory"
     return False, f"jaxsam: dataset {name!r} decoded in memory ({why})"
   if not streamable:
     raise errors.ConfigError(
-        f"dataset.in_memory='false' streams tfds datasets and image folders (a folder, not an "
-        f"archive: extract it first); {name!r} is source {source!r} at "
-        f"{dataset_config.path or dataset_config.data_dir or 'its default place'!r}; use "
-        "dataset.in_memory='true' or 'auto'")
+      f"dataset.in_memory='false' streams tfds datasets and image folders (a folder, not an "
+      f"archive: extract it first); {name!r} is source {source!r} at "
+      f"{dataset_config.path or dataset_config.data_dir or 'its default place'!r}; use "
+      "dataset.in_memory='true' or 'auto'"
+    )
   if setting == "false":
     return True, f"jaxsam: dataset {name!r} streamed from files (dataset.in_memory='false')"
   size, what = decoded_estimate(dataset_config)
   memory = host_memory_bytes() if memory_bytes is None else memory_bytes
   limit = AUTO_MEMORY_FRACTION * memory
   if size is None:
-    return True, (f"jaxsam: dataset {name!r} streamed from files: {what} (in memory needs one "
-                  "size; dataset.in_memory='auto')")
+    return True, (
+      f"jaxsam: dataset {name!r} streamed from files: {what} (in memory needs one "
+      "size; dataset.in_memory='auto')"
+    )
   stream = size > limit
   verdict = "streamed from files" if stream else "decoded in memory"
   sign = ">" if stream else "<="
-  return stream, (f"jaxsam: dataset {name!r} {verdict}: {what} decode to {size / 2**30:.1f} GiB "
-                  f"{sign} {AUTO_MEMORY_FRACTION:.0%} of host memory {memory / 2**30:.1f} GiB "
-                  "(dataset.in_memory='auto')")
+  return stream, (
+    f"jaxsam: dataset {name!r} {verdict}: {what} decode to {size / 2**30:.1f} GiB "
+    f"{sign} {AUTO_MEMORY_FRACTION:.0%} of host memory {memory / 2**30:.1f} GiB "
+    "(dataset.in_memory='auto')"
+  )
 
 
 # -------------------------------------------------------------------------------------- sources
@@ -187,16 +194,21 @@ def tfds_keys(builder, name: str) -> tuple[str, str]:
   """(image key, label key) of a tfds image-classification dataset; DataError otherwise."""
   keys = builder.info.supervised_keys
   if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
-    raise errors.DataError(f"tfds dataset {name!r} has no (image, label) supervised keys (got "
-                           f"{keys!r}); only image-classification datasets are supported")
+    raise errors.DataError(
+      f"tfds dataset {name!r} has no (image, label) supervised keys (got "
+      f"{keys!r}); only image-classification datasets are supported"
+    )
   if not hasattr(builder.info.features[keys[1]], "num_classes"):
-    raise errors.DataError(f"tfds dataset {name!r}: label {keys[1]!r} is not a ClassLabel; only "
-                           "image-classification datasets are supported")
+    raise errors.DataError(
+      f"tfds dataset {name!r}: label {keys[1]!r} is not a ClassLabel; only "
+      "image-classification datasets are supported"
+    )
   return keys
 
 
-def _tfds_read(builder, split: str, image_key: str, ranges: Sequence[tuple[int, int]],
-               num_examples: int) -> tf.data.Dataset:
+def _tfds_read(
+  builder, split: str, image_key: str, ranges: Sequence[tuple[int, int]], num_examples: int
+) -> tf.data.Dataset:
   """Examples [a, b) of each range, in that order, as (encoded image, label); files interleaved
   in parallel, images left encoded (decoded later, cropped first where the format allows)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -204,15 +216,21 @@ def _tfds_read(builder, split: str, image_key: str, ranges: Sequence[tuple[int, 
   if list(ranges) == [(0, num_examples)]:
     spec = split  # the whole split (also what tfds.testing.mock_data serves)
   else:
-    instructions = [tfds.core.ReadInstruction(split, from_=a, to=b, unit="abs")
-                    for a, b in ranges]
+    instructions = [tfds.core.ReadInstruction(split, from_=a, to=b, unit="abs") for a, b in ranges]
     spec = instructions[0]
     for instruction in instructions[1:]:
       spec = spec + instruction
-  read_config = tfds.ReadConfig(interleave_cycle_length=16, skip_prefetch=True,
-                                num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE)
-  ds = builder.as_dataset(split=spec, shuffle_files=False, read_config=read_config,
-                          decoders={image_key: tfds.decode.SkipDecoding()})
+  read_config = tfds.ReadConfig(
+    interleave_cycle_length=16,
+    skip_prefetch=True,
+    num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE,
+  )
+  ds = builder.as_dataset(
+    split=spec,
+    shuffle_files=False,
+    read_config=read_config,
+    decoders={image_key: tfds.decode.SkipDecoding()},
+  )
   return ds
 
 
@@ -247,11 +265,19 @@ def open_tfds(dataset_config) -> Stream:
   image_key, label_key = tfds_keys(builder, dataset_config.name)
   shape = builder.info.features[image_key].shape
   native = shape[0] if shape[0] is not None and shape[0] == shape[1] else 0
-  splits = [_tfds_split(builder, s, image_key, label_key, dataset_config.name)
-            for s in (dataset_config.train_split, dataset_config.test_split)]
+  splits = [
+    _tfds_split(builder, s, image_key, label_key, dataset_config.name)
+    for s in (dataset_config.train_split, dataset_config.test_split)
+  ]
   label = builder.info.features[label_key]
-  return Stream(dataset_config.name, splits[0], splits[1], int(label.num_classes),
-                tuple(getattr(label, "names", ()) or ()), native_size=native)
+  return Stream(
+    dataset_config.name,
+    splits[0],
+    splits[1],
+    int(label.num_classes),
+    tuple(getattr(label, "names", ()) or ()),
+    native_size=native,
+  )
 
 
 def _folder_split(dataset_config, split: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -262,9 +288,11 @@ def _folder_split(dataset_config, split: str) -> tuple[list[str], list[str], np.
   names = [tree.where(n) for images in members for n in images]
   for name in names:
     if not name.lower().endswith(STREAM_EXTENSIONS):
-      raise errors.DataError(f"image {name} cannot be streamed (TF decodes "
-                             f"{', '.join(STREAM_EXTENSIONS)}); convert it or set "
-                             "dataset.in_memory='true' (PIL decodes it)")
+      raise errors.DataError(
+        f"image {name} cannot be streamed (TF decodes "
+        f"{', '.join(STREAM_EXTENSIONS)}); convert it or set "
+        "dataset.in_memory='true' (PIL decodes it)"
+      )
   labels = np.concatenate([np.full(len(m), i, np.int32) for i, m in enumerate(members)])
   return names, classes, labels
 
@@ -274,12 +302,19 @@ def open_folder(dataset_config) -> Stream:
   train_paths, classes, train_labels = _folder_split(dataset_config, dataset_config.train_split)
   test_paths, test_classes, test_labels = _folder_split(dataset_config, dataset_config.test_split)
   if test_classes != classes:
-    raise errors.DataError(f"splits {dataset_config.train_split!r} and "
-                           f"{dataset_config.test_split!r} of {dataset_config.path!r} hold "
-                           "different classes; both splits need the same class folders")
-  return Stream(dataset_config.name, FolderSplit(np.asarray(train_paths), train_labels),
-                FolderSplit(np.asarray(test_paths), test_labels), len(classes), tuple(classes),
-                native_size=dataset_config.image_size)
+    raise errors.DataError(
+      f"splits {dataset_config.train_split!r} and "
+      f"{dataset_config.test_split!r} of {dataset_config.path!r} hold "
+      "different classes; both splits need the same class folders"
+    )
+  return Stream(
+    dataset_config.name,
+    FolderSplit(np.asarray(train_paths), train_labels),
+    FolderSplit(np.asarray(test_paths), test_labels),
+    len(classes),
+    tuple(classes),
+    native_size=dataset_config.image_size,
+  )
 
 
 def open_stream(dataset_config) -> Stream:
@@ -290,8 +325,9 @@ def open_stream(dataset_config) -> Stream:
     return dataclasses.replace(open_tfds(dataset_config), eval_crop_fraction=fraction)
   if source == "image_folder":
     return dataclasses.replace(open_folder(dataset_config), eval_crop_fraction=fraction)
-  raise errors.DataError(f"dataset.source={source!r} cannot be streamed; streamable: "
-                         f"{list(STREAMABLE_SOURCES)}")
+  raise errors.DataError(
+    f"dataset.source={source!r} cannot be streamed; streamable: {list(STREAMABLE_SOURCES)}"
+  )
 
 
 # ----------------------------------------------------------------------------------- batch rows
@@ -305,9 +341,11 @@ def steps_per_epoch(stream: Stream, global_batch: int, process_count: int = 1) -
   local = global_batch // process_count
   steps = (n // process_count) // local
   if not steps:
-    raise errors.ConfigError(f"batch_size={global_batch} exceeds the {n // process_count} "
-                             f"training examples of each of {process_count} process(es); use a "
-                             f"batch size <= {(n // process_count) * process_count}")
+    raise errors.ConfigError(
+      f"batch_size={global_batch} exceeds the {n // process_count} "
+      f"training examples of each of {process_count} process(es); use a "
+      f"batch size <= {(n // process_count) * process_count}"
+    )
   return steps
 
 
@@ -322,8 +360,9 @@ def file_pieces(shard_lengths: Sequence[int], lo: int, hi: int) -> list[tuple[in
   return pieces
 
 
-def epoch_windows(split: TfdsSplit, *, seed: int, epoch: int, process_index: int,
-                  process_count: int, buffer: int) -> list[list[tuple[int, int]]]:
+def epoch_windows(
+  split: TfdsSplit, *, seed: int, epoch: int, process_index: int, process_count: int, buffer: int
+) -> list[list[tuple[int, int]]]:
   """Process `process_index`'s windows of epoch `epoch`: each a list of example ranges, the
   pieces of its shard permuted by (seed, epoch, process) and grouped to >= `buffer` examples."""
   n = split.num_examples // process_count
@@ -349,8 +388,10 @@ def _read_window(split: TfdsSplit, ranges, permutation: np.ndarray) -> dict[str,
   encoded, labels = ds.batch(count).get_single_element()
   encoded, labels = encoded.numpy(), labels.numpy()
   if len(labels) != count:
-    raise errors.DataError(f"tfds dataset {split.builder.name!r} split {split.split!r}: read "
-                           f"{len(labels)} examples of ranges {ranges}, expected {count}")
+    raise errors.DataError(
+      f"tfds dataset {split.builder.name!r} split {split.split!r}: read "
+      f"{len(labels)} examples of ranges {ranges}, expected {count}"
+    )
   return {"image": encoded[permutation], "label": labels[permutation]}
 
 
@@ -375,16 +416,24 @@ class _ReadAhead:
     return self._result
 
 
-def _positions(seed: int, epoch: int, step: int, spe: int, global_batch: int,
-               rows: slice) -> np.ndarray:
+def _positions(
+  seed: int, epoch: int, step: int, spe: int, global_batch: int, rows: slice
+) -> np.ndarray:
   """Each row's augmentation seed (seed, its position in the run), as in memory."""
   position = (epoch * spe + step) * global_batch + np.arange(global_batch)[rows]
   return np.stack([np.full_like(position, seed), position], -1).astype(np.int64)
 
 
-def _tfds_rows(split: TfdsSplit, *, seed: int, start_step: int, global_batch: int,
-               process_index: int, process_count: int,
-               buffer: int) -> Iterator[dict[str, np.ndarray]]:
+def _tfds_rows(
+  split: TfdsSplit,
+  *,
+  seed: int,
+  start_step: int,
+  global_batch: int,
+  process_index: int,
+  process_count: int,
+  buffer: int,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's encoded rows of every step from `start_step` on, with their seeds."""
   local = global_batch // process_count
   n = split.num_examples // process_count
@@ -393,8 +442,14 @@ def _tfds_rows(split: TfdsSplit, *, seed: int, start_step: int, global_batch: in
   step = start_step
   while True:
     epoch, first = divmod(step, spe)
-    windows = epoch_windows(split, seed=seed, epoch=epoch, process_index=process_index,
-                            process_count=process_count, buffer=buffer)
+    windows = epoch_windows(
+      split,
+      seed=seed,
+      epoch=epoch,
+      process_index=process_index,
+      process_count=process_count,
+      buffer=buffer,
+    )
     starts = np.cumsum([0] + [sum(b - a for a, b in w) for w in windows])
     begin = first * local  # this process's position in its epoch stream
     w = int(np.searchsorted(starts, begin, side="right")) - 1
@@ -405,7 +460,8 @@ def _tfds_rows(split: TfdsSplit, *, seed: int, start_step: int, global_batch: in
       if w >= len(windows) or starts[w] >= needed:
         return None
       perm = np.random.default_rng([seed, epoch, process_index, w]).permutation(
-          int(starts[w + 1] - starts[w]))
+        int(starts[w + 1] - starts[w])
+      )
       return _ReadAhead(lambda: _read_window(split, windows[w], perm))
 
     ahead = start(w)
@@ -418,16 +474,26 @@ def _tfds_rows(split: TfdsSplit, *, seed: int, start_step: int, global_batch: in
       carry = {k: np.concatenate([carry[k], window[k][skip:]]) for k in carry}
       skip = 0
       while len(carry["label"]) >= local and i < spe:
-        yield {"image": carry["image"][:local], "label": carry["label"][:local],
-               "seed": _positions(seed, epoch, i, spe, global_batch, rows)}
+        yield {
+          "image": carry["image"][:local],
+          "label": carry["label"][:local],
+          "seed": _positions(seed, epoch, i, spe, global_batch, rows),
+        }
         carry = {k: v[local:] for k, v in carry.items()}
         i += 1
       w += 1
     step = (epoch + 1) * spe
 
 
-def _folder_rows(split: FolderSplit, *, seed: int, start_step: int, global_batch: int,
-                 process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
+def _folder_rows(
+  split: FolderSplit,
+  *,
+  seed: int,
+  start_step: int,
+  global_batch: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's file paths of every step from `start_step` on, as the in-memory rows."""
   n = split.num_examples
   spe = pipeline.steps_per_epoch(n, global_batch)
@@ -437,9 +503,12 @@ def _folder_rows(split: FolderSplit, *, seed: int, start_step: int, global_batch
     epoch, first = divmod(step, spe)
     order = pipeline.epoch_order(seed, epoch, n)
     for i in range(first, spe):
-      index = order[i * global_batch:(i + 1) * global_batch][rows]
-      yield {"image": split.paths[index], "label": split.labels[index],
-             "seed": _positions(seed, epoch, i, spe, global_batch, rows)}
+      index = order[i * global_batch : (i + 1) * global_batch][rows]
+      yield {
+        "image": split.paths[index],
+        "label": split.labels[index],
+        "seed": _positions(seed, epoch, i, spe, global_batch, rows),
+      }
     step = (epoch + 1) * spe
 
 
@@ -450,8 +519,10 @@ def image_size(stream: Stream, model_size: int) -> int:
   """The side streamed batches have: `model.image_size`, else the dataset's one native side."""
   size = model_size or stream.native_size
   if not size:
-    raise errors.ConfigError(f"dataset {stream.name!r} has images of varying size: streaming "
-                             "needs model.image_size=N (e.g. 224) to crop them to")
+    raise errors.ConfigError(
+      f"dataset {stream.name!r} has images of varying size: streaming "
+      "needs model.image_size=N (e.g. 224) to crop them to"
+    )
   return size
 
 
@@ -460,9 +531,18 @@ def _encoded(stream_split, value) -> tf.Tensor:
   return tf.io.read_file(value) if isinstance(stream_split, FolderSplit) else value
 
 
-def train_batches(stream: Stream, augment_config, *, size: int, seed: int, global_batch: int,
-                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  shuffle_buffer: int = 10_000) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  stream: Stream,
+  augment_config,
+  *,
+  size: int,
+  seed: int,
+  global_batch: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  shuffle_buffer: int = 10_000,
+) -> Iterator[dict[str, np.ndarray]]:
   """Endless stream of this process's slices of the global train batches, from `start_step`:
   uint8 images [B/P, size, size, 3] and int32 labels.
 
@@ -475,19 +555,33 @@ def train_batches(stream: Stream, augment_config, *, size: int, seed: int, globa
   split = stream.train
   local = global_batch // process_count
   if isinstance(split, FolderSplit):
-    rows_fn = lambda: _folder_rows(split, seed=seed, start_step=start_step,
-                                   global_batch=global_batch, process_index=process_index,
-                                   process_count=process_count)
+    rows_fn = lambda: _folder_rows(
+      split,
+      seed=seed,
+      start_step=start_step,
+      global_batch=global_batch,
+      process_index=process_index,
+      process_count=process_count,
+    )
   else:
     if shuffle_buffer < 1:
-      raise errors.ConfigError(f"dataset.shuffle_buffer={shuffle_buffer}; expected >= 1 "
-                               "examples per shuffle window")
-    rows_fn = lambda: _tfds_rows(split, seed=seed, start_step=start_step,
-                                 global_batch=global_batch, process_index=process_index,
-                                 process_count=process_count, buffer=shuffle_buffer)
+      raise errors.ConfigError(
+        f"dataset.shuffle_buffer={shuffle_buffer}; expected >= 1 examples per shuffle window"
+      )
+    rows_fn = lambda: _tfds_rows(
+      split,
+      seed=seed,
+      start_step=start_step,
+      global_batch=global_batch,
+      process_index=process_index,
+      process_count=process_count,
+      buffer=shuffle_buffer,
+    )
   rrc = bool(augment_config.get("random_resized_crop", False))
-  scale, ratio = transforms.check_crop(augment_config.get("crop_scale", transforms.DEFAULT_SCALE),
-                                       augment_config.get("crop_ratio", transforms.DEFAULT_RATIO))
+  scale, ratio = transforms.check_crop(
+    augment_config.get("crop_scale", transforms.DEFAULT_SCALE),
+    augment_config.get("crop_ratio", transforms.DEFAULT_RATIO),
+  )
   augment = augment_lib.make_train_augment(augment_config, image_shape=(size, size, 3))
 
   def decode(row):
@@ -498,18 +592,27 @@ def train_batches(stream: Stream, augment_config, *, size: int, seed: int, globa
       image = transforms.eval_crop(encoded, size, 1.0)
     return {"image": image, "label": row["label"], "seed": row["seed"]}
 
-  rows = tf.data.Dataset.from_generator(rows_fn, output_signature={
-      "image": tf.TensorSpec((local,), tf.string), "label": tf.TensorSpec((local,), tf.int32),
-      "seed": tf.TensorSpec((local, 2), tf.int64)})
+  rows = tf.data.Dataset.from_generator(
+    rows_fn,
+    output_signature={
+      "image": tf.TensorSpec((local,), tf.string),
+      "label": tf.TensorSpec((local,), tf.int32),
+      "seed": tf.TensorSpec((local, 2), tf.int64),
+    },
+  )
   ds = rows.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
-  ds = ds.map(lambda b: {"image": augment(b["image"], b["seed"]), "label": b["label"]},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(
+    lambda b: {"image": augment(b["image"], b["seed"]), "label": b["label"]},
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def eval_ranges(num_examples: int, global_batch: int, process_index: int,
-                process_count: int) -> tuple[int, int, int]:
+def eval_ranges(
+  num_examples: int, global_batch: int, process_index: int, process_count: int
+) -> tuple[int, int, int]:
   """(first, end, padded length) of this process's contiguous part of an eval split: every
   process gets ceil(N / P) examples or what is left, padded to the same number of batches."""
   share = -(-num_examples // process_count)
@@ -519,9 +622,15 @@ def eval_ranges(num_examples: int, global_batch: int, process_index: int,
   return lo, hi, -(-share // local) * local
 
 
-def eval_batches(stream: Stream, *, size: int, global_batch: int, crop_fraction: float = 0.875,
-                 process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  stream: Stream,
+  *,
+  size: int,
+  global_batch: int,
+  crop_fraction: float = 0.875,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Every test example exactly once, resized and centre-cropped to `size`; the last batches
   padded with mask 0 (pipeline.eval_batches' convention), the same count on every process."""
   split = stream.test
@@ -531,8 +640,17 @@ def eval_batches(stream: Stream, *, size: int, global_batch: int, crop_fraction:
   if isinstance(split, FolderSplit):
     ds = tf.data.Dataset.from_tensor_slices((split.paths[lo:hi], split.labels[lo:hi]))
   else:
-    ds = _tfds_read(split.builder, split.split, split.image_key, [(lo, hi)] if hi > lo else [],
-                    split.num_examples) if hi > lo else None
+    ds = (
+      _tfds_read(
+        split.builder,
+        split.split,
+        split.image_key,
+        [(lo, hi)] if hi > lo else [],
+        split.num_examples,
+      )
+      if hi > lo
+      else None
+    )
     if ds is not None:
       ds = ds.map(lambda ex: (ex[split.image_key], tf.cast(ex[split.label_key], tf.int32)))
 
@@ -540,9 +658,13 @@ def eval_batches(stream: Stream, *, size: int, global_batch: int, crop_fraction:
     image = transforms.eval_crop(_encoded(split, value), size, crop_fraction)
     return {"image": image, "label": label, "mask": tf.constant(1.0, tf.float32)}
 
-  pad = tf.data.Dataset.from_tensors({"image": tf.zeros([size, size, 3], tf.uint8),
-                                      "label": tf.constant(0, tf.int32),
-                                      "mask": tf.constant(0.0, tf.float32)})
+  pad = tf.data.Dataset.from_tensors(
+    {
+      "image": tf.zeros([size, size, 3], tf.uint8),
+      "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(0.0, tf.float32),
+    }
+  )
   pad = pad.repeat(padded - (hi - lo))
   if ds is None:
     ds = pad
@@ -573,8 +695,10 @@ def apply_train_split(data: Data, config) -> Data:
     return train_split.apply(data, config.dataset, config.seed)
   for key, off in (("train_examples", 0), ("label_noise", 0.0)):
     if config.dataset.get(key, off) != off:
-      raise errors.ConfigError(f"dataset.{key}={config.dataset[key]!r} needs the train split in "
-                               f"memory; set dataset.in_memory='true' or dataset.{key}={off}")
+      raise errors.ConfigError(
+        f"dataset.{key}={config.dataset[key]!r} needs the train split in "
+        f"memory; set dataset.in_memory='true' or dataset.{key}={off}"
+      )
   return data
 
 
@@ -586,8 +710,9 @@ def native_size(data: Data, model_size: int) -> int:
 
 
 def num_train(data: Data) -> int:
-  return len(data.train.labels) if isinstance(data, sources.DatasetArrays) \
-      else data.train.num_examples
+  return (
+    len(data.train.labels) if isinstance(data, sources.DatasetArrays) else data.train.num_examples
+  )
 
 
 def train_steps_per_epoch(data: Data, global_batch: int, process_count: int) -> int:
@@ -602,26 +727,47 @@ def train_input(config, data: Data, *, size: int) -> Callable[..., Iterator[dict
   from jaxsam.data import augment as augment_lib  # pylint: disable=import-outside-toplevel
 
   if isinstance(data, sources.DatasetArrays):
-    augment = augment_lib.make_train_augment(config.augment,
-                                             image_shape=data.train.images.shape[1:])
+    augment = augment_lib.make_train_augment(
+      config.augment, image_shape=data.train.images.shape[1:]
+    )
     return lambda start_step, process_index, process_count: pipeline.train_batches(
-        data.train, augment, seed=config.seed, global_batch=config.batch_size,
-        start_step=start_step, process_index=process_index, process_count=process_count)
+      data.train,
+      augment,
+      seed=config.seed,
+      global_batch=config.batch_size,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+    )
   augment_lib.make_train_augment(config.augment, image_shape=(size, size, 3))  # checks the keys
   transforms.check_crop(config.augment.crop_scale, config.augment.crop_ratio)
   transforms.check_crop_fraction(config.dataset.eval_crop_fraction)
   return lambda start_step, process_index, process_count: train_batches(
-      data, config.augment, size=size, seed=config.seed, global_batch=config.batch_size,
-      start_step=start_step, process_index=process_index, process_count=process_count,
-      shuffle_buffer=config.dataset.shuffle_buffer)
+    data,
+    config.augment,
+    size=size,
+    seed=config.seed,
+    global_batch=config.batch_size,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    shuffle_buffer=config.dataset.shuffle_buffer,
+  )
 
 
-def test_batches(data: Data, *, global_batch: int, size: int, process_index: int,
-                 process_count: int) -> Iterator[dict]:
+def test_batches(
+  data: Data, *, global_batch: int, size: int, process_index: int, process_count: int
+) -> Iterator[dict]:
   """The test split once, padded with mask 0, in memory or streamed."""
   if isinstance(data, sources.DatasetArrays):
-    return pipeline.eval_batches(data.test, global_batch=global_batch,
-                                 process_index=process_index, process_count=process_count)
-  return eval_batches(data, size=size, global_batch=global_batch,
-                      crop_fraction=data.eval_crop_fraction, process_index=process_index,
-                      process_count=process_count)
+    return pipeline.eval_batches(
+      data.test, global_batch=global_batch, process_index=process_index, process_count=process_count
+    )
+  return eval_batches(
+    data,
+    size=size,
+    global_batch=global_batch,
+    crop_fraction=data.eval_crop_fraction,
+    process_index=process_index,
+    process_count=process_count,
+  )

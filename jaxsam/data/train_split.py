@@ -17,8 +17,9 @@ _SUBSET_STREAM = 1
 _NOISE_STREAM = 2
 
 
-def balanced_subset(labels: np.ndarray, num_examples: int, num_classes: int,
-                    seed: int) -> np.ndarray:
+def balanced_subset(
+  labels: np.ndarray, num_examples: int, num_classes: int, seed: int
+) -> np.ndarray:
   """Sorted indices of `num_examples` examples, as equal a number per class as it divides.
 
   Each class gives num_examples // num_classes examples (the first num_examples % num_classes
@@ -27,15 +28,19 @@ def balanced_subset(labels: np.ndarray, num_examples: int, num_classes: int,
   counts = np.bincount(labels, minlength=num_classes)
   rng = np.random.default_rng([seed, _SUBSET_STREAM])
   want = np.full(num_classes, num_examples // num_classes)
-  want[rng.permutation(num_classes)[:num_examples % num_classes]] += 1
+  want[rng.permutation(num_classes)[: num_examples % num_classes]] += 1
   short = np.flatnonzero(counts < want)
   if len(short):
     c = int(short[0])
-    raise DataError(f"dataset.train_examples={num_examples} needs {int(want[c])} examples of "
-                    f"class {c}, which has {int(counts[c])}; use at most "
-                    f"{int(counts.min()) * num_classes} for a balanced subset (0 = all)")
-  chosen = [rng.choice(np.flatnonzero(labels == c), size=int(want[c]), replace=False)
-            for c in range(num_classes)]
+    raise DataError(
+      f"dataset.train_examples={num_examples} needs {int(want[c])} examples of "
+      f"class {c}, which has {int(counts[c])}; use at most "
+      f"{int(counts.min()) * num_classes} for a balanced subset (0 = all)"
+    )
+  chosen = [
+    rng.choice(np.flatnonzero(labels == c), size=int(want[c]), replace=False)
+    for c in range(num_classes)
+  ]
   return np.sort(np.concatenate(chosen))
 
 
@@ -48,7 +53,7 @@ def noisy_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: in
   if fraction and num_classes < 2:
     raise DataError(f"dataset.label_noise={fraction} needs at least 2 classes, not {num_classes}")
   rng = np.random.default_rng([seed, _NOISE_STREAM])
-  flipped = rng.permutation(len(labels))[:round(fraction * len(labels))]
+  flipped = rng.permutation(len(labels))[: round(fraction * len(labels))]
   out = labels.copy()
   # An offset in [1, C) added modulo C: uniform over the C - 1 other classes.
   out[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes

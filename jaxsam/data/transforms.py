@@ -33,27 +33,37 @@ def check_crop(scale, ratio) -> tuple[tuple[float, float], tuple[float, float]]:
   try:
     lo, hi = (float(v) for v in scale)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"augment.crop_scale={scale!r}; expected a pair (min, max) of area "
-                      "fractions in (0, 1], e.g. (0.08, 1.0)") from e
+    raise ConfigError(
+      f"augment.crop_scale={scale!r}; expected a pair (min, max) of area "
+      "fractions in (0, 1], e.g. (0.08, 1.0)"
+    ) from e
   if not 0.0 < lo <= hi <= 1.0:
-    raise ConfigError(f"augment.crop_scale={tuple(scale)!r}; expected 0 < min <= max <= 1 "
-                      "(area fractions of the image), e.g. (0.08, 1.0)")
+    raise ConfigError(
+      f"augment.crop_scale={tuple(scale)!r}; expected 0 < min <= max <= 1 "
+      "(area fractions of the image), e.g. (0.08, 1.0)"
+    )
   try:
     r_lo, r_hi = (float(v) for v in ratio)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"augment.crop_ratio={ratio!r}; expected a pair (min, max) of aspect "
-                      "ratios w/h, e.g. (0.75, 1.3333)") from e
+    raise ConfigError(
+      f"augment.crop_ratio={ratio!r}; expected a pair (min, max) of aspect "
+      "ratios w/h, e.g. (0.75, 1.3333)"
+    ) from e
   if not 0.0 < r_lo <= r_hi:
-    raise ConfigError(f"augment.crop_ratio={tuple(ratio)!r}; expected 0 < min <= max (aspect "
-                      "ratios w/h), e.g. (0.75, 1.3333)")
+    raise ConfigError(
+      f"augment.crop_ratio={tuple(ratio)!r}; expected 0 < min <= max (aspect "
+      "ratios w/h), e.g. (0.75, 1.3333)"
+    )
   return (lo, hi), (r_lo, r_hi)
 
 
 def check_crop_fraction(fraction) -> float:
   """ConfigError unless 0 < fraction <= 1."""
   if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-    raise ConfigError(f"dataset.eval_crop_fraction={fraction!r}; expected a fraction in (0, 1] "
-                      "(0.875: resize to 256, crop 224)")
+    raise ConfigError(
+      f"dataset.eval_crop_fraction={fraction!r}; expected a fraction in (0, 1] "
+      "(0.875: resize to 256, crop 224)"
+    )
   return float(fraction)
 
 
@@ -73,7 +83,7 @@ def random_resized_box(height, width, uniforms, scale=DEFAULT_SCALE, ratio=DEFAU
   h_img, w_img = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
   area = h_img * w_img * (scale[0] + u[:CROP_ATTEMPTS] * (scale[1] - scale[0]))
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = tf.exp(log_lo + u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS] * (log_hi - log_lo))
+  aspect = tf.exp(log_lo + u[CROP_ATTEMPTS : 2 * CROP_ATTEMPTS] * (log_hi - log_lo))
   # Python's round() is half-to-even, as tf.round.
   w = tf.round(tf.sqrt(area * aspect))
   h = tf.round(tf.sqrt(area / aspect))
@@ -84,22 +94,27 @@ def random_resized_box(height, width, uniforms, scale=DEFAULT_SCALE, ratio=DEFAU
   left_try = tf.floor(u[-1] * (w_img - w_try + 1.0))
   # Fallback: the whole image, clamped to the ratio range, centred.
   in_ratio = w_img / h_img
-  w_fb = tf.where(in_ratio < ratio[0], w_img,
-                  tf.where(in_ratio > ratio[1], tf.round(h_img * ratio[1]), w_img))
+  w_fb = tf.where(
+    in_ratio < ratio[0], w_img, tf.where(in_ratio > ratio[1], tf.round(h_img * ratio[1]), w_img)
+  )
   h_fb = tf.where(in_ratio < ratio[0], tf.round(w_img / ratio[0]), h_img)
   top_fb = tf.floor((h_img - h_fb) / 2.0)
   left_fb = tf.floor((w_img - w_fb) / 2.0)
   found = tf.reduce_any(fits)
-  box = tf.where(found, tf.stack([top_try, left_try, h_try, w_try]),
-                 tf.stack([top_fb, left_fb, h_fb, w_fb]))
+  box = tf.where(
+    found, tf.stack([top_try, left_try, h_try, w_try]), tf.stack([top_fb, left_fb, h_fb, w_fb])
+  )
   return tf.cast(box, tf.int32)
 
 
 def crop_uniforms(seed) -> tf.Tensor:
   """The random-resized crop's draws for one example's seed int64 [2]: float32 [22]."""
   seeds = tf.reshape(tf.cast(seed, tf.int64), [1, 2])
-  streams = ([_STREAM_AREA + a for a in range(CROP_ATTEMPTS)]
-             + [_STREAM_RATIO + a for a in range(CROP_ATTEMPTS)] + [_STREAM_TOP, _STREAM_LEFT])
+  streams = (
+    [_STREAM_AREA + a for a in range(CROP_ATTEMPTS)]
+    + [_STREAM_RATIO + a for a in range(CROP_ATTEMPTS)]
+    + [_STREAM_TOP, _STREAM_LEFT]
+  )
   return tf.concat([augment.uniform(seeds, s) for s in streams], axis=0)
 
 
@@ -129,7 +144,7 @@ def decode_box(encoded, box_fn) -> tf.Tensor:
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     shape = tf.shape(image)
     box = box_fn(shape[0], shape[1])
-    return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+    return image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
 
   image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   image.set_shape([None, None, 3])
@@ -151,8 +166,10 @@ def resized_shape(height, width, short: int):
   h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
   long_side = tf.cast(tf.floor(short * tf.maximum(h, w) / tf.minimum(h, w)), tf.int32)
   short_t = tf.constant(short, tf.int32)
-  return (tf.where(height <= width, short_t, long_side),
-          tf.where(height <= width, long_side, short_t))
+  return (
+    tf.where(height <= width, short_t, long_side),
+    tf.where(height <= width, long_side, short_t),
+  )
 
 
 def center_crop(image, size: int) -> tf.Tensor:
@@ -160,7 +177,7 @@ def center_crop(image, size: int) -> tf.Tensor:
   shape = tf.shape(image)
   top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def eval_short_side(size: int, crop_fraction: float) -> int:

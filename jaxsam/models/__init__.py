@@ -62,7 +62,9 @@ def _wide_resnet(depth: int, k: int, model_config, num_classes: int, dtype: Any)
   )
 
 
-def _efficientnet(variant: str, layout: str, model_config, num_classes: int, dtype: Any) -> nn.Module:
+def _efficientnet(
+  variant: str, layout: str, model_config, num_classes: int, dtype: Any
+) -> nn.Module:
   default_dropout = efficientnet.VARIANTS[variant][3]
   return efficientnet.efficientnet(
     variant,
@@ -82,7 +84,9 @@ MODELS: dict[str, Constructor] = {
   **{f"resnet{d}": functools.partial(_cifar_resnet, d) for d in (8, 20, 32, 56)},
   "wrn28_10": functools.partial(_wide_resnet, 28, 10),
   # Keras / TF layout (TF "SAME" padding): imports Keras EfficientNetB0..B7 weight files.
-  **{f"efficientnet_{v}": functools.partial(_efficientnet, v, "keras") for v in efficientnet.VARIANTS},
+  **{
+    f"efficientnet_{v}": functools.partial(_efficientnet, v, "keras") for v in efficientnet.VARIANTS
+  },
   # torchvision layout (symmetric padding, torch BN eps): imports torchvision efficientnet_b0..b7.
   **{
     f"efficientnet_{v}_torchvision": functools.partial(_efficientnet, v, "torchvision")

@@ -138,8 +138,9 @@ def weights_origin(path: str) -> str:
       with safe_open(path, framework="numpy") as f:
         metadata = f.metadata() or {}
     except Exception as e:
-      raise PretrainedError(f"cannot read {path!r} as a .safetensors weight file: "
-                            f"{_one_line(e)}") from e
+      raise PretrainedError(
+        f"cannot read {path!r} as a .safetensors weight file: {_one_line(e)}"
+      ) from e
     if metadata.get("format") != JAXSAM_FORMAT:
       return "torchvision"
   else:
@@ -457,8 +458,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
       f"a file saved by jaxsam (.safetensors/.msgpack) or use resnet18..152 / efficientnet_b0..b7"
     )
   if kind != layout:
-    raise PretrainedError(f"{path!r} holds {kind} weights but {name} is in the {layout} layout; "
-                          f"{_LAYOUT_FIX[_family(name), kind]}")
+    raise PretrainedError(
+      f"{path!r} holds {kind} weights but {name} is in the {layout} layout; "
+      f"{_LAYOUT_FIX[_family(name), kind]}"
+    )
   mapped, unknown = (map_torch if kind == "torchvision" else map_keras)(tensors, _family(name))
   if unknown:
     raise PretrainedError(
@@ -471,7 +474,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
 _LAYOUT_FIX = {
   ("resnet", "keras"): "Keras' ResNet50 needs config.model.resnet_v1=True",
   ("resnet", "torchvision"): "torchvision/timm ResNets need config.model.resnet_v1=False",
-  ("efficientnet", "torchvision"): "torchvision's EfficientNet needs model name efficientnet_bN_torchvision",
+  (
+    "efficientnet",
+    "torchvision",
+  ): "torchvision's EfficientNet needs model name efficientnet_bN_torchvision",
   ("efficientnet", "keras"): "Keras' EfficientNet needs model name efficientnet_bN (TF padding)",
 }
 

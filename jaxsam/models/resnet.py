@@ -45,9 +45,13 @@ def batch_norm(model: nn.Module, train: bool) -> Callable[..., nn.BatchNorm]:
   """BatchNorm factory for a model with `freeze_bn`, `bn_momentum`, `bn_epsilon` and `dtype`
   fields: batch statistics while training (running ones when frozen or evaluating), fp32 params."""
   return functools.partial(
-      nn.BatchNorm, use_running_average=not train or model.freeze_bn,
-      momentum=model.bn_momentum, epsilon=model.bn_epsilon, dtype=model.dtype,
-      param_dtype=jnp.float32)
+    nn.BatchNorm,
+    use_running_average=not train or model.freeze_bn,
+    momentum=model.bn_momentum,
+    epsilon=model.bn_epsilon,
+    dtype=model.dtype,
+    param_dtype=jnp.float32,
+  )
 
 
 class BasicBlock(nn.Module):
@@ -57,7 +61,9 @@ class BasicBlock(nn.Module):
   stride: int
   norm: Callable[..., nn.Module]
   dtype: Any = jnp.float32
-  shortcut: str = "projection"  # projection: 1x1 conv + BN (torchvision); zero_pad: He et al. option A
+  shortcut: str = (
+    "projection"  # projection: 1x1 conv + BN (torchvision); zero_pad: He et al. option A
+  )
   zero_init_residual: bool = False
   v1: bool = False  # unused: the basic block has no 1x1 conv to carry the stride
 
