@@ -84,7 +84,20 @@ def test_parameter_counts(name, classes, expected):
   assert param_count(module) == expected
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+# EfficientNet-B1..B7 take 6-17 s each to trace on 2 cores: the full suite runs them, the fast
+# tier keeps B0 of each layout.
+LARGE_EFFICIENTNETS = {
+  n for n in models.MODELS if n.startswith("efficientnet_b") and not n.startswith("efficientnet_b0")
+}
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    pytest.param(n, marks=pytest.mark.slow) if n in LARGE_EFFICIENTNETS else n
+    for n in sorted(models.MODELS)
+  ],
+)
 def test_every_model_traces_in_bfloat16(name):
   """Output shape and dtype, params fp32, of every registered model (traced, not compiled)."""
   module = models.create_model(model_config(name), num_classes=7, dtype=jnp.bfloat16)
