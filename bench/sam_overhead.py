@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from configs import common
-from jaxsam import models, optim, parallel, stepcost, steps
+from jaxsam import parallel, stepcost
 
 RHO = 0.05
 # name -> the sam.* keys over plain SGD (sam.rho = 0). MSAM's rho is its authors' default.
@@ -70,17 +70,14 @@ def fresh_state(host_state, mesh):
 
 def build(config, mesh, batch, block: int, num_classes: int):
   """(programs by ascent choice, host schedule or None, initial host state) for `config`."""
-  per_device = config.batch_size
-  cfg = stepcost.step_config(config, per_device, config.model.image_size, block)
-  tx, lr = optim.make_optimizer(config, block, axis_name=optim.sam_axis_name(cfg, per_device))
-  model = models.create_model(config.model, num_classes=num_classes, dtype=cfg.dtype)
-  schedule = optim.host_ascent_schedule(config, block)
-  host = jax.device_get(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype))
-  programs = {}
+  schedule = stepcost.ascent_schedule(config, block)
+  programs, host = {}, None
   for ascent in (True, False) if schedule else (None,):
-    step = steps.compile_train_step(
-      mesh, ascent=ascent, model=model, tx=tx, lr_schedule=lr, cfg=cfg
+    step, model, tx, cfg = stepcost.build_step(
+      config, mesh, num_classes, steps_per_epoch=block, ascent=ascent
     )
+    if host is None:  # both programs take the same state
+      host = jax.device_get(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype))
     programs[ascent] = step.lower(fresh_state(host, mesh), batch).compile()
   return programs, schedule, host
 
