@@ -80,6 +80,9 @@ def main(argv: list[str]) -> None:
   # orbax logs every save step at INFO; jaxsam's own per-epoch lines are the run's log.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    from jaxsam import quiet  # light until called
+
+    quiet.quiet_start()  # TF/XLA's C++ start-up logs off; --verbosity keeps them (debugging)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
   if _CONFIG.value is None and _MODE.value == "train":
