@@ -257,6 +257,9 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
 
 def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run)."""
+  from jaxsam import quiet  # pylint: disable=import-outside-toplevel
+
+  quiet.quiet_environment(os.environ)  # XLA's C++ INFO/WARNING logs off, as in launch.py
   import jax  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, root)

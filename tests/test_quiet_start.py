@@ -104,3 +104,20 @@ def test_quickstart_output_starts_with_jaxsam_and_has_no_wandb_banner(tmp_path):
   assert len(offline) == 1 and offline[0].startswith("jaxsam: wandb run saved offline in ")
   assert str(workdir / "wandb" / "offline-run-") in offline[0]
   assert lines[-1].startswith("jaxsam: done in ") and "final test accuracy" in lines[-1]
+
+
+@pytest.mark.slow
+def test_analyze_command_line_starts_quietly(tmp_path):
+  """`python -m jaxsam.analyze` loads TF and JAX too: its bad-input error is its only line."""
+  result = subprocess.run(
+    [sys.executable, "-m", "jaxsam.analyze", f"--workdir={tmp_path}"],
+    env=_env(tmp_path),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 2, result.stderr
+  assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+  assert result.stderr.startswith(f"error: --workdir={tmp_path} has no config.json")
