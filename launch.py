@@ -49,7 +49,7 @@ _PROFILE_STEPS = flags.DEFINE_string(
   "profile_steps",
   None,
   "START:END: a jax.profiler trace of train steps START to END - 1 in "
-  "<workdir>/profile/, for TensorBoard or ui.perfetto.dev.",
+  "<workdir>/profile/process_<N>/ (one folder per process), for TensorBoard or ui.perfetto.dev.",
 )
 
 
