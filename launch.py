@@ -80,9 +80,6 @@ def main(argv: list[str]) -> None:
   # orbax logs every save step at INFO; jaxsam's own per-epoch lines are the run's log.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-    from jaxsam import quiet  # light until called
-
-    quiet.quiet_start()  # TF/XLA's C++ start-up logs off; --verbosity keeps them (debugging)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
   if _CONFIG.value is None and _MODE.value == "train":
@@ -107,6 +104,10 @@ def main(argv: list[str]) -> None:
   except errors.UserError as e:
     _fail(str(e))
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
+  if not flags.FLAGS["verbosity"].present:
+    from jaxsam import quiet
+
+    quiet.quiet_start()  # TF/XLA's C++ start-up logs off; --verbosity keeps them (debugging)
   from jaxsam import compile_cache
 
   warning = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE.value, os.environ))
