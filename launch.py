@@ -49,7 +49,7 @@ _PROFILE_STEPS = flags.DEFINE_string(
   "profile_steps",
   None,
   "START:END: a jax.profiler trace of train steps START to END - 1 in "
-  "<workdir>/profile/, for TensorBoard or ui.perfetto.dev.",
+  "<workdir>/profile/process_<N>/ (one folder per process), for TensorBoard or ui.perfetto.dev.",
 )
 
 
@@ -104,6 +104,10 @@ def main(argv: list[str]) -> None:
   except errors.UserError as e:
     _fail(str(e))
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
+  if not flags.FLAGS["verbosity"].present:
+    from jaxsam import quiet
+
+    quiet.quiet_start()  # TF/XLA's C++ start-up logs off; --verbosity keeps them (debugging)
   from jaxsam import compile_cache
 
   warning = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE.value, os.environ))

@@ -20,6 +20,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxsam import quiet
+
+if __name__ == "__main__":  # before TF and JAX load (through the imports below): a quiet start
+  quiet.quiet_start()
+
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -1,8 +1,10 @@
 """`launch.py --profile_steps=START:END`: a `jax.profiler` trace of some train steps.
 
-The trace goes to `<workdir>/profile/` (`workdir.PROFILE_DIR`) as TensorBoard's profile plugin
-lays it out (`plugins/profile/<run>/<host>.xplane.pb`), with a `perfetto_trace.json.gz` next to it
-that ui.perfetto.dev opens. Light on purpose: JAX is imported only once a trace starts, so that
+Each process traces into its own folder, `<workdir>/profile/process_<N>/` (`workdir.PROFILE_DIR`,
+N = `jax.process_index()`), so that the processes of a multi-process run, which share the workdir,
+do not write into one another's trace; inside it the layout is TensorBoard's profile plugin's
+(`plugins/profile/<run>/<host>.xplane.pb`), with a `perfetto_trace.json.gz` next to it that
+ui.perfetto.dev opens. Light on purpose: JAX is imported only once a trace starts, so that
 `parse_steps` can vet the flag before anything runs.
 """
 
@@ -29,8 +31,14 @@ def parse_steps(text: str | None) -> tuple[int, int] | None:
   return int(match[1]), int(match[2])
 
 
+def process_dir(profile_dir: str, process_index: int) -> str:
+  """The trace folder of one process: `<profile_dir>/process_<process_index>`."""
+  return os.path.join(profile_dir, f"process_{process_index}")
+
+
 class StepTrace:
-  """Wraps the train step: traces the calls for steps START to END - 1 into `log_dir`.
+  """Wraps the train step: traces the calls for steps START to END - 1 into
+  `process_dir(log_dir, jax.process_index())`.
 
   The trace starts just before step START and stops once step END - 1 (or the run's last step)
   is done on the device: the one host synchronisation a profile costs, and only there. Used as a
@@ -64,8 +72,9 @@ class StepTrace:
     import jax  # pylint: disable=import-outside-toplevel
 
     if not self._active and self._steps[0] <= step <= self._last:
-      os.makedirs(self._log_dir, exist_ok=True)
-      jax.profiler.start_trace(self._log_dir, create_perfetto_trace=True)
+      log_dir = process_dir(self._log_dir, jax.process_index())
+      os.makedirs(log_dir, exist_ok=True)
+      jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
       self._active = True
     out = self._step_fn(state, batch, step)
     if self._active and step >= self._last:

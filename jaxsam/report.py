@@ -136,8 +136,9 @@ def _order(values, preferred) -> list[str]:
   )
 
 
-def markdown(runs: Sequence[dict]) -> str:
-  """The two tables: augmentation x optimizer (best / final %), and one row per run."""
+def markdown(runs: Sequence[dict], cross_table: bool = True) -> str:
+  """The two tables: augmentation x optimizer (best / final %), and one row per run
+  (the runs' table alone when not `cross_table`)."""
   augs = _order([r["augmentation"] for r in runs], AUGMENT_ORDER)
   opts = _order([r["optimizer"] for r in runs], ("SGD",))
   lines = [
@@ -164,8 +165,9 @@ def markdown(runs: Sequence[dict]) -> str:
   header = ["#", "run", "augmentation", "optimizer", *diff]
   header += ["label noise", "train examples"] * show_data
   header += ["epochs", "best %", "final %"] + ["λ_max"] * show_lambda
+  lines = lines if cross_table else []
   lines += [
-    "",
+    *[""] * cross_table,
     "Runs" + (" (settings that differ between them)" if diff else "") + ":",
     "",
     "| " + " | ".join(header) + " |",

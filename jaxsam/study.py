@@ -200,23 +200,55 @@ def execute(runs: Sequence[Run], out: str, root: str) -> None:
     )
 
 
+def noise_sections(runs: Sequence[dict]) -> list[str]:
+  """study.md's tables, one section per label-noise level: mean ± std over seeds per setting
+  first, then the section's runs, setting by setting, seeds in order."""
+  lines = []
+  for noise in sorted({r["label_noise"] for r in runs}):
+    groups = report.group_by_setting([r for r in runs if r["label_noise"] == noise])
+    ordered = [r for group in groups.values() for r in sorted(group, key=lambda r: r["seed"])]
+    lines += [f"## Label noise {noise:g}", "", "Test accuracy (%), mean ± std over seeds:", ""]
+    lines += [report.seed_table(ordered), "", report.markdown(ordered, cross_table=False), ""]
+  return lines
+
+
+# Placeholders for the folders of --data and --out that lie outside the checkout's folder.
+PATH_PLACEHOLDERS = {"--data": "DATA", "--out": "RUNS"}
+
+
+def portable_command(argv: Sequence[str], root: str) -> str:
+  """The study's command line as study.md shows it, runnable from the repository root: the
+  --data and --out paths relative to it (when within its parent folder), else a placeholder
+  folder (`DATA/`, `RUNS/`) and their last component, never this machine's absolute paths."""
+
+  def portable(flag: str, value: str) -> str:
+    path = os.path.abspath(os.path.expanduser(value))
+    rel = os.path.relpath(path, root)
+    inside = not rel.startswith(os.pardir + os.sep + os.pardir) and rel != os.pardir
+    return rel if inside else f"{PATH_PLACEHOLDERS[flag]}/{os.path.basename(path)}"
+
+  words, after = [], None  # `after`: the flag whose value is the next word (`--out DIR`)
+  for word in argv:
+    flag, eq, value = word.partition("=")
+    if after:
+      word, after = portable(after, word), None
+    elif eq and flag in PATH_PLACEHOLDERS and value:
+      word = f"{flag}={portable(flag, value)}"
+    elif word in PATH_PLACEHOLDERS:
+      after = word
+    words.append(word)
+  return " ".join(["python -m jaxsam.study", *words])
+
+
 def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | None) -> str:
-  """study.md (the seed table and jaxsam.report's per-run table) and study_curves.png."""
+  """study.md (per label-noise level: the seed table, then the per-run table) and
+  study_curves.png."""
   loaded = [report.load_run(r.workdir) for r in runs if os.path.isdir(r.workdir)]
   curves = report.write_seed_curves(loaded, os.path.join(out, "study_curves.png"))
   lines = [f"# SGD vs SAM: {len(loaded)} runs", "", f"`{command}`", ""]
   if wall_s is not None:
     lines += [f"Wall time of this invocation: {wall_s / 60:.1f} min.", ""]
-  lines += [
-    "Test accuracy (%), mean ± std over seeds:",
-    "",
-    report.seed_table(loaded),
-    "",
-    report.markdown(loaded),
-    "",
-    f"![curves]({os.path.basename(curves)})",
-    "",
-  ]
+  lines += [*noise_sections(loaded), f"![curves]({os.path.basename(curves)})", ""]
   path = os.path.join(out, "study.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
@@ -225,6 +257,9 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
 
 def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run)."""
+  from jaxsam import quiet  # pylint: disable=import-outside-toplevel
+
+  quiet.quiet_environment(os.environ)  # XLA's C++ INFO/WARNING logs off, as in launch.py
   import jax  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, root)
@@ -350,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     start = time.time()
     execute(runs, out, root)
-    command = "python -m jaxsam.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = portable_command(sys.argv[1:] if argv is None else argv, root)
     print(f"report: {write_report(runs, out, command, time.time() - start)}")
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from jaxsam import errors
-from jaxsam.workdir import METRICS_FILE, WANDB_DIR, WANDB_ID_FILE
+from jaxsam.workdir import METRICS_FILE, WANDB_ID_FILE
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WANDB_HOST = "api.wandb.ai"
@@ -260,20 +260,38 @@ def create_wandb_writer(
   }
   try:
     run = wandb.init(
-      mode=mode, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S), **kwargs
+      mode=mode,
+      settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, **wandb_console_settings(mode)),
+      **kwargs,
     )
   except Exception as e:  # wandb raises CommError, UsageError, timeouts...: all mean "not online"
     if mode != "online":
       raise
     print(
       f"warning: wandb online start failed ({type(e).__name__}: "
-      f"{(str(e).splitlines() or [''])[0][:200]}); logging offline, upload later with "
-      f"`wandb sync {os.path.join(workdir, WANDB_DIR)}`",
+      f"{(str(e).splitlines() or [''])[0][:200]}); logging offline",
       file=sys.stderr,
     )
-    run = wandb.init(mode="offline", **kwargs)
+    mode = "offline"
+    run = wandb.init(mode=mode, settings=wandb.Settings(**wandb_console_settings(mode)), **kwargs)
+  if mode == "offline":
+    print(offline_run_line(run.settings.sync_dir), flush=True)
   _write_wandb_run_id(workdir, run.id)
   return WandbWriter(run)
+
+
+def wandb_console_settings(mode: str) -> dict[str, bool]:
+  """wandb.Settings that keep its console output to what a user acts on.
+
+  Offline: silent (no banner, no history and summary block; jaxsam prints one line instead, see
+  `offline_run_line`). Online: quiet, which keeps wandb's run link at the start and the end.
+  """
+  return {"silent": True} if mode == "offline" else {"quiet": True}
+
+
+def offline_run_line(sync_dir: str) -> str:
+  """The one line an offline run prints: where the run is and the command that uploads it."""
+  return f"jaxsam: wandb run saved offline in {sync_dir}; upload it with `wandb sync {sync_dir}`"
 
 
 class RunWriter:

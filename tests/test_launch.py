@@ -149,7 +149,8 @@ def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
     "--config=configs/quickstart.py", f"--workdir={workdir}", "--profile_steps=2:4", *TINY
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*"))
+  assert os.listdir(workdir / "profile") == ["process_0"]  # one folder per process
+  traces = glob.glob(str(workdir / "profile" / "process_0" / "plugins" / "profile" / "*" / "*"))
   assert any(t.endswith(".xplane.pb") for t in traces), traces
   assert any(t.endswith("perfetto_trace.json.gz") for t in traces), traces  # ui.perfetto.dev
   records = [json.loads(line) for line in read(workdir / "metrics.jsonl").splitlines()]

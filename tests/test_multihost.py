@@ -234,6 +234,19 @@ def test_only_process_zero_writes(runs):
 
 
 @pytest.mark.slow
+def test_each_process_traces_into_its_own_profile_folder(tmp_path):
+  workdir = tmp_path / "w"
+  args = [*TINY, "--config.max_steps=6", "--profile_steps=2:4", f"--workdir={workdir}"]
+  procs = start_processes(tmp_path, "profile", args, num=2, devices=1)
+  assert [p.wait() for p in procs] == [0, 0], procs[1].err[-3000:]
+  assert sorted(os.listdir(workdir / "profile")) == ["process_0", "process_1"]
+  for process in ("process_0", "process_1"):
+    traces = [f.name for f in (workdir / "profile" / process / "plugins" / "profile").glob("*/*")]
+    assert any(t.endswith(".xplane.pb") for t in traces), (process, traces)
+    assert any(t.endswith("perfetto_trace.json.gz") for t in traces), (process, traces)
+
+
+@pytest.mark.slow
 def test_process_id_out_of_range_fails_before_any_network(tmp_path):
   proc = Proc(
     tmp_path,

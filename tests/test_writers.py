@@ -244,6 +244,39 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
   again.close()
 
 
+def test_offline_wandb_run_prints_one_jaxsam_line(tmp_path, monkeypatch, capfd):
+  """`auto` without credentials: no wandb banner or summary block, one line with `wandb sync`."""
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+  monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+  for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT", "WANDB_QUIET"):
+    monkeypatch.delenv(key, raising=False)
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  no_netrc = {"NETRC": str(tmp_path / "no_netrc")}
+  capfd.readouterr()
+  writer = writers.create_wandb_writer(_wandb_config(mode="auto"), workdir, {}, environ=no_netrc)
+  assert writer.run.settings.mode == "offline"
+  for step in range(1, 4):
+    writer.write({"step": step, "epoch": step / 3, "train/loss": 1.0 / step})
+  writer.finish({"final_test_accuracy": 0.5})
+  writer.close()
+  import wandb
+
+  wandb.teardown()
+  out, err = capfd.readouterr()
+  sync_dir = writer.run.settings.sync_dir
+  assert os.path.isdir(sync_dir) and sync_dir.startswith(os.path.join(workdir, "wandb"))
+  assert (out + err).splitlines() == [writers.offline_run_line(sync_dir)]
+  assert f"`wandb sync {sync_dir}`" in out
+
+
+def test_wandb_console_settings():
+  assert writers.wandb_console_settings("offline") == {"silent": True}
+  # Online keeps wandb's link to the run: quiet drops the banner and summary, not the link.
+  assert writers.wandb_console_settings("online") == {"quiet": True}
+
+
 class _FakeRun:
   def __init__(self):
     self.calls = []
