@@ -46,7 +46,7 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return DTYPES[config.dtype]
 
 
-NORMALIZATIONS = ("auto", "imagenet", "caffe", "dataset")
+NORMALIZATIONS = config_schema.NORMALIZATIONS  # the config table lists the names
 
 
 def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays) -> dict:
@@ -66,6 +66,14 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
     return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
   if mode == "caffe":
     return {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
+  floored = sources.floored_channels(data.std)
+  if floored and parallel.is_main_process():
+    names = ", ".join("RGB"[c] for c in floored)
+    print(
+      f"jaxsam: channel {names} of the train split is (nearly) constant: normalised with its std "
+      f"floored at 1/255 (one uint8 level) instead of dividing by ~0",
+      flush=True,
+    )
   return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
 
 
