@@ -154,7 +154,7 @@ def test_two_concurrent_launches_one_refused_the_other_complete(tmp_path):
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes(tmp_path):
   workdir = tmp_path / "run"
-  args = launch(workdir, "--config.num_epochs=3")
+  args = launch(workdir, "--config.num_epochs=4", "--config.checkpoint_every_epochs=1")
   proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while not (workdir / "checkpoints").is_dir() or not any(
@@ -163,14 +163,14 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
     time.sleep(0.5)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
   assert (workdir / workdir_lib.LOCK_HOLDER_FILE).exists()  # left behind by the killed holder
   rerun = subprocess.run(
     args, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
   )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming at step" in rerun.stdout
-  check_consistent(workdir, 3 * 22)
+  check_consistent(workdir, 4 * 22)
   assert not (workdir / workdir_lib.LOCK_HOLDER_FILE).exists()
 
 
