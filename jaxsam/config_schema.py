@@ -76,9 +76,14 @@ def number(
   return Domain(ok, words, outside)
 
 
-def choice(names: Callable[[], Iterable[str]]) -> Domain:
-  """One of `names()` (a callable, so that the registries are imported only when checked)."""
-  return Domain(lambda v: isinstance(v, str) and v in tuple(names()), "", "no_such_name", names)
+def choice(names: Callable[[], Iterable[str]], *, fold_case: bool = False) -> Domain:
+  """One of `names()` (a callable, so that the registries are imported only when checked);
+  `fold_case` accepts any case (`dataset.in_memory=True` from a command line)."""
+
+  def ok(v: Any) -> bool:
+    return isinstance(v, str) and (v.lower() if fold_case else v) in tuple(names())
+
+  return Domain(ok, "", "no_such_name", names)
 
 
 BOOL = Domain(lambda v: isinstance(v, bool), "True or False", "yes")
@@ -184,7 +189,7 @@ DOMAINS: dict[str, Domain] = {
   "dataset.download": BOOL,
   "dataset.train_split": NAME,
   "dataset.test_split": NAME,
-  "dataset.in_memory": choice(_in_memory),
+  "dataset.in_memory": choice(_in_memory, fold_case=True),
   "dataset.shuffle_buffer": integer(1),
   "dataset.eval_crop_fraction": number(0, 1, low_open=True),
   "model.name": choice(_models),

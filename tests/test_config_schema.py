@@ -90,6 +90,13 @@ def test_relations_between_keys_and_devices(overrides, fragment, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_in_memory_takes_any_case_as_the_streaming_module_does():
+  config = quickstart.get_config()
+  for value in ("True", "FALSE", "auto"):
+    config.dataset.in_memory = value
+    assert config_schema.problems(config) == []
+
+
 def test_every_violation_is_listed_and_the_error_counts_the_rest():
   config = with_value(quickstart.get_config(), "log_every_steps", 0)
   config = with_value(config, "num_epochs", -1)
