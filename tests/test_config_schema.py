@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from configs import common, quickstart
-from jaxsam import config_schema, errors, evaluate, study, train
+from jaxsam import analyze, config_schema, errors, evaluate, study, train
 from jaxsam import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,12 +108,14 @@ def test_every_violation_is_listed_and_the_error_counts_the_rest():
     config_schema.validate(config)
 
 
-def test_eval_checks_the_runs_config_json_before_the_lock_or_a_checkpoint(tmp_path):
+def test_eval_and_analyze_check_the_runs_config_json_before_the_lock_or_a_checkpoint(tmp_path):
   tree = quickstart.get_config().to_dict()
   tree["optimizer"]["weight_decay"] = -1.0
   (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(tree))
   with pytest.raises(errors.ConfigError, match=r"optimizer.weight_decay=-1.0 is invalid"):
     evaluate.evaluate_checkpoint(None, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match=r"optimizer.weight_decay=-1.0 is invalid"):
+    analyze.analyze(str(tmp_path))
   assert os.listdir(tmp_path) == [workdir_lib.CONFIG_FILE]
 
 
