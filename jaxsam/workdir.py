@@ -11,6 +11,7 @@ or matplotlib, so reports and plots can use it.
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -279,6 +280,7 @@ def _holder_text(workdir: str) -> str:
 
 
 ACQUIRE_TRIES = 20
+HELD_ERRNOS = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone holds it"
 
 
 class RunLock:
@@ -313,7 +315,15 @@ class RunLock:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         break
-      except OSError:
+      except OSError as e:
+        if e.errno not in HELD_ERRNOS:  # a filesystem without locks: say so, do not block runs
+          os.close(fd)
+          print(
+            f"jaxsam: warning: cannot lock {self.workdir} ({e.strerror}); a second writer "
+            "into it would not be refused",
+            flush=True,
+          )
+          return self
         if attempt == ACQUIRE_TRIES - 1:
           os.close(fd)
           raise WorkdirInUseError(in_use_message(self.workdir)) from None
@@ -367,7 +377,8 @@ def check_not_held(workdir: str) -> None:
     return  # no lock file: no run has held this folder, or it is not a folder yet
   try:
     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-  except OSError:
-    raise WorkdirInUseError(in_use_message(workdir)) from None
+  except OSError as e:
+    if e.errno in HELD_ERRNOS:
+      raise WorkdirInUseError(in_use_message(workdir)) from None
   finally:
     os.close(fd)
