@@ -67,7 +67,8 @@ def number(
     return high is None or (v < high if high_open else v <= high)
 
   if low is None and high is None:
-    words, outside = "a number" + ("" if infinite else " (finite)"), math.nan
+    words = "a number, -inf and inf included" if infinite else "a finite number"
+    outside = math.nan
   elif high is None:
     words, outside = f"a finite number {'>' if low_open else '>='} {low:g}", low - 1
   else:
