@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import (
+  config_schema,
   errors,
   landscape_plots,
   losses,
@@ -404,6 +405,14 @@ def analyze(
   from jaxsam.data import pipeline  # TF import: only once we know there is work to do
 
   pipeline.hide_gpus_from_tf()
+  config_schema.validate(workdir_lib.read_config(workdir))
+  workdir_lib.check_not_held(workdir)  # one writer: not into a folder a run is writing
+  with train.hold_workdir(workdir, "jaxsam.analyze"):
+    return _analyze(workdir, settings, checkpoint, mesh, environ)
+
+
+def _analyze(workdir, settings, checkpoint, mesh, environ) -> dict[str, Any]:
+  """The analyses themselves, with the workdir held (see `analyze`)."""
   run = restore_run(workdir, checkpoint, mesh=mesh)
   mesh = run.setup.mesh
   subset = select_subset(run.setup.data.train, settings.num_examples, settings.seed)

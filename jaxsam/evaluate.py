@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import parallel, steps, train, writers
+from jaxsam import config_schema, parallel, steps, train, writers
 from jaxsam import workdir as workdir_lib
 
 
@@ -36,6 +36,15 @@ def evaluate_checkpoint(
   pipeline.hide_gpus_from_tf()
   if config is None:
     config = workdir_lib.read_config(workdir)
+  # Before anything is written: every key's domain, then the workdir's lock (one writer at a time;
+  # eval.json must not land in a folder a training run is writing).
+  config_schema.validate(config)
+  workdir_lib.check_not_held(workdir)
+  with train.hold_workdir(workdir, "an eval (launch.py --mode=eval)"):
+    return _evaluate(config, workdir, checkpoint)
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None) -> dict:
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   setup = train.build_setup(config)
   tx, _ = train.setup_optimizer(config, setup)

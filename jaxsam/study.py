@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxsam import errors, report
+from jaxsam import config_schema, errors, report
 from jaxsam import workdir as workdir_lib
 
 
@@ -104,6 +104,8 @@ class Run:
   argv: tuple[str, ...]
   images: int  # train images one run passes through the model (for the cost estimate)
   passes: int  # forward-backward passes per image
+  config_file: str = ""  # what argv launches, for checking the config before any run starts
+  overrides: tuple[tuple[str, int | float | str | bool], ...] = ()
 
 
 def repo_root() -> str:
@@ -141,7 +143,7 @@ def plan(
           "dataset.source": "image_folder",
           "dataset.path": data,
           "wandb.mode": "disabled",
-          "progress_bar": "False",
+          "progress_bar": False,
           **dict(arm.overrides),
         }
         if factor > 1:  # the same number of curve points as the 1x arms
@@ -162,9 +164,36 @@ def plan(
             argv,
             images=examples * size.epochs * factor,
             passes=2 if arm.config_file == SAM else 1,
+            config_file=arm.config_file,
+            overrides=tuple(overrides.items()),
           )
         )
   return runs
+
+
+def run_config(run: Run, root: str):
+  """The config one planned run launches with: its config file, then its overrides."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.spec_from_file_location("study_config", os.path.join(root, run.config_file))
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, root)  # the config files import configs.common
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(root)
+  config = module.get_config()
+  config.update_from_flattened_dict(dict(run.overrides))
+  return config
+
+
+def check_configs(runs: Sequence[Run], root: str) -> None:
+  """Every planned run's config inside its domains (`config_schema`), before any folder exists."""
+  for run in runs:
+    try:
+      config_schema.validate(run_config(run, root))
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f"run {run.name}: {e}") from e
 
 
 def finished(workdir: str) -> bool:
@@ -365,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       )
     out = os.path.abspath(args.out)
     runs = plan(size, data, out, seeds, noises=noises, arms=arms)
+    check_configs(runs, root)
     print(
       f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
       f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",

@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, models, optim, parallel, plots, profiling, steps, writers
+from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import pipeline, sources, streaming
 
@@ -46,7 +46,7 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return DTYPES[config.dtype]
 
 
-NORMALIZATIONS = ("auto", "imagenet", "caffe", "dataset")
+NORMALIZATIONS = config_schema.NORMALIZATIONS  # the config table lists the names
 
 
 def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays) -> dict:
@@ -66,6 +66,14 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
     return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
   if mode == "caffe":
     return {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
+  floored = sources.floored_channels(data.std)
+  if floored and parallel.is_main_process():
+    names = ", ".join("RGB"[c] for c in floored)
+    print(
+      f"jaxsam: channel {names} of the train split is (nearly) constant: normalised with its std "
+      f"floored at 1/255 (one uint8 level) instead of dividing by ~0",
+      flush=True,
+    )
   return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
 
 
@@ -512,13 +520,47 @@ def train_and_evaluate(
   `profile_steps` (START, END) traces steps START to END - 1 into the workdir (`jaxsam.profiling`).
   """
   pipeline.hide_gpus_from_tf()
-  # Everything that can reject the config runs before the workdir is touched; the cheap
-  # workdir checks first, so a bad --workdir fails in a second.
+  # Everything that can reject the config runs before the workdir is touched; the cheap checks
+  # first (every key's domain, the workdir, a live holder), so bad input fails in a second.
+  config_schema.validate(config, num_devices=jax.device_count())
   workdir_lib.check(config, workdir, overwrite)
+  workdir_lib.check_not_held(workdir)
   setup = build_setup(config)
   tx, lr_schedule = setup_optimizer(config, setup)
   train_input = streaming.train_input(config, setup.data, size=setup.step_config.image_size)
   state = create_train_state(config, setup, tx)
+  with hold_workdir(workdir, "a training launch"):
+    return _train(
+      config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, profile_steps
+    )
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str, what: str):
+  """Process 0 holds the run folder's lock (`workdir.RunLock`) while the block runs.
+
+  Every process learns whether it got it (a collective), so that a refusal ends them all with
+  the same one-line error rather than leaving the others waiting at the next collective.
+  """
+  lock = workdir_lib.RunLock(workdir, what)
+  refusal = None
+  if parallel.is_main_process():
+    try:
+      lock.acquire()
+    except errors.UserError as e:
+      refusal = e
+  if parallel.global_any(refusal is not None):
+    raise refusal or workdir_lib.WorkdirInUseError(
+      f"--workdir={workdir} is in use (process 0 could not take its lock)"
+    )
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+def _train(config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, profile_steps):
+  """The run proper, with the workdir held: write config.json, restore, loop, summarise."""
   workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
   state, meta, resumed = _restore(config, checkpointer, parallel.replicate(state, setup.mesh))

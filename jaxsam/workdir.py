@@ -3,16 +3,23 @@
 `ENTRIES` is the one list of what a run, an eval or an analysis writes there; the writers take
 their names from here. `check` and `prepare` vet and create the folder before a run, `clear` is
 what `--overwrite` removes, `config_diff` decides when a config belongs to another run, and
-`read_run` reads a finished (or running) folder back. Light on purpose: no JAX, TF, orbax or
-matplotlib, so reports and plots can use it.
+`read_run` reads a finished (or running) folder back. `RunLock` makes one process at a time the
+folder's writer (a training launch, an eval or an analysis). Light on purpose: no JAX, TF, orbax
+or matplotlib, so reports and plots can use it.
 """
 
+import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Collection, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import ml_collections
 
@@ -31,6 +38,8 @@ ANALYSIS_FILE = "analysis.json"  # inside ANALYSIS_DIR, with the landscape PNGs
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_DIR = "wandb"
 PROFILE_DIR = "profile"
+LOCK_FILE = "run.lock"
+LOCK_HOLDER_FILE = "run.lock.json"
 
 
 class Entry(NamedTuple):
@@ -54,6 +63,11 @@ ENTRIES: dict[str, Entry] = {
     "launch.py --profile_steps: jax.profiler traces (TensorBoard, Perfetto)", True
   ),
   WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
+  # Kept: removing a lock file while another process holds it would let a third one in.
+  LOCK_FILE: Entry("the one-writer lock, held by the launch, eval or analysis writing here", False),
+  LOCK_HOLDER_FILE: Entry(
+    "who holds the lock: host, pid, start time (names it in a refusal)", False
+  ),
   # Kept: offline runs not yet synced live here; the new run gets a new id and its own folder.
   WANDB_DIR: Entry(
     "wandb's own files, one folder per wandb run (offline runs sync from here)", False
@@ -245,3 +259,126 @@ def read_run(workdir: str) -> Run:
     summary=read_summary(workdir),
     analysis=read_analysis(workdir),
   )
+
+
+# ------------------------------------------------------------------------------- one writer
+
+
+class WorkdirInUseError(errors.UserError):
+  """Another process (a launch, an eval, an analysis) holds the run folder's lock."""
+
+
+def _holder_text(workdir: str) -> str:
+  """'launch.py (host h, pid 12, since 2026-01-01 10:00:00 UTC)' from the holder file, or a
+  vaguer line when the holder has not written it yet."""
+  try:
+    with open(os.path.join(workdir, LOCK_HOLDER_FILE)) as f:
+      h = json.load(f)
+    return f"{h['what']} (host {h['host']}, pid {h['pid']}, since {h['started']})"
+  except (OSError, ValueError, KeyError, TypeError):
+    return "another process (its host and pid are not recorded yet)"
+
+
+ACQUIRE_TRIES = 20
+HELD_ERRNOS = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone holds it"
+
+
+class RunLock:
+  """An exclusive lock on a run folder for as long as a launch, an eval or an analysis writes it.
+
+  `fcntl.flock` on `<workdir>/run.lock`: the kernel drops it when its holder exits however it
+  exits (kill -9 included) and, on NFS, when the node's lease lapses, so a rerun is never blocked
+  by a dead run (filelock would add a soft fallback that outlives its holder; flock alone is the
+  behaviour wanted). Who holds it is written to `run.lock.json`, so that a refused process names
+  it. The lock file itself is never removed: a process that opened it before the removal would
+  lock the orphan while a newcomer locks a new file.
+  """
+
+  def __init__(self, workdir: str, what: str):
+    self.workdir = workdir
+    self.what = what
+    self._fd: int | None = None
+
+  def acquire(self) -> Self:
+    """Takes the lock without waiting; WorkdirInUseError naming the holder when it is held.
+
+    Creates the folder (and the empty lock file) when absent, and nothing else.
+    """
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(os.path.join(self.workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise errors.ConfigError(f"--workdir={self.workdir} is not writable ({e.strerror})") from e
+    # A few tries over a second: `check_not_held` probes hold the lock for microseconds, and a
+    # probe must not turn away the launch it races with. A real holder holds it for hours.
+    for attempt in range(ACQUIRE_TRIES):
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except OSError as e:
+        if e.errno not in HELD_ERRNOS:  # a filesystem without locks: say so, do not block runs
+          os.close(fd)
+          print(
+            f"jaxsam: warning: cannot lock {self.workdir} ({e.strerror}); a second writer "
+            "into it would not be refused",
+            flush=True,
+          )
+          return self
+        if attempt == ACQUIRE_TRIES - 1:
+          os.close(fd)
+          raise WorkdirInUseError(in_use_message(self.workdir)) from None
+        time.sleep(0.05)
+    self._fd = fd
+    holder = {
+      "what": self.what,
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+    path = os.path.join(self.workdir, LOCK_HOLDER_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(holder, f)
+    os.replace(path + ".tmp", path)
+    return self
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    with contextlib.suppress(OSError):  # the user removed it; the lock itself is what counts
+      os.remove(os.path.join(self.workdir, LOCK_HOLDER_FILE))
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self) -> Self:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def in_use_message(workdir: str) -> str:
+  return (
+    f"--workdir={workdir} is in use by {_holder_text(workdir)}; one process writes a run "
+    "folder at a time: wait for it to end (or stop it), or give another --workdir"
+  )
+
+
+def check_not_held(workdir: str) -> None:
+  """WorkdirInUseError when a live process holds the folder's lock; creates and writes nothing.
+
+  A cheap early probe, so that a second launch fails in a second rather than after loading its
+  data; `RunLock.acquire` before the first write is what guarantees one writer.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return  # no lock file: no run has held this folder, or it is not a folder yet
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in HELD_ERRNOS:
+      raise WorkdirInUseError(in_use_message(workdir)) from None
+  finally:
+    os.close(fd)

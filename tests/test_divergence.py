@@ -34,10 +34,11 @@ def _tiny_config(**overrides):
 def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   assert train.train_and_evaluate(_tiny_config(), workdir)["steps"] == 11
-  # Resume with an infinite learning rate (written into config.json, as if the run had diverged
-  # on its own): step 12 starts from checkpoint 11 with a finite loss, its update is not finite,
-  # so step 13's loss is the first non-finite one.
-  diverging = _tiny_config(max_steps=14, **{"optimizer.learning_rate": math.inf})
+  # Resume with the largest float32 learning rate (written into config.json, as if the run had
+  # diverged on its own; an infinite one is refused as out of its domain): step 12 starts from
+  # checkpoint 11 with a finite loss, its update overflows, so step 13's loss is the first
+  # non-finite one.
+  diverging = _tiny_config(max_steps=14, **{"optimizer.learning_rate": 3e38})
   with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(workdir_lib.config_to_json(diverging))
   last_good = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")

@@ -164,6 +164,6 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(run, tmp_path):
   with open(os.path.join(copy, "notes.txt"), "w") as f:
     f.write("mine")
   workdir_lib.prepare(other, copy, overwrite=True)
-  assert sorted(os.listdir(copy)) == ["config.json", "notes.txt"]
+  assert sorted(os.listdir(copy)) == ["config.json", "notes.txt", "run.lock"]  # lock kept
   with open(os.path.join(copy, "config.json")) as f:
     assert json.load(f)["optimizer"]["learning_rate"] == 0.3

@@ -300,7 +300,9 @@ def test_global_batch_not_divisible_by_all_devices(tmp_path):
   )
   assert [p.wait(180) for p in procs] == [2, 2]
   for p in procs:
-    assert "batch_size=6 must be a positive multiple of the device count 4" in one_error_line(p)
+    assert "batch_size=6 is invalid; accepted: a multiple of the device count 4" in one_error_line(
+      p
+    )
 
 
 # --- Process layout resolution (pure). ------------------------------------------------------------

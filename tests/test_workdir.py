@@ -45,7 +45,8 @@ def _fill(workdir) -> None:
 def test_the_table_names_every_file_and_folder_and_the_writers_use_it():
   names = {v for k, v in vars(workdir_lib).items() if k.endswith(("_FILE", "_DIR"))}
   assert names - set(workdir_lib.ENTRIES) == {workdir_lib.ANALYSIS_FILE}  # inside analysis/
-  assert set(workdir_lib.CLEARED) == set(workdir_lib.ENTRIES) - {workdir_lib.WANDB_DIR}
+  kept = {workdir_lib.WANDB_DIR, workdir_lib.LOCK_FILE, workdir_lib.LOCK_HOLDER_FILE}
+  assert set(workdir_lib.CLEARED) == set(workdir_lib.ENTRIES) - kept
   assert {"analysis", "eval.json", "config.json", "checkpoints"} <= set(workdir_lib.CLEARED)
   assert all(e.what and "\n" not in e.what for e in workdir_lib.ENTRIES.values())
   assert (
@@ -119,14 +120,15 @@ def test_clear_removes_every_cleared_entry_and_keeps_the_rest(tmp_path):
   _fill(tmp_path)
   (tmp_path / "notes.txt").write_text("mine")
   workdir_lib.clear(str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == ["notes.txt", "wandb"]
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt", "run.lock", "run.lock.json", "wandb"]
   workdir_lib.clear(str(tmp_path / "absent"))  # nothing to clear is no error
 
 
 def test_prepare_with_overwrite_leaves_only_the_new_config(tmp_path):
   _fill(tmp_path)
   workdir_lib.prepare(_config(seed=5), str(tmp_path), overwrite=True)
-  assert sorted(os.listdir(tmp_path)) == ["config.json", "wandb"]
+  # The lock and its holder stay: the process overwriting the folder holds them.
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "run.lock", "run.lock.json", "wandb"]
   assert workdir_lib.read_config(str(tmp_path)).seed == 5
   _fill(tmp_path / "other")
   workdir_lib.prepare(_config(), str(tmp_path / "other"), overwrite=True, main_process=False)
@@ -219,6 +221,7 @@ def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
     "config.json",
     "curves.png",
     "metrics.jsonl",
+    "run.lock",  # released (its holder file gone), never removed
     "summary.json",
     "wandb",
   ]

@@ -4,8 +4,18 @@
 top-level folder around the splits (as `cifar10-jpeg/{train,test}/...`). The class index is the
 position of the class folder's name in sorted order, the convention of torchvision's and tfds'
 ImageFolder; both splits must hold the same classes. Decoded arrays are cached in
-`dataset.cache_dir`, keyed by the archive's bytes (a folder: its file names, sizes and mtimes) and
-the load settings, so a relaunch skips decoding.
+`dataset.cache_dir`, so a relaunch skips decoding.
+
+The cache never serves stale pixels: an entry's name is a hash of everything its arrays depend
+on, the load settings and the data. An archive is keyed by its bytes (SHA-256 of the file: 19 MB
+for CIFAR-10, a tenth of a second). A folder is keyed by each file's name, size, mtime, ctime and
+inode, git's index stat key: `cp -p`, `rsync -a` and `tar x` restore a replaced file's mtime (and
+may keep its size), but neither a replacement nor an edit in place can keep its ctime, which only
+the kernel sets, and a new file gets a new inode. Hashing every file's bytes instead would read
+the whole folder on every launch (60,000 files), where the stat key reads only its metadata; a
+chmod, a copy or a move of the folder changes ctime or inodes and costs one decode, never a stale
+entry. Entries are written atomically (temporary file, fsync, rename); one that cannot be read
+(truncated, empty, from a killed writer of an older version) is removed and rebuilt, with one line.
 
 Why PIL and not tfds' ImageFolder builder or `tf.io.decode_image`: PIL decodes every format a
 user's folder may hold (JPEG, PNG, BMP, TIFF, WebP; grey, palette or RGB), reads members straight
@@ -14,6 +24,7 @@ knows fewer formats and was no faster here. tfds' builder needs an extracted fol
 second copy of the data as records before anything can be read.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -22,6 +33,7 @@ import os
 import posixpath
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -132,12 +144,13 @@ def _walk(path: str):
 
 
 def _folder_digest(path: str) -> str:
-  """A folder's fingerprint from its file names, sizes and mtimes (hashing 60,000 files' bytes
-  would cost more than decoding them)."""
+  """A folder's fingerprint from each file's name and stat key: size, mtime, ctime and inode
+  (see the module docstring for why not the bytes)."""
   digest = hashlib.sha256()
   for rel, full in _walk(path)[1]:
     st = os.stat(full)
-    digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    digest.update(f"{rel}\0{key}\n".encode())
   return digest.hexdigest()
 
 
@@ -298,12 +311,44 @@ def _read_cache(file: str):
     return {k: arrays[k] for k in arrays.files}
 
 
+def read_cache_entry(file: str, splits: Sequence[str]):
+  """(classes, [(images, labels) per split]) from a cache entry; None when there is none.
+
+  An entry that cannot be read (truncated, empty, missing an array) is removed with one line, so
+  that the caller decodes again and writes a good one in its place.
+  """
+  if not os.path.isfile(file):
+    return None
+  try:
+    arrays = _read_cache(file)
+    classes = json.loads(str(arrays["classes"]))
+    return classes, [(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits]
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    # What np.load and NpzFile raise on a truncated, empty or foreign file.
+    print(
+      f"jaxsam: decode cache entry {file} is unreadable ({type(e).__name__}); removed, "
+      "decoding again",
+      flush=True,
+    )
+    with contextlib.suppress(OSError):
+      os.remove(file)
+    return None
+
+
 def _write_cache(file: str, arrays: dict[str, np.ndarray]) -> None:
-  """Atomic write (temporary file, then rename): a killed run never leaves a half cache."""
+  """Atomic write (temporary file, fsync, then rename): a killed run or a power cut never leaves
+  a half or empty entry under the real name."""
   os.makedirs(os.path.dirname(file), exist_ok=True)
   tmp = f"{file}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, file)
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, file)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)  # only left when something failed before the rename
 
 
 def load_arrays(
@@ -320,13 +365,9 @@ def load_arrays(
   path = os.path.expanduser(path)
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
   cache_file = os.path.join(cache_dir, cache_key(fingerprint(path), splits, size) + ".npz")
-  if os.path.isfile(cache_file):
-    try:
-      arrays = _read_cache(cache_file)
-      classes = json.loads(str(arrays["classes"]))
-      return classes, [(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits]
-    except (OSError, ValueError, KeyError):
-      pass  # a damaged cache entry is rebuilt below
+  cached = read_cache_entry(cache_file, splits)
+  if cached is not None:
+    return cached
   tree = open_tree(path)
   loaded = [_load_split(tree, path, split, size) for split in splits]
   classes = loaded[0][0]

@@ -12,7 +12,7 @@ import os
 import pickle
 import socket
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,10 +41,21 @@ class DatasetArrays:
 
 
 _STATS_CHUNK = 1 << 20  # pixels per histogram pass
+# The smallest std a channel is normalised with: one uint8 level on the 0-1 scale. A channel that
+# (nearly) never changes (solid-colour sets, some scans) would otherwise be divided by ~0; as in
+# tf.image.per_image_standardization's max(std, 1/sqrt(N)), the floor keeps inputs finite, and
+# such a channel carries less than one level of signal anyway.
+STD_FLOOR = 1.0 / 255.0
+
+
+def floored_channels(std: Sequence[float]) -> list[int]:
+  """Indices of the channels whose std is at the floor (`channel_stats` raised them to it)."""
+  return [c for c, s in enumerate(std) if s <= STD_FLOOR]
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel mean and std of uint8 images [N, H, W, C] on the 0-1 scale.
+  """Per-channel mean and std of uint8 images [N, H, W, C] on the 0-1 scale; a std below
+  `STD_FLOOR` is raised to it (the data's stats divide the inputs).
 
   From each channel's histogram of the 256 values: exact float64 moments without a float copy of
   the images (50,000 CIFAR images would take 1.2 GB as float64).
@@ -61,7 +72,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     p = counts[c] / counts[c].sum()
     mean = float(p @ values)
     means.append(mean)
-    stds.append(float(np.sqrt(max(p @ (values - mean) ** 2, 0.0))))
+    stds.append(max(float(np.sqrt(max(p @ (values - mean) ** 2, 0.0))), STD_FLOOR))
   return tuple(means), tuple(stds)
 
 
