@@ -157,7 +157,7 @@ def bad_files_error(bad: dict[str, str], where: Callable[[str], str], what: str)
 
 def _pil_fallback(encoded) -> np.ndarray:
   """tf.numpy_function body: the limit was checked at listing time, so none here."""
-  return decode_pil(bytes(encoded), max_pixels=0)
+  return decode_pil(np.asarray(encoded).item(), max_pixels=0)  # eager: 0-d array; graph: bytes
 
 
 def tf_decode(encoded, box_fn=None):
@@ -207,9 +207,11 @@ def stream_problem(path) -> str | None:
 
   try:
     with open(path, "rb") as f:
-      tf_decode(tf.constant(f.read()))
+      raw = f.read()
   except OSError as e:
     return f"unreadable ({e.strerror})"
+  try:
+    tf_decode(tf.constant(raw))
   except Exception as e:  # noqa: BLE001 -- named in the message, never swallowed silently
     # TF's decoders raise InvalidArgumentError, the PIL fallback anything PIL raises.
     return f"cannot decode ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
@@ -244,7 +246,7 @@ def name_failures(
       first = itertools.islice(bad.items(), SHOWN_BAD)
       listed = "; ".join(f"{shown(p)} ({why})" for p, why in first)
       raise DataError(
-        f"cannot decode {len(bad)} streamed image file(s) of batch {k}: {listed}; remove or "
-        "replace it (the last checkpoint is kept: rerun the same command to resume)"
+        f"cannot decode {len(bad)} streamed image file(s): {listed}; remove or replace it (the "
+        "last checkpoint is kept: rerun the same command to resume)"
       ) from e
     yield batch

@@ -33,7 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from jaxsam import errors
-from jaxsam.data import decode, image_folder, pipeline, sources, train_split, transforms
+from jaxsam.data import decode as decode_lib
+from jaxsam.data import image_folder, pipeline, sources, train_split, transforms
 
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 # The in-memory path holds the decoded split plus an epoch's gathered copy and tf.data's buffers:
@@ -292,8 +293,8 @@ def open_folder(dataset_config) -> Stream:
   found = image_folder.scan(
     path,
     splits,
-    max_pixels=decode.check_max_pixels(
-      dataset_config.get("max_image_pixels", decode.DEFAULT_MAX_PIXELS)
+    max_pixels=decode_lib.check_max_pixels(
+      dataset_config.get("max_image_pixels", decode_lib.DEFAULT_MAX_PIXELS)
     ),
     skip_bad=bool(dataset_config.get("skip_bad_images", False)),
   )
@@ -608,7 +609,7 @@ def train_batches(
   )
   batches = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
   if isinstance(split, FolderSplit):  # a file that fails mid-run: one line naming it
-    return decode.name_failures(
+    return decode_lib.name_failures(
       batches, lambda k: next(itertools.islice(rows_fn(), k, None))["image"]
     )
   return batches
@@ -676,7 +677,8 @@ def eval_batches(
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).concatenate(pad)
   batches = ds.batch(local).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
   if isinstance(split, FolderSplit):  # a file that fails mid-run: one line naming it
-    return decode.name_failures(batches, lambda k: split.paths[lo:hi][k * local : (k + 1) * local])
+    part = split.paths[lo:hi]
+    return decode_lib.name_failures(batches, lambda k: part[k * local : (k + 1) * local])
   return batches
 
 
