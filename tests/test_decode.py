@@ -293,7 +293,7 @@ def test_pixel_limit_is_one_key_for_both_paths(tmp_path):
   with pytest.raises(DataError, match=r"dataset.max_image_pixels=-1; expected a pixel count"):
     streaming.load(config)
   # PIL's Image.MAX_IMAGE_PIXELS default (decode switches PIL's own check off for its own).
-  assert common.get_base_config().dataset.max_image_pixels == int(1024 * 1024 * 1024 // 4 // 3)
+  assert common.get_base_config().dataset.max_image_pixels == (1024 * 1024 * 1024 // 4 // 3)
 
 
 def test_a_file_that_fails_mid_stream_is_named_in_one_line(tmp_path):
