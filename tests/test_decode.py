@@ -3,9 +3,13 @@ pixels in memory and streamed (through the real loaders), the rules hold (16-bit
 dropped, EXIF ignored), folders as users have them list as expected, and bad files are named."""
 
 import io
+import json
 import os
 import pathlib
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 import zlib
 
@@ -341,3 +345,118 @@ def test_the_source_the_user_named_is_the_one_used(tmp_path):
   tfds.name, tfds.path = "cifar10", str(root)
   with pytest.raises(DataError, match=r"is ignored by dataset.source='tfds'.*'image_folder'"):
     sources.prepare(tfds)
+
+
+# ------------------------------------------------------------------------------ through launch.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch_args(path, workdir, *extra):
+  return [
+    sys.executable,
+    os.path.join(ROOT, "launch.py"),
+    "--config=configs/quickstart.py",
+    f"--workdir={workdir}",
+    "--config.dataset.source=image_folder",  # the README's "your own images" command
+    f"--config.dataset.path={path}",
+    f"--config.dataset.cache_dir={os.path.join(os.path.dirname(workdir), 'cache')}",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.progress_bar=False",
+    *extra,
+  ]
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _launch(path, workdir, *extra):
+  args = _launch_args(path, workdir, *extra)
+  return subprocess.run(
+    args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(), check=False
+  )
+
+
+def _user_folder(root) -> str:
+  """16 good train images (one with a latin-1 name), 4 test, junk to ignore and 4 bad files."""
+  files = {}
+  for split, count in (("train", 8), ("test", 2)):
+    for c in ("cat", "dog"):
+      for i in range(count):
+        image = Image.fromarray(natural(i + 10 * (c == "dog")))
+        files[f"{split}/{c}/{i}.jpg"] = _save(image, "JPEG")
+  files["train/cat/" + os.fsdecode(b"\xe9t\xe9.jpg")] = files.pop("train/cat/0.jpg")
+  files.update({"train/cat/._1.jpg": b"\x00\x05\x16\x07", "train/.DS_Store": b"x"})
+  files.update({"train/dog/Thumbs.db": b"x", "__MACOSX/train/cat/._1.jpg": b"x"})
+  files.update({"train/cat/empty.jpg": b"", "train/dog/notes.png": b"plain text"})
+  files["train/dog/huge.png"] = png(np.zeros((1, 1), np.uint8), 8, 0, claim=(20000, 20000))
+  path = write_tree(root, files)
+  os.symlink("moved.jpg", os.path.join(path, "train", "cat", "dangling.jpg"))
+  return path
+
+
+def _one_error_line(result) -> str:
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.slow
+def test_launch_names_bad_files_on_both_paths_then_trains_without_them(tmp_path):
+  path = _user_folder(tmp_path / "photos")
+  for in_memory in ("false", "true"):
+    workdir = str(tmp_path / f"refused-{in_memory}")
+    line = _one_error_line(_launch(path, workdir, f"--config.dataset.in_memory={in_memory}"))
+    assert line.startswith(f"error: 4 bad image file(s) in {path!r}: "), line
+    for name in ("empty.jpg (empty file", "dangling.jpg (dangling symlink", "notes.png (not an"):
+      assert name in line
+    assert "huge.png (20000x20000 = 400000000 pixels, above dataset.max_image_pixels" in line
+    assert not os.path.exists(workdir)  # refused before the run folder is written
+  workdir = str(tmp_path / "skipped")
+  result = _launch(
+    path, workdir, "--config.dataset.in_memory=false", "--config.dataset.skip_bad_images=true"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "left out 4 bad image(s) (dataset.skip_bad_images)" in result.stdout
+  assert "16 train images, 4 test images; ignored 4 entries" in result.stdout
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  # The folder, not the quickstart's digits (1,437 train images): the named source is used.
+  assert summary["train_examples"] == 16 and summary["skipped_bad_images"] == 4
+  missing = str(tmp_path / "nowhere")
+  line = _one_error_line(_launch(tmp_path / "nowhere", str(tmp_path / "missing")))
+  assert f"dataset.path {missing!r} does not exist" in line
+  assert not os.path.exists(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_file_damaged_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_path):
+  path = _user_folder(tmp_path / "photos")
+  workdir = str(tmp_path / "run")
+  extra = ("--config.dataset.in_memory=false", "--config.dataset.skip_bad_images=true")
+  args = _launch_args(path, workdir, *extra, "--config.num_epochs=40")
+  with subprocess.Popen(
+    args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  ) as proc:
+    deadline = time.monotonic() + 500
+    checkpoints = os.path.join(workdir, "checkpoints")
+    while not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+      assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+      time.sleep(0.5)
+    victim = os.path.join(path, "train", "dog", "3.jpg")
+    original = pathlib.Path(victim).read_bytes()
+    pathlib.Path(victim).write_bytes(b"\xff\xd8\xff" + b"damaged" * 50)
+    _, stderr = proc.communicate(timeout=500)
+  result = subprocess.CompletedProcess(args, proc.returncode, "", stderr)
+  line = _one_error_line(result)
+  assert line.startswith("error: cannot decode 1 streamed image file(s): ") and victim in line
+  assert "rerun the same command to resume" in line
+  assert os.listdir(checkpoints)  # the last checkpoint is kept
+  pathlib.Path(victim).write_bytes(original)
+  rerun = _launch(path, workdir, *extra, "--config.num_epochs=40")
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resuming at step" in rerun.stdout

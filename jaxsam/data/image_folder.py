@@ -421,9 +421,11 @@ def _decode_all(
     try:
       images.append(_decode(tree.read(name), size, max_pixels))
     except Exception as e:  # noqa: BLE001 -- named in the message, never swallowed silently
-      # PIL raises OSError, SyntaxError, ValueError... for bad files: collect them, name them.
+      # PIL raises OSError, SyntaxError, ValueError... for bad files: collect them, name them,
+      # by their header's problem where it has one (the same words as the streamed path's).
       images.append(None)
-      bad[name] = f"cannot decode: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+      header = decode.header_problem((tree.check or tree.read)(name), max_pixels)
+      bad[name] = header or f"cannot decode: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
   return images, bad
 
 
@@ -516,7 +518,8 @@ def load_arrays(
       return _from_cache(cache_file, path, splits)
     except (OSError, ValueError, KeyError):
       pass  # a damaged cache entry is rebuilt below
-  found = scan(path, splits, max_pixels=max_pixels, skip_bad=skip_bad)
+  # No header pass first: decoding checks each header (size before pixels) and names failures.
+  found = scan(path, splits, max_pixels=max_pixels, skip_bad=skip_bad, check=False)
   tree = found.tree
   decoded = [_decode_all(tree, names, size, max_pixels) for names, _ in found.splits]
   failed = {n: why for _, bad in decoded for n, why in bad.items()}
