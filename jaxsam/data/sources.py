@@ -227,9 +227,15 @@ def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
 
   # Batches of 10k rather than batch_size=-1: bounded peak memory, and it works with
   # tfds.testing.mock_data (whose split sizes are unknown).
+  from jaxsam.data import decode  # pylint: disable=import-outside-toplevel
+
+  # Decoded by the streamed path's decoder (decode.tf_decode), not tfds' own (TF's fast DCT): a
+  # JPEG dataset then gives the same pixels in memory and streamed.
   dataset = (
-    builder.as_dataset(split=split, shuffle_files=False)
-    .map(lambda ex: (ex[image_key], ex[label_key]))
+    builder.as_dataset(
+      split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    .map(lambda ex: (decode.tf_decode(ex[image_key]), ex[label_key]))
     .batch(10_000)
   )
   images, labels = [], []
