@@ -36,7 +36,9 @@ from jaxsam.errors import DataError
 # PIL's own default (Image.MAX_IMAGE_PIXELS), the default of dataset.max_image_pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 SHOWN_BAD = 5  # bad files named in one error line
-HEADER_WORKERS = 8  # threads reading headers: file opens overlap, PIL's parsing holds the GIL
+# Threads reading headers, so that file opens on a slow or network disk overlap; PIL's parsing
+# holds the GIL, so on a warm page cache they cost ~1.3x one thread's CPU (measured, 2 busy cores).
+HEADER_WORKERS = 8
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
