@@ -9,6 +9,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 import zlib
@@ -226,18 +227,31 @@ def test_folder_as_users_have_it_lists_images_only_and_counts_the_rest(tmp_path)
   np.testing.assert_array_equal(streamed, memory.test.images)
 
 
-def test_macos_finder_zip_trains_like_the_folder(tmp_path):
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_macos_finder_archive_trains_like_the_folder(tmp_path, kind):
   raw = _save(Image.fromarray(RGB), "PNG")
-  archive = tmp_path / "photos.zip"
-  with zipfile.ZipFile(archive, "w") as z:
-    for split in ("train", "test"):
-      for c in ("cat", "dog"):
-        z.writestr(f"photos/{split}/{c}/1.png", raw)
-        z.writestr(f"__MACOSX/photos/{split}/{c}/._1.png", b"\x00\x05\x16\x07")
-        z.writestr(f"photos/{split}/{c}/.DS_Store", b"junk")
+  members = {}
+  for split in ("train", "test"):
+    for c in ("cat", "dog"):
+      members[f"photos/{split}/{c}/1.png"] = raw
+      members[f"__MACOSX/photos/{split}/{c}/._1.png"] = b"\x00\x05\x16\x07"
+      members[f"photos/{split}/{c}/.DS_Store"] = b"junk"
+  members["photos/train/cat/notes.txt"] = b"not an image"
+  archive = tmp_path / f"photos.{kind}"
+  if kind == "zip":
+    with zipfile.ZipFile(archive, "w") as z:
+      for name, data in members.items():
+        z.writestr(name, data)
+  else:
+    with tarfile.open(archive, "w:gz") as t:
+      for name, data in members.items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
   data = sources.load_dataset(folder_config(archive, tmp_path).dataset)
   assert data.class_names == ("cat", "dog") and data.train.labels.tolist() == [0, 1]
-  assert "ignored 5 entries (1 __MACOSX, 4 hidden)" in data.note
+  np.testing.assert_array_equal(data.train.images[0], RGB)
+  assert "ignored 6 entries (1 __MACOSX, 4 hidden, 1 not an image)" in data.note
 
 
 # ------------------------------------------------------------------------------------ bad files
