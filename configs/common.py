@@ -25,6 +25,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset.cache_dir = (
     ""  # image_folder: decoded-array cache ('' = ~/.cache/jaxsam/image_folder)
   )
+  config.dataset.skip_bad_images = False  # image_folder: train without unreadable files (counted)
+  config.dataset.max_image_pixels = 89_478_485  # image_folder: per-image limit (PIL's); 0 = none
   config.dataset.train_examples = 0  # class-balanced seeded subset of the train split; 0 = all
   config.dataset.label_noise = 0.0  # fraction of train labels replaced by another class (seeded)
   config.dataset.data_dir = ""  # tfds data_dir ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)

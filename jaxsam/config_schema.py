@@ -193,6 +193,8 @@ DOMAINS: dict[str, Domain] = {
   "dataset.in_memory": choice(_in_memory, fold_case=True),
   "dataset.shuffle_buffer": integer(1),
   "dataset.eval_crop_fraction": number(0, 1, low_open=True),
+  "dataset.skip_bad_images": BOOL,
+  "dataset.max_image_pixels": integer(0),
   "model.name": choice(_models),
   "model.num_classes": integer(0),
   "model.image_size": integer(0),

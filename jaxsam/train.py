@@ -458,6 +458,7 @@ def _summary(loop: _Loop) -> dict:
     "sam_m": setup.step_config.sam_group_size,
     "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
     "train_examples": streaming.num_train(setup.data),
+    "skipped_bad_images": setup.data.skipped_images,
     "label_noise": config.dataset.label_noise,
     "completed": loop.step >= setup.total_steps,
   }

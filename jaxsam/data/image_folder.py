@@ -17,6 +17,14 @@ chmod, a copy or a move of the folder changes ctime or inodes and costs one deco
 entry. Entries are written atomically (temporary file, fsync, rename); one that cannot be read
 (truncated, empty, from a killed writer of an older version) is removed and rebuilt, with one line.
 
+Folders as users have them: hidden entries (`.*`, so `._*` AppleDouble files and `.DS_Store`),
+`__MACOSX/` trees and files that are not images by extension (`Thumbs.db`, README...) are
+ignored and counted; symlinked folders are followed, as torchvision's ImageFolder does, except
+one that loops back to a folder it is inside. Every image's header is checked before anything is
+decoded (`jaxsam.data.decode`): empty files, dangling symlinks, unknown headers and images above
+`dataset.max_image_pixels` are named in one error, or left out with `dataset.skip_bad_images`.
+Both the in-memory and the streamed path list and check through `scan`.
+
 Why PIL and not tfds' ImageFolder builder or `tf.io.decode_image`: PIL decodes every format a
 user's folder may hold (JPEG, PNG, BMP, TIFF, WebP; grey, palette or RGB), reads members straight
 from the archive without extracting it, and names the file it fails on; `tf.io.decode_image`
@@ -24,10 +32,10 @@ knows fewer formats and was no faster here. tfds' builder needs an extracted fol
 second copy of the data as records before anything can be read.
 """
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -38,12 +46,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxsam.data import decode
 from jaxsam.errors import DataError
 
-# torchvision's IMG_EXTENSIONS: other files (README, .DS_Store...) in a class folder are ignored.
+# torchvision's IMG_EXTENSIONS: other files (README, Thumbs.db...) in a class folder are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+MACOS_FOLDER = "__MACOSX"  # macOS Finder's zip side tree of AppleDouble `._*` files
+CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxsam", "image_folder")
 
 
@@ -55,6 +65,35 @@ class Tree:
   dirs: frozenset[str]
   read: Callable[[str], bytes]
   where: Callable[[str], str]  # the path a user can find the member at, for error messages
+  ignored: tuple[tuple[str, str], ...] = ()  # (entry, why): hidden, __MACOSX, symlink loop
+  check: Callable[[str], object] | None = None  # what decode.header_problem reads (path/bytes)
+
+
+def ignore_reason(name: str) -> str | None:
+  """Why a file or folder of this base name is no part of the dataset, or None."""
+  if name == MACOS_FOLDER:
+    return MACOS_FOLDER
+  if name.startswith("."):  # .DS_Store, ._name.jpg (AppleDouble), .ipynb_checkpoints, .git...
+    return "hidden"
+  return None
+
+
+def _filter_members(names: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Archive member names split into those kept and the ignored entries (an ignored folder once)."""
+  kept, ignored, seen = [], [], set()
+  for name in names:
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+      reason = ignore_reason(part)
+      if reason:
+        entry = "/".join(parts[: i + 1]) + ("/" if i < len(parts) - 1 else "")
+        if entry not in seen:
+          seen.add(entry)
+          ignored.append((entry, reason))
+        break
+    else:
+      kept.append(name)
+  return kept, ignored
 
 
 def _check_member(path: str, name: str) -> str:
@@ -101,11 +140,20 @@ def _tar_tree(path: str) -> Tree:
           contents[name] = archive.extractfile(member).read()
   except (tarfile.TarError, EOFError, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable tar archive ({e})") from e
+  return _member_tree(path, contents, dirs)
+
+
+def _member_tree(path: str, contents: dict[str, bytes], dirs: set[str]) -> Tree:
+  """An archive's Tree: its members read into `contents`, hidden and __MACOSX entries ignored."""
+  files, ignored = _filter_members(sorted(contents))
+  kept_dirs, _ = _filter_members(sorted(dirs | _parent_dirs(list(contents))))
   return Tree(
-    files=tuple(sorted(contents)),
-    dirs=frozenset(dirs | _parent_dirs(list(contents))),
+    files=tuple(files),
+    dirs=frozenset(kept_dirs),
     read=contents.__getitem__,
     where=lambda name: f"{path}:{name}",
+    ignored=tuple(ignored),
+    check=contents.__getitem__,
   )
 
 
@@ -123,24 +171,44 @@ def _zip_tree(path: str) -> Tree:
           contents[name] = archive.read(info)
   except (zipfile.BadZipFile, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable zip archive ({e})") from e
-  return Tree(
-    files=tuple(sorted(contents)),
-    dirs=frozenset(dirs | _parent_dirs(list(contents))),
-    read=contents.__getitem__,
-    where=lambda name: f"{path}:{name}",
-  )
+  return _member_tree(path, contents, dirs)
 
 
 def _walk(path: str):
-  """(posix path relative to `path`, full path) of every folder and every file under `path`."""
-  dirs, files = [], []
-  for root, dir_names, file_names in os.walk(path):
+  """(folders, (file, full path) pairs, ignored (entry, why) pairs) under `path`, as posix paths
+  relative to it. Symlinked folders are followed (torchvision's ImageFolder walks with
+  followlinks=True), except a link back to a folder it is inside, which would loop forever."""
+  dirs, files, ignored = [], [], []
+  chains = {path: (os.path.realpath(path),)}  # each walked folder's real path and its ancestors'
+  for root, dir_names, file_names in os.walk(path, followlinks=True):
     rel_root = os.path.relpath(root, path).replace(os.sep, "/")
     rel_root = "" if rel_root == "." else rel_root
-    dir_names.sort()
-    dirs += [posixpath.join(rel_root, d) for d in dir_names]
-    files += [(posixpath.join(rel_root, f), os.path.join(root, f)) for f in sorted(file_names)]
-  return dirs, files
+    kept = []
+    for d in sorted(dir_names):
+      rel, full = posixpath.join(rel_root, d), os.path.join(root, d)
+      real = os.path.realpath(full)
+      reason = ignore_reason(d) or ("symlink loop" if real in chains[root] else None)
+      if reason:
+        ignored.append((rel + "/", reason))
+      else:
+        chains[full] = chains[root] + (real,)
+        kept.append(d)
+    dir_names[:] = kept  # os.walk descends only into these
+    dirs += [posixpath.join(rel_root, d) for d in kept]
+    for f in sorted(file_names):
+      rel = posixpath.join(rel_root, f)
+      if ignore_reason(f):
+        ignored.append((rel, ignore_reason(f)))
+      else:
+        files.append((rel, os.path.join(root, f)))
+  return dirs, files, ignored
+
+
+def _stat(full: str) -> os.stat_result:
+  try:
+    return os.stat(full)
+  except OSError:  # a dangling symlink: its own metadata (the listing names it as a bad file)
+    return os.lstat(full)
 
 
 def _folder_digest(path: str) -> str:
@@ -148,25 +216,30 @@ def _folder_digest(path: str) -> str:
   (see the module docstring for why not the bytes)."""
   digest = hashlib.sha256()
   for rel, full in _walk(path)[1]:
-    st = os.stat(full)
+    st = _stat(full)
     key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    digest.update(f"{rel}\0{key}\n".encode())
+    digest.update(os.fsencode(rel) + f"\0{key}\n".encode())
   return digest.hexdigest()
 
 
 def _folder_tree(path: str) -> Tree:
-  dirs, walked = _walk(path)
+  dirs, walked, ignored = _walk(path)
   files = [rel for rel, _ in walked]
 
   def read(name):
     with open(os.path.join(path, *name.split("/")), "rb") as f:
       return f.read()
 
+  def where(name):
+    return os.path.join(path, *name.split("/"))
+
   return Tree(
     files=tuple(sorted(files)),
     dirs=frozenset(dirs),
     read=read,
-    where=lambda name: os.path.join(path, *name.split("/")),
+    where=where,
+    ignored=tuple(ignored),
+    check=where,  # headers are read from the file itself: no whole-file read
   )
 
 
@@ -214,8 +287,9 @@ def _split_root(tree: Tree, path: str, split: str) -> str:
   )
 
 
-def _split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[list[str]]]:
-  """Sorted class names of one split and, per class, its image files (sorted, recursive)."""
+def list_split(tree: Tree, path: str, split: str) -> tuple[list[str], list[list[str]], list[str]]:
+  """Sorted class names of one split, per class its image files (sorted, recursive), and the
+  split's files that are not images by extension (ignored)."""
   root = _split_root(tree, path, split)
   classes = sorted(posixpath.basename(d) for d in tree.dirs if posixpath.dirname(d) == root)
   if not classes:
@@ -223,19 +297,104 @@ def _split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[l
       f"split folder {tree.where(root)!r} holds no class folders; expected {split}/<class>/<image>"
     )
   by_class: dict[str, list[str]] = {name: [] for name in classes}
+  others = []
   prefix = root + "/"
   for f in tree.files:  # one pass (tree.files is sorted, so each class's list is too)
-    if f.startswith(prefix) and f.lower().endswith(IMAGE_EXTENSIONS):
-      name = f[len(prefix) :].split("/", 1)[0]
-      if name in by_class:
-        by_class[name].append(f)
+    if not f.startswith(prefix):
+      continue
+    name = f[len(prefix) :].split("/", 1)[0]
+    if f.lower().endswith(IMAGE_EXTENSIONS) and name in by_class:
+      by_class[name].append(f)
+    else:
+      others.append(f)
   for name, images in by_class.items():
     if not images:
       raise DataError(
         f"class folder {tree.where(posixpath.join(root, name))!r} holds no images "
         f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add its images"
       )
-  return classes, list(by_class.values())
+  return classes, list(by_class.values()), others
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+  """A folder or archive listed for training: classes, each split's files and labels, what was
+  ignored and why, and the bad files left out under dataset.skip_bad_images."""
+
+  tree: Tree
+  classes: tuple[str, ...]
+  splits: tuple[tuple[tuple[str, ...], np.ndarray], ...]  # per split: (member names, int32 labels)
+  ignored: dict[str, int]  # why -> count
+  skipped: dict[str, str]  # member name -> problem
+
+
+def _check_classes(path: str, splits: Sequence[str], listed: Sequence[list[str]]) -> None:
+  classes = listed[0]
+  for split, other in zip(splits[1:], listed[1:], strict=True):
+    if other != classes:
+      only_first = sorted(set(classes) - set(other))
+      only_other = sorted(set(other) - set(classes))
+      raise DataError(
+        f"splits {splits[0]!r} and {split!r} of {path!r} hold different classes "
+        f"(only in {splits[0]!r}: {only_first[:5]}, only in {split!r}: "
+        f"{only_other[:5]}); both splits need the same class folders"
+      )
+
+
+def scan(
+  path: str,
+  splits: Sequence[str],
+  *,
+  max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+  skip_bad: bool = False,
+  check: bool = True,
+  tree: Tree | None = None,
+) -> Scan:
+  """Lists `splits` of the folder or archive at `path` and (`check`) reads every image's header.
+
+  Raises:
+    DataError: a malformed layout, or bad files (up to decode.SHOWN_BAD named, and their count)
+      unless `skip_bad`, which leaves them out instead.
+  """
+  path = os.path.expanduser(path)
+  tree = open_tree(path) if tree is None else tree
+  listed = [list_split(tree, path, split) for split in splits]
+  _check_classes(path, splits, [classes for classes, _, _ in listed])
+  ignored = collections.Counter(why for _, why in tree.ignored)
+  ignored["not an image"] += sum(len(others) for _, _, others in listed)
+  bad = {}
+  if check:
+    names = [n for _, members, _ in listed for images in members for n in images]
+    bad = decode.header_problems(names, tree.check or tree.read, max_pixels)
+  if bad and not skip_bad:
+    raise decode.bad_files_error(bad, tree.where, repr(path))
+  split_rows = []
+  for _, members, _ in listed:
+    kept = [[n for n in images if n not in bad] for images in members]
+    names = tuple(n for images in kept for n in images)
+    if not names:
+      raise decode.bad_files_error(bad, tree.where, f"{path!r}, every image of a split")
+    labels = np.concatenate([np.full(len(m), i, np.int32) for i, m in enumerate(kept)])
+    split_rows.append((names, labels))
+  return Scan(tree, tuple(listed[0][0]), tuple(split_rows), dict(+ignored), bad)
+
+
+def describe(path: str, ignored: dict[str, int], skipped: dict[str, str], counts) -> str:
+  """The start-up line: images per split, entries ignored (by why) and bad files left out."""
+  line = f"jaxsam: image folder {decode.shown(path)}: " + ", ".join(
+    f"{n} {split} images" for split, n in counts
+  )
+  if ignored:
+    parts = ", ".join(f"{n} {why}" for why, n in sorted(ignored.items()))
+    line += f"; ignored {sum(ignored.values())} entries ({parts})"
+  if skipped:
+    shown = "; ".join(
+      f"{decode.shown(n)} ({why})" for n, why in list(skipped.items())[: decode.SHOWN_BAD]
+    )
+    extra = len(skipped) - decode.SHOWN_BAD
+    more = f"; and {extra} more" if extra > 0 else ""
+    line += f"; left out {len(skipped)} bad image(s) (dataset.skip_bad_images): {shown}{more}"
+  return line
 
 
 def _resize_and_crop(image, size: int):
@@ -255,27 +414,32 @@ def _resize_and_crop(image, size: int):
   return image
 
 
-def _decode(raw: bytes, where: str, size: int) -> np.ndarray:
-  """One encoded image -> uint8 [H, W, 3] (resized and centre-cropped when size > 0)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
-  try:
-    with Image.open(io.BytesIO(raw)) as image:
-      image.load()  # decode now: a truncated file fails here, not later
-      image = image.convert("RGB")
-      if size:
-        image = _resize_and_crop(image, size)
-      return np.asarray(image, dtype=np.uint8)
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises OSError, SyntaxError, ValueError... for bad files; name the file in one line.
-    raise DataError(f"cannot decode image {where} ({type(e).__name__}: {e})") from e
+def _decode(raw: bytes, size: int, max_pixels: int) -> np.ndarray:
+  """One encoded image -> uint8 [H, W, 3] by decode's rules (resized and centre-cropped when
+  size > 0); ValueError or PIL's errors for a file that is not one."""
+  image = decode.open_image(raw, max_pixels)
+  if size:
+    image = _resize_and_crop(image, size)
+  return np.asarray(image, dtype=np.uint8)
 
 
-def _decode_all(tree: Tree, names: Sequence[str], size: int) -> list[np.ndarray]:
+def _decode_all(
+  tree: Tree, names: Sequence[str], size: int, max_pixels: int
+) -> tuple[list[np.ndarray | None], dict[str, str]]:
+  """Each name's pixels (None where it fails) and {name: why} of the failures."""
   # One thread: PIL's per-image Python overhead holds the GIL, so for CIFAR-sized JPEGs a thread
-  # pool measured slower (8.2 s against 6.2 s for 20,000 images on 2 cores); TF's decode_jpeg in
-  # tf.data was no faster and differs from PIL in most pixels (chroma upsampling).
-  return [_decode(tree.read(n), tree.where(n), size) for n in names]
+  # pool measured slower (8.2 s against 6.2 s for 20,000 images on 2 cores).
+  images, bad = [], {}
+  for name in names:
+    try:
+      images.append(_decode(tree.read(name), size, max_pixels))
+    except Exception as e:  # noqa: BLE001 -- named in the message, never swallowed silently
+      # PIL raises OSError, SyntaxError, ValueError... for bad files: collect them, name them,
+      # by their header's problem where it has one (the same words as the streamed path's).
+      images.append(None)
+      header = decode.header_problem((tree.check or tree.read)(name), max_pixels)
+      bad[name] = header or f"cannot decode: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+  return images, bad
 
 
 def _stack(images: list[np.ndarray], names: Sequence[str], tree: Tree) -> np.ndarray:
@@ -292,17 +456,16 @@ def _stack(images: list[np.ndarray], names: Sequence[str], tree: Tree) -> np.nda
   return np.stack(images)
 
 
-def _load_split(tree: Tree, path: str, split: str, size: int):
-  classes, members = _split_members(tree, path, split)
-  names = [n for images in members for n in images]
-  labels = np.concatenate([np.full(len(images), i, np.int32) for i, images in enumerate(members)])
-  images = _stack(_decode_all(tree, names, size), names, tree)
-  return classes, images, labels
-
-
-def cache_key(fingerprint: str, splits: Sequence[str], size: int) -> str:
+def cache_key(
+  fingerprint: str,
+  splits: Sequence[str],
+  size: int,
+  *,
+  max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+  skip_bad: bool = False,
+) -> str:
   """The cache entry's name: the contents' fingerprint and every setting the arrays depend on."""
-  settings = json.dumps([CACHE_VERSION, fingerprint, list(splits), size])
+  settings = json.dumps([CACHE_VERSION, fingerprint, list(splits), size, max_pixels, skip_bad])
   return hashlib.sha256(settings.encode()).hexdigest()[:32]
 
 
@@ -311,8 +474,8 @@ def _read_cache(file: str):
     return {k: arrays[k] for k in arrays.files}
 
 
-def read_cache_entry(file: str, splits: Sequence[str]):
-  """(classes, [(images, labels) per split]) from a cache entry; None when there is none.
+def read_cache_entry(file: str, path: str, splits: Sequence[str]) -> "Loaded | None":
+  """The decoded folder from a cache entry; None when there is none.
 
   An entry that cannot be read (truncated, empty, missing an array) is removed with one line, so
   that the caller decodes again and writes a good one in its place.
@@ -320,9 +483,7 @@ def read_cache_entry(file: str, splits: Sequence[str]):
   if not os.path.isfile(file):
     return None
   try:
-    arrays = _read_cache(file)
-    classes = json.loads(str(arrays["classes"]))
-    return classes, [(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits]
+    return _from_cache(_read_cache(file), path, splits)
   except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
     # What np.load and NpzFile raise on a truncated, empty or foreign file.
     print(
@@ -351,9 +512,35 @@ def _write_cache(file: str, arrays: dict[str, np.ndarray]) -> None:
       os.remove(tmp)  # only left when something failed before the rename
 
 
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """An image folder decoded in memory: class names, (uint8 images, int32 labels) per split, the
+  start-up line (counts, ignored entries, bad files left out) and how many were left out."""
+
+  classes: list[str]
+  arrays: list[tuple[np.ndarray, np.ndarray]]
+  line: str
+  skipped: int
+
+
+def _from_cache(arrays: dict[str, np.ndarray], path: str, splits: Sequence[str]) -> Loaded:
+  classes = json.loads(str(arrays["classes"]))
+  listing = json.loads(str(arrays["listing"]))
+  pairs = [(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits]
+  counts = [(s, len(labels)) for s, (_, labels) in zip(splits, pairs, strict=True)]
+  line = describe(path, listing["ignored"], listing["skipped"], counts)
+  return Loaded(classes, pairs, line, len(listing["skipped"]))
+
+
 def load_arrays(
-  path: str, splits: Sequence[str], *, size: int = 0, cache_dir: str = ""
-) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+  path: str,
+  splits: Sequence[str],
+  *,
+  size: int = 0,
+  cache_dir: str = "",
+  max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+  skip_bad: bool = False,
+) -> Loaded:
   """Class names and (uint8 images, int32 labels) per split, from the cache or by decoding.
 
   Args:
@@ -361,27 +548,37 @@ def load_arrays(
     splits: split folder names, e.g. ('train', 'test').
     size: 0 keeps native sizes (which must then all agree); N > 0 resizes every image to N x N.
     cache_dir: where decoded arrays are kept ('' = ~/.cache/jaxsam/image_folder).
+    max_pixels: dataset.max_image_pixels (0 = no limit), checked from each header.
+    skip_bad: leave bad files out (dataset.skip_bad_images) instead of refusing them.
   """
   path = os.path.expanduser(path)
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
-  cache_file = os.path.join(cache_dir, cache_key(fingerprint(path), splits, size) + ".npz")
-  cached = read_cache_entry(cache_file, splits)
+  key = cache_key(fingerprint(path), splits, size, max_pixels=max_pixels, skip_bad=skip_bad)
+  cache_file = os.path.join(cache_dir, key + ".npz")
+  cached = read_cache_entry(cache_file, path, splits)
   if cached is not None:
     return cached
-  tree = open_tree(path)
-  loaded = [_load_split(tree, path, split, size) for split in splits]
-  classes = loaded[0][0]
-  for split, (other, _, _) in zip(splits[1:], loaded[1:], strict=True):
-    if other != classes:
-      only_first = sorted(set(classes) - set(other))
-      only_other = sorted(set(other) - set(classes))
-      raise DataError(
-        f"splits {splits[0]!r} and {split!r} of {path!r} hold different classes "
-        f"(only in {splits[0]!r}: {only_first[:5]}, only in {split!r}: "
-        f"{only_other[:5]}); both splits need the same class folders"
-      )
-  arrays = {"classes": np.asarray(json.dumps(classes))}
-  for split, (_, images, labels) in zip(splits, loaded, strict=True):
+  # No header pass first: decoding checks each header (size before pixels) and names failures.
+  found = scan(path, splits, max_pixels=max_pixels, skip_bad=skip_bad, check=False)
+  tree = found.tree
+  decoded = [_decode_all(tree, names, size, max_pixels) for names, _ in found.splits]
+  failed = {n: why for _, bad in decoded for n, why in bad.items()}
+  if failed and not skip_bad:
+    raise decode.bad_files_error(failed, tree.where, repr(path))
+  skipped = {tree.where(n): why for n, why in {**found.skipped, **failed}.items()}
+  loaded = []
+  for split, (names, labels), (images, _) in zip(splits, found.splits, decoded, strict=True):
+    keep = [i for i, image in enumerate(images) if image is not None]
+    if not keep:
+      raise DataError(f"split {split!r} of {path!r} holds no image that decodes")
+    kept_names = [names[i] for i in keep]
+    loaded.append((_stack([images[i] for i in keep], kept_names, tree), labels[keep]))
+  listing = {"ignored": found.ignored, "skipped": skipped}
+  arrays = {
+    "classes": np.asarray(json.dumps(found.classes)),
+    "listing": np.asarray(json.dumps(listing)),
+  }
+  for split, (images, labels) in zip(splits, loaded, strict=True):
     arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
   try:
     _write_cache(cache_file, arrays)
@@ -391,4 +588,6 @@ def load_arrays(
       "the next launch decodes again",
       flush=True,
     )
-  return classes, [(images, labels) for _, images, labels in loaded]
+  counts = [(s, len(labels)) for s, (_, labels) in zip(splits, loaded, strict=True)]
+  line = describe(path, found.ignored, skipped, counts)
+  return Loaded(list(found.classes), loaded, line, len(skipped))

@@ -38,6 +38,8 @@ class DatasetArrays:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   class_names: tuple[str, ...] = ()  # by class index, where the source names its classes
+  skipped_images: int = 0  # bad files left out (dataset.skip_bad_images)
+  note: str = ""  # the source's start-up line ('' = none)
 
 
 _STATS_CHUNK = 1 << 20  # pixels per histogram pass
@@ -236,9 +238,15 @@ def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
 
   # Batches of 10k rather than batch_size=-1: bounded peak memory, and it works with
   # tfds.testing.mock_data (whose split sizes are unknown).
+  from jaxsam.data import decode  # pylint: disable=import-outside-toplevel
+
+  # Decoded by the streamed path's decoder (decode.tf_decode), not tfds' own (TF's fast DCT): a
+  # JPEG dataset then gives the same pixels in memory and streamed.
   dataset = (
-    builder.as_dataset(split=split, shuffle_files=False)
-    .map(lambda ex: (ex[image_key], ex[label_key]))
+    builder.as_dataset(
+      split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    .map(lambda ex: (decode.tf_decode(ex[image_key]), ex[label_key]))
     .batch(10_000)
   )
   images, labels = [], []
@@ -428,7 +436,7 @@ def load_cifar_python(dataset_config) -> DatasetArrays:
 
 def load_image_folder(dataset_config) -> DatasetArrays:
   """A `<split>/<class>/<image>` folder or archive (torchvision's ImageFolder layout), in memory."""
-  from jaxsam.data import image_folder  # pylint: disable=import-outside-toplevel
+  from jaxsam.data import decode, image_folder  # pylint: disable=import-outside-toplevel
 
   splits = (dataset_config.train_split, dataset_config.test_split)
   if dataset_config.image_size < 0:
@@ -436,17 +444,25 @@ def load_image_folder(dataset_config) -> DatasetArrays:
       f"dataset.image_size={dataset_config.image_size} must be 0 (native sizes) "
       "or a positive side length in pixels"
     )
-  classes, arrays = image_folder.load_arrays(
-    dataset_config.path, splits, size=dataset_config.image_size, cache_dir=dataset_config.cache_dir
+  loaded = image_folder.load_arrays(
+    dataset_config.path,
+    splits,
+    size=dataset_config.image_size,
+    cache_dir=dataset_config.cache_dir,
+    max_pixels=decode.check_max_pixels(
+      dataset_config.get("max_image_pixels", decode.DEFAULT_MAX_PIXELS)
+    ),
+    skip_bad=bool(dataset_config.get("skip_bad_images", False)),
   )
-  (train_images, train_labels), (test_images, test_labels) = arrays
-  return _make_dataset(
+  (train_images, train_labels), (test_images, test_labels) = loaded.arrays
+  data = _make_dataset(
     dataset_config.name,
     Split(train_images, train_labels),
     Split(test_images, test_labels),
-    len(classes),
-    class_names=tuple(classes),
+    len(loaded.classes),
+    class_names=tuple(loaded.classes),
   )
+  return dataclasses.replace(data, skipped_images=loaded.skipped, note=loaded.line)
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -462,10 +478,17 @@ SOURCES: dict[str, Callable] = {
 NAMED_SOURCES = ("digits",)
 
 
+# Sources that read dataset.path, and what they expect there.
+PATH_SOURCES = {
+  "image_folder": "a folder or .tar/.tar.gz/.zip archive laid out as <split>/<class>/<image>",
+  "cifar_python": "torchvision's cifar-10-batches-py / cifar-100-python folder or its .tar.gz",
+}
+
+
 def _source_name(dataset_config) -> str:
-  """Which SOURCES entry serves this config: the name itself for bundled sets, else `source`."""
-  if dataset_config.name in NAMED_SOURCES:
-    return dataset_config.name
+  """Which SOURCES entry serves this config: `dataset.source`, except that the default 'tfds'
+  with a bundled name (digits) means that bundled set. DataError when the config names
+  something the chosen source would silently ignore, or a path that does not exist."""
   source = dataset_config.get("source", "tfds")
   if source not in SOURCES or source in NAMED_SOURCES:
     known = sorted(k for k in SOURCES if k not in NAMED_SOURCES)
@@ -473,7 +496,24 @@ def _source_name(dataset_config) -> str:
       f"unknown dataset.source {source!r} for dataset {dataset_config.name!r}; "
       f"known sources: {known}, or dataset.name in {list(NAMED_SOURCES)}"
     )
-  return source
+  named = source == "tfds" and dataset_config.name in NAMED_SOURCES
+  chosen = dataset_config.name if named else source
+  path = dataset_config.get("path", "")
+  if chosen not in PATH_SOURCES and path:
+    what = f"dataset {chosen!r} (bundled)" if named else "dataset.source='tfds' (reads data_dir)"
+    raise DataError(
+      f"dataset.path={path!r} is ignored by {what}; to train on it set dataset.source="
+      f"'image_folder' ({PATH_SOURCES['image_folder']}) or 'cifar_python', else drop dataset.path"
+    )
+  if chosen in PATH_SOURCES:
+    if not path:
+      raise DataError(f"dataset.source={chosen!r} needs dataset.path: {PATH_SOURCES[chosen]}")
+    if not os.path.exists(os.path.expanduser(path)):
+      raise DataError(
+        f"dataset.path {path!r} does not exist; dataset.source={chosen!r} expects "
+        f"{PATH_SOURCES[chosen]}"
+      )
+  return chosen
 
 
 def load_dataset(dataset_config) -> DatasetArrays:

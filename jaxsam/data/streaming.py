@@ -24,6 +24,7 @@ Decoding, crops and augmentation run in parallel tf.data maps with deterministic
 """
 
 import dataclasses
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -32,14 +33,13 @@ import numpy as np
 import tensorflow as tf
 
 from jaxsam import errors
+from jaxsam.data import decode as decode_lib
 from jaxsam.data import image_folder, pipeline, sources, train_split, transforms
 
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 # The in-memory path holds the decoded split plus an epoch's gathered copy and tf.data's buffers:
 # streaming starts well before the split itself would fill the host.
 AUTO_MEMORY_FRACTION = 0.25
-# What TF decodes (tf.io.decode_image); other formats need dataset.in_memory='true' (PIL).
-STREAM_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 STREAMABLE_SOURCES = ("tfds", "image_folder")
 # Streamed sets are not scanned for channel statistics: ImageNet's, as pretrained weights use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,11 +81,14 @@ def decoded_estimate(dataset_config) -> tuple[int | None, str]:
       return None, f"{count} images of varying size"
     return count * shape[0] * shape[1] * 3, f"{count} images of {shape[1]}x{shape[0]}"
   path = os.path.expanduser(dataset_config.path)
-  names = _folder_split(dataset_config, dataset_config.train_split)[0]
+  listed = image_folder.scan(path, (dataset_config.train_split,), check=False)  # names only
+  names = [listed.tree.where(n) for n in listed.splits[0][0]]
   if dataset_config.image_size:
     side = dataset_config.image_size
     return len(names) * side * side * 3, f"{len(names)} images at {side}x{side}"
   sizes = _header_sizes(names[:: max(1, len(names) // 64)])
+  if not sizes:  # every sampled file is bad: open_folder names them
+    return None, f"{len(names)} images in {path}"
   if len(set(sizes)) > 1:
     return None, f"{len(names)} images of varying size in {path}"
   w, h = sizes[0]
@@ -101,8 +104,8 @@ def _header_sizes(paths: Sequence[str]) -> list[tuple[int, int]]:
     try:
       with Image.open(path) as image:
         sizes.append(image.size)
-    except OSError as e:
-      raise errors.DataError(f"cannot read image {path} ({e})") from e
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for a bad file
+      continue  # the listing's header check names it
   return sizes
 
 
@@ -188,6 +191,8 @@ class Stream:
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
   eval_crop_fraction: float = 0.875
+  skipped_images: int = 0  # bad files left out (dataset.skip_bad_images)
+  note: str = ""  # the source's start-up line ('' = none)
 
 
 def tfds_keys(builder, name: str) -> tuple[str, str]:
@@ -280,40 +285,35 @@ def open_tfds(dataset_config) -> Stream:
   )
 
 
-def _folder_split(dataset_config, split: str) -> tuple[list[str], list[str], np.ndarray]:
-  """(paths, class names, labels) of one split of an image folder, checked for TF's formats."""
-  path = os.path.expanduser(dataset_config.path)
-  tree = image_folder.open_tree(path)
-  classes, members = image_folder._split_members(tree, path, split)  # pylint: disable=protected-access
-  names = [tree.where(n) for images in members for n in images]
-  for name in names:
-    if not name.lower().endswith(STREAM_EXTENSIONS):
-      raise errors.DataError(
-        f"image {name} cannot be streamed (TF decodes "
-        f"{', '.join(STREAM_EXTENSIONS)}); convert it or set "
-        "dataset.in_memory='true' (PIL decodes it)"
-      )
-  labels = np.concatenate([np.full(len(m), i, np.int32) for i, m in enumerate(members)])
-  return names, classes, labels
-
-
 def open_folder(dataset_config) -> Stream:
-  """An extracted image folder as a Stream (files listed, nothing decoded)."""
-  train_paths, classes, train_labels = _folder_split(dataset_config, dataset_config.train_split)
-  test_paths, test_classes, test_labels = _folder_split(dataset_config, dataset_config.test_split)
-  if test_classes != classes:
-    raise errors.DataError(
-      f"splits {dataset_config.train_split!r} and "
-      f"{dataset_config.test_split!r} of {dataset_config.path!r} hold "
-      "different classes; both splits need the same class folders"
-    )
+  """An extracted image folder as a Stream: files listed and their headers checked
+  (image_folder.scan), nothing decoded. Paths are bytes, so any file name reaches TF intact."""
+  path = os.path.expanduser(dataset_config.path)
+  splits = (dataset_config.train_split, dataset_config.test_split)
+  found = image_folder.scan(
+    path,
+    splits,
+    max_pixels=decode_lib.check_max_pixels(
+      dataset_config.get("max_image_pixels", decode_lib.DEFAULT_MAX_PIXELS)
+    ),
+    skip_bad=bool(dataset_config.get("skip_bad_images", False)),
+  )
+  where = found.tree.where
+  folder_splits = [
+    FolderSplit(np.asarray([os.fsencode(where(n)) for n in names], dtype=object), labels)
+    for names, labels in found.splits
+  ]
+  skipped = {where(n): why for n, why in found.skipped.items()}
+  counts = [(s, len(labels)) for s, (_, labels) in zip(splits, found.splits, strict=True)]
   return Stream(
     dataset_config.name,
-    FolderSplit(np.asarray(train_paths), train_labels),
-    FolderSplit(np.asarray(test_paths), test_labels),
-    len(classes),
-    tuple(classes),
+    folder_splits[0],
+    folder_splits[1],
+    len(found.classes),
+    found.classes,
     native_size=dataset_config.image_size,
+    skipped_images=len(skipped),
+    note=image_folder.describe(path, found.ignored, skipped, counts),
   )
 
 
@@ -607,7 +607,12 @@ def train_batches(
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
   )
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  batches = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  if isinstance(split, FolderSplit):  # a file that fails mid-run: one line naming it
+    return decode_lib.name_failures(
+      batches, lambda k: next(itertools.islice(rows_fn(), k, None))["image"]
+    )
+  return batches
 
 
 def eval_ranges(
@@ -670,7 +675,11 @@ def eval_batches(
     ds = pad
   else:
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).concatenate(pad)
-  return ds.batch(local).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  batches = ds.batch(local).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  if isinstance(split, FolderSplit):  # a file that fails mid-run: one line naming it
+    part = split.paths[lo:hi]
+    return decode_lib.name_failures(batches, lambda k: part[k * local : (k + 1) * local])
+  return batches
 
 
 # ----------------------------------------------------------------- what the train loop calls
@@ -684,9 +693,10 @@ def load(config, main: bool = True) -> Data:
   stream, line = choose(config.dataset)
   if main:
     print(line, flush=True)
-  if not stream:
-    return sources.load_dataset(config.dataset)
-  return open_stream(config.dataset)
+  data = sources.load_dataset(config.dataset) if not stream else open_stream(config.dataset)
+  if main and data.note:
+    print(data.note, flush=True)
+  return data
 
 
 def apply_train_split(data: Data, config) -> Data:

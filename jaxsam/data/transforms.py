@@ -16,7 +16,7 @@ import math
 
 import tensorflow as tf
 
-from jaxsam.data import augment
+from jaxsam.data import augment, decode
 from jaxsam.errors import ConfigError
 
 CROP_ATTEMPTS = 10  # torchvision's and Inception's tries before the centre-crop fallback
@@ -132,23 +132,9 @@ def resize(image, height, width) -> tf.Tensor:
 
 
 def decode_box(encoded, box_fn) -> tf.Tensor:
-  """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3]: JPEG by
-  decode_and_crop_jpeg, PNG/BMP/GIF by a full decode and a slice."""
-
-  def jpeg():
-    shape = tf.image.extract_jpeg_shape(encoded)
-    box = box_fn(shape[0], shape[1])
-    return tf.image.decode_and_crop_jpeg(encoded, box, channels=3)
-
-  def other():
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    shape = tf.shape(image)
-    box = box_fn(shape[0], shape[1])
-    return image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
-
-  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-  image.set_shape([None, None, 3])
-  return image
+  """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3] by
+  `decode.tf_decode`'s rules (JPEG: only the crop's blocks are decoded)."""
+  return decode.tf_decode(encoded, box_fn)
 
 
 def train_crop(encoded, seed, size: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> tf.Tensor:
@@ -188,8 +174,7 @@ def eval_short_side(size: int, crop_fraction: float) -> int:
 def eval_crop(encoded, size: int, crop_fraction: float = 0.875) -> tf.Tensor:
   """Shorter side to int(size / crop_fraction), then the centre crop: uint8 [size, size, 3]."""
   short = eval_short_side(size, crop_fraction)
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
+  image = decode.tf_decode(encoded)
   shape = tf.shape(image)
   new_h, new_w = resized_shape(shape[0], shape[1], short)
   out = center_crop(resize(image, new_h, new_w), size)
