@@ -163,17 +163,18 @@ def timed(run) -> tuple[float, float]:
 
 def jaxsam_streamed(root: str, per_pass: int, passes: int, batch: int) -> list[tuple[float, float]]:
   """jaxsam's streamed train input on the folder: (images/s, images per CPU-second) per pass."""
-  from jaxsam.data import streaming
+  import jaxsam.data
 
   config = common.get_base_config()
   config.dataset.source, config.dataset.name, config.dataset.path = "image_folder", "bench", root
   config.dataset.in_memory = "false"
+  config.seed, config.batch_size = 0, batch
   augment_config = config.augment
   augment_config.random_resized_crop, augment_config.flip = True, True
   augment_config.crop_padding = 0
   augment_config.randaugment.num_ops, augment_config.randaugment.magnitude = 2, 9
-  stream = streaming.open_stream(config.dataset)
-  batches = streaming.train_batches(stream, augment_config, size=224, seed=0, global_batch=batch)
+  data = jaxsam.data.load(config, main=False)
+  batches = data.train_input(config, size=224)(0, 0, 1)
 
   def take(n):
     for _ in range(n):

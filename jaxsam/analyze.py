@@ -38,7 +38,7 @@ from jaxsam import (
   writers,
 )
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import sources
+from jaxsam.data import rows, sources
 
 WHAT = ("hessian", "sharpness", "landscape")
 HESSIAN_METHODS = ("lanczos", "power")
@@ -144,15 +144,17 @@ def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> Resto
 # ------------------------------------------------------------------------------------ data
 
 
-def select_subset(split: sources.Split, num_examples: int, seed: int) -> sources.Split:
-  """A fixed subset: the first `num_examples` of the permutation drawn from `seed`."""
-  n = len(split.labels)
+def select_subset(data, num_examples: int, seed: int, size: int) -> sources.Split:
+  """A fixed subset of the train split of `data` (a `jaxsam.data` DataSource), unaugmented: the
+  first `num_examples` of the permutation drawn from `seed`; streamed images resized and
+  centre-cropped to `size` as the test split is."""
+  n = data.num_train
   if num_examples > n:
     raise errors.DataError(
       f"--num_examples={num_examples} exceeds the {n} examples of the train split; use <= {n}"
     )
   index = np.random.default_rng(seed).permutation(n)[:num_examples]
-  return sources.Split(images=split.images[index], labels=split.labels[index])
+  return data.train_examples(index, size)
 
 
 def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -> int:
@@ -162,9 +164,8 @@ def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -
 
 
 def _local_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch's rows (as jaxsam.data.pipeline slices)."""
-  local = len(global_rows) // jax.process_count()
-  return global_rows[jax.process_index() * local : (jax.process_index() + 1) * local]
+  """This process's share of a global batch's rows (`rows.local_rows`, as every batch's)."""
+  return rows.local_rows(global_rows, jax.process_index(), jax.process_count())
 
 
 def example_batches(subset: sources.Split, batch_size: int, mesh) -> list[dict[str, jax.Array]]:
@@ -401,7 +402,9 @@ def analyze(
   pipeline.hide_gpus_from_tf()
   run = restore_run(workdir, checkpoint, mesh=mesh)
   mesh = run.setup.mesh
-  subset = select_subset(run.setup.data.train, settings.num_examples, settings.seed)
+  subset = select_subset(
+    run.setup.data, settings.num_examples, settings.seed, run.setup.step_config.image_size
+  )
   n = settings.num_examples
   batch_size = effective_batch_size(settings.batch_size, n, mesh.devices.size)
   batches = example_batches(subset, batch_size, mesh)

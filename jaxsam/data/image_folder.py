@@ -21,6 +21,7 @@ import json
 import os
 import posixpath
 import tarfile
+import weakref
 import zipfile
 from collections.abc import Callable, Sequence
 
@@ -45,7 +46,7 @@ class Tree:
   where: Callable[[str], str]  # the path a user can find the member at, for error messages
 
 
-def _check_member(path: str, name: str) -> str:
+def check_member(path: str, name: str) -> str:
   """A member's normalised posix path; DataError for an absolute path or one that escapes."""
   norm = posixpath.normpath(name.replace("\\", "/"))
   if posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
@@ -75,46 +76,62 @@ def _file_digest(path: str) -> str:
 
 
 def _tar_tree(path: str) -> Tree:
-  # Members are read into memory (the whole split is decoded anyway); nothing is extracted.
+  """An uncompressed tar is read at random by its members' offsets (nothing extracted, nothing
+  held); a compressed one cannot be, so its members are read into memory in one pass."""
   try:
     with tarfile.open(path, "r:*") as archive:
+      compressed = not isinstance(archive.fileobj, io.BufferedReader)
       contents, dirs = {}, set()
       for member in archive:
-        name = _check_member(path, member.name)
+        name = check_member(path, member.name)
         if name == ".":
           continue
         if member.isdir():
           dirs.add(name)
         elif member.isfile():
-          contents[name] = archive.extractfile(member).read()
+          contents[name] = (
+            archive.extractfile(member).read() if compressed else (member.offset_data, member.size)
+          )
   except (tarfile.TarError, EOFError, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable tar archive ({e})") from e
+  if compressed:
+    read = contents.__getitem__
+  else:
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(name):
+      offset, size = contents[name]
+      return os.pread(fd, size, offset)
+
+    weakref.finalize(read, os.close, fd)  # closed when the tree is dropped
+
   return Tree(
     files=tuple(sorted(contents)),
     dirs=frozenset(dirs | _parent_dirs(list(contents))),
-    read=contents.__getitem__,
+    read=read,
     where=lambda name: f"{path}:{name}",
   )
 
 
 def _zip_tree(path: str) -> Tree:
+  # Members are read at random from the open archive (its central directory holds their offsets).
   try:
-    with zipfile.ZipFile(path) as archive:
-      contents, dirs = {}, set()
-      for info in archive.infolist():
-        name = _check_member(path, info.filename)
-        if name == ".":
-          continue
-        if info.is_dir():
-          dirs.add(name)
-        else:
-          contents[name] = archive.read(info)
+    archive = zipfile.ZipFile(path)  # pylint: disable=consider-using-with -- lives with the tree
+    contents, dirs = {}, set()
+    for info in archive.infolist():
+      name = check_member(path, info.filename)
+      if name == ".":
+        continue
+      if info.is_dir():
+        dirs.add(name)
+      else:
+        contents[name] = info
   except (zipfile.BadZipFile, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable zip archive ({e})") from e
   return Tree(
     files=tuple(sorted(contents)),
     dirs=frozenset(dirs | _parent_dirs(list(contents))),
-    read=contents.__getitem__,
+    read=lambda name: archive.read(contents[name]),
     where=lambda name: f"{path}:{name}",
   )
 
@@ -162,7 +179,7 @@ EXPECTED = (
 )
 
 
-def _kind(path: str) -> str:
+def kind(path: str) -> str:
   """'folder', 'zip' or 'tar'; DataError when `path` is none of them."""
   if not path:
     raise DataError(f"dataset.source='image_folder' needs dataset.path: {EXPECTED}")
@@ -179,12 +196,12 @@ def _kind(path: str) -> str:
 
 def fingerprint(path: str) -> str:
   """Changes whenever the folder's or archive's contents may have: the cache's key."""
-  return _folder_digest(path) if _kind(path) == "folder" else _file_digest(path)
+  return _folder_digest(path) if kind(path) == "folder" else _file_digest(path)
 
 
 def open_tree(path: str) -> Tree:
   """The folder or archive at `path`; DataError when it is neither."""
-  return {"folder": _folder_tree, "zip": _zip_tree, "tar": _tar_tree}[_kind(path)](path)
+  return {"folder": _folder_tree, "zip": _zip_tree, "tar": _tar_tree}[kind(path)](path)
 
 
 def _split_root(tree: Tree, path: str, split: str) -> str:
@@ -201,7 +218,7 @@ def _split_root(tree: Tree, path: str, split: str) -> str:
   )
 
 
-def _split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[list[str]]]:
+def split_members(tree: Tree, path: str, split: str) -> tuple[list[str], list[list[str]]]:
   """Sorted class names of one split and, per class, its image files (sorted, recursive)."""
   root = _split_root(tree, path, split)
   classes = sorted(posixpath.basename(d) for d in tree.dirs if posixpath.dirname(d) == root)
@@ -280,7 +297,7 @@ def _stack(images: list[np.ndarray], names: Sequence[str], tree: Tree) -> np.nda
 
 
 def _load_split(tree: Tree, path: str, split: str, size: int):
-  classes, members = _split_members(tree, path, split)
+  classes, members = split_members(tree, path, split)
   names = [n for images in members for n in images]
   labels = np.concatenate([np.full(len(images), i, np.int32) for i, images in enumerate(members)])
   images = _stack(_decode_all(tree, names, size), names, tree)
