@@ -233,16 +233,8 @@ def train_batches(
     augment_config.get("crop_ratio", transforms.DEFAULT_RATIO),
   )
   augment = augment_lib.make_train_augment(augment_config, image_shape=(size, size, 3))
-
-  def decode(row):
-    encoded = _encoded(split, row["image"])
-    if rrc:
-      image = transforms.train_crop(encoded, row["seed"], size, scale, ratio)
-    else:
-      image = transforms.eval_crop(encoded, size, 1.0)
-    return {"image": image, "label": row["label"], "seed": row["seed"]}
-
-  rows = tf.data.Dataset.from_generator(
+  parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
+  rows_ds = tf.data.Dataset.from_generator(
     rows_fn,
     output_signature={
       "image": tf.TensorSpec((local,), tf.string),
@@ -250,13 +242,32 @@ def train_batches(
       "seed": tf.TensorSpec((local, 2), tf.int64),
     },
   )
-  ds = rows.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local, drop_remainder=True)
-  ds = ds.map(
-    lambda b: {"image": augment(b["image"], b["seed"]), "label": b["label"]},
-    num_parallel_calls=tf.data.AUTOTUNE,
-    deterministic=True,
-  )
+
+  def read(row):  # per example: the bytes and, for the crop, the side lengths in the header
+    encoded = _encoded(split, row["image"])
+    shape = transforms.encoded_shape(encoded) if rrc else tf.zeros([2], tf.int32)
+    return {**row, "image": encoded, "shape": shape}
+
+  def boxes(batch):  # per batch: every example's crop box in one vectorised computation
+    uniforms = transforms.crop_uniforms(batch["seed"])
+    box = transforms.random_resized_box(
+      batch["shape"][:, 0], batch["shape"][:, 1], uniforms, scale, ratio
+    )
+    return {**batch, "box": box}
+
+  def decode(row):  # per example: decode (the crop's blocks only, for JPEG) and resize
+    if rrc:
+      image = transforms.resize(transforms.decode_crop(row["image"], row["box"]), size, size)
+      image.set_shape([size, size, 3])
+    else:
+      image = transforms.eval_crop(row["image"], size, 1.0)
+    return {"image": image, "label": row["label"], "seed": row["seed"]}
+
+  ds = rows_ds.unbatch().map(read, **parallel)
+  if rrc:
+    ds = ds.batch(local).map(boxes).unbatch()
+  ds = ds.map(decode, **parallel).batch(local, drop_remainder=True)
+  ds = ds.map(lambda b: {"image": augment(b["image"], b["seed"]), "label": b["label"]}, **parallel)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
