@@ -163,19 +163,11 @@ def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -
   return -(-batch // num_devices) * num_devices
 
 
-def _local_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's share of a global batch's rows (`rows.local_rows`, as every batch's)."""
-  return rows.local_rows(global_rows, jax.process_index(), jax.process_count())
-
-
 def example_batches(subset: sources.Split, batch_size: int, mesh) -> list[dict[str, jax.Array]]:
   """Sharded batches covering the subset once; padding rows in the last one carry mask 0."""
   n = len(subset.labels)
   out = []
-  for start in range(0, n, batch_size):
-    index = _local_rows(np.arange(start, start + batch_size))
-    mask = index < n
-    index = np.where(mask, index, 0)
+  for index, mask in rows.padded_batches(n, batch_size, jax.process_index(), jax.process_count()):
     out.append(
       parallel.shard_batch(
         {
@@ -203,10 +195,10 @@ def group_batches(
   images = subset.images[: num_groups * m].reshape((num_groups, m) + subset.images.shape[1:])
   labels = subset.labels[: num_groups * m].reshape(num_groups, m).astype(np.int32)
   out = []
-  for start in range(0, num_groups, per_batch):
-    index = _local_rows(np.arange(start, start + per_batch))
-    weight = (index < num_groups).astype(np.float32)
-    index = np.where(weight > 0, index, 0)
+  for index, mask in rows.padded_batches(
+    num_groups, per_batch, jax.process_index(), jax.process_count()
+  ):
+    weight = mask.astype(np.float32)
     batch = parallel.shard_batch(
       {"image": images[index], "label": labels[index], "weight": weight}, mesh
     )

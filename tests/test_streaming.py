@@ -22,7 +22,16 @@ from PIL import Image
 
 from configs import common
 from jaxsam import errors
-from jaxsam.data import choice, pipeline, rows, sources, stream_sources, streaming, transforms
+from jaxsam.data import (
+  choice,
+  datasource,
+  pipeline,
+  rows,
+  sources,
+  stream_sources,
+  streaming,
+  transforms,
+)
 
 NUM_TRAIN, NUM_TEST = 96, 37
 
@@ -363,6 +372,28 @@ def test_folder_of_mixed_size_jpegs_streams_each_once_per_epoch(jpeg_folder):
   evals = list(streaming.eval_batches(stream_, size=32, global_batch=16))
   seen = np.concatenate([_index(b["image"][:, 16, 16])[b["mask"] > 0] for b in evals])
   assert sorted(seen) == list(range(300, 350))
+
+
+def test_streamed_folder_takes_the_in_memory_subset_and_label_noise(jpeg_folder, tmp_path):
+  """dataset.train_examples and label_noise pick the same files and labels streamed as in memory,
+  and the streamed epoch covers exactly the subset."""
+  config = jpeg_folder.copy_and_resolve_references()
+  config.dataset.train_examples, config.dataset.label_noise = 30, 0.4
+  config.dataset.image_size, config.dataset.cache_dir = 32, str(tmp_path / "cache")
+  config.dataset.in_memory = "true"
+  memory = datasource.load(config, main=False).with_train_split(config.dataset, 3)
+  config.dataset.in_memory = "false"
+  streamed = datasource.load(config, main=False).with_train_split(config.dataset, 3)
+  assert isinstance(memory, datasource.InMemory) and isinstance(streamed, datasource.Streamed)
+  assert streamed.num_train == memory.num_train == 30
+  files = [int(os.path.basename(p)[:4]) for p in streamed.stream.train.paths]
+  np.testing.assert_array_equal(files, _index(memory.arrays.train.images[:, 16, 16]))
+  np.testing.assert_array_equal(streamed.stream.train.labels, memory.arrays.train.labels)
+  assert (streamed.stream.train.labels != np.asarray(files) % 3).sum() == 12  # 40 % flipped
+  config.batch_size = 10
+  batches = streamed.train_input(config, size=32)(0, 0, 1)
+  seen = np.concatenate([_index(next(batches)["image"][:, 16, 16]) for _ in range(3)])
+  assert sorted(seen) == sorted(files)
 
 
 def test_folder_random_resized_crop_and_randaugment_at_224(jpeg_folder):

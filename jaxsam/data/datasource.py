@@ -149,12 +149,21 @@ class Streamed(DataSource):
     return streaming.steps_per_epoch(self.stream, global_batch, process_count)
 
   def with_train_split(self, dataset_config, seed: int) -> "Streamed":
-    del seed
+    """An image folder's files are listed, so a subset and label noise apply to the list, as in
+    memory; tfds record files are read in order, so they cannot."""
+    train = self.stream.train
+    if isinstance(train, stream_sources.FolderSplit):
+      index, labels = train_split.select(train.labels, self.num_classes, dataset_config, seed)
+      if index is None and labels is train.labels:
+        return self
+      paths = train.paths if index is None else train.paths[index]
+      split = dataclasses.replace(train, paths=paths, labels=labels)
+      return dataclasses.replace(self, stream=dataclasses.replace(self.stream, train=split))
     for key, off in (("train_examples", 0), ("label_noise", 0.0)):
       if dataset_config.get(key, off) != off:
         raise errors.ConfigError(
-          f"dataset.{key}={dataset_config[key]!r} needs the train split in "
-          f"memory; set dataset.in_memory='true' or dataset.{key}={off}"
+          f"dataset.{key}={dataset_config[key]!r} needs random access to the train split "
+          f"(tfds records stream in order); set dataset.in_memory='true' or dataset.{key}={off}"
         )
     return self
 
