@@ -481,6 +481,21 @@ def test_archives_stream_the_folder_s_batches(jpeg_folder, tmp_path, capsys, kin
     assert len(os.listdir(tmp_path / "cache" / "unpacked")) == 1
 
 
+def test_auto_looks_into_a_small_tar_gz_without_unpacking_it(jpeg_folder, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  folder = jpeg_folder.dataset.path
+  archive = shutil.make_archive(
+    str(tmp_path / "photos"), "gztar", os.path.dirname(folder), os.path.basename(folder)
+  )
+  config = jpeg_folder.copy_and_resolve_references()
+  config.dataset.path, config.dataset.cache_dir = archive, str(tmp_path / "cache")
+  config.dataset.in_memory, config.dataset.image_size = "auto", 32
+  stream_, line = choice.choose(config.dataset)
+  assert not stream_ and "300 images at 32x32" in line
+  assert not (tmp_path / "cache").exists()  # nothing unpacked to decide
+
+
 def test_tfds_split_with_no_images_is_refused(tmp_path):
   config = _mock_flowers_config(tmp_path)
   with (

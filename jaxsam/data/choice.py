@@ -45,7 +45,7 @@ def decoded_estimate(dataset_config, builder=None) -> tuple[int | None, str]:
       return None, f"{count} images of varying size"
     return count * shape[0] * shape[1] * 3, f"{count} images of {shape[1]}x{shape[0]}"
   path = os.path.expanduser(dataset_config.path)
-  listing = stream_sources.folder_listing(dataset_config)
+  listing = stream_sources.folder_listing(dataset_config, unpack=False)  # it may stay in memory
   names = listing.files(dataset_config.train_split)[0]
   if dataset_config.image_size:
     side = dataset_config.image_size

@@ -193,9 +193,19 @@ class FolderListing:
     return FolderSplit(np.asarray([self.tree.where(n) for n in names]), labels), classes
 
 
-def folder_listing(dataset_config) -> FolderListing:
-  """`dataset.path` opened for random access (a compressed tar unpacked once into the cache)."""
+# A compressed tar up to this size is read through into memory to list it when it may not be
+# streamed (`unpack=False`); a larger one is unpacked, as streaming it would need anyway.
+READ_THROUGH_BYTES = 1 << 30
+
+
+def folder_listing(dataset_config, unpack: bool = True) -> FolderListing:
+  """`dataset.path` opened for random access: a compressed tar is unpacked once into the cache,
+  or with `unpack=False` (to look, not to stream) read through into memory when it is small."""
   path = os.path.expanduser(dataset_config.path)
+  if not unpack and (
+    not archives.is_compressed_tar(path) or os.path.getsize(path) <= READ_THROUGH_BYTES
+  ):
+    return FolderListing(image_folder.open_tree(path), path, image_folder.kind(path) != "folder")
   root = archives.random_access_path(path, dataset_config.get("cache_dir", ""))
   return FolderListing(image_folder.open_tree(root), path, image_folder.kind(root) != "folder")
 
