@@ -396,6 +396,28 @@ def test_streamed_folder_takes_the_in_memory_subset_and_label_noise(jpeg_folder,
   assert sorted(seen) == sorted(files)
 
 
+def test_batched_crop_boxes_give_each_example_s_own_train_crop(jpeg_folder):
+  """The streamed batches compute crop draws and boxes per batch: each image equals
+  `transforms.train_crop` of its file with its own seed (the per-example, torchvision-checked
+  arithmetic), resumed steps included."""
+  config = jpeg_folder.copy_and_resolve_references()
+  config.augment.random_resized_crop = True
+  config.augment.crop_scale = (0.02, 1.0)  # small crops too: upscaled as well as shrunk
+  stream_ = stream_sources.open_stream(config.dataset)
+  batches = streaming.train_batches(
+    stream_, config.augment, size=48, seed=2, global_batch=20, start_step=14
+  )
+  steps = rows.train_steps(
+    300, seed=2, start_step=14, global_batch=20, process_index=0, process_count=1
+  )
+  for _ in range(2):  # step 14 and 15 (epoch 0's last, epoch 1's first)
+    batch, (index, seeds) = next(batches), next(steps)
+    for image, i, seed in zip(batch["image"], index, seeds, strict=True):
+      encoded = tf.io.read_file(stream_.train.paths[i])
+      want = transforms.train_crop(encoded, seed, 48, config.augment.crop_scale).numpy()
+      np.testing.assert_array_equal(image, want)
+
+
 def test_folder_random_resized_crop_and_randaugment_at_224(jpeg_folder):
   jpeg_folder.augment.random_resized_crop = True
   jpeg_folder.augment.flip = True
