@@ -212,6 +212,7 @@ def load(config, main: bool = True) -> DataSource:
   and the opened source use them.
   """
   dataset = config.dataset
+  choice.in_memory_setting(dataset)  # a bad value fails before any download
   builder = sources.prepare(dataset)
   stream, line = choice.choose(dataset, builder=builder)
   if main:
