@@ -14,13 +14,15 @@ Cutout(16) on the tensor, in a DataLoader with one worker per core (needs the to
 
 --streaming times full-size photos instead, both pipelines in one run: it writes `--images` JPEGs
 of about 400x350 px (smooth random scenes, quality 90) to a temporary <split>/<class>/<image>
-folder, then streams them through jaxsam's streamed train input (jaxsam.data.streaming: read,
-random-resized crop decoded in one step, resize to 224, RandAugment(2, 9), flip, batches of uint8)
-and through torchvision's ImageFolder + DataLoader (one worker per core: RandomResizedCrop(224),
-RandomHorizontalFlip, RandAugment(2, 9), PILToTensor, uint8 batches). Per pass it reports images/s
-and images per CPU-second, the CPU time being the process's and its children's (resource.getrusage:
-TF's threads and the DataLoader's workers alike), then the ratio and the cores per GPU it takes
-to feed ResNet-50 at the accelerator target.
+folder, then streams them through jaxsam's streamed train input (`jaxsam.data.load` with
+dataset.in_memory='false', as training builds it: read, crop box from the header, the crop's
+blocks decoded, resize to 224, flip, RandAugment(2, 9), batches of uint8) and through
+torchvision's ImageFolder + DataLoader (one worker per core: RandomResizedCrop(224),
+RandomHorizontalFlip, RandAugment(2, 9), PILToTensor, uint8 batches); then both again without
+RandAugment. Per pass it reports images/s and images per CPU-second, the CPU time being the
+process's and its children's (resource.getrusage: TF's threads and the DataLoader's workers
+alike), then the ratios and the cores per GPU it takes to feed ResNet-50 at the accelerator
+target.
 """
 
 import argparse
@@ -161,19 +163,24 @@ def timed(run) -> tuple[float, float]:
   return count / (time.perf_counter() - start), count / (cpu_seconds() - cpu_start)
 
 
-def jaxsam_streamed(root: str, per_pass: int, passes: int, batch: int) -> list[tuple[float, float]]:
-  """jaxsam's streamed train input on the folder: (images/s, images per CPU-second) per pass."""
-  from jaxsam.data import streaming
+def jaxsam_streamed(
+  root: str, per_pass: int, passes: int, batch: int, randaugment: bool = True
+) -> list[tuple[float, float]]:
+  """jaxsam's streamed train input on the folder (`jaxsam.data.load`, as training builds it):
+  (images/s, images per CPU-second) per pass."""
+  import jaxsam.data
 
   config = common.get_base_config()
   config.dataset.source, config.dataset.name, config.dataset.path = "image_folder", "bench", root
   config.dataset.in_memory = "false"
+  config.seed, config.batch_size = 0, batch
   augment_config = config.augment
   augment_config.random_resized_crop, augment_config.flip = True, True
   augment_config.crop_padding = 0
-  augment_config.randaugment.num_ops, augment_config.randaugment.magnitude = 2, 9
-  stream = streaming.open_stream(config.dataset)
-  batches = streaming.train_batches(stream, augment_config, size=224, seed=0, global_batch=batch)
+  augment_config.randaugment.num_ops = 2 if randaugment else 0
+  augment_config.randaugment.magnitude = 9
+  data = jaxsam.data.load(config, main=False)
+  batches = data.train_input(config, size=224)(0, 0, 1)
 
   def take(n):
     for _ in range(n):
@@ -185,7 +192,7 @@ def jaxsam_streamed(root: str, per_pass: int, passes: int, batch: int) -> list[t
 
 
 def torchvision_streamed(
-  root: str, per_pass: int, passes: int, batch: int
+  root: str, per_pass: int, passes: int, batch: int, randaugment: bool = True
 ) -> list[tuple[float, float]]:
   """torchvision's ImageFolder + DataLoader on the folder, one worker per core, workers started
   per pass and joined at its end (so their CPU time is counted): (images/s, images per CPU-s)."""
@@ -197,7 +204,7 @@ def torchvision_streamed(
     [
       transforms.RandomResizedCrop(224),
       transforms.RandomHorizontalFlip(),
-      transforms.RandAugment(2, 9),
+      *([transforms.RandAugment(2, 9)] if randaugment else []),
       transforms.PILToTensor(),
     ]
   )
@@ -225,41 +232,50 @@ def torchvision_streamed(
 
 
 def streaming_main(args) -> None:
-  """Both pipelines on one generated folder, one after the other, then the comparison."""
+  """Both pipelines on one generated folder, with and without RandAugment, then the ratios."""
   load_before = os.getloadavg()
+  cores = os.cpu_count()
   with tempfile.TemporaryDirectory() as root:
     kb = write_photos(root, args.images)
     per_pass = args.images
-    ours = jaxsam_streamed(root, per_pass, args.passes, args.batch_size)
-    theirs = torchvision_streamed(root, per_pass, args.passes, args.batch_size)
-  cores = os.cpu_count()
-  print(
-    f"{args.images} JPEGs of 380-420 x 330-370 px ({kb:.0f} KB mean), random-resized crop to "
-    f"224 + flip + RandAugment(2, 9), uint8 batches of {args.batch_size}, {cores} cores, "
-    f"{per_pass} images per pass:"
-  )
-  medians = {}
-  for name, rows in (
-    ("jaxsam streamed (tf.data)", ours),
-    (f"torchvision ImageFolder + DataLoader ({cores} workers)", theirs),
-  ):
-    wall, cpu = (statistics.median(r[i] for r in rows) for i in (0, 1))
-    medians[name] = (wall, cpu)
     print(
-      f"  {name}: median {wall:,.0f} images/s, {cpu:,.0f} images per CPU-second (passes: "
-      f"{', '.join(f'{w:,.0f}/{c:,.0f}' for w, c in rows)} images/s / per CPU-s)"
+      f"{args.images} JPEGs of 380-420 x 330-370 px ({kb:.0f} KB mean), random-resized crop to "
+      f"224 + flip (+ RandAugment(2, 9)), uint8 batches of {args.batch_size}, {cores} cores, "
+      f"{per_pass} images per pass, {args.passes} passes (medians):"
     )
-  (ours_wall, ours_cpu), (theirs_wall, theirs_cpu) = medians.values()
+    ratios = {}
+    for randaugment in (True, False):
+      what = "with RandAugment(2, 9)" if randaugment else "without RandAugment"
+      ours = jaxsam_streamed(root, per_pass, args.passes, args.batch_size, randaugment)
+      theirs = torchvision_streamed(root, per_pass, args.passes, args.batch_size, randaugment)
+      medians = []
+      for name, rows in (
+        ("jaxsam streamed (tf.data)", ours),
+        (f"torchvision ImageFolder + DataLoader ({cores} workers)", theirs),
+      ):
+        wall, cpu = (statistics.median(r[i] for r in rows) for i in (0, 1))
+        medians.append((wall, cpu))
+        print(
+          f"  {what}: {name}: {wall:,.0f} images/s, {cpu:,.0f} images per CPU-second "
+          f"(passes: {', '.join(f'{w:,.0f}/{c:,.0f}' for w, c in rows)} images/s / per CPU-s)"
+        )
+      (ours_wall, ours_cpu), (theirs_wall, theirs_cpu) = medians
+      ratios[randaugment] = ours_cpu / theirs_cpu
+      print(
+        f"  {what}: jaxsam / torchvision {ours_cpu / theirs_cpu:.2f}x per CPU-second, "
+        f"{ours_wall / theirs_wall:.2f}x images/s"
+      )
+      if randaugment:
+        for kind, target in (("SGD", TARGET_SGD_IMAGES_PER_S), ("SAM", TARGET_SAM_IMAGES_PER_S)):
+          print(
+            f"  feeding ResNet-50 {kind} at {target:,} images/s per GPU takes {target:,} / "
+            f"{ours_cpu:,.0f} = {target / ours_cpu:.1f} cores per GPU with jaxsam, {target:,} / "
+            f"{theirs_cpu:,.0f} = {target / theirs_cpu:.1f} with torchvision"
+          )
   print(
-    f"  jaxsam / torchvision: {ours_cpu / theirs_cpu:.2f}x per CPU-second (per core; target "
-    f">= 2x), {ours_wall / theirs_wall:.2f}x images/s"
+    f"  per CPU-second: {ratios[True]:.2f}x with RandAugment (target >= 2x), "
+    f"{ratios[False]:.2f}x without"
   )
-  for what, target in (("SGD", TARGET_SGD_IMAGES_PER_S), ("SAM", TARGET_SAM_IMAGES_PER_S)):
-    print(
-      f"  feeding ResNet-50 {what} at {target:,} images/s per GPU takes {target:,} / "
-      f"{ours_cpu:,.0f} = {target / ours_cpu:.1f} cores per GPU with jaxsam, {target:,} / "
-      f"{theirs_cpu:,.0f} = {target / theirs_cpu:.1f} with torchvision"
-    )
   load_after = os.getloadavg()
   print(
     f"  load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min; above "

@@ -114,12 +114,12 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
 
   import jax  # pylint: disable=import-outside-toplevel
 
+  import jaxsam.data  # pylint: disable=import-outside-toplevel
   from jaxsam import parallel, stepcost  # pylint: disable=import-outside-toplevel
-  from jaxsam.data import sources  # pylint: disable=import-outside-toplevel
 
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
-  data = sources.load_dataset(config.dataset)
-  native = data.train.images.shape[1]
+  data = jaxsam.data.load(config, main=False)
+  native = data.native_size(config.model.image_size)
   num_classes = config.model.num_classes or data.num_classes
   if not config.model.image_size:
     config.model.image_size = native

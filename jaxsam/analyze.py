@@ -44,7 +44,7 @@ from jaxsam import (
   writers,
 )
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import sources
+from jaxsam.data import rows, sources
 
 WHAT = ("hessian", "sharpness", "landscape")
 HESSIAN_METHODS = ("lanczos", "power")
@@ -150,15 +150,17 @@ def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> Resto
 # ------------------------------------------------------------------------------------ data
 
 
-def select_subset(split: sources.Split, num_examples: int, seed: int) -> sources.Split:
-  """A fixed subset: the first `num_examples` of the permutation drawn from `seed`."""
-  n = len(split.labels)
+def select_subset(data, num_examples: int, seed: int, size: int) -> sources.Split:
+  """A fixed subset of the train split of `data` (a `jaxsam.data` DataSource), unaugmented: the
+  first `num_examples` of the permutation drawn from `seed`; streamed images resized and
+  centre-cropped to `size` as the test split is."""
+  n = data.num_train
   if num_examples > n:
     raise errors.DataError(
       f"--num_examples={num_examples} exceeds the {n} examples of the train split; use <= {n}"
     )
   index = np.random.default_rng(seed).permutation(n)[:num_examples]
-  return sources.Split(images=split.images[index], labels=split.labels[index])
+  return data.train_examples(index, size)
 
 
 def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -> int:
@@ -167,20 +169,11 @@ def effective_batch_size(batch_size: int, num_examples: int, num_devices: int) -
   return -(-batch // num_devices) * num_devices
 
 
-def _local_rows(global_rows: np.ndarray) -> np.ndarray:
-  """This process's contiguous share of a global batch's rows (as jaxsam.data.pipeline slices)."""
-  local = len(global_rows) // jax.process_count()
-  return global_rows[jax.process_index() * local : (jax.process_index() + 1) * local]
-
-
 def example_batches(subset: sources.Split, batch_size: int, mesh) -> list[dict[str, jax.Array]]:
   """Sharded batches covering the subset once; padding rows in the last one carry mask 0."""
   n = len(subset.labels)
   out = []
-  for start in range(0, n, batch_size):
-    index = _local_rows(np.arange(start, start + batch_size))
-    mask = index < n
-    index = np.where(mask, index, 0)
+  for index, mask in rows.padded_batches(n, batch_size, jax.process_index(), jax.process_count()):
     out.append(
       parallel.shard_batch(
         {
@@ -208,10 +201,10 @@ def group_batches(
   images = subset.images[: num_groups * m].reshape((num_groups, m) + subset.images.shape[1:])
   labels = subset.labels[: num_groups * m].reshape(num_groups, m).astype(np.int32)
   out = []
-  for start in range(0, num_groups, per_batch):
-    index = _local_rows(np.arange(start, start + per_batch))
-    weight = (index < num_groups).astype(np.float32)
-    index = np.where(weight > 0, index, 0)
+  for index, mask in rows.padded_batches(
+    num_groups, per_batch, jax.process_index(), jax.process_count()
+  ):
+    weight = mask.astype(np.float32)
     batch = parallel.shard_batch(
       {"image": images[index], "label": labels[index], "weight": weight}, mesh
     )
@@ -415,7 +408,9 @@ def _analyze(workdir, settings, checkpoint, mesh, environ) -> dict[str, Any]:
   """The analyses themselves, with the workdir held (see `analyze`)."""
   run = restore_run(workdir, checkpoint, mesh=mesh)
   mesh = run.setup.mesh
-  subset = select_subset(run.setup.data.train, settings.num_examples, settings.seed)
+  subset = select_subset(
+    run.setup.data, settings.num_examples, settings.seed, run.setup.step_config.image_size
+  )
   n = settings.num_examples
   batch_size = effective_batch_size(settings.batch_size, n, mesh.devices.size)
   batches = example_batches(subset, batch_size, mesh)

@@ -148,9 +148,9 @@ def _sources():
 
 
 def _in_memory():
-  from jaxsam.data import streaming
+  from jaxsam.data import choice
 
-  return streaming.IN_MEMORY_CHOICES
+  return choice.IN_MEMORY_CHOICES
 
 
 def _crop_fills():

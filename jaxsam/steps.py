@@ -20,11 +20,11 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxsam import errors, losses
 from jaxsam import sam as sam_lib
+from jaxsam.data import sources
 from jaxsam.parallel import DATA_AXIS
 
 GROUP_AXIS = "sam_group"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = sources.IMAGENET_MEAN, sources.IMAGENET_STD
 # Keras' "caffe" input (its ResNet50 weights): BGR, the caffe mean subtracted on 0-255, no scaling;
 # on the 0-1 scale that is this BGR mean and a std of 1/255.
 CAFFE_MEAN_BGR = (103.939 / 255, 116.779 / 255, 123.68 / 255)

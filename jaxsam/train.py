@@ -19,10 +19,11 @@ import ml_collections
 import numpy as np
 import tqdm
 
+import jaxsam.data
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import pipeline, sources, streaming
+from jaxsam.data import pipeline, sources
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -31,7 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class Setup:
   """What a config resolves to once the data is known (shared by train, eval and analysis)."""
 
-  data: streaming.Data  # in memory (sources.DatasetArrays) or streamed (streaming.Stream)
+  data: Any  # jaxsam.data's DataSource: in memory or streamed
   model: Any  # flax module
   step_config: steps.StepConfig
   num_classes: int
@@ -49,7 +50,7 @@ def compute_dtype(config: ml_collections.ConfigDict):
 NORMALIZATIONS = config_schema.NORMALIZATIONS  # the config table lists the names
 
 
-def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays) -> dict:
+def normalization(config: ml_collections.ConfigDict, data) -> dict:
   """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
 
   `auto` asks the weight file (`pretrained.input_normalization`): caffe for Keras' ResNet50,
@@ -77,22 +78,21 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
   return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
 
 
-def build_setup(
-  config: ml_collections.ConfigDict, mesh=None, data: sources.DatasetArrays | None = None
-) -> Setup:
-  """Loads the data and resolves model, step settings and step counts from the config."""
+def build_setup(config: ml_collections.ConfigDict, mesh=None, data=None) -> Setup:
+  """Loads the data (or takes `data`, a `jaxsam.data.load` DataSource) and resolves model, step
+  settings and step counts from the config."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.per_process_batch_size(config.batch_size, mesh)
   parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
   if data is None:
     with parallel.main_process_first("load_dataset"):  # process 0 downloads/prepares alone
-      data = streaming.load(config, main=parallel.is_main_process())
-  data = streaming.apply_train_split(data, config)
+      data = jaxsam.data.load(config, main=parallel.is_main_process())
+  data = data.with_train_split(config.dataset, config.seed)
   num_classes = config.model.num_classes or data.num_classes
-  native = streaming.native_size(data, config.model.image_size)
+  native = data.native_size(config.model.image_size)
   image_size = config.model.image_size or native
   per_device = config.batch_size // mesh.devices.size
-  spe = streaming.train_steps_per_epoch(data, config.batch_size, jax.process_count())
+  spe = data.steps_per_epoch(config.batch_size, jax.process_count())
   step_config = steps.StepConfig(
     image_size=image_size,
     **normalization(config, data),
@@ -160,8 +160,7 @@ def evaluate_test_split(
 ) -> dict:
   """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
   totals = None
-  for batch in streaming.test_batches(
-    setup.data,
+  for batch in setup.data.test_batches(
     global_batch=global_batch,
     size=setup.step_config.image_size,
     process_index=jax.process_index(),
@@ -457,7 +456,7 @@ def _summary(loop: _Loop) -> dict:
     "num_processes": jax.process_count(),
     "sam_m": setup.step_config.sam_group_size,
     "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
-    "train_examples": streaming.num_train(setup.data),
+    "train_examples": setup.data.num_train,
     "skipped_bad_images": setup.data.skipped_images,
     "label_noise": config.dataset.label_noise,
     "completed": loop.step >= setup.total_steps,
@@ -528,7 +527,7 @@ def train_and_evaluate(
   workdir_lib.check_not_held(workdir)
   setup = build_setup(config)
   tx, lr_schedule = setup_optimizer(config, setup)
-  train_input = streaming.train_input(config, setup.data, size=setup.step_config.image_size)
+  train_input = setup.data.train_input(config, size=setup.step_config.image_size)
   state = create_train_state(config, setup, tx)
   with hold_workdir(workdir, "a training launch"):
     return _train(

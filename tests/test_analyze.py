@@ -197,3 +197,80 @@ def test_wandb_is_skipped_when_the_run_has_it_disabled(tmp_path):
     config, str(tmp_path), {"step": 1, "train_loss": 0.1, "train_accuracy": 1.0}, {}, environ={}
   )
   assert not os.path.exists(tmp_path / "wandb")
+
+
+# ----------------------------------------------------------------------------- streamed runs
+
+
+def test_analyze_and_report_work_on_a_streamed_image_folder_run(tmp_path, capsys):
+  """A tiny run streamed from an image folder (a .tar, read at random), analysed: the subset's
+  train loss equals a forward pass over the same examples decoded by PIL in memory, and the
+  report reads the analysed run."""
+  import tarfile
+
+  from PIL import Image
+
+  from configs import common
+  from jaxsam import report
+  from jaxsam.data import datasource
+
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 48), ("test", 16)):
+    for i in range(n):
+      folder = tmp_path / "set" / split / f"c{i % 3}"
+      folder.mkdir(parents=True, exist_ok=True)
+      image = np.full((16, 16, 3), 60 * (i % 3), np.uint8) + rng.integers(
+        0, 60, (16, 16, 3), dtype=np.uint8
+      )
+      Image.fromarray(image).save(folder / f"{i:03d}.png")
+  with tarfile.open(tmp_path / "set.tar", "w") as archive:
+    archive.add(tmp_path / "set", arcname="set")
+  config = common.get_base_config()
+  config.dataset.source, config.dataset.name = "image_folder", "set"
+  config.dataset.path, config.dataset.cache_dir = str(tmp_path / "set.tar"), str(tmp_path / "c")
+  config.dataset.in_memory, config.dataset.eval_crop_fraction = "false", 1.0
+  config.model.name, config.model.width, config.model.normalization = "resnet8", 4, "imagenet"
+  config.model.image_size = 16  # the native side: a centre crop of the whole image
+  config.num_epochs, config.batch_size, config.eval_batch_size = 2, 16, 8
+  config.augment.crop_padding, config.augment.flip = 0, False
+  config.progress_bar, config.wandb.mode = False, "disabled"
+  run_dir = str(tmp_path / "run")
+  assert train.train_and_evaluate(config, run_dir)["completed"]
+  assert "streamed from files" in capsys.readouterr().out
+
+  settings = analyze.Settings(
+    num_examples=24,
+    batch_size=8,
+    top_k=1,
+    hessian_iters=3,
+    trace_probes=2,
+    m=(8,),
+    rho=(0.05,),
+    ascent_steps=1,
+    grid_1d=3,
+    grid_2d=3,
+    progress=False,
+    wandb=False,
+  )
+  result = analyze.analyze(run_dir, settings)
+  assert result["sharpness"]["results"][0]["num_groups"] == 3
+  run = analyze.restore_run(run_dir)
+  assert isinstance(run.setup.data, datasource.Streamed)
+  config.dataset.in_memory = "true"  # the same files decoded by PIL, ImageNet normalisation
+  data = sources.load_dataset(config.dataset)
+  index = np.random.default_rng(settings.seed).permutation(48)[: settings.num_examples]
+  model = models.create_model(run.config.model, num_classes=3, dtype=jnp.float32)
+  state = jax.device_get(run.state)
+  logits = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats},
+    steps.preprocess(jnp.asarray(data.train.images[index]), run.setup.step_config),
+    train=False,
+  )
+  labels = jnp.asarray(data.train.labels[index])
+  loss = float(jnp.mean(losses.cross_entropy(logits, labels)))
+  assert result["train_loss"] == pytest.approx(loss, rel=1e-5)
+  assert result["hessian"]["lambda_max"] > 0
+  capsys.readouterr()
+  assert report.main([run_dir, f"--output={tmp_path / 'curves.png'}"]) == 0
+  out = capsys.readouterr().out
+  assert "λ_max" in out and f"{result['hessian']['lambda_max']:.4g}" in out, out

@@ -34,7 +34,7 @@ def build(dtype: str):
   step = steps.compile_train_step(
     mesh, model=setup.model, tx=tx, lr_schedule=lr, cfg=setup.step_config
   )
-  images, labels = setup.data.train.images[:16], setup.data.train.labels[:16]
+  images, labels = setup.data.arrays.train.images[:16], setup.data.arrays.train.labels[:16]
   batch = parallel.shard_batch({"image": images, "label": labels.astype(np.int32)}, mesh)
   return step, state, batch, (setup, images, labels.astype(np.int32))
 

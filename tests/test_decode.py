@@ -19,8 +19,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import jaxsam.data
 from configs import common
-from jaxsam.data import decode, image_folder, sources, streaming
+from jaxsam.data import choice, datasource, decode, image_folder, sources, stream_sources, streaming
 from jaxsam.errors import DataError
 
 SIDE = 32
@@ -133,12 +134,13 @@ def awkward(tmp_path_factory):
 
 def _both_paths(path, tmp_path):
   """(in-memory test images, streamed test images) through the loaders the train loop uses."""
-  memory = streaming.load(folder_config(path, tmp_path, in_memory="true"))
-  stream = streaming.load(folder_config(path, tmp_path, in_memory="false"))
-  assert isinstance(memory, sources.DatasetArrays) and isinstance(stream, streaming.Stream)
+  memory = jaxsam.data.load(folder_config(path, tmp_path, in_memory="true"))
+  streamed = jaxsam.data.load(folder_config(path, tmp_path, in_memory="false"))
+  assert isinstance(memory, datasource.InMemory) and isinstance(streamed, datasource.Streamed)
+  stream = streamed.stream
   batches = streaming.eval_batches(stream, size=SIDE, global_batch=4, crop_fraction=1.0)
-  streamed = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
-  return memory.test.images, streamed, [os.fsdecode(p) for p in stream.test.paths]
+  pixels = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+  return memory.arrays.test.images, pixels, [os.fsdecode(p) for p in stream.test.paths]
 
 
 def test_every_kind_of_file_decodes_to_the_same_pixels_in_memory_and_streamed(awkward, tmp_path):
@@ -219,7 +221,7 @@ def test_folder_as_users_have_it_lists_images_only_and_counts_the_rest(tmp_path)
   # Both paths take the latin-1 name: the in-memory loader and TF (paths as bytes).
   config = folder_config(root, tmp_path)
   memory = sources.load_dataset(config.dataset)
-  stream = streaming.open_stream(config.dataset)
+  stream = stream_sources.open_stream(config.dataset)
   assert b"caf\xe9.png" in stream.train.paths[1]
   assert len(memory.train.labels) == stream.train.num_examples == 4
   batches = streaming.eval_batches(stream, size=SIDE, global_batch=2, crop_fraction=1.0)
@@ -274,7 +276,7 @@ def test_bad_files_are_named_with_their_count_in_one_line(tmp_path):
   for in_memory in ("true", "false"):
     config = folder_config(root, tmp_path, in_memory=in_memory)
     with pytest.raises(DataError) as info:
-      streaming.load(config)
+      jaxsam.data.load(config)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"7 bad image file(s) in {root!r}: ")
@@ -290,10 +292,10 @@ def test_skip_bad_images_leaves_them_out_and_says_how_many(tmp_path, capsys):
   root = _bad_folder(tmp_path, count_bad=4)
   for in_memory in ("true", "false"):
     config = folder_config(root, tmp_path, in_memory=in_memory, skip_bad_images=True)
-    data = streaming.load(config)
-    assert data.skipped_images == 4 and streaming.num_train(data) == 1
+    data = jaxsam.data.load(config)
+    assert data.skipped_images == 4 and data.num_train == 1
     assert "left out 4 bad image(s) (dataset.skip_bad_images)" in capsys.readouterr().out
-  again = streaming.load(folder_config(root, tmp_path, in_memory="true", skip_bad_images=True))
+  again = jaxsam.data.load(folder_config(root, tmp_path, in_memory="true", skip_bad_images=True))
   assert again.skipped_images == 4  # from the cache: the count survives
 
 
@@ -304,12 +306,12 @@ def test_pixel_limit_is_one_key_for_both_paths(tmp_path):
     with pytest.raises(
       DataError, match=r"32x32 = 1024 pixels, above dataset.max_image_pixels=1023"
     ):
-      streaming.load(config)
+      jaxsam.data.load(config)
     config.dataset.max_image_pixels = SIDE * SIDE
-    assert streaming.num_train(streaming.load(config)) == 1
+    assert jaxsam.data.load(config).num_train == 1
   config.dataset.max_image_pixels = -1
   with pytest.raises(DataError, match=r"dataset.max_image_pixels=-1; expected a pixel count"):
-    streaming.load(config)
+    jaxsam.data.load(config)
   # PIL's Image.MAX_IMAGE_PIXELS default (decode switches PIL's own check off for its own).
   assert common.get_base_config().dataset.max_image_pixels == (1024 * 1024 * 1024 // 4 // 3)
 
@@ -325,7 +327,7 @@ def test_a_file_that_fails_mid_stream_is_named_in_one_line(tmp_path):
     },
   )
   config = folder_config(root, tmp_path, in_memory="false")
-  stream = streaming.open_stream(config.dataset)
+  stream = stream_sources.open_stream(config.dataset)
   with open(os.path.join(root, "test", "a", "2.jpg"), "wb") as f:
     f.write(b"\xff\xd8\xff" + b"garbage" * 10)  # still a JPEG signature: TF's decoder fails
   with pytest.raises(DataError) as info:
@@ -350,11 +352,11 @@ def test_the_source_the_user_named_is_the_one_used(tmp_path):
   assert data.train.images.shape == (1, SIDE, SIDE, 3)
   config.dataset.path = str(tmp_path / "absent")
   with pytest.raises(DataError, match=r"dataset.path .*absent' does not exist; dataset.source="):
-    streaming.choose(config.dataset)
+    choice.choose(config.dataset)
   digits = common.get_base_config().dataset
   digits.path = str(root)
   with pytest.raises(DataError, match=r"dataset.path=.* is ignored by dataset 'digits' \(bundled"):
-    streaming.choose(digits)
+    choice.choose(digits)
   tfds = common.get_base_config().dataset
   tfds.name, tfds.path = "cifar10", str(root)
   with pytest.raises(DataError, match=r"is ignored by dataset.source='tfds'.*'image_folder'"):

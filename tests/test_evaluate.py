@@ -59,7 +59,7 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
     assert json.load(f) == result
   # Per-class accuracies weighted by class sizes give back top-1.
   config = workdir_lib.read_config(workdir)
-  labels = train.build_setup(config).data.test.labels
+  labels = train.build_setup(config).data.arrays.test.labels
   sizes = np.bincount(labels, minlength=10)
   assert len(result["per_class_accuracy"]) == 10
   assert np.dot(result["per_class_accuracy"], sizes) / sizes.sum() == pytest.approx(

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from configs import common
 from jaxsam import errors, parallel, steps, train
-from jaxsam.data import pipeline, sources
+from jaxsam.data import datasource, pipeline, rows, sources
 
 
 def make_split(n=50, size=4, num_classes=7, seed=0):
@@ -49,7 +49,7 @@ def test_same_seed_same_batches_and_epochs_are_permutations():
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
   assert any(ids(x) != ids(z) for x, z in zip(a, c))
-  spe = pipeline.steps_per_epoch(50, 8)  # 6 full batches; the last 2 examples wait a turn
+  spe = rows.steps_per_epoch(50, 8)  # 6 full batches; the last 2 examples wait a turn
   epoch0 = [i for x in a[:spe] for i in ids(x)]
   assert len(set(epoch0)) == spe * 8
   assert [i for x in a[spe : 2 * spe] for i in ids(x)] != epoch0  # a new order every epoch
@@ -98,7 +98,7 @@ def test_eval_stream_counts_every_example_once():
 
 def test_batch_larger_than_the_split_is_a_config_error():
   with pytest.raises(errors.ConfigError, match="batch_size=64 exceeds the 50 training examples"):
-    pipeline.steps_per_epoch(50, 64)
+    rows.steps_per_epoch(50, 64)
 
 
 class FixedLogits(nn.Module):
@@ -126,7 +126,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   cfg = steps.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
   model = FixedLogits()
   setup = train.Setup(
-    data=data,
+    data=datasource.InMemory(data),
     model=model,
     step_config=cfg,
     num_classes=7,

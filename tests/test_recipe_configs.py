@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from configs import common
 from jaxsam import models, optim
-from jaxsam.data import augment, streaming, transforms
+from jaxsam.data import augment, choice, transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = os.path.join(ROOT, "configs", "imagenet_resnet50_sam.py")
@@ -58,7 +58,7 @@ def test_recipe_config_is_locked_and_overridable(path):
 @pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)
 def test_recipe_config_streams_and_its_input_keys_resolve(path):
   config = parse(path)
-  stream, line = streaming.choose(config.dataset)
+  stream, line = choice.choose(config.dataset)
   assert stream and "streamed from files" in line
   size = config.model.image_size
   assert size == 224 and config.augment.random_resized_crop and config.augment.flip

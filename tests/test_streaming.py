@@ -22,7 +22,16 @@ from PIL import Image
 
 from configs import common
 from jaxsam import errors
-from jaxsam.data import pipeline, sources, streaming, transforms
+from jaxsam.data import (
+  choice,
+  datasource,
+  pipeline,
+  rows,
+  sources,
+  stream_sources,
+  streaming,
+  transforms,
+)
 
 NUM_TRAIN, NUM_TEST = 96, 37
 
@@ -85,7 +94,7 @@ def _config(data_dir):
 
 @pytest.fixture(scope="module")
 def stream(tfds_dir):
-  return streaming.open_stream(_config(tfds_dir).dataset)
+  return stream_sources.open_stream(_config(tfds_dir).dataset)
 
 
 def _ids(batch) -> np.ndarray:
@@ -102,8 +111,14 @@ def _take(iterator, n):
 def test_tfds_split_read_from_four_record_files(stream):
   assert stream.train.num_examples == NUM_TRAIN and stream.test.num_examples == NUM_TEST
   assert stream.train.shard_lengths == (24, 24, 24, 24) and stream.num_classes == 3
-  windows = streaming.epoch_windows(
-    stream.train, seed=0, epoch=0, process_index=0, process_count=1, buffer=30
+  windows = rows.epoch_windows(
+    stream.train.num_examples,
+    stream.train.shard_lengths,
+    seed=0,
+    epoch=0,
+    process_index=0,
+    process_count=1,
+    buffer=30,
   )
   # Whole files, two per window (24 < 30 <= 48), each file once.
   assert sorted(r for w in windows for r in w) == [(0, 24), (24, 48), (48, 72), (72, 96)]
@@ -215,7 +230,7 @@ def test_streamed_eval_batches_equal_in_memory_eval_batches(tmp_path):
   config.dataset.source, config.dataset.name = "image_folder", "set"
   config.dataset.path, config.dataset.cache_dir = str(tmp_path / "set"), str(tmp_path / "cache")
   data = sources.load_dataset(config.dataset)
-  stream_ = streaming.open_stream(config.dataset)
+  stream_ = stream_sources.open_stream(config.dataset)
   memory = list(pipeline.eval_batches(data.test, global_batch=8))
   streamed = list(streaming.eval_batches(stream_, size=16, global_batch=8, crop_fraction=1.0))
   assert len(memory) == len(streamed) == 3
@@ -282,7 +297,7 @@ def test_mock_data_variable_size_images_stream_at_model_size(tmp_path):
   config.augment.crop_padding = 0
   config.augment.randaugment.num_ops = 2
   with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
-    stream_ = streaming.open_stream(config.dataset)
+    stream_ = stream_sources.open_stream(config.dataset)
     assert stream_.native_size == 0 and stream_.num_classes == 102
     with pytest.raises(errors.ConfigError, match="model.image_size"):
       streaming.image_size(stream_, 0)
@@ -301,13 +316,13 @@ def test_mock_data_variable_size_images_stream_at_model_size(tmp_path):
 def test_auto_streams_above_the_memory_fraction(tfds_dir):
   config = _config(tfds_dir)
   config.dataset.in_memory = "auto"
-  stream_, line = streaming.choose(config.dataset)
+  stream_, line = choice.choose(config.dataset)
   assert stream_ and "varying size" in line and line.count("\n") == 0
   config.dataset.in_memory = "true"
-  assert streaming.choose(config.dataset)[0] is False
+  assert choice.choose(config.dataset)[0] is False
   config.dataset.in_memory = "yes"
   with pytest.raises(errors.ConfigError, match=r"dataset.in_memory='yes'; expected one of"):
-    streaming.choose(config.dataset)
+    choice.choose(config.dataset)
 
 
 # --------------------------------------------------------------------------------- image folder
@@ -344,14 +359,14 @@ def jpeg_folder(tmp_path_factory):
 
 
 def test_folder_of_mixed_size_jpegs_streams_each_once_per_epoch(jpeg_folder):
-  stream_ = streaming.open_stream(jpeg_folder.dataset)
+  stream_ = stream_sources.open_stream(jpeg_folder.dataset)
   assert stream_.train.num_examples == 300 and stream_.class_names == ("class0", "class1", "class2")
-  assert streaming.choose(jpeg_folder.dataset)[0]  # mixed sizes: auto streams
+  assert choice.choose(jpeg_folder.dataset)[0]  # mixed sizes: auto streams
   batches = streaming.train_batches(stream_, jpeg_folder.augment, size=32, seed=0, global_batch=50)
   ids = np.concatenate([_index(b["image"][:, 16, 16]) for b in _take(batches, 6)])
   assert sorted(ids) == list(range(300))
   # Same order as the in-memory path's epoch permutation.
-  order = pipeline.epoch_order(0, 0, 300)
+  order = rows.epoch_order(0, 0, 300)
   by_file = np.asarray([int(os.path.basename(p)[:4]) for p in stream_.train.paths])
   np.testing.assert_array_equal(ids, by_file[order])
   evals = list(streaming.eval_batches(stream_, size=32, global_batch=16))
@@ -359,11 +374,55 @@ def test_folder_of_mixed_size_jpegs_streams_each_once_per_epoch(jpeg_folder):
   assert sorted(seen) == list(range(300, 350))
 
 
+def test_streamed_folder_takes_the_in_memory_subset_and_label_noise(jpeg_folder, tmp_path):
+  """dataset.train_examples and label_noise pick the same files and labels streamed as in memory,
+  and the streamed epoch covers exactly the subset."""
+  config = jpeg_folder.copy_and_resolve_references()
+  config.dataset.train_examples, config.dataset.label_noise = 30, 0.4
+  config.dataset.image_size, config.dataset.cache_dir = 32, str(tmp_path / "cache")
+  config.dataset.in_memory = "true"
+  memory = datasource.load(config, main=False).with_train_split(config.dataset, 3)
+  config.dataset.in_memory = "false"
+  streamed = datasource.load(config, main=False).with_train_split(config.dataset, 3)
+  assert isinstance(memory, datasource.InMemory) and isinstance(streamed, datasource.Streamed)
+  assert streamed.num_train == memory.num_train == 30
+  files = [int(os.path.basename(p)[:4]) for p in streamed.stream.train.paths]
+  np.testing.assert_array_equal(files, _index(memory.arrays.train.images[:, 16, 16]))
+  np.testing.assert_array_equal(streamed.stream.train.labels, memory.arrays.train.labels)
+  assert (streamed.stream.train.labels != np.asarray(files) % 3).sum() == 12  # 40 % flipped
+  config.batch_size = 10
+  batches = streamed.train_input(config, size=32)(0, 0, 1)
+  seen = np.concatenate([_index(next(batches)["image"][:, 16, 16]) for _ in range(3)])
+  assert sorted(seen) == sorted(files)
+
+
+def test_batched_crop_boxes_give_each_example_s_own_train_crop(jpeg_folder):
+  """The streamed batches compute crop draws and boxes per batch: each image equals
+  `transforms.train_crop` of its file with its own seed (the per-example, torchvision-checked
+  arithmetic), resumed steps included."""
+  config = jpeg_folder.copy_and_resolve_references()
+  config.augment.random_resized_crop = True
+  config.augment.crop_scale = (0.02, 1.0)  # small crops too: upscaled as well as shrunk
+  stream_ = stream_sources.open_stream(config.dataset)
+  batches = streaming.train_batches(
+    stream_, config.augment, size=48, seed=2, global_batch=20, start_step=14
+  )
+  steps = rows.train_steps(
+    300, seed=2, start_step=14, global_batch=20, process_index=0, process_count=1
+  )
+  for _ in range(2):  # step 14 and 15 (epoch 0's last, epoch 1's first)
+    batch, (index, seeds) = next(batches), next(steps)
+    for image, i, seed in zip(batch["image"], index, seeds, strict=True):
+      encoded = tf.io.read_file(stream_.train.paths[i])
+      want = transforms.train_crop(encoded, seed, 48, config.augment.crop_scale).numpy()
+      np.testing.assert_array_equal(image, want)
+
+
 def test_folder_random_resized_crop_and_randaugment_at_224(jpeg_folder):
   jpeg_folder.augment.random_resized_crop = True
   jpeg_folder.augment.flip = True
   jpeg_folder.augment.randaugment.num_ops = 2
-  stream_ = streaming.open_stream(jpeg_folder.dataset)
+  stream_ = stream_sources.open_stream(jpeg_folder.dataset)
   two = [
     _take(
       streaming.train_batches(
@@ -389,7 +448,7 @@ def test_folder_random_resized_crop_and_randaugment_at_224(jpeg_folder):
     )
 
 
-def test_folder_with_no_images_and_archives_are_refused(tmp_path, jpeg_folder):
+def test_folder_with_no_images_and_a_source_that_cannot_stream_are_refused(tmp_path):
   (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
   (tmp_path / "empty" / "test" / "a").mkdir(parents=True)
   (tmp_path / "empty" / "train" / "a" / "notes.txt").write_text("no images")
@@ -397,11 +456,66 @@ def test_folder_with_no_images_and_archives_are_refused(tmp_path, jpeg_folder):
   config.dataset.source, config.dataset.name = "image_folder", "empty"
   config.dataset.path, config.dataset.in_memory = str(tmp_path / "empty"), "false"
   with pytest.raises(errors.DataError, match="holds no images"):
-    streaming.open_stream(config.dataset)
+    stream_sources.open_stream(config.dataset)
   config.dataset.path = str(tmp_path / "photos.zip")
-  (tmp_path / "photos.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
-  with pytest.raises(errors.ConfigError, match="not an archive: extract it first"):
-    streaming.choose(config.dataset)
+  (tmp_path / "photos.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip
+  with pytest.raises(errors.DataError, match="has no split folder 'train'"):
+    stream_sources.open_stream(config.dataset)
+  config.dataset.source, config.dataset.name = "cifar_python", "cifar10"
+  with pytest.raises(errors.ConfigError, match="source 'cifar_python' cannot stream") as e:
+    choice.choose(config.dataset)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip", "gztar"])
+def test_archives_stream_the_folder_s_batches(jpeg_folder, tmp_path, capsys, kind):
+  """A .tar and a .zip are read at random by member offsets, a .tar.gz is unpacked once into the
+  cache: each gives the folder's train and eval batches exactly, a resumed stream included."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  folder = jpeg_folder.dataset.path
+  archive = shutil.make_archive(
+    str(tmp_path / "photos"), kind, os.path.dirname(folder), os.path.basename(folder)
+  )
+  config = jpeg_folder.copy_and_resolve_references()
+  config.dataset.path, config.dataset.cache_dir = archive, str(tmp_path / "cache")
+
+  def batches(dataset, start_step):
+    stream_ = stream_sources.open_stream(dataset)
+    train = streaming.train_batches(
+      stream_, config.augment, size=32, seed=3, global_batch=50, start_step=start_step
+    )
+    return _take(train, 2), list(streaming.eval_batches(stream_, size=32, global_batch=16))
+
+  (train, evals), (want_train, want_evals) = (
+    batches(config.dataset, 5),
+    batches(jpeg_folder.dataset, 5),
+  )
+  for got, want in zip(train + evals, want_train + want_evals, strict=True):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  unpacked = capsys.readouterr().out.count("unpacking")
+  assert unpacked == (1 if kind == "gztar" else 0)
+  batches(config.dataset, 0)  # a second launch reuses the unpacked folder
+  assert "unpacking" not in capsys.readouterr().out
+  assert os.path.isdir(tmp_path / "cache" / "unpacked") == (kind == "gztar")
+  if kind == "gztar":  # no temporary folder left beside the unpacked one
+    assert len(os.listdir(tmp_path / "cache" / "unpacked")) == 1
+
+
+def test_auto_looks_into_a_small_tar_gz_without_unpacking_it(jpeg_folder, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  folder = jpeg_folder.dataset.path
+  archive = shutil.make_archive(
+    str(tmp_path / "photos"), "gztar", os.path.dirname(folder), os.path.basename(folder)
+  )
+  config = jpeg_folder.copy_and_resolve_references()
+  config.dataset.path, config.dataset.cache_dir = archive, str(tmp_path / "cache")
+  config.dataset.in_memory, config.dataset.image_size = "auto", 32
+  stream_, line = choice.choose(config.dataset)
+  assert not stream_ and "300 images at 32x32" in line
+  assert not (tmp_path / "cache").exists()  # nothing unpacked to decide
 
 
 def test_tfds_split_with_no_images_is_refused(tmp_path):
@@ -410,7 +524,7 @@ def test_tfds_split_with_no_images_is_refused(tmp_path):
     tfds.testing.mock_data(num_examples=0, data_dir=str(tmp_path)),
     pytest.raises(errors.DataError, match="has no images"),
   ):
-    streaming.open_stream(config.dataset)
+    stream_sources.open_stream(config.dataset)
 
 
 # ------------------------------------------------------------------------------------ transforms

@@ -203,13 +203,18 @@ def tf_decode(encoded, box_fn=None):
   return image
 
 
-def stream_problem(path) -> str | None:
-  """Why the streamed decoder fails on the file at `path` (eagerly, as in the stream), or None."""
+def _read_file(path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def stream_problem(path, read: Callable[[object], bytes] | None = None) -> str | None:
+  """Why the streamed decoder fails on the file at `path` (eagerly, as in the stream), or None;
+  `read` reads an archive member's bytes by name (default: `path` is a file)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = (read or _read_file)(path)
   except OSError as e:
     return f"unreadable ({e.strerror})"
   try:
@@ -221,7 +226,9 @@ def stream_problem(path) -> str | None:
 
 
 def name_failures(
-  batches: Iterator[dict], paths_of_batch: Callable[[int], Sequence]
+  batches: Iterator[dict],
+  paths_of_batch: Callable[[int], Sequence],
+  read: Callable[[object], bytes] | None = None,
 ) -> Iterator[dict]:
   """`batches`, but a decode error mid-stream becomes one DataError line naming the file.
 
@@ -240,7 +247,7 @@ def name_failures(
       paths = list(paths_of_batch(k))
       bad = {}
       for path in paths:
-        problem = stream_problem(path)
+        problem = stream_problem(path, read)
         if problem is not None:
           bad[path] = problem
       if not bad:

@@ -36,10 +36,12 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import posixpath
 import tarfile
+import weakref
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -96,7 +98,7 @@ def _filter_members(names: Sequence[str]) -> tuple[list[str], list[tuple[str, st
   return kept, ignored
 
 
-def _check_member(path: str, name: str) -> str:
+def check_member(path: str, name: str) -> str:
   """A member's normalised posix path; DataError for an absolute path or one that escapes."""
   norm = posixpath.normpath(name.replace("\\", "/"))
   if posixpath.isabs(norm) or norm == ".." or norm.startswith("../"):
@@ -126,52 +128,67 @@ def _file_digest(path: str) -> str:
 
 
 def _tar_tree(path: str) -> Tree:
-  # Members are read into memory (the whole split is decoded anyway); nothing is extracted.
+  """An uncompressed tar is read at random by its members' offsets (nothing extracted, nothing
+  held); a compressed one cannot be, so its members are read into memory in one pass."""
   try:
     with tarfile.open(path, "r:*") as archive:
+      compressed = not isinstance(archive.fileobj, io.BufferedReader)
       contents, dirs = {}, set()
       for member in archive:
-        name = _check_member(path, member.name)
+        name = check_member(path, member.name)
         if name == ".":
           continue
         if member.isdir():
           dirs.add(name)
         elif member.isfile():
-          contents[name] = archive.extractfile(member).read()
+          contents[name] = (
+            archive.extractfile(member).read() if compressed else (member.offset_data, member.size)
+          )
   except (tarfile.TarError, EOFError, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable tar archive ({e})") from e
-  return _member_tree(path, contents, dirs)
+  if compressed:
+    read = contents.__getitem__
+  else:
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(name):
+      offset, size = contents[name]
+      return os.pread(fd, size, offset)
+
+    weakref.finalize(read, os.close, fd)  # closed when the tree is dropped
+  return _member_tree(path, list(contents), dirs, read)
 
 
-def _member_tree(path: str, contents: dict[str, bytes], dirs: set[str]) -> Tree:
-  """An archive's Tree: its members read into `contents`, hidden and __MACOSX entries ignored."""
-  files, ignored = _filter_members(sorted(contents))
-  kept_dirs, _ = _filter_members(sorted(dirs | _parent_dirs(list(contents))))
+def _member_tree(path: str, names: list[str], dirs: set[str], read: Callable[[str], bytes]) -> Tree:
+  """An archive's Tree: members read by `read`, hidden and __MACOSX entries ignored."""
+  files, ignored = _filter_members(sorted(names))
+  kept_dirs, _ = _filter_members(sorted(dirs | _parent_dirs(names)))
   return Tree(
     files=tuple(files),
     dirs=frozenset(kept_dirs),
-    read=contents.__getitem__,
+    read=read,
     where=lambda name: f"{path}:{name}",
     ignored=tuple(ignored),
-    check=contents.__getitem__,
+    check=read,
   )
 
 
 def _zip_tree(path: str) -> Tree:
+  # Members are read at random from the open archive (its central directory holds their offsets).
   try:
-    with zipfile.ZipFile(path) as archive:
-      contents, dirs = {}, set()
-      for info in archive.infolist():
-        name = _check_member(path, info.filename)
-        if name == ".":
-          continue
-        if info.is_dir():
-          dirs.add(name)
-        else:
-          contents[name] = archive.read(info)
+    archive = zipfile.ZipFile(path)  # pylint: disable=consider-using-with -- lives with the tree
+    contents, dirs = {}, set()
+    for info in archive.infolist():
+      name = check_member(path, info.filename)
+      if name == ".":
+        continue
+      if info.is_dir():
+        dirs.add(name)
+      else:
+        contents[name] = info
   except (zipfile.BadZipFile, OSError) as e:
     raise DataError(f"dataset.path {path!r} is not a readable zip archive ({e})") from e
-  return _member_tree(path, contents, dirs)
+  return _member_tree(path, list(contents), dirs, lambda name: archive.read(contents[name]))
 
 
 def _walk(path: str):
@@ -248,7 +265,7 @@ EXPECTED = (
 )
 
 
-def _kind(path: str) -> str:
+def kind(path: str) -> str:
   """'folder', 'zip' or 'tar'; DataError when `path` is none of them."""
   if not path:
     raise DataError(f"dataset.source='image_folder' needs dataset.path: {EXPECTED}")
@@ -265,12 +282,12 @@ def _kind(path: str) -> str:
 
 def fingerprint(path: str) -> str:
   """Changes whenever the folder's or archive's contents may have: the cache's key."""
-  return _folder_digest(path) if _kind(path) == "folder" else _file_digest(path)
+  return _folder_digest(path) if kind(path) == "folder" else _file_digest(path)
 
 
 def open_tree(path: str) -> Tree:
   """The folder or archive at `path`; DataError when it is neither."""
-  return {"folder": _folder_tree, "zip": _zip_tree, "tar": _tar_tree}[_kind(path)](path)
+  return {"folder": _folder_tree, "zip": _zip_tree, "tar": _tar_tree}[kind(path)](path)
 
 
 def _split_root(tree: Tree, path: str, split: str) -> str:

@@ -42,6 +42,11 @@ class DatasetArrays:
   note: str = ""  # the source's start-up line ('' = none)
 
 
+# ImageNet's channel statistics (0-1 scale): what pretrained weights expect, and what streamed
+# sets, which are not scanned for their own, are normalised with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 _STATS_CHUNK = 1 << 20  # pixels per histogram pass
 # The smallest std a channel is normalised with: one uint8 level on the 0-1 scale. A channel that
 # (nearly) never changes (solid-colour sets, some scans) would otherwise be divided by ~0; as in
@@ -179,7 +184,7 @@ def _network_reachable(hosts=DOWNLOAD_PROBE_HOSTS, timeout_s=DOWNLOAD_PROBE_TIME
   return False
 
 
-def _tfds_builder(dataset_config):
+def tfds_builder(dataset_config):
   """The tfds builder for `dataset.name` in `dataset.data_dir`; DataError for unknown names."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
@@ -192,21 +197,22 @@ def _tfds_builder(dataset_config):
     ) from e
 
 
-def prepare(dataset_config) -> None:
+def prepare(dataset_config):
   """Makes sure `config.dataset` is on disk (tfds: download and prepare if allowed); loads nothing.
 
-  For multi-host runs, call on process 0 and then barrier before every process calls
-  `load_dataset`. Bundled sources and torchvision archives need nothing and return at once.
+  Returns the tfds builder (None for other sources), for `load_dataset` and the streamed path to
+  reuse: one builder per launch. For multi-host runs, call on process 0 and then barrier before
+  every process calls `load_dataset`. Bundled sources and torchvision archives need nothing.
 
   Raises:
     DataError: data absent and `dataset.download` is False or the network is unreachable; the
       message says where the prepared data must be put.
   """
-  if _source_name(dataset_config) != "tfds":
-    return
-  builder = _tfds_builder(dataset_config)
+  if source_name(dataset_config) != "tfds":
+    return None
+  builder = tfds_builder(dataset_config)
   if builder.is_prepared():
-    return
+    return builder
   where = (
     f"put the prepared tfds dataset at {builder.data_path} (e.g. `tfds build "
     f"{dataset_config.name} --data_dir=DIR` on a machine with network, then copy DIR/"
@@ -230,6 +236,7 @@ def prepare(dataset_config) -> None:
       f"could not download tfds dataset {dataset_config.name!r} "
       f"({type(e).__name__}: {reason}): {where}"
     ) from e
+  return builder
 
 
 def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
@@ -260,10 +267,10 @@ def _tfds_split(builder, split: str, label_key: str, image_key: str) -> Split:
   )
 
 
-def load_tfds(dataset_config) -> DatasetArrays:
-  """Any tfds image-classification dataset, prepared (see `prepare`) and loaded into memory."""
-  prepare(dataset_config)
-  builder = _tfds_builder(dataset_config)
+def load_tfds(dataset_config, builder=None) -> DatasetArrays:
+  """Any tfds image-classification dataset, prepared (see `prepare`, which gives `builder`) and
+  loaded into memory."""
+  builder = builder or prepare(dataset_config)
   keys = builder.info.supervised_keys
   if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
     raise DataError(
@@ -485,7 +492,7 @@ PATH_SOURCES = {
 }
 
 
-def _source_name(dataset_config) -> str:
+def source_name(dataset_config) -> str:
   """Which SOURCES entry serves this config: `dataset.source`, except that the default 'tfds'
   with a bundled name (digits) means that bundled set. DataError when the config names
   something the chosen source would silently ignore, or a path that does not exist."""
@@ -516,12 +523,13 @@ def _source_name(dataset_config) -> str:
   return chosen
 
 
-def load_dataset(dataset_config) -> DatasetArrays:
+def load_dataset(dataset_config, builder=None) -> DatasetArrays:
   """Loads `config.dataset` fully into memory as uint8 numpy arrays.
 
   Args:
     dataset_config: `config.dataset` (keys name, source, path, data_dir, download, train_split,
       test_split; see configs/common.py).
+    builder: the tfds builder `prepare` returned, so a launch makes one builder (None: made here).
 
   Returns:
     DatasetArrays with train/test Splits at native resolution and train-set channel stats.
@@ -529,4 +537,7 @@ def load_dataset(dataset_config) -> DatasetArrays:
   Raises:
     DataError: unknown name or source, data absent and not downloadable, malformed archive.
   """
-  return SOURCES[_source_name(dataset_config)](dataset_config)
+  source = source_name(dataset_config)
+  if source == "tfds":
+    return load_tfds(dataset_config, builder)
+  return SOURCES[source](dataset_config)

@@ -60,20 +60,30 @@ def noisy_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: in
   return out.astype(labels.dtype)
 
 
-def apply(data: sources.DatasetArrays, dataset_config, seed: int) -> sources.DatasetArrays:
-  """The dataset with `dataset.train_examples` and `dataset.label_noise` applied to its train
-  split (subset first, noise on the subset); unchanged when both are 0."""
-  train = data.train
+def select(
+  labels: np.ndarray, num_classes: int, dataset_config, seed: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+  """(indices of the kept train examples, or None for all; their labels, noise applied) for
+  `dataset.train_examples` and `dataset.label_noise` (subset first, noise on the subset)."""
   # .get: configs saved before these keys existed mean "no subset, no noise".
   num_examples = dataset_config.get("train_examples", 0)
   noise = dataset_config.get("label_noise", 0.0)
   if num_examples < 0:
     raise DataError(f"dataset.train_examples={num_examples} must be >= 0 (0 = all)")
-  if num_examples:
-    index = balanced_subset(train.labels, num_examples, data.num_classes, seed)
-    train = sources.Split(train.images[index], train.labels[index])
+  index = balanced_subset(labels, num_examples, num_classes, seed) if num_examples else None
+  if index is not None:
+    labels = labels[index]
   if noise:
-    train = sources.Split(train.images, noisy_labels(train.labels, noise, data.num_classes, seed))
-  if train is data.train:
+    labels = noisy_labels(labels, noise, num_classes, seed)
+  return index, labels
+
+
+def apply(data: sources.DatasetArrays, dataset_config, seed: int) -> sources.DatasetArrays:
+  """The dataset with `dataset.train_examples` and `dataset.label_noise` applied to its train
+  split (subset first, noise on the subset); unchanged when both are 0."""
+  train = data.train
+  index, labels = select(train.labels, data.num_classes, dataset_config, seed)
+  if index is None and labels is train.labels:
     return data
-  return dataclasses.replace(data, train=train)
+  images = train.images if index is None else train.images[index]
+  return dataclasses.replace(data, train=sources.Split(images, labels))

@@ -68,30 +68,31 @@ def check_crop_fraction(fraction) -> float:
 
 
 def random_resized_box(height, width, uniforms, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO):
-  """torchvision's RandomResizedCrop.get_params with the random draws given.
+  """torchvision's RandomResizedCrop.get_params with the random draws given; one example, or a
+  batch of them at once (leading axes of `height`, `width` and `uniforms` alike).
 
   Args:
-    height, width: the image's int32 scalar sides.
-    uniforms: float [2 * CROP_ATTEMPTS + 2] in [0, 1): each attempt's area and log-ratio draws,
-      then the top and left draws.
+    height, width: the images' int32 sides, scalars or [B].
+    uniforms: float [..., 2 * CROP_ATTEMPTS + 2] in [0, 1): each attempt's area and log-ratio
+      draws, then the top and left draws.
     scale, ratio: checked pairs (see `check_crop`).
 
   Returns:
-    int32 [4] (top, left, crop height, crop width).
+    int32 [..., 4] (top, left, crop height, crop width).
   """
   u = tf.cast(uniforms, tf.float64)
   h_img, w_img = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-  area = h_img * w_img * (scale[0] + u[:CROP_ATTEMPTS] * (scale[1] - scale[0]))
+  area = (h_img * w_img)[..., None] * (scale[0] + u[..., :CROP_ATTEMPTS] * (scale[1] - scale[0]))
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = tf.exp(log_lo + u[CROP_ATTEMPTS : 2 * CROP_ATTEMPTS] * (log_hi - log_lo))
+  aspect = tf.exp(log_lo + u[..., CROP_ATTEMPTS : 2 * CROP_ATTEMPTS] * (log_hi - log_lo))
   # Python's round() is half-to-even, as tf.round.
   w = tf.round(tf.sqrt(area * aspect))
   h = tf.round(tf.sqrt(area / aspect))
-  fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  w_try, h_try = w[first], h[first]
-  top_try = tf.floor(u[-2] * (h_img - h_try + 1.0))
-  left_try = tf.floor(u[-1] * (w_img - w_try + 1.0))
+  fits = (w > 0) & (w <= w_img[..., None]) & (h > 0) & (h <= h_img[..., None])
+  first = tf.one_hot(tf.argmax(tf.cast(fits, tf.int32), axis=-1), CROP_ATTEMPTS, dtype=tf.float64)
+  w_try, h_try = tf.reduce_sum(w * first, -1), tf.reduce_sum(h * first, -1)  # the first fit
+  top_try = tf.floor(u[..., -2] * (h_img - h_try + 1.0))
+  left_try = tf.floor(u[..., -1] * (w_img - w_try + 1.0))
   # Fallback: the whole image, clamped to the ratio range, centred.
   in_ratio = w_img / h_img
   w_fb = tf.where(
@@ -100,40 +101,81 @@ def random_resized_box(height, width, uniforms, scale=DEFAULT_SCALE, ratio=DEFAU
   h_fb = tf.where(in_ratio < ratio[0], tf.round(w_img / ratio[0]), h_img)
   top_fb = tf.floor((h_img - h_fb) / 2.0)
   left_fb = tf.floor((w_img - w_fb) / 2.0)
-  found = tf.reduce_any(fits)
+  found = tf.reduce_any(fits, axis=-1)
   box = tf.where(
-    found, tf.stack([top_try, left_try, h_try, w_try]), tf.stack([top_fb, left_fb, h_fb, w_fb])
+    found[..., None],
+    tf.stack([top_try, left_try, h_try, w_try], -1),
+    tf.stack([top_fb, left_fb, h_fb, w_fb], -1),
   )
   return tf.cast(box, tf.int32)
 
 
-def crop_uniforms(seed) -> tf.Tensor:
-  """The random-resized crop's draws for one example's seed int64 [2]: float32 [22]."""
-  seeds = tf.reshape(tf.cast(seed, tf.int64), [1, 2])
+def crop_uniforms(seeds) -> tf.Tensor:
+  """The random-resized crop's draws for examples' seeds int64 [..., 2]: float32 [..., 22]
+  (one batched hash per stream: a batch costs what one example does)."""
+  seeds = tf.cast(seeds, tf.int64)
+  flat = tf.reshape(seeds, [-1, 2])
   streams = (
     [_STREAM_AREA + a for a in range(CROP_ATTEMPTS)]
     + [_STREAM_RATIO + a for a in range(CROP_ATTEMPTS)]
     + [_STREAM_TOP, _STREAM_LEFT]
   )
-  return tf.concat([augment.uniform(seeds, s) for s in streams], axis=0)
+  draws = tf.stack([augment.uniform(flat, s) for s in streams], axis=-1)
+  return tf.reshape(draws, tf.concat([tf.shape(seeds)[:-1], [len(streams)]], 0))
 
 
 def resize(image, height, width) -> tf.Tensor:
-  """uint8 [H, W, 3] -> uint8 [height, width, 3], bilinear with antialiasing; a no-op at the
-  same size."""
-  shape = tf.shape(image)
+  """uint8 [H, W, 3] -> uint8 [height, width, 3], bilinear with antialiasing (PIL's filter when
+  torchvision resizes); a no-op at the same size.
 
-  def scaled():
-    out = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
+  Antialiasing widens the filter only when shrinking: upscaling in both sides gives the plain
+  bilinear result (to float rounding), which costs a third of the antialiased op.
+  """
+  shape = tf.shape(image)
+  size = tf.stack([height, width])
+
+  def scaled(antialias):
+    out = tf.image.resize(image, size, method="bilinear", antialias=antialias)
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
   same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
-  return tf.cond(same, lambda: tf.identity(image), scaled)
+  shrinks = tf.logical_or(shape[0] > height, shape[1] > width)
+  return tf.case(
+    [(same, lambda: tf.identity(image)), (shrinks, lambda: scaled(True))],
+    default=lambda: scaled(False),
+  )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encoded_shape(encoded) -> tf.Tensor:
+  """(height, width) int32 [2] of an encoded image, from the header of a JPEG or a PNG (its IHDR
+  chunk: big-endian width, height at byte 16); other formats by decoding."""
+
+  def png():
+    width_height = tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.int32, False)
+    return tf.reverse(width_height, [0])
+
+  def other():
+    return tf.cond(
+      tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE),
+      png,
+      lambda: tf.shape(decode.tf_decode(encoded))[:2],
+    )
+
+  return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2], other)
+
+
+def decode_crop(encoded, box) -> tf.Tensor:
+  """The crop `box` (top, left, height, width) of an encoded image as uint8 RGB [h, w, 3] by
+  `decode.tf_decode`'s rules (JPEG: only the crop's blocks are decoded)."""
+  return decode.tf_decode(encoded, lambda height, width: box)
 
 
 def decode_box(encoded, box_fn) -> tf.Tensor:
-  """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3] by
-  `decode.tf_decode`'s rules (JPEG: only the crop's blocks are decoded)."""
+  """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3] (one
+  example; the streamed batches take the box from `encoded_shape` and call `decode_crop`)."""
   return decode.tf_decode(encoded, box_fn)
 
 
