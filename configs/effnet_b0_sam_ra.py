@@ -16,6 +16,6 @@ from configs import common
 def get_config():
   config = common.use_randaugment(common.original_study(rho=0.05))
   config.model.name = "efficientnet_b0"
-  config.model.pretrained = "weights/efficientnet_b0_keras.msgpack"
+  config.model.pretrained = "keras/efficientnetb0"
   config.model.freeze_bn = True
   return config

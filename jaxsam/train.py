@@ -23,6 +23,7 @@ from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import pipeline, sources, streaming
+from jaxsam.models import weights as weights_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,11 +50,18 @@ def compute_dtype(config: ml_collections.ConfigDict):
 NORMALIZATIONS = ("auto", "imagenet", "caffe", "dataset")
 
 
-def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays) -> dict:
+def normalization(
+  config: ml_collections.ConfigDict,
+  data: sources.DatasetArrays,
+  *,
+  workdir: str | None = None,
+  resolved: weights_lib.Resolved | None = None,
+) -> dict:
   """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
 
-  `auto` asks the weight file (`pretrained.input_normalization`): caffe for Keras' ResNet50,
-  imagenet for the rest; `data` is read only for `dataset`.
+  `auto` asks the weights: the resolved file when given, else the run folder's record, the
+  registry or the file (`weights.input_normalization`): caffe for Keras' ResNet50, imagenet for
+  the rest; `data` is read only for `dataset`.
   """
   mode = config.model.normalization
   if mode not in NORMALIZATIONS:
@@ -61,7 +69,10 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
       f"model.normalization={mode!r} is unknown; known: {', '.join(NORMALIZATIONS)}"
     )
   if mode == "auto" and config.model.pretrained:
-    mode = models.pretrained.input_normalization(config.model.pretrained, config.model)
+    if resolved is not None:
+      mode = resolved.normalization
+    else:
+      mode = weights_lib.input_normalization(config.model, workdir)
   if mode == "imagenet":
     return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
   if mode == "caffe":
@@ -70,9 +81,18 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
 
 
 def build_setup(
-  config: ml_collections.ConfigDict, mesh=None, data: sources.DatasetArrays | None = None
+  config: ml_collections.ConfigDict,
+  mesh=None,
+  data: sources.DatasetArrays | None = None,
+  *,
+  workdir: str | None = None,
+  resolved: weights_lib.Resolved | None = None,
 ) -> Setup:
-  """Loads the data and resolves model, step settings and step counts from the config."""
+  """Loads the data and resolves model, step settings and step counts from the config.
+
+  `workdir` (a run folder) or `resolved` (the fetched weights) tell `model.normalization=auto`
+  what the pretrained weights expect without reading their file (see `normalization`).
+  """
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.per_process_batch_size(config.batch_size, mesh)
   parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
@@ -87,7 +107,7 @@ def build_setup(
   spe = streaming.train_steps_per_epoch(data, config.batch_size, jax.process_count())
   step_config = steps.StepConfig(
     image_size=image_size,
-    **normalization(config, data),
+    **normalization(config, data, workdir=workdir, resolved=resolved),
     dtype=compute_dtype(config),
     label_smoothing=config.label_smoothing,
     **optim.step_sam_settings(config, per_device, spe),
@@ -107,8 +127,13 @@ def build_setup(
   )
 
 
-def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
-  """Fresh (or pretrained) variables and optimizer state on the host."""
+def create_train_state(
+  config: ml_collections.ConfigDict, setup: Setup, tx, weights_file: str | None = None
+) -> steps.TrainState:
+  """Fresh (or pretrained) variables and optimizer state on the host.
+
+  `weights_file` is `config.model.pretrained` already resolved to a local file; None resolves it.
+  """
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
   size = setup.step_config.image_size
@@ -117,7 +142,9 @@ def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> s
     lambda r, d: setup.model.init({"params": r, "dropout": d}, dummy, train=False)
   )(init_rng, dropout_rng)
   if config.model.pretrained:
-    variables = models.pretrained.load_pretrained(config.model.pretrained, config.model, variables)
+    if weights_file is None:
+      weights_file = weights_lib.resolve(config.model.pretrained, config.model).file
+    variables = models.pretrained.load_pretrained(weights_file, config.model, variables)
   params = variables["params"]
   return steps.TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -412,13 +439,23 @@ def _close_on_error(loop: _Loop):
     raise
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  """Whether the run folder holds a saved step (a rerun then resumes from it)."""
+  folder = os.path.join(workdir, workdir_lib.LAST_DIR)
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
 
 
-def _restore(config, checkpointer, state):
-  """(state, meta, resumed) from the workdir's latest checkpoint, else the fresh state."""
+def _restore(config, checkpointer, state, fresh):
+  """(state, meta, resumed) from the workdir's latest checkpoint, else `fresh()`'s state.
+
+  `state` is the fresh state, or only its shapes when the workdir held a checkpoint (so a resume
+  does not read the pretrained file); `fresh()` builds it when no checkpoint restores after all.
+  """
   restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
-  state, meta = (restored[0], restored[1]) if restored else (state, dict(FRESH_META))
+  state, meta = (restored[0], restored[1]) if restored else (fresh(), dict(FRESH_META))
   meta = {**meta, "window": list(meta["window"])}
   # Checkpoints from before the SAM step count was kept: every step counts as the run's default.
   meta.setdefault("sam_steps", int(parallel.fetch(state.step)) * default_sam_active(config))
@@ -515,13 +552,29 @@ def train_and_evaluate(
   # Everything that can reject the config runs before the workdir is touched; the cheap
   # workdir checks first, so a bad --workdir fails in a second.
   workdir_lib.check(config, workdir, overwrite)
-  setup = build_setup(config)
+  # A resume takes everything from its checkpoint and the normalisation from the run folder's
+  # weights record: the pretrained file is neither fetched nor read again.
+  resuming = not overwrite and _has_checkpoint(workdir)
+  resolved = None
+  if config.model.pretrained and not resuming:
+    resolved = weights_lib.resolve(config.model.pretrained, config.model)
+  setup = build_setup(config, workdir=None if overwrite else workdir, resolved=resolved)
   tx, lr_schedule = setup_optimizer(config, setup)
   train_input = streaming.train_input(config, setup.data, size=setup.step_config.image_size)
-  state = create_train_state(config, setup, tx)
+
+  def fresh():
+    nonlocal resolved
+    if config.model.pretrained and resolved is None:
+      resolved = weights_lib.resolve(config.model.pretrained, config.model)
+    state = create_train_state(config, setup, tx, resolved and resolved.file)
+    return parallel.replicate(state, setup.mesh)
+
+  state = abstract_train_state(config, setup, tx) if resuming else fresh()
   workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
-  state, meta, resumed = _restore(config, checkpointer, parallel.replicate(state, setup.mesh))
+  state, meta, resumed = _restore(config, checkpointer, state, fresh)
+  if resolved is not None and not resumed and parallel.is_main_process():
+    weights_lib.write_record(workdir, resolved)
   start = int(parallel.fetch(state.step))
   main = parallel.is_main_process()
   sink = writers.create_run_writer(

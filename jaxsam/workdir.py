@@ -31,6 +31,7 @@ ANALYSIS_FILE = "analysis.json"  # inside ANALYSIS_DIR, with the landscape PNGs
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_DIR = "wandb"
 PROFILE_DIR = "profile"
+WEIGHTS_FILE = "weights.json"
 
 
 class Entry(NamedTuple):
@@ -52,6 +53,9 @@ ENTRIES: dict[str, Entry] = {
   ANALYSIS_DIR: Entry("jaxsam.analyze: analysis.json and the landscape PNGs", True),
   PROFILE_DIR: Entry(
     "launch.py --profile_steps: jax.profiler traces (TensorBoard, Perfetto)", True
+  ),
+  WEIGHTS_FILE: Entry(
+    "the pretrained weights a run started from and the input normalisation they took", True
   ),
   WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
   # Kept: offline runs not yet synced live here; the new run gets a new id and its own folder.
