@@ -445,13 +445,17 @@ def _fetch_url(what: str, url: str, expected: str, folder: str, name: str) -> st
         f"weight {what} is not cached and the network is off ({OFFLINE_ENV}/HF_HUB_OFFLINE): "
         f"place {name} (from {url}) at {path}"
       )
-    _download(what, url, expected, folder, name)
-    if not file_hash_ok(path, expected):  # a sha256 prefix: pooch knows no full hash to check
+    # pooch checks a full hash itself; a sha256 prefix is checked here, retried as pooch would.
+    for _ in range(1 + RETRIES):
+      _download(what, url, expected, folder, name)
+      if file_hash_ok(path, expected):
+        return path
       _remove(path)
-      raise PretrainedError(
-        f"weight {what}: download of {url} failed: checksum mismatch (expected {expected}); "
-        f"nothing kept in {folder}, rerun to retry"
-      )
+    raise PretrainedError(
+      f"weight {what}: download of {url} failed after {RETRIES + 1} tries: checksum mismatch "
+      f"(the file's sha256 does not start with {expected.partition(':')[2]}); nothing kept in "
+      f"{folder}, rerun to retry"
+    )
   return path
 
 
