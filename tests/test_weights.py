@@ -320,22 +320,39 @@ def test_every_registry_entry_is_well_formed_and_its_layout_builds(name):
   assert shapes["params"]
 
 
-@pytest.mark.slow  # imports Keras (TensorFlow): ~12 s
-def test_registry_names_and_hashes_match_the_upstream_packages():
+def keras_constants(module: str) -> dict:
+  """BASE_WEIGHTS_PATH and WEIGHTS_HASHES of an installed keras.applications module, read from its
+  source (importing Keras would import TensorFlow)."""
+  import ast
+  import importlib.util
+
+  folder = importlib.util.find_spec("keras").submodule_search_locations[0]
+  path = os.path.join(folder, "src", "applications", f"{module}.py")
+  if not os.path.isfile(path):
+    pytest.skip(f"Keras sources not installed ({path})")
+  out = {}
+  for node in ast.parse(pathlib.Path(path).read_text()).body:
+    target = node.targets[0] if isinstance(node, ast.Assign) else None
+    if isinstance(target, ast.Name) and target.id in ("BASE_WEIGHTS_PATH", "WEIGHTS_HASHES"):
+      out[target.id] = ast.literal_eval(node.value)
+  return out
+
+
+def test_registry_urls_and_hashes_are_the_upstream_packages():
   """The torchvision URLs are the installed torchvision's; Keras' md5s the installed Keras'."""
   for name, entry in weights.REGISTRY.items():
     if name.startswith("torchvision/"):
       enum, _, version = entry.source.split()[1].partition(".IMAGENET1K_V")
       assert getattr(torchvision.models, enum)[f"IMAGENET1K_V{version}"].url == entry.url
-  keras_apps = pytest.importorskip("keras.src.applications.efficientnet")
-  resnet_apps = pytest.importorskip("keras.src.applications.resnet")
-  for variant, (md5, _) in keras_apps.WEIGHTS_HASHES.items():
+  effnet = keras_constants("efficientnet")
+  for variant, (md5, _) in effnet["WEIGHTS_HASHES"].items():
     entry = weights.REGISTRY[f"keras/efficientnet{variant}"]
     assert entry.hash == f"md5:{md5}"
-    assert entry.url == f"{keras_apps.BASE_WEIGHTS_PATH}efficientnet{variant}.h5"
+    assert entry.url == f"{effnet['BASE_WEIGHTS_PATH']}efficientnet{variant}.h5"
+  resnet = keras_constants("resnet")
   entry = weights.REGISTRY["keras/resnet50"]
-  assert entry.hash == f"md5:{resnet_apps.WEIGHTS_HASHES['resnet50'][0]}"
-  assert entry.url.startswith(resnet_apps.BASE_WEIGHTS_PATH)
+  assert entry.hash == f"md5:{resnet['WEIGHTS_HASHES']['resnet50'][0]}"
+  assert entry.url == resnet["BASE_WEIGHTS_PATH"] + "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
 
 
 def test_the_readme_weight_table_lists_every_registered_name():
@@ -449,3 +466,13 @@ def test_two_processes_download_once_per_cache(resnet18, server, tmp_path, share
   assert len(server.requests) == (1 if shared else 2)
   assert all(os.path.isfile(f) for f in outs)
   assert (outs[0] == outs[1]) == shared
+
+
+def test_command_line_fetches_names_and_fails_in_one_line(resnet18, server, capsys):
+  assert weights.main([TEST_NAME]) == 0
+  assert capsys.readouterr().out.startswith(f"{TEST_NAME}: ")
+  assert weights.main(["torchvision/resnet51"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "torchvision/resnet51" in err
+  assert weights.main([]) == 0
+  assert "keras/resnet50\tresnet50\tkeras\thttps://" in capsys.readouterr().out

@@ -35,7 +35,6 @@ CACHE_ENV = "JAXSAM_CACHE"
 OFFLINE_ENV = "JAXSAM_OFFLINE"
 MIRROR_ENV = "JAXSAM_WEIGHTS_MIRROR"
 HASH_KINDS = {"sha256": 64, "sha256-prefix": 8, "md5": 32}  # kind -> hex digits
-LAYOUTS = ("torchvision", "keras")  # `pretrained.model_layout`'s external layouts
 RETRIES = 2  # pooch retries a dropped connection or a bad checksum this many times
 
 
@@ -471,6 +470,10 @@ def _download(what: str, url: str, expected: str, folder: str, name: str) -> Non
   )
   progress = sys.stderr.isatty()
   downloader = pooch.HTTPDownloader(progressbar=progress, timeout=60)
+  print(f"jaxsam: downloading weight {what} from {url}", file=sys.stderr, flush=True)
+  logger = pooch.get_logger()
+  level = logger.level
+  logger.setLevel("WARNING")  # pooch's INFO lines suggest a known_hash for prefix-checked files
   try:
     fetcher.fetch(name, downloader=downloader)
   except ValueError as e:  # pooch's hash mismatch
@@ -481,6 +484,8 @@ def _download(what: str, url: str, expected: str, folder: str, name: str) -> Non
     what_happened = f"connection failed ({pretrained._one_line(e)})"
   else:
     return
+  finally:
+    logger.setLevel(level)
   _remove(os.path.join(folder, name))
   raise PretrainedError(
     f"weight {what}: download of {url} failed after {RETRIES + 1} tries: {what_happened}; "
@@ -580,3 +585,30 @@ def read_record(workdir: str) -> dict | None:
   except (OSError, ValueError):
     return None
   return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m jaxsam.models.weights [NAME ...]`: fetch registered weights into the cache (to
+  copy to a machine without network), or list the registered names."""
+  names = sys.argv[1:] if argv is None else argv
+  if not names:
+    for entry in REGISTRY.values():
+      print(f"{entry.name}\t{entry.model}\t{entry.origin}\t{entry.url or _hub_url(entry)}")
+    return 0
+  try:
+    for name in names:
+      entry = registered(name)
+      if entry is None:
+        raise _unknown_name(name)
+      print(f"{name}: {resolve(name, entry.model_config()).file}", flush=True)
+  except PretrainedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
