@@ -1,8 +1,7 @@
 """EfficientNet-B0 (ImageNet-pretrained, Keras weights), SAM + RandAugment on CIFAR-100 at 224 px.
 
-  python -m jaxsam.convert --model=efficientnet_b0 --input=efficientnetb0.h5 \
-      --output=weights/efficientnet_b0_keras.msgpack    # once: Keras' ImageNet weights
   python launch.py --config=configs/effnet_b0_sam_ra.py
+      # fetches keras/efficientnetb0 on first use
 
 The original project's EfficientNet-B0 path never ran; this is it, on the same recipe as
 configs/sam_ra.py (50 epochs, batch 256, lr 0.1 cosine, wd 1e-4, rho 0.05), with BatchNorm

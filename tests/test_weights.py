@@ -476,3 +476,33 @@ def test_command_line_fetches_names_and_fails_in_one_line(resnet18, server, caps
   assert err.count("\n") == 1 and "torchvision/resnet51" in err
   assert weights.main([]) == 0
   assert "keras/resnet50\tresnet50\tkeras\thttps://" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_launch_with_a_bad_download_exits_2_in_one_line_and_writes_nothing(server, tmp_path):
+  name, data = torchvision_file(seed=3)
+  server.files[name] = data
+  server.mode = "wrong"
+  spec = f"{server.url}/{name}#sha256={hashlib.sha256(data).hexdigest()}"
+  workdir = tmp_path / "run"
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "launch.py"),
+      f"--config={REPO / 'configs' / 'quickstart.py'}",
+      "--config.model.name=resnet18",
+      f"--config.model.pretrained={spec}",
+      f"--workdir={workdir}",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and f"{server.url}/{name}" in errors[0]
+  assert "checksum mismatch" in errors[0] and "rerun to retry" in errors[0]
+  assert not workdir.exists() and cached_files(tmp_path) == []
