@@ -506,3 +506,62 @@ def test_launch_with_a_bad_download_exits_2_in_one_line_and_writes_nothing(serve
   assert len(errors) == 1 and f"{server.url}/{name}" in errors[0]
   assert "checksum mismatch" in errors[0] and "rerun to retry" in errors[0]
   assert not workdir.exists() and cached_files(tmp_path) == []
+
+
+def hub_cache(root: pathlib.Path, repo: str, commit: str, data: bytes) -> None:
+  """huggingface_hub's cache layout, as a download leaves it: refs/main -> snapshots/<commit>/."""
+  folder = root / f"models--{repo.replace('/', '--')}"
+  (folder / "refs").mkdir(parents=True)
+  (folder / "refs" / "main").write_text(commit)
+  blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+  blob.parent.mkdir()
+  blob.write_bytes(data)
+  (folder / "snapshots" / commit).mkdir(parents=True)
+  (folder / "snapshots" / commit / "model.safetensors").symlink_to(blob)
+
+
+def test_hub_ids_read_a_timm_safetensors_file_without_torch(monkeypatch, tmp_path):
+  from safetensors.numpy import save_file
+
+  torch.manual_seed(4)
+  state = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
+  buffer = tmp_path / "model.safetensors"
+  save_file(state, str(buffer))
+  data = buffer.read_bytes()
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  hub_cache(tmp_path / "hub", "jaxsam-tests/resnet18.tv_in1k", commit, data)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("JAXSAM_CACHE", str(tmp_path / "cache"))
+  spec = "hf:jaxsam-tests/resnet18.tv_in1k"
+  resolved = weights.resolve(spec, model_config(pretrained=spec))
+  assert (resolved.origin, resolved.normalization) == ("timm", "imagenet")
+  assert commit in resolved.source
+  module = models.create_model(model_config(), 1000)
+  shapes = jax.eval_shape(
+    lambda: module.init({"params": jax.random.key(0)}, np.zeros((1, 32, 32, 3)), train=False)
+  )
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  loaded = pretrained.load_pretrained(resolved.file, model_config(), zeros)
+  np.testing.assert_array_equal(np.asarray(loaded["params"]["fc"]["kernel"]), state["fc.weight"].T)
+  # Pinned by revision; a registered hub row also checks the file's sha256.
+  assert weights.resolve(f"{spec}@{commit}", model_config()).file == resolved.file
+  row = {
+    "model": "resnet18",
+    "layout": "torchvision",
+    "origin": "timm",
+    "repo": "jaxsam-tests/resnet18.tv_in1k",
+    "filename": "model.safetensors",
+    "revision": commit,
+    "source": "tests/test_weights.py",
+  }
+  good = weights.register(
+    weights.Weights(
+      name="test/hub_resnet18", hash=f"sha256:{hashlib.sha256(data).hexdigest()}", **row
+    )
+  )
+  assert weights.registered(spec) is good
+  assert weights.resolve("test/hub_resnet18", model_config()).normalization == "imagenet"
+  weights.register(weights.Weights(name="test/hub_bad", hash=f"sha256:{'0' * 64}", **row))
+  with pytest.raises(PretrainedError, match="does not match its sha256"):
+    weights.resolve("test/hub_bad", model_config())

@@ -500,7 +500,11 @@ def _hub_file(what: str, repo: str, filename: str, revision: str, expected: str)
 
   try:
     path = huggingface_hub.hf_hub_download(
-      repo, filename, revision=revision, local_files_only=offline()
+      repo,
+      filename,
+      revision=revision,
+      cache_dir=os.environ.get("HF_HUB_CACHE") or None,  # read now, not at huggingface_hub's import
+      local_files_only=offline(),
     )
   except hf_errors.LocalEntryNotFoundError as e:
     raise PretrainedError(
