@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import quickstart
 from jaxsam import models
 from jaxsam.errors import PretrainedError
 from jaxsam.models import pretrained, weights
@@ -364,49 +363,76 @@ def test_the_readme_weight_table_lists_every_registered_name():
 # ----------------------------------------------------------------------------- launches (slow)
 
 
-def run_config(pretrained_spec: str, max_steps: int = 2) -> ml_collections.ConfigDict:
-  config = quickstart.get_config()
-  config.model.name = "resnet18"
-  config.model.pretrained = pretrained_spec
-  config.model.image_size = 32
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  config.max_steps = max_steps
-  config.sam.rho = 0.0
-  config.augment.randaugment.num_ops = 0
-  config.progress_bar = False
-  config.wandb.mode = "disabled"
-  return config
+# launch.py with the test-only entry registered first (registration lives in the process).
+_LAUNCH = """
+import json, os, runpy, sys
+from jaxsam.models import weights
+weights.register(weights.Weights(**json.loads(os.environ["JAXSAM_TEST_ENTRY"])))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+TINY = [
+  f"--config={REPO / 'configs' / 'quickstart.py'}",
+  "--config.model.name=resnet18",
+  f"--config.model.pretrained={TEST_NAME}",
+  "--config.model.image_size=32",
+  "--config.batch_size=16",
+  "--config.eval_batch_size=64",
+  "--config.sam.rho=0.0",
+  "--config.augment.randaugment.num_ops=0",
+  "--config.progress_bar=false",
+]
+
+
+def run(args: list[str], entry=None, **env) -> subprocess.CompletedProcess:
+  """A subprocess (launch.py, or a module) in a clean CPU environment; `entry` registered first."""
+  full_env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **env}
+  if entry is not None:
+    full_env["JAXSAM_TEST_ENTRY"] = json.dumps(dataclasses.asdict(entry))
+    args = ["-c", _LAUNCH, *args]
+  proc = subprocess.run(
+    [sys.executable, *args], env=full_env, capture_output=True, text=True, timeout=600, check=False
+  )
+  return proc
 
 
 @pytest.mark.slow
 def test_launch_fetches_trains_then_resume_eval_and_analysis_need_no_weight_file(
-  resnet18, server, tmp_path, monkeypatch
+  resnet18, server, tmp_path
 ):
-  from jaxsam import analyze, evaluate, train
-
-  name, _, _ = resnet18
-  first = str(tmp_path / "first")
-  summary = train.train_and_evaluate(run_config(TEST_NAME), first)
-  assert summary["steps"] == 2 and server.requests == [name]
-  record = json.loads((tmp_path / "first" / "weights.json").read_text())
+  name, _, entry = resnet18
+  launch = str(REPO / "launch.py")
+  first = tmp_path / "first"
+  proc = run([launch, *TINY, "--config.max_steps=2", f"--workdir={first}"], entry)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert server.requests == [name] and "done in" in proc.stdout
+  record = json.loads((first / "weights.json").read_text())
   assert record["pretrained"] == TEST_NAME and record["normalization"] == "imagenet"
   # The server stops: a second launch trains from the cache.
   server.stop()
-  summary = train.train_and_evaluate(run_config(TEST_NAME), str(tmp_path / "second"))
-  assert summary["steps"] == 2 and server.requests == [name]
-  # The weights move away and the network is off: the runs' own checkpoints are enough.
+  proc = run([launch, *TINY, "--config.max_steps=2", f"--workdir={tmp_path / 'second'}"], entry)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert server.requests == [name]
+  # The weights move away and the network is off: the run's own checkpoint is enough. No entry is
+  # registered here either: eval, analysis and resume never look the name up.
   shutil.move(tmp_path / "cache", tmp_path / "moved")
-  monkeypatch.setenv("JAXSAM_OFFLINE", "1")
-  result = evaluate.evaluate_checkpoint(None, first)
-  assert result["step"] == 2
-  run = analyze.restore_run(first)
-  assert run.setup.step_config.mean == pytest.approx((0.485, 0.456, 0.406))
-  summary = train.train_and_evaluate(run_config(TEST_NAME, max_steps=4), first)
-  assert summary["steps"] == 4
+  proc = run([launch, "--mode=eval", f"--workdir={first}"], JAXSAM_OFFLINE="1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((first / "eval.json").read_text())["step"] == 2
+  analysis = ["--what=landscape", "--num_examples=32", "--batch_size=16", "--grid_1d=3"]
+  analysis += ["--grid_2d=3", "--no_progress", "--no_wandb", f"--workdir={first}"]
+  proc = run(["-m", "jaxsam.analyze", *analysis], JAXSAM_OFFLINE="1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run([launch, *TINY, "--config.max_steps=4", f"--workdir={first}"], JAXSAM_OFFLINE="1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resuming at step 2" in proc.stdout
+  assert json.loads((first / "summary.json").read_text())["steps"] == 4
   # A fresh run does need the file, and says so in one line.
-  with pytest.raises(PretrainedError, match="not cached"):
-    train.train_and_evaluate(run_config(TEST_NAME), str(tmp_path / "third"))
+  third = tmp_path / "third"
+  proc = run([launch, *TINY, f"--workdir={third}"], entry, JAXSAM_OFFLINE="1")
+  assert proc.returncode == 2
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and TEST_NAME in errors[0] and "not cached" in errors[0]
 
 
 _WORKER = """
@@ -485,22 +511,9 @@ def test_launch_with_a_bad_download_exits_2_in_one_line_and_writes_nothing(serve
   server.mode = "wrong"
   spec = f"{server.url}/{name}#sha256={hashlib.sha256(data).hexdigest()}"
   workdir = tmp_path / "run"
-  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(REPO / "launch.py"),
-      f"--config={REPO / 'configs' / 'quickstart.py'}",
-      "--config.model.name=resnet18",
-      f"--config.model.pretrained={spec}",
-      f"--workdir={workdir}",
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
+  quickstart = f"--config={REPO / 'configs' / 'quickstart.py'}"
+  args = [quickstart, "--config.model.name=resnet18", f"--config.model.pretrained={spec}"]
+  proc = run([str(REPO / "launch.py"), *args, f"--workdir={workdir}"])
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and f"{server.url}/{name}" in errors[0]

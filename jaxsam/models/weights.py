@@ -333,7 +333,7 @@ def resolve(spec: str, model_config) -> Resolved:
 
   Process 0 resolves first, the others after it (a barrier), so a shared cache downloads once.
   """
-  from jaxsam import parallel  # here: keeps this module free of JAX for the light callers
+  from jaxsam import parallel  # here: only fetching needs the process layout
 
   with parallel.main_process_first("jaxsam_weights"):
     return _resolve(spec, model_config)
