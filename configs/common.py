@@ -44,7 +44,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.name = "resnet18"
   config.model.num_classes = 0  # 0 = take the dataset's class count
   config.model.image_size = 0  # resolution the model sees; 0 = the dataset's native size
-  config.model.pretrained = ""  # path to a weight file ('' = random init)
+  # A registered weight name (jaxsam.models.weights), hf:OWNER/REPO, URL#sha256=HEX, a weight file
+  # path, or '' (random init).
+  config.model.pretrained = ""
   config.model.freeze_bn = False  # use running BN statistics while fine-tuning
   config.model.cifar_stem = False  # ResNet: 3x3 stem conv without max-pool, for 32 px from scratch
   config.model.resnet_v1 = False  # ResNet: stride in the first 1x1 conv (original/Keras layout)
@@ -156,7 +158,9 @@ def use_autoaugment(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return config
 
 
-PRETRAINED_RESNET50 = "weights/resnet50_torchvision.msgpack"
+# torchvision's IMAGENET1K_V1 ResNet-50 (its `pretrained=True`, the original study's weights),
+# fetched and converted on first use.
+PRETRAINED_RESNET50 = "torchvision/resnet50"
 
 
 def original_study(rho: float) -> ml_collections.ConfigDict:

@@ -1,8 +1,7 @@
 """EfficientNet-B0 (ImageNet-pretrained, Keras weights), SAM + RandAugment on CIFAR-100 at 224 px.
 
-  python -m jaxsam.convert --model=efficientnet_b0 --input=efficientnetb0.h5 \
-      --output=weights/efficientnet_b0_keras.msgpack    # once: Keras' ImageNet weights
   python launch.py --config=configs/effnet_b0_sam_ra.py
+      # fetches keras/efficientnetb0 on first use
 
 The original project's EfficientNet-B0 path never ran; this is it, on the same recipe as
 configs/sam_ra.py (50 epochs, batch 256, lr 0.1 cosine, wd 1e-4, rho 0.05), with BatchNorm
@@ -16,6 +15,6 @@ from configs import common
 def get_config():
   config = common.use_randaugment(common.original_study(rho=0.05))
   config.model.name = "efficientnet_b0"
-  config.model.pretrained = "weights/efficientnet_b0_keras.msgpack"
+  config.model.pretrained = "keras/efficientnetb0"
   config.model.freeze_bn = True
   return config

@@ -1,8 +1,7 @@
 """Fine-tuning an ImageNet-pretrained ResNet-50 on Oxford Flowers-102 at 224 px with SAM, streamed.
 
-  python -m jaxsam.convert --model=resnet50 --input=resnet50-0676ba61.pth \
-      --output=weights/resnet50_torchvision.msgpack      # once: torchvision's ImageNet weights
   python launch.py --config=configs/finetune_flowers102_sam.py
+      # fetches torchvision/resnet50 on first use
   sbatch --nodes=2 --gpus-per-node=4 scripts/slurm.sh configs/finetune_flowers102_sam.py
 
 tfds `oxford_flowers102` (downloaded and prepared on first use, 330 MB): 102 classes, photos of

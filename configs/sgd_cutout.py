@@ -1,8 +1,6 @@
 """The original study, SGD + Cutout: ImageNet-pretrained ResNet-50, CIFAR-100 at 224 px.
 
-  python -m jaxsam.convert --model=resnet50 --input=resnet50-0676ba61.pth \
-      --output=weights/resnet50_torchvision.msgpack      # once: torchvision's ImageNet weights
-  python launch.py --config=configs/sgd_cutout.py
+  python launch.py --config=configs/sgd_cutout.py   # fetches torchvision/resnet50 on first use
 
 50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay 1e-4.
 The original PyTorch run reported 84.17 % test accuracy (with a constant lr and no weight

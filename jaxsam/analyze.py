@@ -141,7 +141,7 @@ def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> Resto
   config = workdir_lib.read_config(workdir)
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   check_checkpoint_config(path, config)
-  setup = train.build_setup(config, mesh=mesh)
+  setup = train.build_setup(config, mesh=mesh, workdir=workdir)
   tx, _ = train.setup_optimizer(config, setup)
   state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
   return RestoredRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)

@@ -16,12 +16,9 @@ model's shapes (computed with jax.eval_shape, so nothing is compiled).
 
 import sys
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from jaxsam import models
 from jaxsam.errors import ConfigError, UserError
 from jaxsam.models import pretrained
 
@@ -39,17 +36,7 @@ def convert(
 ) -> int:
   """Converts `input_path` for `model_name`; returns the number of tensors written."""
   model_config = ml_collections.ConfigDict({"name": model_name, "resnet_v1": resnet_v1})
-  origin = _origin(input_path, origin)
-  tensors = pretrained.to_flax_names(input_path, model_config)
-  head = [v for k, v in tensors.items() if k in ("params/fc/bias", "params/predictions/bias")]
-  num_classes = int(head[0].shape[0]) if head else 1000
-  module = models.create_model(model_config, num_classes=num_classes)
-  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
-  flat_shapes = {k: v.shape for k, v in pretrained._flatten(shapes).items()}
-  taken = pretrained.match(tensors, flat_shapes, repr(input_path))
-  pretrained.save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
-  return len(taken)
+  return pretrained.convert_file(input_path, output_path, model_config, _origin(input_path, origin))
 
 
 def _origin(input_path: str, origin: str) -> str:

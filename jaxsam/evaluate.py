@@ -46,7 +46,7 @@ def evaluate_checkpoint(
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None) -> dict:
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
-  setup = train.build_setup(config)
+  setup = train.build_setup(config, workdir=workdir)
   tx, _ = train.setup_optimizer(config, setup)
   state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)

@@ -24,6 +24,7 @@ from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import pipeline, sources
+from jaxsam.models import weights as weights_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -50,11 +51,18 @@ def compute_dtype(config: ml_collections.ConfigDict):
 NORMALIZATIONS = config_schema.NORMALIZATIONS  # the config table lists the names
 
 
-def normalization(config: ml_collections.ConfigDict, data) -> dict:
+def normalization(
+  config: ml_collections.ConfigDict,
+  data,
+  *,
+  workdir: str | None = None,
+  resolved: weights_lib.Resolved | None = None,
+) -> dict:
   """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
 
-  `auto` asks the weight file (`pretrained.input_normalization`): caffe for Keras' ResNet50,
-  imagenet for the rest; `data` is read only for `dataset`.
+  `auto` asks the weights: the resolved file when given, else the run folder's record, the
+  registry or the file (`weights.input_normalization`): caffe for Keras' ResNet50, imagenet for
+  the rest; `data` is read only for `dataset`.
   """
   mode = config.model.normalization
   if mode not in NORMALIZATIONS:
@@ -62,7 +70,10 @@ def normalization(config: ml_collections.ConfigDict, data) -> dict:
       f"model.normalization={mode!r} is unknown; known: {', '.join(NORMALIZATIONS)}"
     )
   if mode == "auto" and config.model.pretrained:
-    mode = models.pretrained.input_normalization(config.model.pretrained, config.model)
+    if resolved is not None:
+      mode = resolved.normalization
+    else:
+      mode = weights_lib.input_normalization(config.model, workdir)
   if mode == "imagenet":
     return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
   if mode == "caffe":
@@ -78,9 +89,20 @@ def normalization(config: ml_collections.ConfigDict, data) -> dict:
   return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
 
 
-def build_setup(config: ml_collections.ConfigDict, mesh=None, data=None) -> Setup:
+def build_setup(
+  config: ml_collections.ConfigDict,
+  mesh=None,
+  data=None,
+  *,
+  workdir: str | None = None,
+  resolved: weights_lib.Resolved | None = None,
+) -> Setup:
   """Loads the data (or takes `data`, a `jaxsam.data.load` DataSource) and resolves model, step
-  settings and step counts from the config."""
+  settings and step counts from the config.
+
+  `workdir` (a run folder) or `resolved` (the fetched weights) tell `model.normalization=auto`
+  what the pretrained weights expect without reading their file (see `normalization`).
+  """
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.per_process_batch_size(config.batch_size, mesh)
   parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
@@ -95,7 +117,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None, data=None) -> Setu
   spe = data.steps_per_epoch(config.batch_size, jax.process_count())
   step_config = steps.StepConfig(
     image_size=image_size,
-    **normalization(config, data),
+    **normalization(config, data, workdir=workdir, resolved=resolved),
     dtype=compute_dtype(config),
     label_smoothing=config.label_smoothing,
     **optim.step_sam_settings(config, per_device, spe),
@@ -115,8 +137,13 @@ def build_setup(config: ml_collections.ConfigDict, mesh=None, data=None) -> Setu
   )
 
 
-def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
-  """Fresh (or pretrained) variables and optimizer state on the host."""
+def create_train_state(
+  config: ml_collections.ConfigDict, setup: Setup, tx, weights_file: str | None = None
+) -> steps.TrainState:
+  """Fresh (or pretrained) variables and optimizer state on the host.
+
+  `weights_file` is `config.model.pretrained` already resolved to a local file; None resolves it.
+  """
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
   size = setup.step_config.image_size
@@ -125,7 +152,9 @@ def create_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> s
     lambda r, d: setup.model.init({"params": r, "dropout": d}, dummy, train=False)
   )(init_rng, dropout_rng)
   if config.model.pretrained:
-    variables = models.pretrained.load_pretrained(config.model.pretrained, config.model, variables)
+    if weights_file is None:
+      weights_file = weights_lib.resolve(config.model.pretrained, config.model).file
+    variables = models.pretrained.load_pretrained(weights_file, config.model, variables)
   params = variables["params"]
   return steps.TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -419,13 +448,23 @@ def _close_on_error(loop: _Loop):
     raise
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  """Whether the run folder holds a saved step (a rerun then resumes from it)."""
+  folder = os.path.join(workdir, workdir_lib.LAST_DIR)
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
 
 
-def _restore(config, checkpointer, state):
-  """(state, meta, resumed) from the workdir's latest checkpoint, else the fresh state."""
+def _restore(config, checkpointer, state, fresh):
+  """(state, meta, resumed) from the workdir's latest checkpoint, else `fresh()`'s state.
+
+  `state` is the fresh state, or only its shapes when the workdir held a checkpoint (so a resume
+  does not read the pretrained file); `fresh()` builds it when no checkpoint restores after all.
+  """
   restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
-  state, meta = (restored[0], restored[1]) if restored else (state, dict(FRESH_META))
+  state, meta = (restored[0], restored[1]) if restored else (fresh(), dict(FRESH_META))
   meta = {**meta, "window": list(meta["window"])}
   # Checkpoints from before the SAM step count was kept: every step counts as the run's default.
   meta.setdefault("sam_steps", int(parallel.fetch(state.step)) * default_sam_active(config))
@@ -525,14 +564,40 @@ def train_and_evaluate(
   config_schema.validate(config, num_devices=jax.device_count())
   workdir_lib.check(config, workdir, overwrite)
   workdir_lib.check_not_held(workdir)
-  setup = build_setup(config)
+  # A resume takes everything from its checkpoint and the normalisation from the run folder's
+  # weights record: the pretrained file is neither fetched nor read again.
+  resuming = not overwrite and _has_checkpoint(workdir)
+  fresh = _FreshState(config)
+  if config.model.pretrained and not resuming:
+    fresh.resolved = weights_lib.resolve(config.model.pretrained, config.model)
+  setup = build_setup(config, workdir=None if overwrite else workdir, resolved=fresh.resolved)
   tx, lr_schedule = setup_optimizer(config, setup)
   train_input = setup.data.train_input(config, size=setup.step_config.image_size)
-  state = create_train_state(config, setup, tx)
+  fresh.setup, fresh.tx = setup, tx
+  state = abstract_train_state(config, setup, tx) if resuming else fresh()
   with hold_workdir(workdir, "a training launch"):
     return _train(
-      config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, profile_steps
+      config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, fresh, profile_steps
     )
+
+
+@dataclasses.dataclass
+class _FreshState:
+  """Builds a fresh, replicated train state; fetches the pretrained weights the first time one
+  is needed (a resume whose checkpoint restores never does)."""
+
+  config: ml_collections.ConfigDict
+  setup: "Setup | None" = None
+  tx: Any = None
+  resolved: "weights_lib.Resolved | None" = None
+
+  def __call__(self):
+    pretrained = self.config.model.pretrained
+    if pretrained and self.resolved is None:
+      self.resolved = weights_lib.resolve(pretrained, self.config.model)
+    file = self.resolved.file if self.resolved else None
+    state = create_train_state(self.config, self.setup, self.tx, file)
+    return parallel.replicate(state, self.setup.mesh)
 
 
 @contextlib.contextmanager
@@ -559,11 +624,15 @@ def hold_workdir(workdir: str, what: str):
     lock.release()
 
 
-def _train(config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, profile_steps):
+def _train(
+  config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, fresh, profile_steps
+):
   """The run proper, with the workdir held: write config.json, restore, loop, summarise."""
   workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
-  state, meta, resumed = _restore(config, checkpointer, parallel.replicate(state, setup.mesh))
+  state, meta, resumed = _restore(config, checkpointer, state, fresh)
+  if fresh.resolved is not None and not resumed and parallel.is_main_process():
+    weights_lib.write_record(workdir, fresh.resolved)
   start = int(parallel.fetch(state.step))
   main = parallel.is_main_process()
   sink = writers.create_run_writer(

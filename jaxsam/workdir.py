@@ -40,6 +40,7 @@ WANDB_DIR = "wandb"
 PROFILE_DIR = "profile"
 LOCK_FILE = "run.lock"
 LOCK_HOLDER_FILE = "run.lock.json"
+WEIGHTS_FILE = "weights.json"
 
 
 class Entry(NamedTuple):
@@ -61,6 +62,9 @@ ENTRIES: dict[str, Entry] = {
   ANALYSIS_DIR: Entry("jaxsam.analyze: analysis.json and the landscape PNGs", True),
   PROFILE_DIR: Entry(
     "launch.py --profile_steps: jax.profiler traces (TensorBoard, Perfetto)", True
+  ),
+  WEIGHTS_FILE: Entry(
+    "the pretrained weights a run started from and the input normalisation they took", True
   ),
   WANDB_ID_FILE: Entry("the wandb run's id, so that a resume continues that run", True),
   # Kept: removing a lock file while another process holds it would let a third one in.

@@ -147,3 +147,26 @@ def test_slurm_script_launches_the_recipe_unchanged(path, tmp_path):
     timeout=60,
   )
   assert elsewhere.returncode == 2 and "submit from the jaxsam checkout" in elsewhere.stderr
+
+
+STUDY_CONFIGS = {  # the study configs and the registered weights each names
+  "sgd_cutout": "torchvision/resnet50",
+  "sam_cutout": "torchvision/resnet50",
+  "sgd_ra": "torchvision/resnet50",
+  "sam_ra": "torchvision/resnet50",
+  "sam_aa": "torchvision/resnet50",
+  "effnet_b0_sam_ra": "keras/efficientnetb0",
+  "finetune_flowers102_sam": "torchvision/resnet50",
+}
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_CONFIGS))
+def test_study_configs_name_registered_weights_that_fit_their_model(name):
+  from jaxsam.models import weights
+
+  config = parse(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert config.model.pretrained == STUDY_CONFIGS[name]
+  entry = weights.registered(config.model.pretrained)
+  weights.check_fits(entry, config.model)  # no manual step: the name fetches the right file
+  # `auto` normalisation comes from the registry, without a weight file or the network.
+  assert weights.input_normalization(config.model) == "imagenet"

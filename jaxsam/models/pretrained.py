@@ -156,10 +156,12 @@ def input_normalization(path: str, model_ref) -> str:
   subtracted on 0-255, no std). torchvision and timm expect ImageNet mean/std on 0-1 RGB, and so
   does Keras' EfficientNet, whose in-model Rescaling/Normalization layers jaxsam leaves out.
   """
-  name, _ = model_layout(model_ref)
-  if _family(name) == "resnet" and weights_origin(path) == "keras":
-    return "caffe"
-  return "imagenet"
+  return origin_normalization(weights_origin(path), model_layout(model_ref)[0])
+
+
+def origin_normalization(origin: str, model_name: str) -> str:
+  """The input normalisation of weights from `origin` for `model_name`: 'caffe' or 'imagenet'."""
+  return "caffe" if _family(model_name) == "resnet" and origin == "keras" else "imagenet"
 
 
 def _one_line(e: Exception) -> str:
@@ -444,6 +446,7 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   name, layout = model_layout(model_ref)
   tensors, kind, metadata = read_file(path)
+  check_finite(tensors, path)
   if kind == JAXSAM_FORMAT:
     saved = metadata.get("layout", "")
     if saved != layout:
@@ -469,6 +472,17 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
       f"(weights of another architecture?)"
     )
   return mapped
+
+
+def check_finite(tensors: dict[str, np.ndarray], path: str) -> None:
+  """PretrainedError naming the file's first tensor (in file order) that holds NaN or inf."""
+  for key, array in tensors.items():
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+      bad = int(np.size(array) - np.isfinite(array).sum())
+      raise PretrainedError(
+        f"{path!r} holds non-finite values (NaN or inf) in tensor {key!r} ({bad} of "
+        f"{np.size(array)}); refusing to train from it: download or convert the file again"
+      )
 
 
 _LAYOUT_FIX = {
@@ -555,6 +569,26 @@ def load_pretrained(path: str, model_ref, variables):
 
 
 # ------------------------------------------------------------------------------ jaxsam's own files
+
+
+def convert_file(input_path: str, output_path: str, model_config, origin: str) -> int:
+  """Converts a weight file into jaxsam's own file for `model_config`; returns the tensor count.
+
+  The tensors are checked against the model's shapes (built with jax.eval_shape, so nothing is
+  compiled); the head's class count is the file's own (1000 when it has none).
+  """
+  from jaxsam import models  # here: jaxsam.models imports this module
+
+  tensors = to_flax_names(input_path, model_config)
+  head = [v for k, v in tensors.items() if k in ("params/fc/bias", "params/predictions/bias")]
+  num_classes = int(head[0].shape[0]) if head else 1000
+  module = models.create_model(model_config, num_classes=num_classes)
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
+  flat_shapes = {k: v.shape for k, v in _flatten(shapes).items()}
+  taken = match(tensors, flat_shapes, repr(os.fspath(input_path)))
+  save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
+  return len(taken)
 
 
 def save_variables(path: str, variables, model_ref, origin: str = "") -> None:
