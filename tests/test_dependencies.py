@@ -25,15 +25,19 @@ FIRST_PARTY = {"jaxsam", "configs"}
 IMPORT_TO_DIST = {
   "absl": "absl-py",
   "etils": "etils",  # epath, in checkpoint.py (orbax brings it, but jaxsam imports it itself)
+  "filelock": "filelock",  # one process per host fetches into the shared weight cache
   "flax": "flax",
   "h5py": "h5py",  # Keras .h5 weights
+  "huggingface_hub": "huggingface_hub",  # hf:OWNER/REPO weights
   "jax": "jax",
   "matplotlib": "matplotlib",
   "ml_collections": "ml-collections",
   "numpy": "numpy",
   "optax": "optax",
   "orbax": "orbax-checkpoint",
+  "pooch": "pooch",  # weights by name: download, verify, cache
   "PIL": "pillow",  # the image-folder source decodes with PIL
+  "requests": "requests",  # pooch's HTTP client, whose errors weights.py tells apart
   "safetensors": "safetensors",
   "sklearn": "scikit-learn",  # the digits dataset of the quickstart
   "tensorflow": "tensorflow-cpu",  # or the `tensorflow` distribution: the same import name
