@@ -254,9 +254,13 @@ def _autocontrast_lut(stats: _Stats, arg) -> jax.Array:
   lo, hi = stats.extremes()
   bins = jnp.arange(256, dtype=jnp.int32)
   exact = (bins - lo) * 255 // jnp.maximum(hi - lo, 1)
-  down_keys = jnp.asarray(_autocontrast_rounded_down())
-  key = (lo * 256 + hi) * 256 + bins
-  found = jnp.take(down_keys, jnp.searchsorted(down_keys, key), mode="clip") == key
+  # The table's entries of this (lo, hi) pair: at most `most` from the pair's first key on.
+  keys = _autocontrast_rounded_down()
+  most = int(np.bincount(keys // 256).max())
+  pair = lo * 256 + hi  # [B, C, 1]
+  first = jnp.searchsorted(jnp.asarray(keys), pair * 256)  # B * C queries, not B * C * 256
+  near = jnp.take(jnp.asarray(keys), first[..., None] + jnp.arange(most), mode="clip")
+  found = jnp.any(near == (pair * 256 + bins)[..., None], axis=-1)  # [B, C, 256]
   stretched = jnp.clip(exact - found.astype(jnp.int32), 0, 255)
   return jnp.where(hi > lo, stretched, stats.identity())
 
