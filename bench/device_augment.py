@@ -126,7 +126,7 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--batches", type=int, default=20, help="batches per pass at 32 px")
   parser.add_argument("--large", type=int, default=224, help="the large image side")
-  parser.add_argument("--batch_224", type=int, default=256)
+  parser.add_argument("--batch_224", type=int, default=64)
   parser.add_argument("--batches_224", type=int, default=3, help="batches per pass at --large")
   parser.add_argument("--device_only", action="store_true", help="skip tf.data (no TensorFlow)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes (CI): 32 and 64 px")

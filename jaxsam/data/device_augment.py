@@ -225,7 +225,9 @@ class _Stats:
 def _apply_lut(stats: _Stats, lut: jax.Array) -> jax.Array:
   """Maps every pixel through its image's and channel's table (lut int32 [B, C, 256])."""
   flat = jnp.clip(lut, 0, 255).astype(jnp.uint8).reshape(-1)
-  return jnp.take(flat, stats.index, mode="clip")
+  # The barrier keeps XLA from fusing the tables' computation into the gather, where it would
+  # be redone for every pixel (seen on XLA:CPU: the tables cost more than the rest of a round).
+  return jnp.take(jax.lax.optimization_barrier(flat), stats.index, mode="clip")
 
 
 @functools.cache
