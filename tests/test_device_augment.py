@@ -10,6 +10,7 @@ entry; only a coordinate within ~1e-6 of a half-pixel can then round to the neig
 boundary pixel of the map. Measured on this CPU: 0 differing pixels in every comparison.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -256,3 +257,30 @@ def test_runs_with_tensorflow_tfds_and_wandb_blocked():
     check=False,
   )
   assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_bench_device_only_prints_both_sizes_without_tensorflow(tmp_path):
+  """bench/device_augment.py --device_only is what gpu_suite runs on a machine with no TF."""
+  out = tmp_path / "augment.json"
+  code = (
+    "import runpy, sys\n"
+    "for name in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
+    "  sys.modules[name] = None\n"
+    f"sys.argv = ['device_augment.py', '--quick', '--device_only', '--json={out}']\n"
+    "runpy.run_path('bench/device_augment.py', run_name='__main__')\n"
+  )
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+  done = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["path"], r["image_size"]) for r in rows] == [("device", 32), ("device", 64)]
+  assert all(r["images_per_s"] > 0 and len(r["passes"]) == 2 for r in rows)

@@ -223,11 +223,16 @@ class _Stats:
 
 
 def _apply_lut(stats: _Stats, lut: jax.Array) -> jax.Array:
-  """Maps every pixel through its image's and channel's table (lut int32 [B, C, 256])."""
-  flat = jnp.clip(lut, 0, 255).astype(jnp.uint8).reshape(-1)
-  # The barrier keeps XLA from fusing the tables' computation into the gather, where it would
-  # be redone for every pixel (seen on XLA:CPU: the tables cost more than the rest of a round).
-  return jnp.take(jax.lax.optimization_barrier(flat), stats.index, mode="clip")
+  """Maps every pixel through its image's and channel's table (lut int32 [B, C, 256]).
+
+  Per (image, channel) rows of one take_along_axis, with the tables held apart by a barrier:
+  a flat gather let XLA fuse the tables' computation into it and redo it per pixel (measured on
+  XLA:CPU: a RandAugment round 1.5x slower)."""
+  tables = jax.lax.optimization_barrier(jnp.clip(lut, 0, 255).astype(jnp.uint8))
+  batch, height, width, channels = stats.images.shape
+  values = jnp.transpose(stats.images, (0, 3, 1, 2)).reshape(batch, channels, height * width)
+  out = jnp.take_along_axis(tables, values.astype(jnp.int32), axis=2)
+  return jnp.transpose(out.reshape(batch, channels, height, width), (0, 2, 3, 1))
 
 
 @functools.cache
