@@ -160,7 +160,10 @@ def test_crop_flip_cutout_equals_tf(fill, cifar_like):
 
 @pytest.mark.parametrize(
   "overrides",
-  [{"randaugment__num_ops": 2, "randaugment__magnitude": 9}, {"autoaugment": "cifar10"}],
+  [
+    {"randaugment__num_ops": 2, "randaugment__magnitude": 9},
+    pytest.param({"autoaugment": "cifar10"}, marks=pytest.mark.slow),  # ~11 s on 2 CPU cores
+  ],
   ids=["randaugment_2_9", "autoaugment_cifar10"],
 )
 def test_whole_train_batch_equals_tf(overrides, cifar_like):
