@@ -497,6 +497,25 @@ def _arg_tables(names, levels, mapping, height: int, width: int) -> tuple[np.nda
   return args, transforms
 
 
+def _select_tables(stats: _Stats, lut_names, index: jax.Array, arg: jax.Array) -> jax.Array:
+  """Each example's table: its op's if it is one of `lut_names` ((k, name) pairs), else the
+  identity; int32 [B, C, 256].
+
+  Selected by a one-hot batched matmul rather than a chain of `where`s: XLA fuses a `where`
+  chain into the pixel gather that reads the tables and recomputes every candidate table per
+  pixel (3-4x a RandAugment round on XLA:CPU), and a dot is never fused that way. Exact: table
+  values lie in [-512, 512] and each output sums one product by 1, exact even in TF32.
+  """
+  candidates = [stats.identity()] + [_LUTS[name](stats, arg) for _, name in lut_names]
+  stacked = jnp.stack(candidates, axis=1).astype(jnp.float32)  # [B, K + 1, C, 256]
+  choice = jnp.zeros_like(index)
+  for slot, (k, _) in enumerate(lut_names, start=1):
+    choice = jnp.where(index == k, slot, choice)
+  one_hot = jax.nn.one_hot(choice, len(candidates), dtype=jnp.float32)  # [B, K + 1]
+  tables = jnp.einsum("bk,bkcv->bcv", one_hot, stacked, precision=jax.lax.Precision.HIGHEST)
+  return jnp.round(tables).astype(jnp.int32)
+
+
 def _apply_round(images, names, index, arg, transform) -> jax.Array:
   """Example i gets op names[index[i]] with argument arg[i] (float32) and, for an affine op,
   kernel transform transform[i] (float32 [6]; identity map for other ops).
@@ -511,10 +530,7 @@ def _apply_round(images, names, index, arg, transform) -> jax.Array:
   stats = _Stats(images)
   lut_names = [(k, n) for k, n in enumerate(names) if kinds[k] in ("lut", "lut_stats")]
   if lut_names:
-    lut = stats.identity()
-    for k, name in lut_names:
-      lut = jnp.where((index == k)[:, None, None], _LUTS[name](stats, arg), lut)
-    images = _apply_lut(stats, lut)
+    images = _apply_lut(stats, _select_tables(stats, lut_names, index, arg))
   out = images
   for k, name in enumerate(names):
     if kinds[k] == "blend":
