@@ -186,8 +186,9 @@ def test_randaugment_batch_at_224_px_equals_tf():
   """The ImageNet size: 50,176 pixels per image in the LUT statistics, 223-px affine products."""
   images = pil_reference.photos(224, 224)
   images = np.concatenate([images, images[:, ::-1], images[:, :, ::-1]])
-  config = _config(crop_padding=16, flip=True, cutout_size=32, randaugment__num_ops=2,
-                   randaugment__magnitude=9)  # fmt: skip
+  config = _config(
+    crop_padding=16, flip=True, cutout_size=32, randaugment__num_ops=2, randaugment__magnitude=9
+  )
   seeds = _seeds(len(images))
   expected = augment.make_train_augment(config, (224, 224, 3))(images, seeds).numpy()
   got = jax.jit(device_augment.make_device_augment(config, (224, 224, 3)))(
