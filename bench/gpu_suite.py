@@ -16,9 +16,11 @@ run; MFU is against the device's dense bf16 (or TF32) peak, n/a where the device
 Only JAX, flax, optax, numpy and ml_collections are imported: the GPU machine may lack TensorFlow,
 tensorflow_datasets and wandb. bench/loop_efficiency.py, which needs TensorFlow (the loop's
 tf.data pipeline), runs last where TensorFlow is installed (its budget kept from the variants), and
-is a skipped row with that reason where it is not. XLA's persistent compilation cache is on (the
-same folder as launch.py's), so a rerun skips the compiles; the table marks compiles served from
-it.
+is a skipped row with that reason where it is not. The on-device train augmentation
+(bench/device_augment.py --device_only: crop + flip + RandAugment(2, 9) + Cutout, jitted) gets
+one line of images/s at 32 and 224 px; it needs no TensorFlow. XLA's persistent compilation cache
+is on (the same folder as launch.py's), so a rerun skips the compiles; the table marks compiles
+served from it.
 """
 
 import argparse
@@ -344,6 +346,53 @@ def run_loop_efficiency(args, budget_s: float, env: dict) -> dict:
       return json.load(f)
 
 
+# ---- device augmentation: images/s of the on-device train augmentation (no TensorFlow) ----
+
+# By --quick: its budget, and what of it is kept from the variants' time (none with --quick, whose
+# variant rows CI needs; the line then gets what the variants leave).
+DEVICE_AUGMENT_BUDGET_S = {False: 90.0, True: 40.0}
+DEVICE_AUGMENT_RESERVE_S = {False: 90.0, True: 0.0}
+
+
+def run_device_augment(args, budget_s: float, env: dict) -> dict:
+  """bench/device_augment.py --device_only as a child: crop + flip + RandAugment(2, 9) + Cutout
+  images/s on the device at 32 and 224 px (--quick: 32 and 64 px, small batches)."""
+  if budget_s < MIN_CHILD_S:
+    return {"status": "not run", "reason": "suite time budget spent"}
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "device_augment.json")
+    command = [
+      sys.executable,
+      os.path.join(ROOT, "bench", "device_augment.py"),
+      "--device_only",
+      f"--json={out}",
+    ] + (["--quick"] if args.quick else ["--batch_224=256"])
+    try:
+      done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=budget_s, check=False
+      )
+    except subprocess.TimeoutExpired:
+      return {"status": "timeout", "reason": f"over its {budget_s:.0f} s budget"}
+    if not os.path.exists(out):
+      return {"status": "error", "reason": f"exited {done.returncode}: {_last_line(done.stderr)}"}
+    with open(out) as f:
+      return json.load(f)
+
+
+def device_augment_lines(result: dict | None) -> list[str]:
+  if result is None:
+    return []
+  if result.get("status") != "ok":
+    return [f"device augmentation: {result.get('status')}: {result.get('reason', '')}"]
+  return [
+    "device augmentation (crop + flip + RandAugment(2, 9) + Cutout(16), uint8, jitted): "
+    + "; ".join(
+      f"{r['image_size']} px batch {r['batch']}: {r['images_per_s']:,.0f} images/s"
+      for r in result["rows"]
+    )
+  ]
+
+
 def fmt(value, spec: str, scale: float = 1.0) -> str:
   return "n/a" if value is None else format(value * scale, spec)
 
@@ -425,7 +474,10 @@ def suite(args) -> dict:
       if not rows:
         continue
       left = (
-        deadline - (args.loop_budget_s if phase == 2 and wants_loop else 0) - (time.perf_counter())
+        deadline
+        - (args.loop_budget_s if phase == 2 and wants_loop else 0)
+        - (DEVICE_AUGMENT_RESERVE_S[args.quick] if phase == 2 and not args.no_device_augment else 0)
+        - (time.perf_counter())
       )
       if left < MIN_CHILD_S:
         for o in rows:
@@ -447,6 +499,10 @@ def suite(args) -> dict:
         file=sys.stderr,
         flush=True,
       )
+  device_augment = None
+  if not args.no_device_augment:
+    left = deadline - (args.loop_budget_s if wants_loop else 0) - time.perf_counter()
+    device_augment = run_device_augment(args, min(DEVICE_AUGMENT_BUDGET_S[args.quick], left), env)
   if not args.no_loop_efficiency:
     loop = run_loop_efficiency(args, min(args.loop_budget_s, deadline - time.perf_counter()), env)
   order = [(c.name, o.name) for c in cases for o in selected]
@@ -464,6 +520,7 @@ def suite(args) -> dict:
     },
     "rows": [results[k] for k in order if k in results],
     "loop_efficiency": loop,
+    "device_augment": device_augment,
   }
 
 
@@ -477,6 +534,7 @@ def report(doc: dict) -> str:
   )
   lines = [title, "", table(doc["rows"]), ""]
   lines += sam_memory_notes(doc["rows"])
+  lines += device_augment_lines(doc.get("device_augment"))
   loop = doc["loop_efficiency"]
   if loop is not None:
     if loop.get("status") == "ok":
@@ -529,6 +587,7 @@ def parse_args(argv=None):
     help="loop_efficiency's budget (default 150 s, --quick 50 s)",
   )
   parser.add_argument("--no_loop_efficiency", action="store_true")
+  parser.add_argument("--no_device_augment", action="store_true", help="skip the augment row")
   parser.add_argument(
     "--compilation_cache", default=None, help="XLA cache folder ('' = off; default as launch.py)"
   )
@@ -559,6 +618,8 @@ def main(argv=None) -> None:
   # Out of time or memory is a figure; a row that raised anything else is a bug in the suite or
   # in jaxsam, which CI (--quick) must catch.
   errors = [f"{r['case']}/{r['optimizer']}" for r in doc["rows"] if r["status"] == "error"]
+  if (doc["device_augment"] or {}).get("status") == "error":
+    errors.append("device augmentation")
   if errors or (doc["loop_efficiency"] or {}).get("status") == "error":
     sys.exit(f"error: rows failed: {', '.join(errors) or 'loop efficiency'}; see {args.out}")
 

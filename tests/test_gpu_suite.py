@@ -54,3 +54,21 @@ def test_table_has_one_line_per_row_with_the_status_where_there_are_no_figures()
 def test_out_of_memory_is_told_apart_from_other_failures():
   assert suite.failure_status(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")) == "oom"
   assert suite.failure_status(ValueError("bad shape")) == "error"
+
+
+def test_device_augmentation_line_says_its_figures_or_why_none(tmp_path):
+  args = suite.parse_args(["--quick", f"--out={tmp_path / 'x.json'}"])
+  assert suite.run_device_augment(args, 1.0, dict(os.environ)) == {
+    "status": "not run",
+    "reason": "suite time budget spent",
+  }
+  rows = [
+    {"image_size": 32, "batch": 256, "images_per_s": 51234.4},
+    {"image_size": 224, "batch": 256, "images_per_s": 2345.6},
+  ]
+  (line,) = suite.device_augment_lines({"status": "ok", "rows": rows})
+  assert line.endswith("32 px batch 256: 51,234 images/s; 224 px batch 256: 2,346 images/s")
+  assert suite.device_augment_lines({"status": "timeout", "reason": "over its 40 s budget"}) == [
+    "device augmentation: timeout: over its 40 s budget"
+  ]
+  assert suite.device_augment_lines(None) == []

@@ -23,14 +23,16 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from jaxsam.errors import ConfigError
+from jaxsam.data import augment_spec
 
-MAX_LEVEL = 10.0  # TF's RandAugment magnitude scale: 0..10
-FILL_VALUE = 128  # grey for pixels an affine op uncovers and for Cutout (TF's `replace` value)
-# Max translation as a fraction of the side: 10 px at 32 px, as the CIFAR AutoAugment code that
-# searched the CIFAR-10 policy (TF's ImageNet code uses 100 px at 224, ~0.45).
-TRANSLATE_FRACTION = 10.0 / 32.0
-CROP_FILLS = ("reflect", "constant")
+# The op registry, RandAugment's ops, the CIFAR-10 policy, the magnitude mappings, the random
+# streams and the config check live in `augment_spec`, shared with `device_augment`.
+MAX_LEVEL = augment_spec.MAX_LEVEL
+FILL_VALUE = augment_spec.FILL_VALUE
+TRANSLATE_FRACTION = augment_spec.TRANSLATE_FRACTION
+CROP_FILLS = augment_spec.CROP_FILLS
+RANDAUGMENT_OPS = augment_spec.RANDAUGMENT_OPS
+AUTOAUGMENT_POLICIES = augment_spec.AUTOAUGMENT_POLICIES
 
 # ------------------------------------------------------------------------- per-example randomness
 
@@ -73,12 +75,13 @@ def _randint(seeds: tf.Tensor, stream: int, n) -> tf.Tensor:
   )
 
 
-# Stream numbers: each random decision draws from its own stream of the example's seed.
-_STREAM_CROP_Y, _STREAM_CROP_X, _STREAM_FLIP, _STREAM_CUTOUT_Y, _STREAM_CUTOUT_X = range(5)
-_STREAM_AA_POLICY = 10
-_STREAM_AA_APPLY = 11  # + stage
-_STREAM_AA_SIGN = 13  # + stage
-_STREAM_RA = 100  # + 2 * round (op) and + 2 * round + 1 (sign)
+_STREAM_CROP_Y, _STREAM_CROP_X = augment_spec.STREAM_CROP_Y, augment_spec.STREAM_CROP_X
+_STREAM_FLIP = augment_spec.STREAM_FLIP
+_STREAM_CUTOUT_Y, _STREAM_CUTOUT_X = augment_spec.STREAM_CUTOUT_Y, augment_spec.STREAM_CUTOUT_X
+_STREAM_AA_POLICY = augment_spec.STREAM_AA_POLICY
+_STREAM_AA_APPLY = augment_spec.STREAM_AA_APPLY
+_STREAM_AA_SIGN = augment_spec.STREAM_AA_SIGN
+_STREAM_RA = augment_spec.STREAM_RA
 
 # ------------------------------------------------------------------------------- shared helpers
 
@@ -393,21 +396,21 @@ class OpSpec:
 
 
 _SPECS = {
-  "identity": OpSpec("identity", _identity_lut),
-  "autocontrast": OpSpec("lut_stats", _autocontrast_lut),
-  "equalize": OpSpec("lut_stats", _equalize_lut),
-  "invert": OpSpec("lut", _invert_lut),
-  "solarize": OpSpec("lut", _solarize_lut),
-  "posterize": OpSpec("lut", _posterize_lut),
-  "brightness": OpSpec("lut", _brightness_lut),
-  "contrast": OpSpec("lut_stats", _contrast_lut),
-  "color": OpSpec("blend", _color),
-  "sharpness": OpSpec("blend", _sharpness),
-  "rotate": OpSpec("affine", _rotate_matrix),
-  "shear_x": OpSpec("affine", _shear_x_matrix),
-  "shear_y": OpSpec("affine", _shear_y_matrix),
-  "translate_x": OpSpec("affine", _translate_x_matrix),
-  "translate_y": OpSpec("affine", _translate_y_matrix),
+  "identity": OpSpec(augment_spec.KINDS["identity"], _identity_lut),
+  "autocontrast": OpSpec(augment_spec.KINDS["autocontrast"], _autocontrast_lut),
+  "equalize": OpSpec(augment_spec.KINDS["equalize"], _equalize_lut),
+  "invert": OpSpec(augment_spec.KINDS["invert"], _invert_lut),
+  "solarize": OpSpec(augment_spec.KINDS["solarize"], _solarize_lut),
+  "posterize": OpSpec(augment_spec.KINDS["posterize"], _posterize_lut),
+  "brightness": OpSpec(augment_spec.KINDS["brightness"], _brightness_lut),
+  "contrast": OpSpec(augment_spec.KINDS["contrast"], _contrast_lut),
+  "color": OpSpec(augment_spec.KINDS["color"], _color),
+  "sharpness": OpSpec(augment_spec.KINDS["sharpness"], _sharpness),
+  "rotate": OpSpec(augment_spec.KINDS["rotate"], _rotate_matrix),
+  "shear_x": OpSpec(augment_spec.KINDS["shear_x"], _shear_x_matrix),
+  "shear_y": OpSpec(augment_spec.KINDS["shear_y"], _shear_y_matrix),
+  "translate_x": OpSpec(augment_spec.KINDS["translate_x"], _translate_x_matrix),
+  "translate_y": OpSpec(augment_spec.KINDS["translate_y"], _translate_y_matrix),
 }
 
 
@@ -429,105 +432,9 @@ def _as_op(name: str) -> Callable:
 # is the op's own (degrees, pixels, factor, bits, threshold); ops without one ignore it.
 OPS: dict[str, Callable] = {name: _as_op(name) for name in _SPECS}
 
-# RandAugment's 14 ops (Cubuk et al. 2019, section 3).
-RANDAUGMENT_OPS = (
-  "identity",
-  "autocontrast",
-  "equalize",
-  "rotate",
-  "solarize",
-  "color",
-  "posterize",
-  "contrast",
-  "brightness",
-  "sharpness",
-  "shear_x",
-  "shear_y",
-  "translate_x",
-  "translate_y",
-)
-
-# ------------------------------------------------------------------------ magnitude -> argument
-
-
-def _signed(value: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
-  return tf.where(negate, -value, value)
-
-
-def _enhance_arg(level, negate, size):
-  del negate, size
-  return level / MAX_LEVEL * 1.8 + 0.1
-
-
-def _no_arg(level, negate, size):
-  del negate, size
-  return tf.zeros_like(level)
-
-
-# TF's RandAugment mapping (tensorflow/models official/vision/ops/augment.py `level_to_arg`),
-# except translate: TRANSLATE_FRACTION of the side instead of a fixed 100 px.
-RANDAUGMENT_ARGS: dict[str, Callable] = {
-  "identity": _no_arg,
-  "autocontrast": _no_arg,
-  "equalize": _no_arg,
-  "invert": _no_arg,
-  "rotate": lambda level, negate, size: _signed(level / MAX_LEVEL * 30.0, negate),
-  "solarize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 256.0),
-  "posterize": lambda level, negate, size: tf.floor(level / MAX_LEVEL * 4.0),
-  "color": _enhance_arg,
-  "contrast": _enhance_arg,
-  "brightness": _enhance_arg,
-  "sharpness": _enhance_arg,
-  "shear_x": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
-  "shear_y": lambda level, negate, size: _signed(level / MAX_LEVEL * 0.3, negate),
-  "translate_x": lambda level, negate, size: _signed(
-    level / MAX_LEVEL * TRANSLATE_FRACTION * size[1], negate
-  ),
-  "translate_y": lambda level, negate, size: _signed(
-    level / MAX_LEVEL * TRANSLATE_FRACTION * size[0], negate
-  ),
-}
-
-# The CIFAR-10 policy was searched with the AutoAugment code's mapping, where posterize and
-# solarize grow stronger with the level (TF's RandAugment mapping runs them the other way):
-# bits = 4 - int(level * 4 / 10), threshold = 256 - int(level * 256 / 10).
-AUTOAUGMENT_ARGS: dict[str, Callable] = {
-  **RANDAUGMENT_ARGS,
-  "posterize": lambda level, negate, size: 4.0 - tf.floor(level / MAX_LEVEL * 4.0),
-  "solarize": lambda level, negate, size: 256.0 - tf.floor(level / MAX_LEVEL * 256.0),
-}
-
-# AutoAugment's CIFAR-10 policy (Cubuk et al. 2018, appendix table): 25 sub-policies of two
-# (op, probability, level) steps; levels of argument-free ops are unused.
-AUTOAUGMENT_POLICIES: dict[str, tuple] = {
-  "cifar10": (
-    (("invert", 0.1, 7), ("contrast", 0.2, 6)),
-    (("rotate", 0.7, 2), ("translate_x", 0.3, 9)),
-    (("sharpness", 0.8, 1), ("sharpness", 0.9, 3)),
-    (("shear_y", 0.5, 8), ("translate_y", 0.7, 9)),
-    (("autocontrast", 0.5, 8), ("equalize", 0.9, 2)),
-    (("shear_y", 0.2, 7), ("posterize", 0.3, 7)),
-    (("color", 0.4, 3), ("brightness", 0.6, 7)),
-    (("sharpness", 0.3, 9), ("brightness", 0.7, 9)),
-    (("equalize", 0.6, 5), ("equalize", 0.5, 1)),
-    (("contrast", 0.6, 7), ("sharpness", 0.6, 5)),
-    (("color", 0.7, 7), ("translate_x", 0.5, 8)),
-    (("equalize", 0.3, 7), ("autocontrast", 0.4, 8)),
-    (("translate_y", 0.4, 3), ("sharpness", 0.2, 6)),
-    (("brightness", 0.9, 6), ("color", 0.2, 8)),
-    (("solarize", 0.5, 2), ("invert", 0.0, 3)),
-    (("equalize", 0.2, 0), ("autocontrast", 0.6, 0)),
-    (("equalize", 0.2, 8), ("equalize", 0.6, 4)),
-    (("color", 0.9, 9), ("equalize", 0.6, 6)),
-    (("autocontrast", 0.8, 4), ("solarize", 0.2, 8)),
-    (("brightness", 0.1, 3), ("color", 0.7, 0)),
-    (("solarize", 0.4, 5), ("autocontrast", 0.9, 3)),
-    (("translate_y", 0.9, 9), ("translate_y", 0.7, 9)),
-    (("autocontrast", 0.9, 2), ("solarize", 0.8, 3)),
-    (("equalize", 0.8, 8), ("invert", 0.1, 3)),
-    (("translate_y", 0.7, 9), ("autocontrast", 0.9, 1)),
-  )
-}
+# TF's RandAugment mapping and the CIFAR AutoAugment code's (see augment_spec).
+RANDAUGMENT_ARGS: dict[str, Callable] = augment_spec.randaugment_args(tf)
+AUTOAUGMENT_ARGS: dict[str, Callable] = augment_spec.autoaugment_args(tf)
 
 # ------------------------------------------------------------------------ batched op application
 
@@ -607,7 +514,7 @@ def randaugment(images: tf.Tensor, seeds: tf.Tensor, num_ops: int, magnitude: fl
 def autoaugment(images: tf.Tensor, seeds: tf.Tensor, policy: str) -> tf.Tensor:
   """AutoAugment: one sub-policy per example; each of its two steps applies with its probability."""
   subpolicies = AUTOAUGMENT_POLICIES[policy]
-  names = ("identity",) + tuple(sorted({op for sub in subpolicies for op, _, _ in sub}))
+  names = augment_spec.policy_names(policy)
   choice = _randint(seeds, _STREAM_AA_POLICY, len(subpolicies))
   for stage in range(2):
     ops = tf.constant([names.index(sub[stage][0]) for sub in subpolicies], tf.int32)
@@ -693,45 +600,7 @@ def crop_flip_cutout(
 # ------------------------------------------------------------------------------------ factory
 
 
-def _check_config(augment_config, image_shape) -> None:
-  """ConfigError (one line) for any augment value out of range or inconsistent."""
-  height, width = image_shape[0], image_shape[1]
-  padding = augment_config.crop_padding
-  if not isinstance(padding, int) or padding < 0:
-    raise ConfigError(f"augment.crop_padding={padding!r}; expected an int >= 0 (0 = no crop)")
-  if augment_config.crop_fill not in CROP_FILLS:
-    raise ConfigError(
-      f"augment.crop_fill={augment_config.crop_fill!r}; expected one of {list(CROP_FILLS)}"
-    )
-  if augment_config.crop_fill == "reflect" and padding >= min(height, width):
-    raise ConfigError(
-      f"augment.crop_padding={padding} with crop_fill='reflect' must be < the "
-      f"image side {min(height, width)}"
-    )
-  size = augment_config.cutout_size
-  if not isinstance(size, int) or size < 0:
-    raise ConfigError(f"augment.cutout_size={size!r}; expected an int >= 0 (0 = off)")
-  num_ops = augment_config.randaugment.num_ops
-  if not isinstance(num_ops, int) or num_ops < 0:
-    raise ConfigError(f"augment.randaugment.num_ops={num_ops!r}; expected an int >= 0 (0 = off)")
-  magnitude = augment_config.randaugment.magnitude
-  if not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= MAX_LEVEL:
-    raise ConfigError(
-      f"augment.randaugment.magnitude={magnitude!r}; expected a number in "
-      f"[0, {MAX_LEVEL:g}] (TF's RandAugment scale)"
-    )
-  policy = augment_config.autoaugment
-  if policy and policy not in AUTOAUGMENT_POLICIES:
-    raise ConfigError(
-      f"augment.autoaugment={policy!r}; expected '' (off) or one of {list(AUTOAUGMENT_POLICIES)}"
-    )
-  if policy and num_ops > 0:
-    raise ConfigError(
-      f"augment.autoaugment={policy!r} and augment.randaugment.num_ops={num_ops} "
-      f"are both set; use one of them (set the other to '' / 0)"
-    )
-  if len(image_shape) != 3 or image_shape[2] != 3:
-    raise ConfigError(f"augmentation needs RGB images [H, W, 3], got image_shape={image_shape}")
+_check_config = augment_spec.check_config
 
 
 def make_train_augment(augment_config, image_shape=(32, 32, 3)):
