@@ -22,7 +22,7 @@ import tqdm
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import pipeline, sources, streaming
+from jaxsam.data import pipeline, sources, streaming, train_split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -170,6 +170,40 @@ def evaluate_test_split(
     "test/count": int(count),
     "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)).tolist(),
   }
+
+
+def _split_accuracy(eval_step, state, setup: Setup, split: sources.Split, global_batch: int):
+  totals = None
+  for batch in pipeline.eval_batches(
+    split,
+    global_batch=global_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = parallel.fetch(totals)
+  return float(totals["correct"]) / max(float(totals["count"]), 1.0)
+
+
+def evaluate_train_fit(eval_step, state, setup: Setup, config, global_batch: int) -> dict:
+  """Top-1 accuracy on the train split against the labels it trained on (no augmentation, batch
+  norm in inference mode): how much of its train labels the model fits. Under label noise also
+  split into the relabelled examples (accuracy on their wrong label: the noise memorised) and
+  the rest. {} for a streamed train split (it has no label noise)."""
+  if not isinstance(setup.data, sources.DatasetArrays):
+    return {}
+  train = setup.data.train
+  out = {"final_train_accuracy": _split_accuracy(eval_step, state, setup, train, global_batch)}
+  noise = config.dataset.get("label_noise", 0.0)
+  if noise:
+    flipped = train_split.flipped_mask(len(train.labels), noise, config.seed)
+    for key, mask in (("noisy", flipped), ("clean", ~flipped)):
+      part = sources.Split(train.images[mask], train.labels[mask])
+      out[f"final_train_accuracy_{key}"] = _split_accuracy(
+        eval_step, state, setup, part, global_batch
+      )
+  return out
 
 
 class _Preemption:
@@ -436,7 +470,7 @@ def _announce(setup: Setup, start_step: int, resumed: bool) -> None:
     )
 
 
-def _summary(loop: _Loop) -> dict:
+def _summary(loop: _Loop, train_fit: dict) -> dict:
   config, setup, meta = loop.config, loop.setup, loop.meta
   return {
     "final_test_accuracy": meta.get("last_accuracy"),
@@ -447,11 +481,13 @@ def _summary(loop: _Loop) -> dict:
     "wall_time_s": loop.wall_time(),
     "num_devices": int(setup.mesh.devices.size),
     "num_processes": jax.process_count(),
-    "sam_m": setup.step_config.sam_group_size,
+    "sam_m": setup.step_config.sam_group_size,  # examples per ascent group (0: no ascent)
+    "sam_m_config": config.sam.m,  # sam.m as set: 0 = the per-device batch
     "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
     "train_examples": streaming.num_train(setup.data),
     "label_noise": config.dataset.label_noise,
     "completed": loop.step >= setup.total_steps,
+    **train_fit,
   }
 
 
@@ -553,7 +589,9 @@ def train_and_evaluate(
         break
   loop.bar.close()
   checkpointer.close()
-  summary = _summary(loop)
+  done = loop.step >= setup.total_steps
+  fit = evaluate_train_fit(eval_step, state, setup, config, config.eval_batch_size) if done else {}
+  summary = _summary(loop, fit)
   sink.finish(summary)
   sink.close()
   if parallel.is_main_process() and summary["completed"]:
