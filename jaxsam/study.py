@@ -91,6 +91,25 @@ SIZES = {
     },
     why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, batch 128",
   ),
+  # A check of the whole chain (data, every arm, the report) in a minute or two before a long
+  # grid: 200 images, 1 epoch of a 4-wide ResNet-8 at 8 px. Its accuracies mean nothing.
+  "smoke": Size(
+    epochs=1,
+    seeds=(0,),
+    overrides={
+      "model.name": "resnet8",
+      "model.width": 4,
+      "model.image_size": 8,
+      "dtype": "float32",
+      "dataset.train_examples": 200,
+      "batch_size": 50,
+      "eval_batch_size": 1000,
+      "eval_every_epochs": 1,
+      "checkpoint_every_epochs": 1,
+      "log_every_steps": 2,
+    },
+    why="a 4-wide ResNet-8 at 8 px, 200 images, 1 epoch, batch 50 (a check, not a result)",
+  ),
   # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
   # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
   "gpu": Size(
