@@ -84,6 +84,7 @@ SIZES = {
       "dataset.train_examples": 1500,
       "augment.crop_padding": 0,
       "batch_size": 128,
+      "sam.m": 128,  # SAM ascends on the whole batch (the rows in README); --m=16,... adds others
       "eval_batch_size": 1000,
       "eval_every_epochs": 10,
       "checkpoint_every_epochs": 10,
