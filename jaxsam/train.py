@@ -459,11 +459,21 @@ def _restore(config, checkpointer, state):
   return state, meta, bool(restored)
 
 
-def _announce(setup: Setup, start_step: int, resumed: bool) -> None:
+def sam_m_text(config, group_size: int) -> str:
+  """The start-up line's m: the ascent group size, and a warning when sam.m = 0 left it to the
+  device count (the same config is then a different algorithm on 1 and 8 devices)."""
+  if not group_size:
+    return "n/a (msam)" if config.sam.rho else "n/a (rho=0)"
+  if config.sam.m:
+    return str(group_size)
+  return f"{group_size} (sam.m=0: the per-device batch, so results depend on the device count)"
+
+
+def _announce(config, setup: Setup, start_step: int, resumed: bool) -> None:
   if parallel.is_main_process():
     print(
       f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
-      f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
+      f"SAM m={sam_m_text(config, setup.step_config.sam_group_size)}, "
       f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
       + (f"resuming at step {start_step}" if resumed else "fresh start"),
       flush=True,
@@ -563,7 +573,7 @@ def train_and_evaluate(
   sink = writers.create_run_writer(
     config, workdir, start_step=start, environ=os.environ, main_process=main
   )
-  _announce(setup, start, resumed)
+  _announce(config, setup, start, resumed)
   train_step, eval_step = _compile_steps(config, setup, tx, lr_schedule, workdir, profile_steps)
   batches = _device_batches(train_input, setup, start)
   loop = _start_loop(config, setup, workdir, sink, checkpointer, meta, start)
