@@ -4,8 +4,8 @@
       # fetches keras/efficientnetb0 on first use
 
 The original project's EfficientNet-B0 path never ran; this is it, on the same recipe as
-configs/sam_ra.py (50 epochs, batch 256, lr 0.1 cosine, wd 1e-4, rho 0.05), with BatchNorm
-statistics frozen while fine-tuning (as google-research/sam fine-tunes EfficientNets).
+configs/sam_ra.py (50 epochs, batch 256, lr 0.1 cosine, wd 1e-4, rho 0.05, sam.m 64), with
+BatchNorm statistics frozen while fine-tuning (as google-research/sam fine-tunes EfficientNets).
 Expected accuracy: not measured yet (needs CIFAR-100 and a GPU). Runtime: ~1/3 of ResNet-50's.
 """
 

@@ -14,9 +14,11 @@ ImageNet's mean and std.
 
 The recipe is jaxsam's, not a paper's: 50 epochs of global batch 64 (15 steps each, 750 in all),
 SGD momentum 0.9, lr 0.01 cosine after 1 warm-up epoch, weight decay 1e-4, SAM rho 0.05, BN
-statistics updated (not frozen). Train on train + validation (2,040 images) with
---config.dataset.train_split=train+validation once it is checked to stream (a combined tfds split
-has not been tested on the streamed path). Plain SGD: --config.sam.rho=0.
+statistics updated (not frozen), sam.m = 8 examples per ascent (jaxsam's choice; no source: the
+per-device batch of the 8-GPU slurm line above, so one device runs the same algorithm). Train on
+train + validation (2,040 images) with --config.dataset.train_split=train+validation once it is
+checked to stream (a combined tfds split has not been tested on the streamed path). Plain SGD:
+--config.sam.rho=0.
 Expected accuracy: not measured (no session has had the dataset or a GPU). Runtime: 48 k train
 and 61 k test images (10 evaluations); on one GPU the steps take well under a minute, so the
 run is bound by the input: 109 k images / (8 cores x 74 images per CPU-second, the streamed
@@ -52,6 +54,7 @@ def get_config():
   config.schedule.warmup_epochs = 1.0
 
   config.sam.rho = 0.05
+  config.sam.m = 8  # examples per ascent on any device count up to 8
 
   config.augment.random_resized_crop = True
   config.augment.crop_scale = (0.08, 1.0)

@@ -21,8 +21,11 @@ is Foret et al., "Sharpness-Aware Minimization for Efficiently Improving General
     the loss; jaxsam's coupled L2 is the same gradient).
   * gradient clipping at global norm 5.0 after averaging (the flag's default; the ImageNet
     command lines are not published, so whether those runs kept it is not known).
-  * SAM ascent per device, not averaged over devices (sync_perturbations defaults to False):
-    jaxsam's default, sam.sync=False with m = the per-device batch.
+  * SAM ascent per device, not averaged over devices (sync_perturbations defaults to False).
+    How many examples a device held (m) the source does not say: the accelerator count of the
+    ImageNet runs is in neither the code nor the paper as read here. jaxsam pins sam.m = 128
+    (4096 over 32 devices), so the recipe is one algorithm on 1 to 32 devices: on 8 GPUs each
+    ascends on 4 groups of 128 (vmapped; more memory and batched convolutions, see README).
   * Inception crop, area (0.08, 1) and aspect ratio (3/4, 4/3), then a flip; ImageNet mean/std.
     (The sam code draws the crop with tf.image.sample_distorted_bounding_box, 10 attempts, and
     resizes bicubic; jaxsam uses torchvision's arithmetic for the same distribution and an
@@ -81,6 +84,7 @@ def get_config():
   config.schedule.warmup_epochs = 0.0
 
   config.sam.rho = 0.05
+  config.sam.m = 128  # examples per ascent (the source is silent; see the docstring)
 
   config.augment.random_resized_crop = True
   config.augment.crop_scale = (0.08, 1.0)

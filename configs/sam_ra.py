@@ -3,7 +3,8 @@ CIFAR-100 at 224 px.
 
   python launch.py --config=configs/sam_ra.py   # fetches torchvision/resnet50 on first use
 
-50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay 1e-4.
+50 epochs, global batch 256, SGD momentum 0.9, lr 0.1 cosine, weight decay 1e-4, SAM's ascent on
+groups of sam.m = 64 (the original ascended on all 256 at once: common.original_study says why).
 The original PyTorch run reported 78.72 % test accuracy (with a constant lr and no weight
 decay on its SAM runs). jaxsam's number: not measured yet (needs CIFAR-100 and a GPU).
 Runtime: about 50 x 195 steps; a few hours on 4 GPUs (SAM costs 2x SGD per step).

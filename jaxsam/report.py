@@ -66,7 +66,7 @@ def augmentation_label(config: dict) -> str:
 
 
 def optimizer_label(config: dict) -> str:
-  """SGD, or SAM(ρ=0.05) / GSAM(ρ=...) / LOOKSAM(ρ=..., every 5) / SAM(ρ=..., from 80%)...
+  """SGD, or SAM(ρ=0.05) / SAM(ρ=0.05, m=16) / LOOKSAM(ρ=..., every 5) / SAM(ρ=..., from 80%)...
   (prefixed by a non-SGD base optimizer)."""
   name = config.get("optimizer", {}).get("name", "sgd")
   base = {"sgd": "SGD", "adamw": "AdamW"}.get(name, name)
@@ -74,6 +74,8 @@ def optimizer_label(config: dict) -> str:
   if not sam.get("rho"):
     return base
   extras = [f"ρ={sam['rho']:g}"]
+  if sam.get("m") and sam.get("variant", "sam") != "msam":
+    extras.append(f"m={sam['m']}")
   if sam.get("every", 1) > 1:
     extras.append(f"every {sam['every']}")
   if sam.get("start_fraction", 0):
@@ -110,6 +112,9 @@ def load_run(run_dir: str) -> dict[str, Any]:
     "num_train": summary.get("train_examples"),  # the examples the run trained on
     "wall_time_s": summary.get("wall_time_s"),
     "sam_fraction": summary.get("sam_fraction"),
+    "sam_m": summary.get("sam_m"),  # examples per ascent group the run used (0: no ascent)
+    "train_fit": summary.get("final_train_accuracy"),  # on the labels trained on, at the end
+    "train_fit_noisy": summary.get("final_train_accuracy_noisy"),  # relabelled examples only
     "seed": config.get("seed"),
   }
 
@@ -166,6 +171,8 @@ def markdown(runs: Sequence[dict], cross_table: bool = True) -> str:
   header += ["label noise", "train examples"] * show_data
   header += ["epochs", "best %", "final %"] + ["λ_max"] * show_lambda
   lines = lines if cross_table else []
+  extra = m_columns(runs)
+  header += [name for name, _ in extra]
   lines += [
     *[""] * cross_table,
     "Runs" + (" (settings that differ between them)" if diff else "") + ":",
@@ -189,6 +196,7 @@ def markdown(runs: Sequence[dict], cross_table: bool = True) -> str:
     row += [epochs, _pct(r["best"]), _pct(r["final"])]
     if show_lambda:
       row.append("–" if r["lambda_max"] is None else f"{r['lambda_max']:.4g}")
+    row += [cell([r]).replace(" ± 0.00", "") for _, cell in extra]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -252,7 +260,9 @@ def seed_table(runs: Sequence[dict]) -> str:
     "| setting | label noise | train examples | cost (SGD epochs) | seeds | best % | "
     "final % | wall s / run |"
   )
-  lines = [header, "|---|---|---|---|---|---|---|---|"]
+  extra = m_columns(runs)
+  header += "".join(f" {name} |" for name, _ in extra)
+  lines = [header, "|" + "---|" * (8 + len(extra))]
   for label, group in group_by_setting(runs).items():
     first = group[0]
     fraction, _, _ = mean_std([r.get("sam_fraction") for r in group])
@@ -264,8 +274,28 @@ def seed_table(runs: Sequence[dict]) -> str:
       f"{cost:.3g} | {seeds} | {_pct_pm([r['best'] for r in group])} | "
       f"{_pct_pm([r['final'] for r in group])} | "
       f"{'–' if wall is None else f'{wall:.0f}'} |"
+      + "".join(f" {cell(group)} |" for _, cell in extra)
     )
   return "\n".join(lines)
+
+
+def _m_cell(runs: Sequence[dict]) -> str:
+  values = sorted({r["sam_m"] for r in runs if r.get("sam_m") is not None})
+  return ",".join(str(v) if v else "–" for v in values) or "?"
+
+
+def m_columns(runs: Sequence[dict]) -> list[tuple[str, Any]]:
+  """(header, cell of a group of runs) of the columns shown when the runs' summaries have them:
+  SAM's ascent group size m (– for no ascent), and the fit of the train labels at the end (all,
+  and the relabelled ones: how much of the label noise the model memorised)."""
+  columns = []
+  if any(r.get("sam_m") for r in runs):
+    columns.append(("m", _m_cell))
+  if any(r.get("train_fit") is not None for r in runs):
+    columns.append(("train acc, given labels %", lambda g: _pct_pm([r["train_fit"] for r in g])))
+  if any(r.get("train_fit_noisy") is not None for r in runs):
+    columns.append(("noise memorised %", lambda g: _pct_pm([r.get("train_fit_noisy") for r in g])))
+  return columns
 
 
 def write_seed_curves(runs: Sequence[dict], path: str) -> str:

@@ -4,10 +4,13 @@
   python -m jaxsam.study --size=gpu --data=... --out=runs/study_gpu [--dry_run] [--estimate]
 
 Grid: arm {SGD, SGD with twice the epochs (SAM's compute: a SAM step is two passes), SAM}
-x label noise {0, 0.4} x seeds, each a launch.py run of configs/cifar10_sgd.py or cifar10_sam.py
-with the size's overrides, in its own workdir under --out. A rerun of the same command skips the
-finished runs and resumes an interrupted one. Then it writes `study.md` (jaxsam.report's tables,
-mean ± std over seeds) and `study_curves.png` (test accuracy, mean ± std band per setting).
+x label noise {0, 0.4} x seeds, and with `--m=16,128` an m axis: each SAM arm once per ascent
+group size sam.m (arms sam_m16, sam_m128; also nameable in --arms). Each run is a launch.py run
+of configs/cifar10_sgd.py or cifar10_sam.py with the size's overrides, in its own workdir under
+--out. A rerun of the same command skips the finished runs and resumes an interrupted one. Then
+it writes `study.md` (jaxsam.report's tables, mean ± std over seeds, with the m each run used and
+its fit of the train labels at the end) and `study_curves.png` (test accuracy, mean ± std band
+per setting).
 """
 
 import argparse
@@ -46,6 +49,8 @@ ARMS = {
   "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
 }
 DEFAULT_ARMS = ("sgd", "sgd2x", "sam")
+# MSAM takes one gradient at a point along the momentum: no per-group ascent, so no m.
+M_ARMS = ("sam", "sam5", "looksam5", "late20", "aesam")
 CHEAP_ARMS = ("sam5", "looksam5", "late20", "aesam", "msam")
 LABEL_NOISE = (0.0, 0.4)
 
@@ -79,12 +84,34 @@ SIZES = {
       "dataset.train_examples": 1500,
       "augment.crop_padding": 0,
       "batch_size": 128,
+      # SAM ascends on groups of 16, as on 8 accelerators of 16 each: at m = 128 (the whole
+      # batch: --m=128) it memorised the label noise and lost most of its gain (README, results).
+      "sam.m": 16,
       "eval_batch_size": 1000,
       "eval_every_epochs": 10,
       "checkpoint_every_epochs": 10,
       "log_every_steps": 11,
     },
     why="ResNet-8 at 16 px on a class-balanced 1,500-image subset, flips, 40 epochs, batch 128",
+  ),
+  # A check of the whole chain (data, every arm, the report) in a minute or two before a long
+  # grid: 200 images, 1 epoch of a 4-wide ResNet-8 at 8 px. Its accuracies mean nothing.
+  "smoke": Size(
+    epochs=1,
+    seeds=(0,),
+    overrides={
+      "model.name": "resnet8",
+      "model.width": 4,
+      "model.image_size": 8,
+      "dtype": "float32",
+      "dataset.train_examples": 200,
+      "batch_size": 50,
+      "eval_batch_size": 1000,
+      "eval_every_epochs": 1,
+      "checkpoint_every_epochs": 1,
+      "log_every_steps": 2,
+    },
+    why="a 4-wide ResNet-8 at 8 px, 200 images, 1 epoch, batch 50 (a check, not a result)",
   ),
   # One H100-class GPU, <= 8 min: the configs as they are (ResNet-18, CIFAR stem, 32 px, bf16,
   # batch 256) on all 50,000 images, 30 epochs; `--estimate` prints the FLOP-based time.
@@ -118,6 +145,28 @@ def repo_root() -> str:
   return root
 
 
+def arm_for(name: str) -> Arm:
+  """ARMS[name], or for `<arm>_m<k>` (e.g. sam_m16) that arm with sam.m = k: SAM's ascent on
+  groups of k examples, whatever the device count (sam.m = 0 ascends on the per-device batch)."""
+  base, _, m = name.rpartition("_m")
+  if base in M_ARMS and m.isdigit():
+    arm = ARMS[base]
+    return dataclasses.replace(arm, overrides=(*arm.overrides, ("sam.m", int(m))))
+  if name not in ARMS:
+    raise errors.ConfigError(
+      f"arm {name!r} is unknown; known: {', '.join(ARMS)}, 'cheap', or <arm>_m<k> "
+      f"(sam.m = k) for {', '.join(M_ARMS)}"
+    )
+  return ARMS[name]
+
+
+def with_m(arms: Sequence[str], ms: Sequence[int]) -> list[str]:
+  """The arms of an m axis: each SAM arm once per m (sam -> sam_m16, sam_m128), the rest once."""
+  if not ms:
+    return list(arms)
+  return [f"{a}_m{m}" if a in M_ARMS else a for a in arms for m in (ms if a in M_ARMS else (0,))]
+
+
 def plan(
   size: Size,
   data: str,
@@ -133,7 +182,7 @@ def plan(
   for seed in seeds:
     for noise in noises:
       for name in arms:
-        arm = ARMS[name]
+        arm = arm_for(name)
         factor = arm.epoch_factor
         overrides = {
           **size.overrides,
@@ -323,12 +372,22 @@ def parse_arms(text: str) -> list[str]:
   """`--arms`: names from ARMS, or 'cheap' for the default three plus the cheaper-SAM arms."""
   names = [a for a in text.split(",") if a]
   names = [n for a in names for n in ((*DEFAULT_ARMS, *CHEAP_ARMS) if a == "cheap" else (a,))]
-  unknown = [a for a in names if a not in ARMS]
-  if unknown or not names:
-    raise errors.ConfigError(
-      f"--arms={text!r} names unknown arms {unknown}; known: {', '.join(ARMS)}, or 'cheap'"
-    )
+  if not names:
+    raise errors.ConfigError(f"--arms={text!r} names no arm; known: {', '.join(ARMS)}, 'cheap'")
+  for name in names:
+    arm_for(name)  # one line naming the first unknown arm
   return list(dict.fromkeys(names))
+
+
+def parse_ms(text: str) -> list[int]:
+  """`--m`: SAM's ascent group sizes (sam.m), 0 meaning the per-device batch."""
+  try:
+    values = [int(x) for x in text.split(",")]
+  except ValueError as e:
+    raise errors.ConfigError(f"--m={text!r} must be comma-separated integers >= 0") from e
+  if any(v < 0 for v in values):
+    raise errors.ConfigError(f"--m={text!r} must be comma-separated integers >= 0")
+  return list(dict.fromkeys(values))
 
 
 def parse_floats(flag: str, text: str) -> list[float]:
@@ -363,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="comma-separated label-noise fractions "
     f"(default: {','.join(f'{n:g}' for n in LABEL_NOISE)})",
   )
+  parser.add_argument(
+    "--m",
+    default="",
+    help="comma-separated sam.m values: each SAM arm runs once per m, as <arm>_m<k> "
+    "(0 = the per-device batch; default: the config's)",
+  )
   parser.add_argument("--dry_run", action="store_true", help="print the plan, run nothing")
   parser.add_argument(
     "--estimate",
@@ -383,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
     except ValueError as e:
       raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
-    arms = parse_arms(args.arms)
+    arms = with_m(parse_arms(args.arms), parse_ms(args.m) if args.m else [])
     noises = parse_floats("--noise", args.noise) if args.noise else list(LABEL_NOISE)
     root = repo_root()
     data = os.path.abspath(os.path.expanduser(args.data))

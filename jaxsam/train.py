@@ -23,7 +23,7 @@ import jaxsam.data
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import pipeline, sources
+from jaxsam.data import pipeline, sources, train_split
 from jaxsam.models import weights as weights_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -206,6 +206,40 @@ def evaluate_test_split(
     "test/count": int(count),
     "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)).tolist(),
   }
+
+
+def _split_accuracy(eval_step, state, setup: Setup, split: sources.Split, global_batch: int):
+  totals = None
+  for batch in pipeline.eval_batches(
+    split,
+    global_batch=global_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = parallel.fetch(totals)
+  return float(totals["correct"]) / max(float(totals["count"]), 1.0)
+
+
+def evaluate_train_fit(eval_step, state, setup: Setup, config, global_batch: int) -> dict:
+  """Top-1 accuracy on the train split against the labels it trained on (no augmentation, batch
+  norm in inference mode): how much of its train labels the model fits. Under label noise also
+  split into the relabelled examples (accuracy on their wrong label: the noise memorised) and
+  the rest. {} for a streamed train split (one more pass over its files)."""
+  train = setup.data.train_split_in_memory()
+  if train is None:
+    return {}
+  out = {"final_train_accuracy": _split_accuracy(eval_step, state, setup, train, global_batch)}
+  noise = config.dataset.get("label_noise", 0.0)
+  if noise:
+    flipped = train_split.flipped_mask(len(train.labels), noise, config.seed)
+    for key, mask in (("noisy", flipped), ("clean", ~flipped)):
+      part = sources.Split(train.images[mask], train.labels[mask])
+      out[f"final_train_accuracy_{key}"] = _split_accuracy(
+        eval_step, state, setup, part, global_batch
+      )
+  return out
 
 
 class _Preemption:
@@ -471,18 +505,28 @@ def _restore(config, checkpointer, state, fresh):
   return state, meta, bool(restored)
 
 
-def _announce(setup: Setup, start_step: int, resumed: bool) -> None:
+def sam_m_text(config, group_size: int) -> str:
+  """The start-up line's m: the ascent group size, and a warning when sam.m = 0 left it to the
+  device count (the same config is then a different algorithm on 1 and 8 devices)."""
+  if not group_size:
+    return "n/a (msam)" if config.sam.rho else "n/a (rho=0)"
+  if config.sam.m:
+    return str(group_size)
+  return f"{group_size} (sam.m=0: the per-device batch, so results depend on the device count)"
+
+
+def _announce(config, setup: Setup, start_step: int, resumed: bool) -> None:
   if parallel.is_main_process():
     print(
       f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
-      f"SAM m={setup.step_config.sam_group_size or 'n/a (rho=0)'}, "
+      f"SAM m={sam_m_text(config, setup.step_config.sam_group_size)}, "
       f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
       + (f"resuming at step {start_step}" if resumed else "fresh start"),
       flush=True,
     )
 
 
-def _summary(loop: _Loop) -> dict:
+def _summary(loop: _Loop, train_fit: dict) -> dict:
   config, setup, meta = loop.config, loop.setup, loop.meta
   return {
     "final_test_accuracy": meta.get("last_accuracy"),
@@ -493,12 +537,14 @@ def _summary(loop: _Loop) -> dict:
     "wall_time_s": loop.wall_time(),
     "num_devices": int(setup.mesh.devices.size),
     "num_processes": jax.process_count(),
-    "sam_m": setup.step_config.sam_group_size,
+    "sam_m": setup.step_config.sam_group_size,  # examples per ascent group (0: no ascent)
+    "sam_m_config": config.sam.m,  # sam.m as set: 0 = the per-device batch
     "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
     "train_examples": setup.data.num_train,
     "skipped_bad_images": setup.data.skipped_images,
     "label_noise": config.dataset.label_noise,
     "completed": loop.step >= setup.total_steps,
+    **train_fit,
   }
 
 
@@ -638,7 +684,7 @@ def _train(
   sink = writers.create_run_writer(
     config, workdir, start_step=start, environ=os.environ, main_process=main
   )
-  _announce(setup, start, resumed)
+  _announce(config, setup, start, resumed)
   train_step, eval_step = _compile_steps(config, setup, tx, lr_schedule, workdir, profile_steps)
   batches = _device_batches(train_input, setup, start)
   loop = _start_loop(config, setup, workdir, sink, checkpointer, meta, start)
@@ -664,7 +710,9 @@ def _train(
         break
   loop.bar.close()
   checkpointer.close()
-  summary = _summary(loop)
+  done = loop.step >= setup.total_steps
+  fit = evaluate_train_fit(eval_step, state, setup, config, config.eval_batch_size) if done else {}
+  summary = _summary(loop, fit)
   sink.finish(summary)
   sink.close()
   if parallel.is_main_process() and summary["completed"]:

@@ -44,6 +44,7 @@ def test_launch_on_a_noisy_subset_of_the_real_archive(tmp_path):
       "--config.model.image_size=8",
       "--config.dtype=float32",
       "--config.batch_size=50",
+      "--config.sam.m=5",  # the recipe's 32 does not divide 25 images per device
       "--config.eval_batch_size=1000",
       "--config.num_epochs=1",
       "--config.log_every_steps=2",
@@ -184,3 +185,54 @@ def test_estimate_is_images_times_flops_over_sustained_rate():
   runs = [study.Run("a", "a", (), images=1000, passes=1), study.Run("b", "b", (), 500, 2)]
   seconds = study.estimate_seconds(runs, {"sgd": 1.0, "sam": 2.0}, peak_tflops=1.0, mfu=0.5)
   assert seconds == pytest.approx((1000 * 1.0 + 500 * 2.0) * 1e9 / 0.5e12)
+
+
+@needs_archive
+def test_study_m_axis_runs_each_sam_arm_per_m_and_reports_m(tmp_path):
+  # One command, an m axis on 2 devices (25 images each): SGD once, SAM at m = 5 (five ascent
+  # groups per device) and m = 25 (the whole per-device batch); each summary.json says the m it
+  # ran, and study.md has an m column and the fit of the noisy train labels at the end.
+  out = tmp_path / "study"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxsam.study",
+      "--size=smoke",
+      f"--data={CIFAR10_JPEG}",
+      f"--out={out}",
+      "--arms=sgd,sam",
+      "--m=5,25",
+      "--noise=0.4",
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "3 runs" in proc.stdout
+  summaries = {}
+  for name in ("sgd", "sam_m5", "sam_m25"):
+    with open(out / f"{name}-noise0.4-seed0" / "summary.json") as f:
+      summaries[name] = json.load(f)
+  assert {k: s["sam_m"] for k, s in summaries.items()} == {"sgd": 0, "sam_m5": 5, "sam_m25": 25}
+  assert summaries["sam_m5"]["sam_m_config"] == 5
+  for s in summaries.values():
+    # 80 of the 200 labels were flipped; the fit of each part is a fraction of its examples.
+    fits = [s[f"final_train_accuracy{k}"] for k in ("", "_noisy", "_clean")]
+    assert all(0.0 <= f <= 1.0 for f in fits)
+    assert s["final_train_accuracy"] == pytest.approx(0.4 * fits[1] + 0.6 * fits[2])
+  table = (out / "study.md").read_text()
+  header = next(line for line in table.splitlines() if line.startswith("| setting |"))
+  assert header.endswith("| m | train acc, given labels % | noise memorised % |")
+  rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if "noise 0.4 |" in line}
+  assert set(rows) == {
+    "SGD 1 ep, noise 0.4",
+    "SAM(ρ=0.05, m=25) 1 ep, noise 0.4",
+    "SAM(ρ=0.05, m=5) 1 ep, noise 0.4",
+  }
+  assert "| 5 |" in rows["SAM(ρ=0.05, m=5) 1 ep, noise 0.4"]
+  assert "| – |" in rows["SGD 1 ep, noise 0.4"]

@@ -170,3 +170,29 @@ def test_study_configs_name_registered_weights_that_fit_their_model(name):
   weights.check_fits(entry, config.model)  # no manual step: the name fetches the right file
   # `auto` normalisation comes from the registry, without a weight file or the network.
   assert weights.input_normalization(config.model) == "imagenet"
+
+
+SAM_RECIPES = [
+  "cifar10_sam.py",
+  "wrn28_10_sam_cutout.py",
+  "imagenet_resnet50_sam.py",
+  "finetune_flowers102_sam.py",
+  "sam_ra.py",
+  "sam_aa.py",
+  "sam_cutout.py",
+  "effnet_b0_sam_ra.py",
+]
+
+
+@pytest.mark.parametrize("name", SAM_RECIPES)
+def test_sam_recipe_pins_m_and_says_where_it_comes_from(name):
+  # sam.m = 0 would make the recipe a different algorithm on 1 and 8 devices; a pinned m must
+  # fit the global batch on one device and its docstring must name it.
+  from jaxsam import steps
+
+  path = os.path.join(ROOT, "configs", name)
+  config = parse(path)
+  assert config.sam.rho > 0 and config.sam.m > 0
+  assert steps.sam_group_size(config.sam.m, config.batch_size) == config.sam.m
+  with open(path) as f:
+    assert "sam.m" in f.read().split('"""')[1]

@@ -85,12 +85,18 @@ def test_report_table_and_curves(run_dirs, tmp_path):
   assert f"| crop | {a} / {a} |  |" in lines
   assert f"| cutout |  | {b} / {b} |" in lines
   header = next(line for line in lines if line.startswith("| # |"))
+  # m: the examples per SAM ascent the run used (64 per device here; – for SGD); then the fit
+  # of the train labels at the end, from summary.json.
   assert header == (
     "| # | run | augmentation | optimizer | augment.cutout_size | sam.rho | epochs "
-    "| best % | final % | λ_max |"
+    "| best % | final % | λ_max | m | train acc, given labels % |"
   )
-  assert f"| 1 | sgd | crop | SGD | 0 | 0.0 | 1/1 | {a} | {a} | – |" in lines
-  assert f"| 2 | sam | cutout | SAM(ρ=0.05) | 4 | 0.05 | 1/1 | {b} | {b} | 12.5 |" in lines
+  fits = [f"{100 * report.load_run(d)['train_fit']:.2f}" for d in (sgd, sam)]
+  assert f"| 1 | sgd | crop | SGD | 0 | 0.0 | 1/1 | {a} | {a} | – | – | {fits[0]} |" in lines
+  assert (
+    f"| 2 | sam | cutout | SAM(ρ=0.05) | 4 | 0.05 | 1/1 | {b} | {b} | 12.5 | 64 | {fits[1]} |"
+    in lines
+  )
   from PIL import Image
 
   with Image.open(out_png) as image:

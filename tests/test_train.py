@@ -86,3 +86,15 @@ def test_device_prefetch_keeps_order_and_one_batch_ahead():
   assert [float(b["x"][0, 0]) for b in batches] == [1, 2, 3]
   assert batches.mean_wait_ms() >= 0
   assert math.isnan(batches.mean_wait_ms())  # nothing handed out since
+
+
+def test_startup_line_says_when_m_follows_the_device_count():
+  config = quickstart.get_config()
+  config.sam.m = 0
+  assert train.sam_m_text(config, 32) == (
+    "32 (sam.m=0: the per-device batch, so results depend on the device count)"
+  )
+  config.sam.m = 16
+  assert train.sam_m_text(config, 16) == "16"
+  config.sam.rho = 0.0
+  assert train.sam_m_text(config, 0) == "n/a (rho=0)"

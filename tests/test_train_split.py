@@ -91,3 +91,11 @@ def test_apply_refuses_a_negative_subset():
   config.train_examples = -1
   with pytest.raises(DataError, match=r"train_examples=-1 must be >= 0"):
     train_split.apply(_data(_labels()), config, seed=0)
+
+
+def test_flipped_mask_names_exactly_the_relabelled_examples():
+  labels = _labels()
+  for fraction, seed in ((0.4, 0), (0.25, 3), (1.0, 1)):
+    noisy = train_split.noisy_labels(labels, fraction, 4, seed=seed)
+    mask = train_split.flipped_mask(len(labels), fraction, seed)
+    np.testing.assert_array_equal(mask, noisy != labels)  # noise never keeps the true class

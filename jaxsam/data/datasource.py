@@ -71,6 +71,11 @@ class DataSource(abc.ABC):
   def train_examples(self, index: np.ndarray, size: int) -> sources.Split:
     """Train examples `index`, unaugmented, as uint8 arrays of one side (for analysis)."""
 
+  def train_split_in_memory(self) -> sources.Split | None:
+    """The whole train split as it is trained on (labels with their noise), where it is held in
+    memory; None for a streamed one (measuring it would be one more pass over the files)."""
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class InMemory(DataSource):
@@ -121,6 +126,9 @@ class InMemory(DataSource):
       process_index=process_index,
       process_count=process_count,
     )
+
+  def train_split_in_memory(self) -> sources.Split:
+    return self.arrays.train
 
   def train_examples(self, index: np.ndarray, size: int) -> sources.Split:
     del size

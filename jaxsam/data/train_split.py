@@ -52,12 +52,24 @@ def noisy_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: in
     raise DataError(f"dataset.label_noise={fraction} must be a fraction in [0, 1]")
   if fraction and num_classes < 2:
     raise DataError(f"dataset.label_noise={fraction} needs at least 2 classes, not {num_classes}")
-  rng = np.random.default_rng([seed, _NOISE_STREAM])
-  flipped = rng.permutation(len(labels))[: round(fraction * len(labels))]
+  rng, flipped = _flips(len(labels), fraction, seed)
   out = labels.copy()
   # An offset in [1, C) added modulo C: uniform over the C - 1 other classes.
   out[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=len(flipped))) % num_classes
   return out.astype(labels.dtype)
+
+
+def _flips(n: int, fraction: float, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+  rng = np.random.default_rng([seed, _NOISE_STREAM])
+  return rng, rng.permutation(n)[: round(fraction * n)]
+
+
+def flipped_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+  """Which of the n (subset) train examples `noisy_labels` relabelled: the draw depends on n,
+  fraction and seed only, so a run can tell its noisy examples apart without the clean labels."""
+  mask = np.zeros(n, bool)
+  mask[_flips(n, fraction, seed)[1]] = True
+  return mask
 
 
 def select(
