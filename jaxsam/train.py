@@ -46,14 +46,14 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return DTYPES[config.dtype]
 
 
-NORMALIZATIONS = ("auto", "imagenet", "caffe", "dataset")
+NORMALIZATIONS = ("auto", "imagenet", "inception", "caffe", "dataset")
 
 
 def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays) -> dict:
   """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
 
   `auto` asks the weight file (`pretrained.input_normalization`): caffe for Keras' ResNet50,
-  imagenet for the rest; `data` is read only for `dataset`.
+  inception (mean = std = 0.5) for ViTs, imagenet for the rest; `data` is read only for `dataset`.
   """
   mode = config.model.normalization
   if mode not in NORMALIZATIONS:
@@ -64,6 +64,8 @@ def normalization(config: ml_collections.ConfigDict, data: sources.DatasetArrays
     mode = models.pretrained.input_normalization(config.model.pretrained, config.model)
   if mode == "imagenet":
     return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
+  if mode == "inception":
+    return {"mean": steps.INCEPTION_MEAN, "std": steps.INCEPTION_STD, "bgr": False}
   if mode == "caffe":
     return {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
   return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}

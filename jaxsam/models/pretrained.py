@@ -38,7 +38,7 @@ from jaxsam.errors import PretrainedError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 KERAS_SUFFIXES = (".h5", ".keras")
-SUFFIXES = (".safetensors", ".msgpack") + TORCH_SUFFIXES + KERAS_SUFFIXES
+SUFFIXES = (".safetensors", ".msgpack", ".npz") + TORCH_SUFFIXES + KERAS_SUFFIXES
 HEADS = ("fc", "predictions")  # classifier modules, re-initialised when the class count differs
 IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 JAXSAM_FORMAT = "jaxsam"
@@ -54,8 +54,10 @@ def model_layout(model_ref) -> tuple[str, str]:
   `model_ref` is a registered name, a `config.model` ConfigDict, or a module built by
   `jaxsam.models` (whose attributes tell the layout).
   """
-  from jaxsam.models import efficientnet, resnet  # here: jaxsam.models imports this module
+  from jaxsam.models import efficientnet, resnet, vit  # here: jaxsam.models imports this module
 
+  if isinstance(model_ref, vit.ViT):  # ViTs: every layout question goes to vit_import.py
+    return "vit", "vit"
   if isinstance(model_ref, resnet.ResNet):
     if model_ref.stem == "imagenet" and model_ref.shortcut == "projection":
       return "resnet", "keras" if model_ref.v1 else "torchvision"
@@ -70,6 +72,8 @@ def model_layout(model_ref) -> tuple[str, str]:
     cifar_stem = bool(model_ref.get("cifar_stem", False))
   else:
     raise TypeError(f"expected a model name, config.model or module, got {type(model_ref)}")
+  if name in vit.SIZES:
+    return name, "vit"
   if name in IMAGENET_RESNETS and not cifar_stem:
     return name, "keras" if v1 else "torchvision"
   if re.fullmatch(r"efficientnet_b\d", name):
@@ -96,6 +100,10 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
       return _read_safetensors(path)
     if suffix == ".msgpack":
       return _read_msgpack(path)
+    if suffix == ".npz":  # original-ViT / big_vision checkpoints
+      from jaxsam.models import vit_import
+
+      return vit_import.read_npz(path), "npz", {}
     return _read_keras(path, suffix), "keras", {}
   except PretrainedError:
     raise
@@ -156,7 +164,9 @@ def input_normalization(path: str, model_ref) -> str:
   subtracted on 0-255, no std). torchvision and timm expect ImageNet mean/std on 0-1 RGB, and so
   does Keras' EfficientNet, whose in-model Rescaling/Normalization layers jaxsam leaves out.
   """
-  name, _ = model_layout(model_ref)
+  name, layout = model_layout(model_ref)
+  if layout == "vit":  # timm's SAM and AugReg ViTs and the original .npz files: mean = std = 0.5
+    return "inception"
   if _family(name) == "resnet" and weights_origin(path) == "keras":
     return "caffe"
   return "imagenet"
@@ -443,6 +453,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   name, layout = model_layout(model_ref)
+  if layout == "vit":
+    from jaxsam.models import vit_import
+
+    return vit_import.to_flax_names(path, model_ref)
   tensors, kind, metadata = read_file(path)
   if kind == JAXSAM_FORMAT:
     saved = metadata.get("layout", "")
@@ -543,6 +557,10 @@ def load_pretrained(path: str, model_ref, variables):
       another layout, or missing / unexpected / wrongly shaped tensors (named, one line).
   """
   path = os.fspath(path)
+  if model_layout(model_ref)[1] == "vit":  # position-embedding resampling, 'head': vit_import.py
+    from jaxsam.models import vit_import
+
+    return vit_import.load_pretrained(path, model_ref, variables)
   file_tensors = to_flax_names(path, model_ref)
   flat = _flatten(variables)
   taken = match(file_tensors, {k: v.shape for k, v in flat.items()}, repr(os.fspath(path)))
