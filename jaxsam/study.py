@@ -46,6 +46,14 @@ ARMS = {
   "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
 }
 DEFAULT_ARMS = ("sgd", "sgd2x", "sam")
+# The model axis (`--model`): the network, its arms and what it changes in the size's overrides.
+# vit_tiny: a CPU-sized ViT from scratch, AdamW vs AdamW + SAM (rho 0.05, as the ResNet arms).
+VIT_TINY = "configs/cifar10_vit_tiny.py"
+ARMS.update(adamw=Arm(VIT_TINY), adamw_sam=Arm(VIT_TINY, overrides=(("sam.rho", 0.05),)))
+MODELS = {
+  "resnet": (DEFAULT_ARMS, {}),
+  "vit_tiny": (("adamw", "adamw_sam"), {"model.name": "vit_tiny"}),
+}
 CHEAP_ARMS = ("sam5", "looksam5", "late20", "aesam", "msam")
 LABEL_NOISE = (0.0, 0.4)
 
@@ -124,6 +132,7 @@ def plan(
   noises: Sequence[float] = LABEL_NOISE,
   num_train: int = 50_000,
   arms: Sequence[str] = DEFAULT_ARMS,
+  model: str = "resnet",
 ) -> list[Run]:
   """Every run of the grid, in the order they run: by seed, then noise, then arm."""
   runs = []
@@ -135,6 +144,7 @@ def plan(
         factor = arm.epoch_factor
         overrides = {
           **size.overrides,
+          **MODELS[model][1],
           "num_epochs": size.epochs * factor,
           "seed": seed,
           "dataset.label_noise": noise,
@@ -161,7 +171,7 @@ def plan(
             workdir,
             argv,
             images=examples * size.epochs * factor,
-            passes=2 if arm.config_file == SAM else 1,
+            passes=2 if arm.config_file == SAM or dict(arm.overrides).get("sam.rho") else 1,
           )
         )
   return runs
@@ -289,9 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seeds", default="", help="comma-separated (default: the size's)")
   parser.add_argument(
     "--arms",
-    default=",".join(DEFAULT_ARMS),
-    help=f"comma-separated, of {', '.join(ARMS)}; 'cheap' adds "
+    default="",
+    help=f"comma-separated, of {', '.join(ARMS)} (default: the --model's); 'cheap' adds "
     f"{', '.join(CHEAP_ARMS)} to the default three",
+  )
+  parser.add_argument(
+    "--model",
+    choices=sorted(MODELS),
+    default="resnet",
+    help="the network: resnet (the size's ResNet; SGD arms) or vit_tiny (a CPU-sized ViT; arms "
+    "adamw, adamw_sam by default)",
   )
   parser.add_argument(
     "--noise",
@@ -319,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
     except ValueError as e:
       raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
-    arms = parse_arms(args.arms)
+    arms = parse_arms(args.arms or ",".join(MODELS[args.model][0]))
     noises = parse_floats("--noise", args.noise) if args.noise else list(LABEL_NOISE)
     root = repo_root()
     data = os.path.abspath(os.path.expanduser(args.data))
@@ -329,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "folder or .tar.gz laid out as <split>/<class>/<image>"
       )
     out = os.path.abspath(args.out)
-    runs = plan(size, data, out, seeds, noises=noises, arms=arms)
+    runs = plan(size, data, out, seeds, noises=noises, arms=arms, model=args.model)
     print(
-      f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
+      f"jaxsam study --size={args.size} --model={args.model}: {size.why}; {len(runs)} runs "
       f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",
       flush=True,
     )
