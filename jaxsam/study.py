@@ -233,8 +233,9 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
   return path
 
 
-def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
-  """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run)."""
+def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[str, float]:
+  """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run), with
+  `model`'s network (the optimizer barely changes the FLOPs)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   sys.path.insert(0, root)
@@ -247,7 +248,10 @@ def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   for name, module in (("sgd", cifar10_sgd), ("sam", cifar10_sam)):
     config = module.get_config()
     config.update_from_flattened_dict(
-      {k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))}
+      {
+        **{k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))},
+        **MODELS[model][1],
+      }
     )
     config.batch_size = batch_size
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
@@ -263,6 +267,13 @@ def estimate_seconds(
   """Seconds of training compute for the grid at `mfu` of `peak_tflops` (no eval, no compile)."""
   total = sum(r.images * gflops["sam" if r.passes == 2 else "sgd"] for r in runs) * 1e9
   return total / (peak_tflops * 1e12 * mfu)
+
+
+def model_note(model: str) -> str:
+  """What `--model` changes in the size's description (nothing for the ResNet)."""
+  if model == "resnet":
+    return ""
+  return f" (the network: {model} with its config {VIT_TINY}, in place of the ResNet)"
 
 
 def parse_arms(text: str) -> list[str]:
@@ -348,12 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.path.abspath(args.out)
     runs = plan(size, data, out, seeds, noises=noises, arms=arms, model=args.model)
     print(
-      f"jaxsam study --size={args.size} --model={args.model}: {size.why}; {len(runs)} runs "
+      f"jaxsam study --size={args.size} --model={args.model}: {size.why}{model_note(args.model)}; "
+      f"{len(runs)} runs "
       f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",
       flush=True,
     )
     if args.estimate:
-      gflops = step_gflops_per_image(size, root)
+      gflops = step_gflops_per_image(size, root, args.model)
       seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
       print(
         f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "
