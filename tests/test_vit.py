@@ -324,3 +324,27 @@ def test_flax_leaf_names_are_the_original_vit_layout():
     "Transformer/posembed_input/pos_embedding",
     "head/bias",
   } <= names
+
+
+def test_a_registered_vit_loads_by_its_config_as_launch_does(tmp_path):
+  """`config.model` as the model reference (train.py's path): vit_tiny's heads split timm's qkv."""
+  size = vit.SIZES["vit_tiny"]
+  torch.manual_seed(0)
+  ref = timm.models.vision_transformer.VisionTransformer(
+    img_size=16,
+    patch_size=size.patch,
+    num_classes=CLASSES,
+    embed_dim=size.width,
+    depth=size.depth,
+    num_heads=size.heads,
+  ).eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(p + 0.1 * torch.randn_like(p))
+  path = save_timm(ref, tmp_path / "tiny.safetensors")
+  config = common.get_base_config()
+  config.model.name = "vit_tiny"
+  module = models.create_model(config.model, CLASSES)
+  variables = pretrained.load_pretrained(path, config.model, init_zeros(module, 16))
+  x = images(16)
+  assert_logits_close(module.apply(variables, x, train=False), timm_logits(ref, x))
