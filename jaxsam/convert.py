@@ -6,6 +6,7 @@ r"""Converts a torchvision/timm/Keras weight file once into jaxsam's own format,
   python -m jaxsam.convert --model=efficientnet_b0 --input=efficientnetb0.h5 --output=b0.msgpack
   python -m jaxsam.convert --model=resnet50 --origin=timm --input=timm_resnet50.safetensors \
       --output=resnet50_timm.safetensors
+  python -m jaxsam.convert --model=vit_b16 --input=ViT-B_16.npz --output=vit_b16_sam.safetensors
 
 The output (.safetensors or .msgpack) holds the Flax variables under '/'-joined names and records
 the model's layout and the weights' origin (Keras files: keras; torch state dicts: torchvision, or
@@ -23,7 +24,7 @@ from absl import app, flags
 
 from jaxsam import models
 from jaxsam.errors import ConfigError, UserError
-from jaxsam.models import pretrained
+from jaxsam.models import pretrained, vit, vit_import
 
 _MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. resnet50", required=True)
 _INPUT = flags.DEFINE_string("input", None, "weight file to convert", required=True)
@@ -41,15 +42,29 @@ def convert(
   model_config = ml_collections.ConfigDict({"name": model_name, "resnet_v1": resnet_v1})
   origin = _origin(input_path, origin)
   tensors = pretrained.to_flax_names(input_path, model_config)
-  head = [v for k, v in tensors.items() if k in ("params/fc/bias", "params/predictions/bias")]
+  heads = ("params/fc/bias", "params/predictions/bias", "params/head/bias")
+  head = [v for k, v in tensors.items() if k in heads]
   num_classes = int(head[0].shape[0]) if head else 1000
   module = models.create_model(model_config, num_classes=num_classes)
-  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  size = _vit_resolution(tensors, model_name) if vit_import.is_vit(model_name) else 64
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
   flat_shapes = {k: v.shape for k, v in pretrained._flatten(shapes).items()}
-  taken = pretrained.match(tensors, flat_shapes, repr(input_path))
+  if vit_import.is_vit(model_name):  # ViT: its own head name; the file's grid is kept as it is
+    taken = list(vit_import.match(tensors, flat_shapes, repr(input_path)))
+  else:
+    taken = pretrained.match(tensors, flat_shapes, repr(input_path))
   pretrained.save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
   return len(taken)
+
+
+def _vit_resolution(tensors: dict, model_name: str) -> int:
+  """The image side a ViT file was trained at: its position-embedding grid times the patch."""
+  pos = tensors.get(vit_import.POS)
+  if pos is None:
+    return 224
+  tokens = pos.shape[1] - ("params/cls" in tensors)
+  return round(tokens**0.5) * vit.SIZES[model_name].patch
 
 
 def _origin(input_path: str, origin: str) -> str:

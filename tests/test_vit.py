@@ -16,6 +16,7 @@ import pytest
 
 from configs import common
 from jaxsam import models, train
+from jaxsam.convert import convert
 from jaxsam.errors import ConfigError, PretrainedError
 from jaxsam.models import pretrained, vit, vit_import
 
@@ -327,7 +328,8 @@ def test_flax_leaf_names_are_the_original_vit_layout():
 
 
 def test_a_registered_vit_loads_by_its_config_as_launch_does(tmp_path):
-  """`config.model` as the model reference (train.py's path): vit_tiny's heads split timm's qkv."""
+  """`config.model` as the model reference (train.py's path): vit_tiny's heads split timm's qkv;
+  jaxsam.convert writes a file that loads to the same logits, at the weights' own resolution."""
   size = vit.SIZES["vit_tiny"]
   torch.manual_seed(0)
   ref = timm.models.vision_transformer.VisionTransformer(
@@ -348,3 +350,9 @@ def test_a_registered_vit_loads_by_its_config_as_launch_does(tmp_path):
   variables = pretrained.load_pretrained(path, config.model, init_zeros(module, 16))
   x = images(16)
   assert_logits_close(module.apply(variables, x, train=False), timm_logits(ref, x))
+  converted = tmp_path / "tiny_converted.safetensors"
+  assert (
+    convert("vit_tiny", str(path), str(converted)) == len(ref.state_dict()) + 4 * size.depth
+  )  # qkv: 2 -> 6
+  again = pretrained.load_pretrained(converted, config.model, init_zeros(module, 16))
+  assert_logits_close(module.apply(again, x, train=False), timm_logits(ref, x))
