@@ -466,6 +466,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
         f"{name} here has the {layout!r} layout"
       )
     return tensors
+  if kind == "npz":
+    raise PretrainedError(
+      f"{path!r} is a ViT .npz checkpoint; only the ViTs (vit_*) read .npz files, {name} is not one"
+    )
   if layout == JAXSAM_FORMAT:
     raise PretrainedError(
       f"{name!r} with this config has no torchvision/Keras layout (CIFAR nets, cifar_stem); pass "
