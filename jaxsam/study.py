@@ -243,16 +243,15 @@ def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[
   from jaxsam import parallel, stepcost  # pylint: disable=import-outside-toplevel
 
   out = {}
+  overrides = {
+    **{k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))},
+    **MODELS[model][1],
+  }
   batch_size = 8  # FLOPs scale linearly with the batch; a small one compiles fast
   mesh = parallel.make_mesh(jax.local_devices()[:1])
   for name, module in (("sgd", cifar10_sgd), ("sam", cifar10_sam)):
     config = module.get_config()
-    config.update_from_flattened_dict(
-      {
-        **{k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))},
-        **MODELS[model][1],
-      }
-    )
+    config.update_from_flattened_dict(overrides)
     config.batch_size = batch_size
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
     state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
