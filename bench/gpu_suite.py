@@ -2,9 +2,10 @@
 images/s, XLA GFLOP per image, MFU, memory and compile time, as one Markdown table and one JSON.
 
   python bench/gpu_suite.py                      # one GPU: <= 9 min, compile included
-  python bench/gpu_suite.py --quick              # CPU, tiny sizes, < 2 min (CI runs it)
+  python bench/gpu_suite.py --quick              # CPU, tiny sizes, < 2.5 min (CI runs it)
   python bench/gpu_suite.py --cases=resnet18_cifar --optimizers=sgd,sam --batch=32   # a subset
 
+The ViTs (S/16 and B/16 at 224 px) time AdamW and AdamW + SAM, the conv nets SGD and SAM.
 Each model runs in a child process with a time budget, so a model that runs out of memory or time
 becomes a row that says so and the others still run. SGD and SAM of every model come first, then
 the cheaper SAM variants (SAM every 2nd step, LookSAM, AE-SAM, MSAM, 2 accumulated micro-batches)
@@ -54,6 +55,7 @@ class Case:
   num_classes: int
   budget_s: float
   cifar_stem: bool = False
+  family: str = "sgd"  # which rows it runs: the SGD-based ones, or (ViTs) AdamW and AdamW + SAM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Optimizer:
   name: str
   overrides: dict
   phase: int
+  family: str = "sgd"
 
 
 # One H200 (or H100), <= 9 min in all: budgets sized for compile (~20-60 s per step with SAM's two
@@ -72,10 +75,24 @@ GPU_CASES = (
   Case("efficientnet_b0", "efficientnet_b0", 224, 256, "bfloat16", 1000, budget_s=150),
   Case("resnet18_cifar", "resnet18", 32, 512, "bfloat16", 10, budget_s=75, cifar_stem=True),
   Case("wrn28_10", "wrn28_10", 32, 256, "bfloat16", 100, budget_s=90),
+  # ViTs with the SAM-ViT recipe's optimizer (AdamW, decay on kernels, clip 1); their rows come
+  # in phase 1, before the conv nets' cheaper-SAM variants.
+  Case("vit_s16", "vit_s16", 224, 256, "bfloat16", 1000, budget_s=120, family="adamw"),
+  Case("vit_b16", "vit_b16", 224, 256, "bfloat16", 1000, budget_s=150, family="adamw"),
 )
-# The same code paths on a 2-core CPU in under 2 minutes.
-QUICK_CASES = (Case("resnet8", "resnet8", 8, 8, "float32", 10, budget_s=100),)
+# The same code paths on a 2-core CPU in under 2.5 minutes.
+QUICK_CASES = (
+  Case("resnet8", "resnet8", 8, 8, "float32", 10, budget_s=100),
+  Case("vit_tiny", "vit_tiny", 8, 8, "float32", 10, budget_s=60, family="adamw"),
+)
 RHO = 0.05
+ADAMW = {
+  "sam.rho": 0.0,
+  "optimizer.name": "adamw",
+  "optimizer.learning_rate": 3e-3,
+  "optimizer.weight_decay": 0.3,
+  "optimizer.grad_clip_norm": 1.0,
+}
 OPTIMIZERS = (
   Optimizer("sgd", {"sam.rho": 0.0}, phase=1),
   Optimizer("sam", {"sam.rho": RHO}, phase=1),
@@ -84,10 +101,12 @@ OPTIMIZERS = (
   Optimizer("aesam", {"sam.rho": RHO, "sam.variant": "aesam"}, phase=2),
   Optimizer("msam", {"sam.rho": RHO, "sam.variant": "msam"}, phase=2),
   Optimizer("sam_accum2", {"sam.rho": RHO, "accum_steps": 2}, phase=2),
+  Optimizer("adamw", ADAMW, phase=1, family="adamw"),
+  Optimizer("adamw_sam", {**ADAMW, "sam.rho": RHO}, phase=1, family="adamw"),
 )
 # --quick times a subset: every code path of the suite, in CI's 2 minutes (each CPU compile of a
 # SAM step takes 5-20 s); the other variants differ only in their config keys.
-QUICK_OPTIMIZERS = ("sgd", "sam", "sam_every2", "sam_accum2")
+QUICK_OPTIMIZERS = ("sgd", "sam", "sam_every2", "sam_accum2", "adamw", "adamw_sam")
 STEPS_PER_REPEAT = 10  # a multiple of every `every` above, so each repeat has the same mix
 MIN_CHILD_S = 20  # less time left than this: the rows are "not run" (a child needs start-up)
 MIB = 2**20
@@ -425,12 +444,13 @@ def sam_memory_notes(rows: list[dict]) -> list[str]:
   are what SAM needs."""
   ok = {(r["model"], r["optimizer"]): r for r in rows if r["status"] == "ok"}
   notes = []
+  pairs = {"sgd": "sam", "adamw": "adamw_sam"}
   for (model, name), sgd in ok.items():
-    sam = ok.get((model, "sam"))
-    if name == "sgd" and sam:
+    sam = ok.get((model, pairs.get(name)))
+    if name in pairs and sam:
       ratio = sam["temp_bytes"] / sgd["temp_bytes"]
       notes.append(
-        f"{model}: SAM temp {sam['temp_bytes'] / MIB:,.1f} MiB vs SGD "
+        f"{model}: {pairs[name]} temp {sam['temp_bytes'] / MIB:,.1f} MiB vs {name} "
         f"{sgd['temp_bytes'] / MIB:,.1f} MiB = {ratio:.2f}x"
         f" (peak {sam['peak_bytes'] / sgd['peak_bytes']:.2f}x)"
       )
@@ -470,7 +490,7 @@ def suite(args) -> dict:
   wants_loop = not args.no_loop_efficiency and importlib.util.find_spec("tensorflow") is not None
   for phase in (1, 2):
     for case in cases:
-      rows = [o for o in selected if o.phase == phase]
+      rows = [o for o in selected if o.phase == phase and o.family == case.family]
       if not rows:
         continue
       left = (
@@ -505,7 +525,7 @@ def suite(args) -> dict:
     device_augment = run_device_augment(args, min(DEVICE_AUGMENT_BUDGET_S[args.quick], left), env)
   if not args.no_loop_efficiency:
     loop = run_loop_efficiency(args, min(args.loop_budget_s, deadline - time.perf_counter()), env)
-  order = [(c.name, o.name) for c in cases for o in selected]
+  order = [(c.name, o.name) for c in cases for o in selected if o.family == c.family]
   return {
     "meta": {
       "date": datetime.date.today().isoformat(),
@@ -596,7 +616,7 @@ def parse_args(argv=None):
   parser.add_argument("--rows", default="", help=argparse.SUPPRESS)
   parser.add_argument("--jsonl", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  args.budget_s = args.budget_s or (115.0 if args.quick else 510.0)
+  args.budget_s = args.budget_s or (140.0 if args.quick else 510.0)
   args.loop_budget_s = args.loop_budget_s or (50.0 if args.quick else 150.0)
   if args.quick and args.repeats == 3:
     args.repeats = 2

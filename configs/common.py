@@ -51,11 +51,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.cifar_stem = False  # ResNet: 3x3 stem conv without max-pool, for 32 px from scratch
   config.model.resnet_v1 = False  # ResNet: stride in the first 1x1 conv (original/Keras layout)
   config.model.zero_init_residual = False  # ResNet: zero-init each block's last BN scale
-  config.model.dropout_rate = -1.0  # classifier dropout; -1 = the architecture's default
-  config.model.drop_connect_rate = -1.0  # EfficientNet stochastic depth; -1 = default
+  # Dropout (classifier: ResNet/EfficientNet; position embeddings, attention and MLP: ViT) and
+  # stochastic depth (EfficientNet; ViT's drop-path rate of the last block); -1 = the default.
+  config.model.dropout_rate = -1.0
+  config.model.drop_connect_rate = -1.0
+  config.model.pool = "token"  # ViT: token (class token) | gap (global average pooling)
   config.model.width = 0  # small ResNets: base width (0 = architecture default)
-  # auto | imagenet | caffe | dataset. auto: caffe (BGR, mean on 0-255) for Keras' ResNet50 weights,
-  # imagenet for other pretrained weights, dataset without; see the README's weight table.
+  # auto | imagenet | inception | caffe | dataset. auto: caffe (BGR, mean on 0-255) for Keras'
+  # ResNet50 weights, inception (mean = std = 0.5) for ViT weights, imagenet for other pretrained
+  # weights, dataset without; see the README's weight table.
   config.model.normalization = "auto"
 
   config.num_epochs = 10

@@ -123,6 +123,12 @@ def _models():
   return sorted(models.MODELS)
 
 
+def _pools():
+  from jaxsam.models import vit
+
+  return vit.POOLS
+
+
 def _variants():
   from jaxsam import sam
 
@@ -175,7 +181,7 @@ def _wandb_modes():
   return writers.WANDB_MODES
 
 
-NORMALIZATIONS = ("auto", "imagenet", "caffe", "dataset")
+NORMALIZATIONS = ("auto", "imagenet", "inception", "caffe", "dataset")
 DOMAINS: dict[str, Domain] = {
   "seed": integer(0),
   "dtype": choice(_dtypes),
@@ -206,6 +212,7 @@ DOMAINS: dict[str, Domain] = {
   "model.dropout_rate": RATE,
   "model.drop_connect_rate": RATE,
   "model.width": integer(0),
+  "model.pool": choice(_pools),
   "model.normalization": choice(_normalizations),
   "num_epochs": integer(1),
   "max_steps": integer(0),

@@ -6,6 +6,7 @@ r"""Converts a torchvision/timm/Keras weight file once into jaxsam's own format,
   python -m jaxsam.convert --model=efficientnet_b0 --input=efficientnetb0.h5 --output=b0.msgpack
   python -m jaxsam.convert --model=resnet50 --origin=timm --input=timm_resnet50.safetensors \
       --output=resnet50_timm.safetensors
+  python -m jaxsam.convert --model=vit_b16 --input=ViT-B_16.npz --output=vit_b16_sam.safetensors
 
 The output (.safetensors or .msgpack) holds the Flax variables under '/'-joined names and records
 the model's layout and the weights' origin (Keras files: keras; torch state dicts: torchvision, or

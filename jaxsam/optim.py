@@ -2,12 +2,14 @@
 
 SGD follows torch.optim.SGD exactly (the original project's optimizer): weight decay is coupled L2
 added to the gradient before momentum, clipping (when on) acts on the averaged loss gradient first.
+AdamW follows torch.optim.AdamW with decay only on kernels (`decay_mask`), as timm and big_vision.
 """
 
 import functools
 import math
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import optax
 
@@ -46,8 +48,26 @@ def _sgd(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTr
   )
 
 
+# Leaves AdamW never decays, by name: biases, norm scales, ViT's position embeddings and class
+# token (as timm's `param.ndim <= 1 or no_weight_decay()` and big_vision's kernel-only decay).
+NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls")
+
+
+def decay_mask(params):
+  """True for the leaves weight decay applies to: kernels (ndim >= 2) not named in NO_DECAY_NAMES.
+
+  By name as well as rank: attention biases have shape (heads, head_dim)."""
+
+  def decays(path, leaf) -> bool:
+    name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
+    return leaf.ndim >= 2 and name not in NO_DECAY_NAMES
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def _adamw(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-  return optax.adamw(lr, weight_decay=opt.weight_decay)
+  # Decoupled decay (Loshchilov & Hutter; torch.optim.AdamW): p -= lr * (adam + wd * p), masked.
+  return optax.adamw(lr, weight_decay=opt.weight_decay, mask=decay_mask)
 
 
 OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}

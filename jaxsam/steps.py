@@ -29,6 +29,9 @@ IMAGENET_MEAN, IMAGENET_STD = sources.IMAGENET_MEAN, sources.IMAGENET_STD
 # on the 0-1 scale that is this BGR mean and a std of 1/255.
 CAFFE_MEAN_BGR = (103.939 / 255, 116.779 / 255, 123.68 / 255)
 CAFFE_STD = (1 / 255,) * 3
+# timm's "inception" mean/std (0-1 RGB to [-1, 1]): the ViT weights of timm, AugReg and SAM.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 @flax.struct.dataclass

@@ -49,8 +49,18 @@ ARMS = {
   "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
 }
 DEFAULT_ARMS = ("sgd", "sgd2x", "sam")
+# The model axis (`--model`): the network, its arms and what it changes in the size's overrides.
+# vit_tiny: a CPU-sized ViT from scratch, AdamW vs AdamW + SAM (rho 0.05, as the ResNet arms).
+VIT_TINY = "configs/cifar10_vit_tiny.py"
+ARMS.update(adamw=Arm(VIT_TINY), adamw_sam=Arm(VIT_TINY, overrides=(("sam.rho", 0.05),)))
+MODELS = {
+  "resnet": (DEFAULT_ARMS, {}),
+  # sam.m = 128: what its study ran (the whole batch of 128 on one device), pinned so that the
+  # size's m (16, for the ResNet arms) does not change it.
+  "vit_tiny": (("adamw", "adamw_sam"), {"model.name": "vit_tiny", "sam.m": 128}),
+}
 # MSAM takes one gradient at a point along the momentum: no per-group ascent, so no m.
-M_ARMS = ("sam", "sam5", "looksam5", "late20", "aesam")
+M_ARMS = ("sam", "sam5", "looksam5", "late20", "aesam", "adamw_sam")
 CHEAP_ARMS = ("sam5", "looksam5", "late20", "aesam", "msam")
 LABEL_NOISE = (0.0, 0.4)
 
@@ -175,6 +185,7 @@ def plan(
   noises: Sequence[float] = LABEL_NOISE,
   num_train: int = 50_000,
   arms: Sequence[str] = DEFAULT_ARMS,
+  model: str = "resnet",
 ) -> list[Run]:
   """Every run of the grid, in the order they run: by seed, then noise, then arm."""
   runs = []
@@ -186,6 +197,7 @@ def plan(
         factor = arm.epoch_factor
         overrides = {
           **size.overrides,
+          **MODELS[model][1],
           "num_epochs": size.epochs * factor,
           "seed": seed,
           "dataset.label_noise": noise,
@@ -212,7 +224,7 @@ def plan(
             workdir,
             argv,
             images=examples * size.epochs * factor,
-            passes=2 if arm.config_file == SAM else 1,
+            passes=2 if arm.config_file == SAM or dict(arm.overrides).get("sam.rho") else 1,
             config_file=arm.config_file,
             overrides=tuple(overrides.items()),
           )
@@ -333,8 +345,9 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
   return path
 
 
-def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
-  """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run)."""
+def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[str, float]:
+  """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run), with
+  `model`'s network (the optimizer barely changes the FLOPs)."""
   from jaxsam import quiet  # pylint: disable=import-outside-toplevel
 
   quiet.quiet_environment(os.environ)  # XLA's C++ INFO/WARNING logs off, as in launch.py
@@ -345,13 +358,18 @@ def step_gflops_per_image(size: Size, root: str) -> dict[str, float]:
   from jaxsam import parallel, stepcost  # pylint: disable=import-outside-toplevel
 
   out = {}
+  overrides = {
+    **{
+      k: v
+      for k, v in {**size.overrides, **MODELS[model][1]}.items()
+      if k.startswith(("model.", "dtype"))
+    }
+  }
   batch_size = 8  # FLOPs scale linearly with the batch; a small one compiles fast
   mesh = parallel.make_mesh(jax.local_devices()[:1])
   for name, module in (("sgd", cifar10_sgd), ("sam", cifar10_sam)):
     config = module.get_config()
-    config.update_from_flattened_dict(
-      {k: v for k, v in size.overrides.items() if k.startswith(("model.", "dtype"))}
-    )
+    config.update_from_flattened_dict(overrides)
     config.batch_size = batch_size
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
     state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
@@ -366,6 +384,13 @@ def estimate_seconds(
   """Seconds of training compute for the grid at `mfu` of `peak_tflops` (no eval, no compile)."""
   total = sum(r.images * gflops["sam" if r.passes == 2 else "sgd"] for r in runs) * 1e9
   return total / (peak_tflops * 1e12 * mfu)
+
+
+def model_note(model: str) -> str:
+  """What `--model` changes in the size's description (nothing for the ResNet)."""
+  if model == "resnet":
+    return ""
+  return f" (the network: {model} with its config {VIT_TINY}, in place of the ResNet)"
 
 
 def parse_arms(text: str) -> list[str]:
@@ -412,9 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seeds", default="", help="comma-separated (default: the size's)")
   parser.add_argument(
     "--arms",
-    default=",".join(DEFAULT_ARMS),
-    help=f"comma-separated, of {', '.join(ARMS)}; 'cheap' adds "
+    default="",
+    help=f"comma-separated, of {', '.join(ARMS)} (default: the --model's); 'cheap' adds "
     f"{', '.join(CHEAP_ARMS)} to the default three",
+  )
+  parser.add_argument(
+    "--model",
+    choices=sorted(MODELS),
+    default="resnet",
+    help="the network: resnet (the size's ResNet; SGD arms) or vit_tiny (a CPU-sized ViT; arms "
+    "adamw, adamw_sam by default)",
   )
   parser.add_argument(
     "--noise",
@@ -448,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
     except ValueError as e:
       raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
-    arms = with_m(parse_arms(args.arms), parse_ms(args.m) if args.m else [])
+    arms = parse_arms(args.arms or ",".join(MODELS[args.model][0]))
+    arms = with_m(arms, parse_ms(args.m) if args.m else [])
     noises = parse_floats("--noise", args.noise) if args.noise else list(LABEL_NOISE)
     root = repo_root()
     data = os.path.abspath(os.path.expanduser(args.data))
@@ -458,15 +491,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "folder or .tar.gz laid out as <split>/<class>/<image>"
       )
     out = os.path.abspath(args.out)
-    runs = plan(size, data, out, seeds, noises=noises, arms=arms)
+    runs = plan(size, data, out, seeds, noises=noises, arms=arms, model=args.model)
     check_configs(runs, root)
     print(
-      f"jaxsam study --size={args.size}: {size.why}; {len(runs)} runs "
+      f"jaxsam study --size={args.size} --model={args.model}: {size.why}{model_note(args.model)}; "
+      f"{len(runs)} runs "
       f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",
       flush=True,
     )
     if args.estimate:
-      gflops = step_gflops_per_image(size, root)
+      gflops = step_gflops_per_image(size, root, args.model)
       seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
       print(
         f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "

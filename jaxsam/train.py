@@ -61,8 +61,8 @@ def normalization(
   """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
 
   `auto` asks the weights: the resolved file when given, else the run folder's record, the
-  registry or the file (`weights.input_normalization`): caffe for Keras' ResNet50, imagenet for
-  the rest; `data` is read only for `dataset`.
+  registry or the file (`weights.input_normalization`): caffe for Keras' ResNet50, inception
+  (mean = std = 0.5) for ViTs, imagenet for the rest; `data` is read only for `dataset`.
   """
   mode = config.model.normalization
   if mode not in NORMALIZATIONS:
@@ -76,6 +76,8 @@ def normalization(
       mode = weights_lib.input_normalization(config.model, workdir)
   if mode == "imagenet":
     return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
+  if mode == "inception":
+    return {"mean": steps.INCEPTION_MEAN, "std": steps.INCEPTION_STD, "bgr": False}
   if mode == "caffe":
     return {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
   floored = sources.floored_channels(data.std)

@@ -72,3 +72,29 @@ def test_device_augmentation_line_says_its_figures_or_why_none(tmp_path):
     "device augmentation: timeout: over its 40 s budget"
   ]
   assert suite.device_augment_lines(None) == []
+
+
+def test_vit_cases_time_adamw_and_adamw_sam_and_the_conv_nets_do_not():
+  """ViT rows: AdamW and AdamW + SAM with the SAM-ViT recipe's optimizer keys; --quick has a ViT."""
+  vits = [c for c in suite.all_cases() if c.model.startswith("vit")]
+  assert {c.model for c in vits} == {"vit_s16", "vit_b16", "vit_tiny"}
+  assert all(c.family == "adamw" for c in vits)
+  adamw = [o for o in suite.OPTIMIZERS if o.family == "adamw"]
+  assert [o.name for o in adamw] == ["adamw", "adamw_sam"]
+  assert {o.name for o in adamw} <= set(suite.QUICK_OPTIMIZERS)
+  vit_case = next(c for c in suite.QUICK_CASES if c.model == "vit_tiny")
+  for row, rho in zip(adamw, (0.0, suite.RHO)):
+    config, reason = suite.child_config(vit_case, row, batch=8)
+    assert reason is None
+    assert (config.optimizer.name, config.sam.rho, config.optimizer.grad_clip_norm) == (
+      "adamw",
+      rho,
+      1.0,
+    )
+  notes = suite.sam_memory_notes(
+    [
+      {"model": "vit_b16", "optimizer": n, "status": "ok", "temp_bytes": t, "peak_bytes": t}
+      for n, t in (("adamw", 2 * suite.MIB), ("adamw_sam", 3 * suite.MIB))
+    ]
+  )
+  assert notes == ["vit_b16: adamw_sam temp 3.0 MiB vs adamw 2.0 MiB = 1.50x (peak 1.50x)"]

@@ -125,14 +125,67 @@ def test_clipping_acts_before_weight_decay_as_torch_clip_grad_norm():
   assert np.max(np.abs(wrong_hist[-1]["conv"] - theirs[-1]["conv"])) > 1e-4
 
 
-def test_adamw_equals_torch_adamw():
+def test_adamw_equals_torch_adamw_with_no_decay_on_biases():
+  """timm's param groups: decay on the conv and dense kernels, none on the bias."""
   config = make_config(name="adamw", lr=1e-2, weight_decay=0.05)
   params, grads = random_problem()
   ours = run_ours(optim.make_base_optimizer(config, constant_lr(config)), params, grads)
-  theirs = run_torch(
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, eps=1e-8), params, grads
-  )
+
+  def torch_adamw(ps):
+    conv, bias, dense = ps  # SHAPES' order
+    groups = [{"params": [conv, dense]}, {"params": [bias], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05, eps=1e-8)
+
+  theirs = run_torch(torch_adamw, params, grads)
   assert_histories_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_decay_mask_of_a_vit_is_kernels_only():
+  """Hand-listed: on ViT's variables the decay takes every kernel and nothing else."""
+  from jaxsam.models import vit  # here: the other tests need no model
+
+  module = vit.ViT(num_classes=3, patch=4, width=12, depth=1, heads=2, mlp=8)
+  shapes = jax.eval_shape(
+    lambda: module.init({"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 3)), train=False)
+  )
+  mask = optim.decay_mask(shapes["params"])
+  flat = {"/".join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  block = "Transformer/encoderblock_0"
+  attn = f"{block}/MultiHeadDotProductAttention_1"
+  decayed = {
+    "embedding/kernel",
+    f"{attn}/query/kernel",
+    f"{attn}/key/kernel",
+    f"{attn}/value/kernel",
+    f"{attn}/out/kernel",
+    f"{block}/MlpBlock_3/Dense_0/kernel",
+    f"{block}/MlpBlock_3/Dense_1/kernel",
+    "head/kernel",
+  }
+  not_decayed = {
+    "cls",
+    "embedding/bias",
+    "Transformer/posembed_input/pos_embedding",
+    *(f"{attn}/{p}/bias" for p in ("query", "key", "value", "out")),
+    *(f"{block}/{ln}/{p}" for ln in ("LayerNorm_0", "LayerNorm_2") for p in ("scale", "bias")),
+    f"{block}/MlpBlock_3/Dense_0/bias",
+    f"{block}/MlpBlock_3/Dense_1/bias",
+    "Transformer/encoder_norm/scale",
+    "Transformer/encoder_norm/bias",
+    "head/bias",
+  }
+  assert set(flat) == decayed | not_decayed
+  assert {k for k, v in flat.items() if v} == decayed
+  # And the chain honours it: with a zero gradient only the kernels move.
+  params = jax.tree.map(lambda s: jnp.ones(s.shape), shapes["params"])
+  tx = optim.make_base_optimizer(make_config(name="adamw", lr=0.1, weight_decay=0.5), lambda s: 0.1)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = {
+    "/".join(k.key for k in path)
+    for path, u in jax.tree_util.tree_leaves_with_path(updates)
+    if float(jnp.abs(u).max()) > 0
+  }
+  assert moved == decayed
 
 
 def torch_lrs(make_scheduler, peak, steps):

@@ -491,7 +491,7 @@ def test_bad_normalization_and_origin_are_one_line_errors(resnet18_state, tmp_pa
   with pytest.raises(ConfigError) as info:
     train.normalization(run_config("resnet50", "", normalization="bgr"), None)
   assert str(info.value) == (
-    "model.normalization='bgr' is unknown; known: auto, imagenet, caffe, dataset"
+    "model.normalization='bgr' is unknown; known: auto, imagenet, inception, caffe, dataset"
   )
   tv = save_state(resnet18_state, tmp_path / "tv.safetensors")
   with pytest.raises(
@@ -602,10 +602,14 @@ def test_unexpected_and_wrongly_shaped_tensors_are_named(resnet18_state, tmp_pat
 def test_wrong_path_truncated_and_non_weight_files(resnet18_state, tmp_path):
   fresh = fresh_variables("resnet18", 1000)
   assert "not found" in load_error(tmp_path / "nope.safetensors", "resnet18", fresh)
-  assert "unknown weight file type '.npz'" in load_error(
-    save_state(resnet18_state, tmp_path / "x.safetensors").rename(tmp_path / "x.npz"),
+  assert "unknown weight file type '.ckpt'" in load_error(
+    save_state(resnet18_state, tmp_path / "x.safetensors").rename(tmp_path / "x.ckpt"),
     "resnet18",
     fresh,
+  )
+  np.savez(tmp_path / "vit.npz", cls=np.zeros((1, 1, 4), np.float32))
+  assert "only the ViTs (vit_*) read .npz files" in load_error(
+    tmp_path / "vit.npz", "resnet18", fresh
   )
   data = save_state(resnet18_state, tmp_path / "w.safetensors").read_bytes()
   torch.save(resnet18_state, tmp_path / "w.pth")
@@ -618,6 +622,7 @@ def test_wrong_path_truncated_and_non_weight_files(resnet18_state, tmp_path):
     ("text.keras", b"hello, not weights"),
     ("text.msgpack", b"\x93\x01"),
     ("text.pth", b"hello"),
+    ("text.npz", b"hello, not weights"),
   ]:
     (tmp_path / name).write_bytes(content)
     assert "cannot read" in load_error(tmp_path / name, "resnet18", fresh), name

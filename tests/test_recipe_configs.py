@@ -19,6 +19,9 @@ from jaxsam.data import augment, choice, transforms
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = os.path.join(ROOT, "configs", "imagenet_resnet50_sam.py")
 FLOWERS = os.path.join(ROOT, "configs", "finetune_flowers102_sam.py")
+VIT_S16 = os.path.join(ROOT, "configs", "imagenet_vit_s16_sam.py")
+VIT_FINETUNE = os.path.join(ROOT, "configs", "vit_b16_sam_finetune.py")
+VIT_TINY = os.path.join(ROOT, "configs", "cifar10_vit_tiny.py")
 # ResNet-50's parameters with a 1000-class head (torchvision's count), and with Flowers' 102.
 RESNET50_PARAMS = 25_557_032
 RESNET50_102_PARAMS = RESNET50_PARAMS - 2048 * (1000 - 102) - (1000 - 102)
@@ -45,7 +48,9 @@ def param_count(config, num_classes: int) -> int:
   return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(shapes["params"]))
 
 
-@pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)
+@pytest.mark.parametrize(
+  "path", [IMAGENET, FLOWERS, VIT_S16, VIT_FINETUNE, VIT_TINY], ids=os.path.basename
+)
 def test_recipe_config_is_locked_and_overridable(path):
   config = parse(path, "--config.sam.rho=0.1", "--config.num_epochs=3")
   assert config.sam.rho == 0.1 and config.num_epochs == 3
@@ -55,7 +60,7 @@ def test_recipe_config_is_locked_and_overridable(path):
     config.optimizer.new_key = 1
 
 
-@pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)
+@pytest.mark.parametrize("path", [IMAGENET, FLOWERS, VIT_S16], ids=os.path.basename)
 def test_recipe_config_streams_and_its_input_keys_resolve(path):
   config = parse(path)
   stream, line = choice.choose(config.dataset)
@@ -99,6 +104,41 @@ def test_flowers_recipe_values_resolve():
   assert float(lr(0)) == pytest.approx(0.0)  # one warm-up epoch
   assert float(lr(steps)) == pytest.approx(0.01, rel=1e-3)
   tx.init({"w": jnp.ones((3,))})
+
+
+def test_vit_s16_recipe_values_resolve():
+  """The SAM-ViT recipe: AdamW 3e-3, wd 0.3 on kernels, clip 1, 10k warm-up steps, 300 epochs."""
+  config = parse(VIT_S16)
+  assert param_count(config, 1000) == 22_050_664  # timm's vit_small_patch16_224
+  steps = 1_281_167 // config.batch_size
+  tx, lr = optim.make_optimizer(config, steps, axis_name=None)
+  assert float(lr(0)) == pytest.approx(0.0)
+  assert float(lr(10_000)) == pytest.approx(3e-3, rel=1e-3)  # the peak after 10k steps
+  assert float(lr(steps * 300)) == pytest.approx(0.0, abs=1e-8)
+  assert (config.optimizer.name, config.optimizer.weight_decay) == ("adamw", 0.3)
+  assert config.optimizer.grad_clip_norm == 1.0 and config.sam.rho > 0
+  assert (config.num_epochs, config.batch_size, config.model.normalization) == (
+    300,
+    4096,
+    "inception",
+  )
+  tx.init({"w": jnp.ones((3, 3))})
+
+
+def test_vit_finetune_and_tiny_recipes_resolve():
+  config = parse(VIT_FINETUNE)
+  assert param_count(config, 100) == 86_567_656 - 768 * 900 - 900  # ViT-B/16, 100 classes
+  steps = 50_000 // config.batch_size
+  tx, lr = optim.make_optimizer(config, steps, axis_name=None)
+  assert float(lr(500)) == pytest.approx(0.03, rel=1e-3)  # 500 warm-up steps
+  assert abs(steps * config.num_epochs - 10_000) < steps  # the vit code's 10k steps
+  assert config.optimizer.grad_clip_norm == 1.0 and config.optimizer.momentum == 0.9
+  assert config.model.normalization == "auto"  # ViT weights: mean = std = 0.5
+  tx.init({"w": jnp.ones((3,))})
+  tiny = parse(VIT_TINY)
+  assert tiny.model.name == "vit_tiny" and tiny.optimizer.name == "adamw"
+  assert param_count(tiny, 10) < 500_000
+  optim.make_optimizer(tiny, 12, axis_name=None)[0].init({"w": jnp.ones((3, 3))})
 
 
 @pytest.mark.parametrize("path", [IMAGENET, FLOWERS], ids=os.path.basename)

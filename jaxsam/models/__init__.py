@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxsam.errors import ConfigError
-from jaxsam.models import efficientnet, pretrained, resnet, wide_resnet  # noqa: F401
+from jaxsam.models import efficientnet, pretrained, resnet, vit, wide_resnet  # noqa: F401
 
 
 def _opt(model_config, key: str, default):
@@ -77,6 +77,20 @@ def _efficientnet(
   )
 
 
+def _vit(name: str, model_config, num_classes: int, dtype: Any) -> nn.Module:
+  pool = _opt(model_config, "pool", "token")
+  if pool not in vit.POOLS:
+    raise ConfigError(f"model.pool={pool!r} is unknown; known: {', '.join(vit.POOLS)}")
+  return vit.vit(
+    name,
+    num_classes,
+    pool=pool,
+    dropout_rate=_rate(model_config, "dropout_rate", 0.0),
+    drop_path_rate=_rate(model_config, "drop_connect_rate", 0.0),
+    dtype=dtype,
+  )
+
+
 Constructor = Callable[[Any, int, Any], nn.Module]
 
 MODELS: dict[str, Constructor] = {
@@ -92,6 +106,8 @@ MODELS: dict[str, Constructor] = {
     f"efficientnet_{v}_torchvision": functools.partial(_efficientnet, v, "torchvision")
     for v in efficientnet.VARIANTS
   },
+  # Vision Transformers: original-ViT parameter names; imports timm state dicts and ViT .npz files.
+  **{name: functools.partial(_vit, name) for name in vit.SIZES},
 }
 
 
@@ -100,7 +116,7 @@ def create_model(model_config, num_classes: int, dtype: Any = jnp.float32) -> nn
 
   Args:
     model_config: `config.model` (keys in configs/common.py: name, freeze_bn, cifar_stem,
-      resnet_v1, zero_init_residual, dropout_rate, drop_connect_rate, width).
+      resnet_v1, zero_init_residual, dropout_rate, drop_connect_rate, width, pool).
     num_classes: classifier width.
     dtype: compute dtype (float32 or bfloat16); parameters are always float32.
 

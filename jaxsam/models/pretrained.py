@@ -38,7 +38,7 @@ from jaxsam.errors import PretrainedError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 KERAS_SUFFIXES = (".h5", ".keras")
-SUFFIXES = (".safetensors", ".msgpack") + TORCH_SUFFIXES + KERAS_SUFFIXES
+SUFFIXES = (".safetensors", ".msgpack", ".npz") + TORCH_SUFFIXES + KERAS_SUFFIXES
 HEADS = ("fc", "predictions")  # classifier modules, re-initialised when the class count differs
 IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 JAXSAM_FORMAT = "jaxsam"
@@ -54,8 +54,10 @@ def model_layout(model_ref) -> tuple[str, str]:
   `model_ref` is a registered name, a `config.model` ConfigDict, or a module built by
   `jaxsam.models` (whose attributes tell the layout).
   """
-  from jaxsam.models import efficientnet, resnet  # here: jaxsam.models imports this module
+  from jaxsam.models import efficientnet, resnet, vit  # here: jaxsam.models imports this module
 
+  if isinstance(model_ref, vit.ViT):  # ViTs: every layout question goes to vit_import.py
+    return "vit", "vit"
   if isinstance(model_ref, resnet.ResNet):
     if model_ref.stem == "imagenet" and model_ref.shortcut == "projection":
       return "resnet", "keras" if model_ref.v1 else "torchvision"
@@ -70,6 +72,8 @@ def model_layout(model_ref) -> tuple[str, str]:
     cifar_stem = bool(model_ref.get("cifar_stem", False))
   else:
     raise TypeError(f"expected a model name, config.model or module, got {type(model_ref)}")
+  if name in vit.SIZES:
+    return name, "vit"
   if name in IMAGENET_RESNETS and not cifar_stem:
     return name, "keras" if v1 else "torchvision"
   if re.fullmatch(r"efficientnet_b\d", name):
@@ -96,6 +100,10 @@ def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
       return _read_safetensors(path)
     if suffix == ".msgpack":
       return _read_msgpack(path)
+    if suffix == ".npz":  # original-ViT / big_vision checkpoints
+      from jaxsam.models import vit_import
+
+      return vit_import.read_npz(path), "npz", {}
     return _read_keras(path, suffix), "keras", {}
   except PretrainedError:
     raise
@@ -160,7 +168,13 @@ def input_normalization(path: str, model_ref) -> str:
 
 
 def origin_normalization(origin: str, model_name: str) -> str:
-  """The input normalisation of weights from `origin` for `model_name`: 'caffe' or 'imagenet'."""
+  """The input normalisation of weights from `origin` for `model_name`: 'inception' (mean = std
+  = 0.5) for ViTs (timm's SAM and AugReg ViTs, the original .npz files), 'caffe' for Keras'
+  ResNets, 'imagenet' for the rest."""
+  from jaxsam.models import vit  # here: jaxsam.models imports this module
+
+  if model_name == "vit" or model_name in vit.SIZES:
+    return "inception"
   return "caffe" if _family(model_name) == "resnet" and origin == "keras" else "imagenet"
 
 
@@ -445,6 +459,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   name, layout = model_layout(model_ref)
+  if layout == "vit":
+    from jaxsam.models import vit_import
+
+    return vit_import.to_flax_names(path, model_ref)
   tensors, kind, metadata = read_file(path)
   check_finite(tensors, path)
   if kind == JAXSAM_FORMAT:
@@ -455,6 +473,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
         f"{name} here has the {layout!r} layout"
       )
     return tensors
+  if kind == "npz":
+    raise PretrainedError(
+      f"{path!r} is a ViT .npz checkpoint; only the ViTs (vit_*) read .npz files, {name} is not one"
+    )
   if layout == JAXSAM_FORMAT:
     raise PretrainedError(
       f"{name!r} with this config has no torchvision/Keras layout (CIFAR nets, cifar_stem); pass "
@@ -557,6 +579,10 @@ def load_pretrained(path: str, model_ref, variables):
       another layout, or missing / unexpected / wrongly shaped tensors (named, one line).
   """
   path = os.fspath(path)
+  if model_layout(model_ref)[1] == "vit":  # position-embedding resampling, 'head': vit_import.py
+    from jaxsam.models import vit_import
+
+    return vit_import.load_pretrained(path, model_ref, variables)
   file_tensors = to_flax_names(path, model_ref)
   flat = _flatten(variables)
   taken = match(file_tensors, {k: v.shape for k, v in flat.items()}, repr(os.fspath(path)))
@@ -578,17 +604,35 @@ def convert_file(input_path: str, output_path: str, model_config, origin: str) -
   compiled); the head's class count is the file's own (1000 when it has none).
   """
   from jaxsam import models  # here: jaxsam.models imports this module
+  from jaxsam.models import vit, vit_import  # here too
 
   tensors = to_flax_names(input_path, model_config)
-  head = [v for k, v in tensors.items() if k in ("params/fc/bias", "params/predictions/bias")]
+  heads = ("params/fc/bias", "params/predictions/bias", "params/head/bias")
+  head = [v for k, v in tensors.items() if k in heads]
   num_classes = int(head[0].shape[0]) if head else 1000
   module = models.create_model(model_config, num_classes=num_classes)
-  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  is_vit = vit_import.is_vit(model_config.name)
+  size = _vit_resolution(tensors, vit.SIZES[model_config.name].patch) if is_vit else 64
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
   flat_shapes = {k: v.shape for k, v in _flatten(shapes).items()}
-  taken = match(tensors, flat_shapes, repr(os.fspath(input_path)))
+  if is_vit:  # ViT: its own head name; the file's position-embedding grid is kept as it is
+    taken = list(vit_import.match(tensors, flat_shapes, repr(os.fspath(input_path))))
+  else:
+    taken = match(tensors, flat_shapes, repr(os.fspath(input_path)))
   save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
   return len(taken)
+
+
+def _vit_resolution(tensors: dict, patch: int) -> int:
+  """The image side a ViT file was trained at: its position-embedding grid times the patch."""
+  from jaxsam.models import vit_import  # here: jaxsam.models imports this module
+
+  pos = tensors.get(vit_import.POS)
+  if pos is None:
+    return 224
+  tokens = pos.shape[1] - ("params/cls" in tensors)
+  return round(tokens**0.5) * patch
 
 
 def save_variables(path: str, variables, model_ref, origin: str = "") -> None:
