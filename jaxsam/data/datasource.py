@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from jaxsam import errors
+from jaxsam import errors, parallel
 from jaxsam.data import (
   choice,
+  device_input,
   pipeline,
   rows,
   sources,
@@ -57,9 +58,12 @@ class DataSource(abc.ABC):
     ConfigError where this source cannot apply them."""
 
   @abc.abstractmethod
-  def train_input(self, config, size: int) -> TrainInput:
+  def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
     """`batches(start_step, process_index, process_count)`: this process's share of every global
-    train batch from `start_step` on. The augmentation is built (its config checked) now."""
+    train batch from `start_step` on. The augmentation is built (its config checked) now, and
+    `dataset.pipeline` resolved (one start-up line on `main`). With the device pipeline the
+    result also has `on_device(sharded batch) -> batch`, which the loop applies to each batch
+    once placed on `mesh` (default: every device)."""
 
   @abc.abstractmethod
   def test_batches(
@@ -98,10 +102,22 @@ class InMemory(DataSource):
   def with_train_split(self, dataset_config, seed: int) -> "InMemory":
     return InMemory(train_split.apply(self.arrays, dataset_config, seed))
 
-  def train_input(self, config, size: int) -> TrainInput:
+  def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
+    del size  # batches keep the native side
+    name, why = device_input.resolve_pipeline(config.dataset, streamed=False)
+    if name == "device":
+      train = device_input.DeviceTrainInput(
+        self.arrays.train,
+        config.augment,
+        seed=config.seed,
+        global_batch=config.batch_size,
+        mesh=parallel.make_mesh() if mesh is None else mesh,
+      )
+      _say(main, f"jaxsam: input pipeline device ({why}): {train.describe()}")
+      return train
     from jaxsam.data import augment  # pylint: disable=import-outside-toplevel
 
-    del size  # batches keep the native side
+    _say(main, f"jaxsam: input pipeline tf.data on the host ({why})")
     fn = augment.make_train_augment(config.augment, image_shape=self.arrays.train.images.shape[1:])
     return lambda start_step, process_index, process_count: pipeline.train_batches(
       self.arrays.train,
@@ -169,9 +185,12 @@ class Streamed(DataSource):
         )
     return self
 
-  def train_input(self, config, size: int) -> TrainInput:
+  def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
     from jaxsam.data import augment  # pylint: disable=import-outside-toplevel
 
+    del mesh  # batches are made on the host
+    _, why = device_input.resolve_pipeline(config.dataset, streamed=True)
+    _say(main, f"jaxsam: input pipeline tf.data on the host ({why})")
     augment.make_train_augment(config.augment, image_shape=(size, size, 3))  # checks the keys
     transforms.check_crop(config.augment.crop_scale, config.augment.crop_ratio)
     if self.shuffle_buffer < 1:
@@ -205,6 +224,11 @@ class Streamed(DataSource):
       self.stream.train, index, size=size, crop_fraction=self.stream.eval_crop_fraction
     )
     return sources.Split(images=images, labels=labels)
+
+
+def _say(main: bool, line: str) -> None:
+  if main:
+    print(line, flush=True)
 
 
 def load(config, main: bool = True) -> DataSource:

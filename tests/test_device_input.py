@@ -1,0 +1,186 @@
+"""Tests for `dataset.pipeline`: the device pipeline (the train split on the devices, each step
+gathered and augmented there) gives the tf.data batches bit for bit, the loop trains the same with
+either, a run resumed on the other pipeline continues the same stream, and bad settings are one
+line. The in-memory data is scikit-learn's digits made 32 x 32 RGB (no network).
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from jaxsam import config_schema, parallel
+from jaxsam.data import datasource, device_input
+from jaxsam.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(pipeline: str, **augment):
+  config = common.use_randaugment(common.get_base_config(), num_ops=2, magnitude=9)
+  config.dataset.name = "digits"
+  config.dataset.pipeline = pipeline
+  config.batch_size = 64
+  config.seed = 3
+  config.augment.crop_padding, config.augment.flip, config.augment.cutout_size = 4, True, 8
+  for key, value in augment.items():
+    config.augment[key] = value
+  if config.augment.autoaugment:
+    config.augment.randaugment.num_ops = 0  # one policy at a time
+  return config
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return datasource.load(_config("tf"), main=False)
+
+
+def _tf_batches(data, config, start, n):
+  return list(itertools.islice(data.train_input(config, size=32)(start, 0, 1), n))
+
+
+def _device_batches(data, config, start, n, mesh):
+  """As the loop gets them: host rows sharded by DevicePrefetch, then the on-device program."""
+  train = data.train_input(config, size=32, mesh=mesh)
+  prefetch = parallel.DevicePrefetch(
+    itertools.islice(train(start, 0, 1), n), mesh, transform=train.on_device
+  )
+  return [parallel.fetch(batch) for batch in prefetch]
+
+
+@pytest.mark.parametrize(
+  "augment",
+  [{}, {"crop_fill": "constant"}, {"autoaugment": "cifar10"}],
+  ids=["crop-flip-cutout-randaugment", "constant-fill", "autoaugment"],
+)
+def test_first_device_batches_equal_tf_batches_bitwise(digits, augment):
+  mesh = parallel.make_mesh()  # 8 CPU devices: the batch is sharded 8 ways
+  expected = _tf_batches(digits, _config("tf", **augment), 0, 3)
+  got = _device_batches(digits, _config("device", **augment), 0, 3, mesh)
+  assert len(got) == 3
+  for a, b in zip(expected, got, strict=True):
+    assert b["image"].dtype == np.uint8 and b["image"].shape == a["image"].shape
+    np.testing.assert_array_equal(b["image"], a["image"])
+    np.testing.assert_array_equal(b["label"], a["label"])
+  assert not np.array_equal(got[0]["image"], got[1]["image"])  # steps differ
+
+
+def test_device_batches_from_a_later_step_continue_the_tf_stream(digits):
+  # Step 25 lies in the second epoch (22 steps each): a new permutation and positions past it.
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  expected = _tf_batches(digits, _config("tf"), 25, 2)
+  got = _device_batches(digits, _config("device"), 25, 2, mesh)
+  for a, b in zip(expected, got, strict=True):
+    np.testing.assert_array_equal(b["image"], a["image"])
+    np.testing.assert_array_equal(b["label"], a["label"])
+
+
+def test_train_split_is_placed_once_replicated_as_uint8(digits, capsys):
+  mesh = parallel.make_mesh()
+  train = digits.train_input(_config("device"), size=32, mesh=mesh, main=True)
+  line = capsys.readouterr().out.strip()
+  assert train.images.dtype == np.uint8
+  assert train.images.sharding.is_fully_replicated
+  assert train.bytes_per_device() == digits.arrays.train.images.nbytes
+  assert line.startswith("jaxsam: input pipeline device (dataset.pipeline=device)")
+  assert "replicated on each of 8 device(s)" in line and "MiB per device" in line
+
+
+def test_auto_picks_tf_when_tensorflow_is_importable_and_says_why(digits, capsys):
+  train = digits.train_input(_config("auto"), size=32, main=True)
+  assert not hasattr(train, "on_device")
+  assert "tf.data on the host (dataset.pipeline=auto: TensorFlow is importable)" in (
+    capsys.readouterr().out
+  )
+
+
+def test_auto_picks_device_when_tensorflow_is_blocked():
+  code = (
+    "import sys; sys.modules['tensorflow'] = None\n"
+    "from jaxsam.data import device_input\n"
+    "import ml_collections\n"
+    "print(device_input.resolve_pipeline(ml_collections.ConfigDict({'pipeline': 'auto'}), False))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout
+  assert "('device', 'dataset.pipeline=auto: TensorFlow is not importable')" in out
+
+
+def test_device_with_streamed_data_is_one_line_error():
+  config = _config("device")
+  with pytest.raises(ConfigError, match="dataset.pipeline='device' needs the train split in"):
+    device_input.resolve_pipeline(config.dataset, streamed=True)
+  assert device_input.resolve_pipeline(_config("auto").dataset, streamed=True)[0] == "tf"
+
+
+def test_unknown_pipeline_is_rejected_by_the_schema():
+  config = _config("gpu")
+  with pytest.raises(ConfigError, match="dataset.pipeline"):
+    config_schema.validate(config, num_devices=1)
+
+
+def _launch(workdir, *extra):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch.py"),
+      "--config=configs/quickstart.py",
+      f"--workdir={workdir}",
+      "--config.seed=5",
+      "--config.model.image_size=8",
+      "--config.log_every_steps=1",
+      "--config.progress_bar=False",
+      "--config.wandb.mode=disabled",
+      "--config.augment.cutout_size=6",
+      *extra,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+    check=False,
+  )
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+@pytest.mark.slow
+def test_launch_trains_the_same_losses_with_either_pipeline(tmp_path):
+  losses = {}
+  for name in ("tf", "device"):
+    workdir = str(tmp_path / name)
+    result = _launch(workdir, "--config.max_steps=3", f"--config.dataset.pipeline={name}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"jaxsam: input pipeline {'device' if name == 'device' else 'tf.data'}" in (
+      result.stdout
+    )
+    losses[name] = _losses(workdir)
+  assert sorted(losses["tf"]) == [1, 2, 3]
+  assert losses["device"] == losses["tf"]
+
+
+@pytest.mark.slow
+def test_resume_on_the_other_pipeline_continues_the_same_stream(tmp_path):
+  whole = str(tmp_path / "whole")
+  assert _launch(whole, "--config.max_steps=4", "--config.dataset.pipeline=tf").returncode == 0
+  split = str(tmp_path / "split")
+  # Checkpoint at step 2 (max_steps ends the run with a save), then resume on the device.
+  first = _launch(split, "--config.max_steps=2", "--config.dataset.pipeline=tf")
+  assert first.returncode == 0, first.stderr[-2000:]
+  second = _launch(split, "--config.max_steps=4", "--config.dataset.pipeline=device")
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "resuming at step 2" in second.stdout
+  assert _losses(split) == _losses(whole)
