@@ -154,7 +154,7 @@ def _launch(workdir, *extra):
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 @pytest.mark.slow
