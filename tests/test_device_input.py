@@ -120,6 +120,27 @@ def test_device_with_streamed_data_is_one_line_error():
   assert device_input.resolve_pipeline(_config("auto").dataset, streamed=True)[0] == "tf"
 
 
+def test_streamed_source_asked_for_device_is_one_line_error(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for i in range(8):
+      folder = tmp_path / "set" / split / f"c{i % 2}"
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+  config = _config("device")
+  config.batch_size = 4
+  config.dataset.source, config.dataset.name = "image_folder", "set"
+  config.dataset.path, config.dataset.cache_dir = str(tmp_path / "set"), str(tmp_path / "cache")
+  config.dataset.in_memory = "false"
+  streamed = datasource.load(config, main=False)
+  assert isinstance(streamed, datasource.Streamed)
+  with pytest.raises(ConfigError) as error:
+    streamed.train_input(config, size=16)
+  assert "\n" not in str(error.value) and "dataset.in_memory='true'" in str(error.value)
+
+
 def test_unknown_pipeline_is_rejected_by_the_schema():
   config = _config("gpu")
   with pytest.raises(ConfigError, match="dataset.pipeline"):
