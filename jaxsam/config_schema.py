@@ -160,15 +160,15 @@ def _pipelines():
 
 
 def _crop_fills():
-  from jaxsam.data import augment
+  from jaxsam.data import augment_spec  # the names without TensorFlow
 
-  return augment.CROP_FILLS
+  return augment_spec.CROP_FILLS
 
 
 def _autoaugment():
-  from jaxsam.data import augment
+  from jaxsam.data import augment_spec
 
-  return ("", *augment.AUTOAUGMENT_POLICIES)
+  return ("", *augment_spec.AUTOAUGMENT_POLICIES)
 
 
 def _normalizations():

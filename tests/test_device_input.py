@@ -147,11 +147,21 @@ def test_unknown_pipeline_is_rejected_by_the_schema():
     config_schema.validate(config, num_devices=1)
 
 
-def _launch(workdir, *extra):
+# launch.py in a process where TensorFlow, tensorflow_datasets and wandb cannot be imported.
+BLOCKED = (
+  "import runpy, sys\n"
+  "for name in ('tensorflow', 'tensorflow_datasets', 'wandb'): sys.modules[name] = None\n"
+  "sys.argv = sys.argv[1:]\n"
+  "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def _launch(workdir, *extra, blocked=False):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.run(
     [
       sys.executable,
+      *(["-c", BLOCKED] if blocked else []),
       os.path.join(ROOT, "launch.py"),
       "--config=configs/quickstart.py",
       f"--workdir={workdir}",
@@ -191,6 +201,22 @@ def test_launch_trains_the_same_losses_with_either_pipeline(tmp_path):
     losses[name] = _losses(workdir)
   assert sorted(losses["tf"]) == [1, 2, 3]
   assert losses["device"] == losses["tf"]
+
+
+@pytest.mark.slow
+def test_launch_trains_on_digits_with_tensorflow_tfds_and_wandb_blocked(tmp_path):
+  # dataset.pipeline=auto picks the device pipeline; the run trains, evaluates, checkpoints and
+  # summarises, with the losses of the tf.data run (test_launch_trains_the_same_losses...).
+  blocked, plain = str(tmp_path / "blocked"), str(tmp_path / "plain")
+  result = _launch(blocked, "--config.max_steps=3", blocked=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "input pipeline device (dataset.pipeline=auto: TensorFlow is not importable)" in (
+    result.stdout
+  )
+  for name in ("summary.json", "curves.png", "checkpoints"):
+    assert os.path.exists(os.path.join(blocked, name)), name
+  assert _launch(plain, "--config.max_steps=3", "--config.dataset.pipeline=tf").returncode == 0
+  assert _losses(blocked) == _losses(plain)
 
 
 @pytest.mark.slow

@@ -13,17 +13,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from jaxsam import errors, parallel
-from jaxsam.data import (
-  choice,
-  device_input,
-  pipeline,
-  rows,
-  sources,
-  stream_sources,
-  streaming,
-  train_split,
-  transforms,
-)
+from jaxsam.data import choice, device_input, pipeline, rows, sources, stream_sources, train_split
+
+# `streaming` and `transforms` (TensorFlow) are imported by the Streamed methods that use them, so
+# that in-memory data with the device pipeline trains where TensorFlow is not installed.
 
 TrainInput = Callable[[int, int, int], Iterator[dict]]  # (start_step, process, processes)
 
@@ -161,9 +154,13 @@ class Streamed(DataSource):
     return self.stream.train.num_examples
 
   def native_size(self, model_size: int) -> int:
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     return streaming.image_size(self.stream, model_size)
 
   def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     return streaming.steps_per_epoch(self.stream, global_batch, process_count)
 
   def with_train_split(self, dataset_config, seed: int) -> "Streamed":
@@ -186,7 +183,7 @@ class Streamed(DataSource):
     return self
 
   def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
-    from jaxsam.data import augment  # pylint: disable=import-outside-toplevel
+    from jaxsam.data import augment, streaming, transforms  # pylint: disable=import-outside-toplevel
 
     del mesh  # batches are made on the host
     _, why = device_input.resolve_pipeline(config.dataset, streamed=True)
@@ -210,6 +207,8 @@ class Streamed(DataSource):
     )
 
   def test_batches(self, *, global_batch, size, process_index, process_count):
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     return streaming.eval_batches(
       self.stream,
       size=size,
@@ -220,6 +219,8 @@ class Streamed(DataSource):
     )
 
   def train_examples(self, index: np.ndarray, size: int) -> sources.Split:
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     images, labels = streaming.decode_examples(
       self.stream.train, index, size=size, crop_fraction=self.stream.eval_crop_fraction
     )
