@@ -23,7 +23,7 @@ import jaxsam.data
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import device_input, sources
+from jaxsam.data import pipeline, sources
 from jaxsam.models import weights as weights_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -562,10 +562,7 @@ def train_and_evaluate(
 
   `profile_steps` (START, END) traces steps START to END - 1 into the workdir (`jaxsam.profiling`).
   """
-  if device_input.tensorflow_importable():
-    from jaxsam.data import pipeline  # pylint: disable=import-outside-toplevel  (TensorFlow)
-
-    pipeline.hide_gpus_from_tf()
+  pipeline.hide_gpus_from_tf()
   # Everything that can reject the config runs before the workdir is touched; the cheap checks
   # first (every key's domain, the workdir, a live holder), so bad input fails in a second.
   config_schema.validate(config, num_devices=jax.device_count())

@@ -217,6 +217,82 @@ def test_launch_trains_on_digits_with_tensorflow_tfds_and_wandb_blocked(tmp_path
     assert os.path.exists(os.path.join(blocked, name)), name
   assert _launch(plain, "--config.max_steps=3", "--config.dataset.pipeline=tf").returncode == 0
   assert _losses(blocked) == _losses(plain)
+  # Evaluation, the report and the analysis of that run, all with the three blocked.
+  evaluated = _launch(blocked, "--config.max_steps=3", "--mode=eval", blocked=True)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert os.path.exists(os.path.join(blocked, "eval.json"))
+  for module, args in (
+    ("jaxsam.report", [blocked]),
+    (
+      "jaxsam.analyze",
+      [f"--workdir={blocked}", "--what=hessian", "--top_k=1", "--hessian_iters=3"],
+    ),
+  ):
+    done = _blocked_module(module, *args)
+    assert done.returncode == 0, (module, done.stderr[-2000:])
+  assert os.path.isdir(os.path.join(blocked, "analysis"))
+
+
+def _blocked_module(module, *args):
+  """`python -m module args` with TensorFlow, tensorflow_datasets and wandb blocked."""
+  code = (
+    "import runpy, sys\n"
+    "for name in ('tensorflow', 'tensorflow_datasets', 'wandb'): sys.modules[name] = None\n"
+    f"sys.argv = [{module!r}, *sys.argv[1:]]\n"
+    f"runpy.run_module({module!r}, run_name='__main__')"
+  )
+  return subprocess.run(
+    [sys.executable, "-c", code, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+  )
+
+
+def test_tfds_name_without_tensorflow_is_one_line_error(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = _launch(workdir, "--config.dataset.name=cifar10", blocked=True)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: dataset.name='cifar10' is read through tfds, which needs")
+  assert not os.path.exists(workdir)
+
+
+def test_streaming_and_wandb_without_tensorflow_or_wandb(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  for split in ("train", "test"):
+    for i in range(4):
+      folder = tmp_path / "set" / split / f"c{i % 2}"
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+  code = f"""
+import sys
+for name in ('tensorflow', 'tensorflow_datasets', 'wandb'): sys.modules[name] = None
+from configs import common
+from jaxsam import errors, writers
+import jaxsam.data
+config = common.get_base_config()
+config.dataset.source, config.dataset.name = 'image_folder', 'set'
+config.dataset.path, config.dataset.in_memory = {str(tmp_path / "set")!r}, 'false'
+config.dataset.cache_dir = {str(tmp_path / "cache")!r}
+try:
+  jaxsam.data.load(config, main=False)
+except errors.ConfigError as e:
+  print('streaming:', e)
+config.wandb.mode = 'online'
+print('writer:', writers.create_wandb_writer(config.wandb, {str(tmp_path)!r}, {{}}, environ={{}}))
+"""
+  done = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "streaming: dataset 'set' streams from its files, which needs TensorFlow" in done.stdout
+  assert "writer: None" in done.stdout
+  assert "warning: wandb is not installed: wandb.mode=online runs as disabled" in done.stderr
 
 
 @pytest.mark.slow

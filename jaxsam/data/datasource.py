@@ -247,6 +247,11 @@ def load(config, main: bool = True) -> DataSource:
   if not stream:
     data = InMemory(sources.load_dataset(dataset, builder))
   else:
+    if not device_input.tensorflow_importable():
+      raise errors.ConfigError(
+        f"dataset {dataset.name!r} streams from its files, which needs TensorFlow (tf.data; pip "
+        "install tensorflow); without it set dataset.in_memory='true'"
+      )
     data = Streamed(
       stream_sources.open_stream(dataset, builder), int(dataset.get("shuffle_buffer", 10_000))
     )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxsam.data import rows, sources
+from jaxsam.data import device_input, rows, sources
 
 if TYPE_CHECKING:
   import tensorflow as tf
@@ -20,7 +20,10 @@ AugmentFn = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]
 
 
 def hide_gpus_from_tf() -> None:
-  """tf.data runs on the host only: TF must never claim GPU memory that JAX needs."""
+  """tf.data runs on the host only: TF must never claim GPU memory that JAX needs (nothing to
+  do where TensorFlow is not installed)."""
+  if not device_input.tensorflow_importable():
+    return
   import tensorflow as tf  # pylint: disable=import-outside-toplevel  (the tf pipeline only)
 
   tf.config.set_visible_devices([], "GPU")
