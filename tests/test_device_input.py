@@ -307,3 +307,54 @@ def test_resume_on_the_other_pipeline_continues_the_same_stream(tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resuming at step 2" in second.stdout
   assert _losses(split) == _losses(whole)
+
+
+@pytest.mark.parametrize("source", ["cifar_python", "image_folder"])
+def test_in_memory_sources_train_without_tensorflow_with_the_tf_batches(tmp_path, source):
+  # cifar_python (pickled batches) and an image folder decoded by PIL, loaded and augmented in a
+  # process where TensorFlow, tfds and wandb cannot be imported: the first batch is tf.data's.
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  from cifar_files import write_cifar  # pylint: disable=import-outside-toplevel
+
+  config = _config("tf")
+  config.batch_size = 8
+  config.dataset.name, config.dataset.source = "cifar10", source
+  config.dataset.cache_dir, config.dataset.in_memory = str(tmp_path / "cache"), "true"
+  if source == "cifar_python":
+    path = write_cifar(tmp_path, "cifar-10-batches-py", False, np.random.default_rng(0))[0]
+  else:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+      for i in range(12):
+        folder = tmp_path / "set" / split / f"c{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    path, config.dataset.name = tmp_path / "set", "set"
+  config.dataset.path = str(path)
+  out = tmp_path / "device.npy"
+  code = f"""
+import sys
+for name in ('tensorflow', 'tensorflow_datasets', 'wandb'): sys.modules[name] = None
+import numpy as np, ml_collections
+from jaxsam import parallel
+import jaxsam.data
+config = ml_collections.ConfigDict({config.to_dict()!r})
+config.dataset.pipeline = 'auto'
+data = jaxsam.data.load(config, main=False)
+train = data.train_input(config, size=0, main=True)
+mesh = parallel.make_mesh()
+batch = next(parallel.DevicePrefetch(train(0, 0, 1), mesh, transform=train.on_device))
+np.save({str(out)!r}, parallel.fetch(batch['image']))
+"""
+  done = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "input pipeline device (dataset.pipeline=auto: TensorFlow is not importable)" in (
+    done.stdout
+  )
+  data = datasource.load(config, main=False)
+  expected = next(data.train_input(config, size=0)(0, 0, 1))["image"]
+  np.testing.assert_array_equal(np.load(out), expected)
