@@ -358,3 +358,30 @@ np.save({str(out)!r}, parallel.fetch(batch['image']))
   data = datasource.load(config, main=False)
   expected = next(data.train_input(config, size=0)(0, 0, 1))["image"]
   np.testing.assert_array_equal(np.load(out), expected)
+
+
+def test_quiet_start_and_auto_where_tensorflow_is_not_installed():
+  # Not installed (no entry in sys.modules, the import machinery finds nothing): the command-line
+  # quiet start, which imports TensorFlow to silence it, goes on, and auto picks the device.
+  code = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split('.')[0] == 'tensorflow':
+      raise ModuleNotFoundError(f'No module named {name!r}')
+sys.meta_path.insert(0, Absent())
+from jaxsam import quiet
+quiet.quiet_start()
+from jaxsam.data import device_input
+print(device_input.tensorflow_importable(), 'tensorflow' in sys.modules)
+"""
+  done = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+    env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ["False", "False"]
