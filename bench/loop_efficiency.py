@@ -5,13 +5,19 @@ compiled train step's, for the same model, batch, resolution, dtype and optimize
                                              # RandAugment, ResNet-50 bf16, batch 256, SAM (a GPU)
   python bench/loop_efficiency.py --quick    # configs/quickstart.py as it is (CPU, ~1-2 min)
   python bench/loop_efficiency.py --config=configs/quickstart.py --set=batch_size=128 --steps=200
+  python bench/loop_efficiency.py --quick --pipeline=both   # tf.data and device, side by side
 
 One run: a `launch.py` training run in a fresh workdir (its metrics.jsonl `images_per_sec`, the
 first window dropped: it holds the compile), then, once it has exited, the compiled step alone on
 a synthetic uint8 batch at the data's native size (`jaxsam.stepcost`, as bench/train_throughput.py
-times it). Both use the digits bundled with scikit-learn, so no download is needed. The loop's
-input pipeline is tf.data: without TensorFlow this prints a skip with that reason and exits 0.
-On a CPU the pipeline and the step share the cores, so the figure there has no target.
+times it). Both use the digits bundled with scikit-learn, so no download is needed.
+
+`--pipeline` picks `dataset.pipeline`: with `tf` (default) the reference is the train step alone
+(the augmentation runs on the host); with `device` it is the same compiled programs the loop runs,
+the on-device gather + augmentation then the train step, fed indices and seeds already on the
+devices, so the ratio measures only what the loop adds; `both` measures the two in one run.
+launch.py imports TensorFlow: without it this prints a skip with that reason and exits 0.
+On a CPU the tf.data pipeline and the step share the cores, so its figure there has no target.
 """
 
 import argparse
@@ -46,7 +52,7 @@ RUN_KEYS = [
 
 def skip_reason() -> str | None:
   if importlib.util.find_spec("tensorflow") is None:
-    return "TensorFlow is not installed (the training loop's input pipeline is tf.data)"
+    return "TensorFlow is not installed (launch.py's training loop imports it)"
   return None
 
 
@@ -109,7 +115,9 @@ def run_loop(config_path: str, overrides: list[str], workdir: str, timeout_s: fl
 
 
 def step_images_per_s(config, repeats: int, steps: int) -> dict:
-  """The compiled step alone, fed a uint8 batch at the data's native size as the loop feeds it."""
+  """The compiled step alone, fed a uint8 batch at the data's native size as the loop feeds it;
+  with `dataset.pipeline=device`, the on-device gather + augmentation before it, from one step's
+  indices and seeds already on the devices."""
   import warnings  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -128,8 +136,16 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
   state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
   batch = stepcost.synthetic_batch(config.batch_size, native, num_classes, mesh)
   compiled = step.lower(state, batch).compile()
-  state, _ = stepcost.time_steps(compiled, state, batch, 2, repeats=1)
-  _, seconds = stepcost.time_steps(compiled, state, batch, steps, repeats)
+  program = compiled
+  if config.dataset.pipeline == "device":
+    train = data.train_input(config, size=cfg.image_size, mesh=mesh)
+    batch = parallel.shard_batch(next(train(0, 0, 1)), mesh)  # indices, labels, seeds
+
+    def program(state, rows):  # the loop's two programs, in its order
+      return compiled(state, train.on_device(rows))
+
+  state, _ = stepcost.time_steps(program, state, batch, 2, repeats=1)
+  _, seconds = stepcost.time_steps(program, state, batch, steps, repeats)
   step_s = statistics.median(seconds)
   return {
     "step_images_per_s": config.batch_size / step_s,
@@ -141,11 +157,12 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
   }
 
 
-def measure(args) -> dict:
+def measure(args, pipeline: str) -> dict:
   config_path, overrides = args.config, list(args.set)
   if not config_path:
     config_path, base = QUICK if args.quick else STUDY
     overrides = base + overrides
+  overrides.append(f"dataset.pipeline={pipeline}")
   steps = args.steps or (40 if args.quick else 60)
   log_every = args.log_every or (10 if args.quick else 5)
   overrides += [f"max_steps={steps}", f"log_every_steps={log_every}", *RUN_KEYS]
@@ -159,6 +176,7 @@ def measure(args) -> dict:
   return {
     "status": "ok",
     "config": f"{config_path} {' '.join(overrides)}",
+    "pipeline": pipeline,
     "model": config.model.name,
     "batch": config.batch_size,
     "dtype": config.dtype,
@@ -184,23 +202,40 @@ def main() -> None:
   parser.add_argument(
     "--log_every", type=int, default=0, help="steps per window (default 5, quick 10)"
   )
+  parser.add_argument(
+    "--pipeline",
+    choices=("tf", "device", "both"),
+    default="tf",
+    help="dataset.pipeline of the loop and its reference (both: one after the other)",
+  )
   parser.add_argument("--timeout_s", type=float, default=600.0, help="launch.py's time limit")
   parser.add_argument("--json", default="", help="also write the figures here")
   args = parser.parse_args()
   reason = skip_reason()
-  result = {"status": "skipped", "reason": reason} if reason else measure(args)
+  pipelines = ("tf", "device") if args.pipeline == "both" else (args.pipeline,)
+  if reason:
+    result = {"status": "skipped", "reason": reason}
+  else:
+    results = [measure(args, pipeline) for pipeline in pipelines]
+    result = results[0] if len(results) == 1 else {"status": "ok", "runs": results}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
   if reason:
     print(f"skipped: {reason}")
     return
+  for run in result.get("runs", [result]):
+    report(run)
+
+
+def report(result: dict) -> None:
   print(
     f"{result['config']}\n{result['devices']}, jax {result['jax']}: launch.py "
     f"{result['loop_images_per_s']:,.1f} images/s over {result['loop_timed_steps']} steps "
     f"(first window dropped) / compiled step {result['step_images_per_s']:,.1f} images/s "
     f"({result['step_ms']:.1f} ms, batch {result['batch']}, {result['native_size']} px uint8 "
-    f"-> {result['image_size']} px) = loop efficiency {result['efficiency']:.3f}"
+    f"-> {result['image_size']} px) = loop efficiency {result['efficiency']:.3f} "
+    f"[dataset.pipeline={result['pipeline']}]"
   )
 
 

@@ -37,6 +37,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (false: tfds record files, image folders); auto streams when the decoded train split would
   # exceed 25 % of host memory or its images vary in size, and says which at start-up.
   config.dataset.in_memory = "auto"
+  # tf | device | auto: augment each train batch in tf.data on the host (tf), or keep an
+  # in-memory train split on the devices as uint8 and gather + augment there (device: the same
+  # batches); auto = device when TensorFlow is not importable, else tf. Streamed data needs tf.
+  config.dataset.pipeline = "auto"
   config.dataset.shuffle_buffer = 10_000  # streamed tfds: examples per shuffle window (read whole)
   config.dataset.eval_crop_fraction = 0.875  # streamed eval: shorter side to size / this, crop
 

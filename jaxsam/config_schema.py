@@ -159,16 +159,22 @@ def _in_memory():
   return choice.IN_MEMORY_CHOICES
 
 
-def _crop_fills():
-  from jaxsam.data import augment
+def _pipelines():
+  from jaxsam.data import device_input
 
-  return augment.CROP_FILLS
+  return device_input.PIPELINES
+
+
+def _crop_fills():
+  from jaxsam.data import augment_spec  # the names without TensorFlow
+
+  return augment_spec.CROP_FILLS
 
 
 def _autoaugment():
-  from jaxsam.data import augment
+  from jaxsam.data import augment_spec
 
-  return ("", *augment.AUTOAUGMENT_POLICIES)
+  return ("", *augment_spec.AUTOAUGMENT_POLICIES)
 
 
 def _normalizations():
@@ -197,6 +203,7 @@ DOMAINS: dict[str, Domain] = {
   "dataset.train_split": NAME,
   "dataset.test_split": NAME,
   "dataset.in_memory": choice(_in_memory, fold_case=True),
+  "dataset.pipeline": choice(_pipelines, fold_case=True),
   "dataset.shuffle_buffer": integer(1),
   "dataset.eval_crop_fraction": number(0, 1, low_open=True),
   "dataset.skip_bad_images": BOOL,

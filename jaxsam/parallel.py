@@ -7,7 +7,7 @@ Parameters and optimizer state are replicated; batches are sharded along their f
 import collections
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Self
 
 import jax
@@ -72,15 +72,23 @@ class DevicePrefetch:
   (placement is asynchronous) before handing out the oldest, so that the batch of step k+1 travels
   while step k runs, and the loop never blocks on the devices for its input. `mean_wait_ms` says
   how long the caller waited per batch (the host iterator's `next()` plus placement): the sign of
-  a training loop starved by its input.
+  a training loop starved by its input. `transform`, when given, is applied to each batch once
+  placed (e.g. the device pipeline's gather + augment: dispatched now, run on device in order).
   """
 
-  def __init__(self, local_batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2):
+  def __init__(
+    self,
+    local_batches: Iterable[Mapping[str, np.ndarray]],
+    mesh: Mesh,
+    size: int = 2,
+    transform: Callable[[dict], dict] | None = None,
+  ):
     if size < 1:
       raise ValueError(f"prefetch size={size} must be at least 1")
     self._source = iter(local_batches)
     self._mesh = mesh
     self._size = size
+    self._transform = transform
     self._queue = collections.deque()
     self._wait = 0.0
     self._taken = 0
@@ -92,7 +100,8 @@ class DevicePrefetch:
     start = time.perf_counter()
     try:
       while len(self._queue) < self._size:
-        self._queue.append(shard_batch(next(self._source), self._mesh))
+        batch = shard_batch(next(self._source), self._mesh)
+        self._queue.append(batch if self._transform is None else self._transform(batch))
     except StopIteration:  # the source is done: hand out what is still queued
       if not self._queue:
         raise

@@ -65,11 +65,15 @@ def filtered_stderr() -> Iterator[None]:
 
 
 def import_tensorflow() -> None:
-  """Imports TensorFlow (once per process) without its C++ start-up notices."""
+  """Imports TensorFlow (once per process) without its C++ start-up notices; nothing where it is
+  not installed (training on in-memory data does not need it)."""
   if "tensorflow" in sys.modules:
     return
   with filtered_stderr():
-    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      return
 
 
 def quiet_start() -> None:

@@ -553,7 +553,11 @@ def _summary(loop: _Loop, train_fit: dict) -> dict:
 def _device_batches(train_input, setup: Setup, start: int) -> parallel.DevicePrefetch:
   """The train batches of steps `start` to the end, each placed while the step before runs."""
   local = train_input(start, jax.process_index(), jax.process_count())
-  return parallel.DevicePrefetch(itertools.islice(local, setup.total_steps - start), setup.mesh)
+  return parallel.DevicePrefetch(
+    itertools.islice(local, setup.total_steps - start),
+    setup.mesh,
+    transform=getattr(train_input, "on_device", None),  # the device pipeline's gather + augment
+  )
 
 
 def _compile_steps(config, setup: Setup, tx, lr_schedule, workdir: str, profile_steps):
@@ -620,7 +624,9 @@ def train_and_evaluate(
     fresh.resolved = weights_lib.resolve(config.model.pretrained, config.model)
   setup = build_setup(config, workdir=None if overwrite else workdir, resolved=fresh.resolved)
   tx, lr_schedule = setup_optimizer(config, setup)
-  train_input = setup.data.train_input(config, size=setup.step_config.image_size)
+  train_input = setup.data.train_input(
+    config, size=setup.step_config.image_size, mesh=setup.mesh, main=parallel.is_main_process()
+  )
   fresh.setup, fresh.tx = setup, tx
   state = abstract_train_state(config, setup, tx) if resuming else fresh()
   with hold_workdir(workdir, "a training launch"):

@@ -80,9 +80,16 @@ ENTRIES: dict[str, Entry] = {
 CLEARED = tuple(name for name, entry in ENTRIES.items() if entry.cleared)
 
 # Keys that may change between a run and its resumption without making it another run (where the
-# decoded-image cache lives changes no pixel).
+# decoded-image cache lives changes no pixel; both input pipelines make the same batches).
 RESUME_MAY_CHANGE = frozenset(
-  {"max_steps", "progress_bar", "wandb.mode", "log_every_steps", "dataset.cache_dir"}
+  {
+    "max_steps",
+    "progress_bar",
+    "wandb.mode",
+    "log_every_steps",
+    "dataset.cache_dir",
+    "dataset.pipeline",
+  }
 )
 # Keys that may differ between a checkpoint's run and the config it is analysed with: they change
 # logging, tracking or the length of training only, never the model. A name ending in "." is a

@@ -245,7 +245,15 @@ def create_wandb_writer(
   mode = resolve_wandb_mode(wandb_config.mode, environ)
   if mode == "disabled":
     return None
-  import wandb
+  try:
+    import wandb
+  except ImportError:  # training never needs wandb: run without it, and say so once
+    print(
+      f"warning: wandb is not installed: wandb.mode={wandb_config.mode} runs as disabled "
+      "(pip install wandb to log there)",
+      file=sys.stderr,
+    )
+    return None
 
   kwargs = {
     "project": wandb_config.project or None,

@@ -13,6 +13,8 @@ Module map (one concern each):
   streaming      streamed batches: tfds windows, file reads, crops, augmentation (tf.data)
   transforms     random-resized crop and eval resize + centre crop of encoded images
   augment        batched augmentation ops (RandAugment, AutoAugment, crop, flip, Cutout)
+  device_augment augment's ops in jax.numpy, bit for bit (no TF)
+  device_input   dataset.pipeline: the train split on the devices, gathered + augmented there
   train_split    class-balanced subsets and label noise of the train split
 """
 

@@ -12,17 +12,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from jaxsam import errors
-from jaxsam.data import (
-  choice,
-  pipeline,
-  rows,
-  sources,
-  stream_sources,
-  streaming,
-  train_split,
-  transforms,
-)
+from jaxsam import errors, parallel
+from jaxsam.data import choice, device_input, pipeline, rows, sources, stream_sources, train_split
+
+# `streaming` and `transforms` (TensorFlow) are imported by the Streamed methods that use them, so
+# that in-memory data with the device pipeline trains where TensorFlow is not installed.
 
 TrainInput = Callable[[int, int, int], Iterator[dict]]  # (start_step, process, processes)
 
@@ -57,9 +51,12 @@ class DataSource(abc.ABC):
     ConfigError where this source cannot apply them."""
 
   @abc.abstractmethod
-  def train_input(self, config, size: int) -> TrainInput:
+  def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
     """`batches(start_step, process_index, process_count)`: this process's share of every global
-    train batch from `start_step` on. The augmentation is built (its config checked) now."""
+    train batch from `start_step` on. The augmentation is built (its config checked) now, and
+    `dataset.pipeline` resolved (one start-up line on `main`). With the device pipeline the
+    result also has `on_device(sharded batch) -> batch`, which the loop applies to each batch
+    once placed on `mesh` (default: every device)."""
 
   @abc.abstractmethod
   def test_batches(
@@ -103,10 +100,22 @@ class InMemory(DataSource):
   def with_train_split(self, dataset_config, seed: int) -> "InMemory":
     return InMemory(train_split.apply(self.arrays, dataset_config, seed))
 
-  def train_input(self, config, size: int) -> TrainInput:
+  def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
+    del size  # batches keep the native side
+    name, why = device_input.resolve_pipeline(config.dataset, streamed=False)
+    if name == "device":
+      train = device_input.DeviceTrainInput(
+        self.arrays.train,
+        config.augment,
+        seed=config.seed,
+        global_batch=config.batch_size,
+        mesh=parallel.make_mesh() if mesh is None else mesh,
+      )
+      _say(main, f"jaxsam: input pipeline device ({why}): {train.describe()}")
+      return train
     from jaxsam.data import augment  # pylint: disable=import-outside-toplevel
 
-    del size  # batches keep the native side
+    _say(main, f"jaxsam: input pipeline tf.data on the host ({why})")
     fn = augment.make_train_augment(config.augment, image_shape=self.arrays.train.images.shape[1:])
     return lambda start_step, process_index, process_count: pipeline.train_batches(
       self.arrays.train,
@@ -153,9 +162,13 @@ class Streamed(DataSource):
     return self.stream.train.num_examples
 
   def native_size(self, model_size: int) -> int:
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     return streaming.image_size(self.stream, model_size)
 
   def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     return streaming.steps_per_epoch(self.stream, global_batch, process_count)
 
   def with_train_split(self, dataset_config, seed: int) -> "Streamed":
@@ -177,9 +190,12 @@ class Streamed(DataSource):
         )
     return self
 
-  def train_input(self, config, size: int) -> TrainInput:
-    from jaxsam.data import augment  # pylint: disable=import-outside-toplevel
+  def train_input(self, config, size: int, mesh=None, main: bool = False) -> TrainInput:
+    from jaxsam.data import augment, streaming, transforms  # pylint: disable=import-outside-toplevel
 
+    del mesh  # batches are made on the host
+    _, why = device_input.resolve_pipeline(config.dataset, streamed=True)
+    _say(main, f"jaxsam: input pipeline tf.data on the host ({why})")
     augment.make_train_augment(config.augment, image_shape=(size, size, 3))  # checks the keys
     transforms.check_crop(config.augment.crop_scale, config.augment.crop_ratio)
     if self.shuffle_buffer < 1:
@@ -199,6 +215,8 @@ class Streamed(DataSource):
     )
 
   def test_batches(self, *, global_batch, size, process_index, process_count):
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     return streaming.eval_batches(
       self.stream,
       size=size,
@@ -209,10 +227,17 @@ class Streamed(DataSource):
     )
 
   def train_examples(self, index: np.ndarray, size: int) -> sources.Split:
+    from jaxsam.data import streaming  # pylint: disable=import-outside-toplevel
+
     images, labels = streaming.decode_examples(
       self.stream.train, index, size=size, crop_fraction=self.stream.eval_crop_fraction
     )
     return sources.Split(images=images, labels=labels)
+
+
+def _say(main: bool, line: str) -> None:
+  if main:
+    print(line, flush=True)
 
 
 def load(config, main: bool = True) -> DataSource:
@@ -230,6 +255,11 @@ def load(config, main: bool = True) -> DataSource:
   if not stream:
     data = InMemory(sources.load_dataset(dataset, builder))
   else:
+    if not device_input.tensorflow_importable():
+      raise errors.ConfigError(
+        f"dataset {dataset.name!r} streams from its files, which needs TensorFlow (tf.data; pip "
+        "install tensorflow); without it set dataset.in_memory='true'"
+      )
     data = Streamed(
       stream_sources.open_stream(dataset, builder), int(dataset.get("shuffle_buffer", 10_000))
     )

@@ -7,17 +7,25 @@ uint8 at native resolution; upscaling and normalisation happen on device.
 """
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
-from jaxsam.data import rows, sources
+from jaxsam.data import device_input, rows, sources
 
-AugmentFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+if TYPE_CHECKING:
+  import tensorflow as tf
+
+AugmentFn = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]
 
 
 def hide_gpus_from_tf() -> None:
-  """tf.data runs on the host only: TF must never claim GPU memory that JAX needs."""
+  """tf.data runs on the host only: TF must never claim GPU memory that JAX needs (nothing to
+  do where TensorFlow is not installed)."""
+  if not device_input.tensorflow_importable():
+    return
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  (the tf pipeline only)
+
   tf.config.set_visible_devices([], "GPU")
 
 
@@ -61,6 +69,8 @@ def train_batches(
   One tf.data pipeline for the whole run: the augmentation is traced once, and prefetching runs
   across epoch ends (a pipeline per epoch re-traced it and stalled each epoch's first step).
   """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  (the tf pipeline only)
+
   local = global_batch // process_count
   image_shape = split.images.shape[1:]
   ds = tf.data.Dataset.from_generator(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxsam.errors import DataError
+from jaxsam.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +185,16 @@ def _network_reachable(hosts=DOWNLOAD_PROBE_HOSTS, timeout_s=DOWNLOAD_PROBE_TIME
 
 
 def tfds_builder(dataset_config):
-  """The tfds builder for `dataset.name` in `dataset.data_dir`; DataError for unknown names."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  """The tfds builder for `dataset.name` in `dataset.data_dir`; DataError for unknown names, a
+  ConfigError where tensorflow-datasets is not installed."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConfigError(
+      f"dataset.name={dataset_config.name!r} is read through tfds, which needs TensorFlow and "
+      "tensorflow-datasets (pip install tensorflow tensorflow-datasets); without them use "
+      "digits, cifar_python or an image folder in memory"
+    ) from None
 
   try:
     return tfds.builder(dataset_config.name, data_dir=dataset_config.data_dir or None)

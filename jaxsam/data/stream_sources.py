@@ -9,12 +9,15 @@ tar is unpacked once first (`archives`).
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
 from jaxsam import errors
-from jaxsam.data import archives, decode, image_folder, sources, transforms
+from jaxsam.data import archives, decode, image_folder, sources
+
+if TYPE_CHECKING:
+  import tensorflow as tf
 
 STREAMABLE_SOURCES = ("tfds", "image_folder")
 
@@ -84,9 +87,10 @@ def tfds_keys(builder, name: str) -> tuple[str, str]:
 
 def tfds_read(
   builder, split: str, image_key: str, ranges: Sequence[tuple[int, int]], num_examples: int
-) -> tf.data.Dataset:
+) -> "tf.data.Dataset":
   """Examples [a, b) of each range, in that order, as tfds examples with the image left encoded
   (decoded later, cropped first where the format allows); files interleaved in parallel."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   if list(ranges) == [(0, num_examples)]:
@@ -238,6 +242,8 @@ def open_folder(dataset_config) -> Stream:
 def open_stream(dataset_config, builder=None) -> Stream:
   """The Stream for `config.dataset` (tfds or an image folder); DataError for other sources."""
   source = sources.source_name(dataset_config)
+  from jaxsam.data import transforms  # pylint: disable=import-outside-toplevel  (TensorFlow)
+
   fraction = transforms.check_crop_fraction(dataset_config.get("eval_crop_fraction", 0.875))
   if source == "tfds":
     return dataclasses.replace(open_tfds(dataset_config, builder), eval_crop_fraction=fraction)
