@@ -120,11 +120,8 @@ def _parent_dirs(names: Sequence[str]) -> set[str]:
 
 
 def _file_digest(path: str) -> str:
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tar_tree(path: str) -> Tree:
