@@ -55,9 +55,9 @@ VIT_TINY = "configs/cifar10_vit_tiny.py"
 ARMS.update(adamw=Arm(VIT_TINY), adamw_sam=Arm(VIT_TINY, overrides=(("sam.rho", 0.05),)))
 MODELS = {
   "resnet": (DEFAULT_ARMS, {}),
-  # sam.m = 128: what its study ran (the whole batch of 128 on one device), pinned so that the
-  # size's m (16, for the ResNet arms) does not change it.
-  "vit_tiny": (("adamw", "adamw_sam"), {"model.name": "vit_tiny", "sam.m": 128}),
+  # sam.m = 0, the per-device batch: what its study ran (m = 128, the whole batch on one device),
+  # kept so that the size's m (16, for the ResNet arms) does not change it; --m sets another.
+  "vit_tiny": (("adamw", "adamw_sam"), {"model.name": "vit_tiny", "sam.m": 0}),
 }
 # MSAM takes one gradient at a point along the momentum: no per-group ascent, so no m.
 M_ARMS = ("sam", "sam5", "looksam5", "late20", "aesam", "adamw_sam")
@@ -371,6 +371,7 @@ def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[
     config = module.get_config()
     config.update_from_flattened_dict(overrides)
     config.batch_size = batch_size
+    config.sam.m = 0  # a recipe's m need not divide this small batch; FLOPs per image are the same
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
     state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
     batch = stepcost.synthetic_batch(batch_size, cfg.image_size, 10, mesh)
