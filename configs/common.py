@@ -61,6 +61,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.drop_connect_rate = -1.0
   config.model.pool = "token"  # ViT: token (class token) | gap (global average pooling)
   config.model.width = 0  # small ResNets: base width (0 = architecture default)
+  # Training-time batch norm over groups of this many examples (ghost batch norm, Hoffer et al.
+  # 2017); 0 = the per-device batch. SAM at sam.m = k already normalises per group of k, so this is
+  # the control for SGD (or must equal SAM's group).
+  config.model.ghost_batch_size = 0
   # auto | imagenet | inception | caffe | dataset. auto: caffe (BGR, mean on 0-255) for Keras'
   # ResNet50 weights, inception (mean = std = 0.5) for ViT weights, imagenet for other pretrained
   # weights, dataset without; see the README's weight table.

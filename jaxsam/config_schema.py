@@ -219,6 +219,7 @@ DOMAINS: dict[str, Domain] = {
   "model.dropout_rate": RATE,
   "model.drop_connect_rate": RATE,
   "model.width": integer(0),
+  "model.ghost_batch_size": integer(0),
   "model.pool": choice(_pools),
   "model.normalization": choice(_normalizations),
   "num_epochs": integer(1),

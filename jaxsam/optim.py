@@ -192,6 +192,21 @@ def host_ascent_schedule(
   return functools.partial(sam_lib.takes_ascent, every=s.every, start_step=start)
 
 
+def _group_size(config: ml_collections.ConfigDict, micro: int, *, ascent: bool) -> int:
+  """Examples per group of the step (own ascent and own batch-norm statistics): SAM's sam.m when
+  it takes a per-group ascent, else model.ghost_batch_size (batch norm only); 0 = not split."""
+  ghost = config.model.ghost_batch_size
+  if not ascent:
+    return steps.sam_group_size(ghost, micro) if ghost else 0
+  group = steps.sam_group_size(config.sam.m, micro)
+  if ghost and ghost != group:
+    raise errors.ConfigError(
+      f"model.ghost_batch_size={ghost} differs from SAM's group of {group} (sam.m={config.sam.m}):"
+      f" SAM's groups set batch norm's; accepted: 0 or {group}"
+    )
+  return group
+
+
 def step_sam_settings(
   config: ml_collections.ConfigDict, per_device_batch: int, steps_per_epoch: int
 ) -> dict:
@@ -205,7 +220,7 @@ def step_sam_settings(
   rho = config.sam.rho
   msam = config.sam.variant == "msam" and bool(rho)
   return {
-    "sam_group_size": 0 if not rho or msam else steps.sam_group_size(config.sam.m, micro),
+    "sam_group_size": _group_size(config, micro, ascent=bool(rho) and not msam),
     "accum_steps": n,
     "msam_rho": float(rho) if msam else 0.0,
     "msam_start_step": sam_start_step(config, steps_per_epoch) if msam else 0,

@@ -66,13 +66,14 @@ def augmentation_label(config: dict) -> str:
 
 
 def optimizer_label(config: dict) -> str:
-  """SGD, or SAM(ρ=0.05) / SAM(ρ=0.05, m=16) / LOOKSAM(ρ=..., every 5) / SAM(ρ=..., from 80%)...
-  (prefixed by a non-SGD base optimizer)."""
+  """SGD (SGD(BN per 16) with ghost batch norm), or SAM(ρ=0.05) / SAM(ρ=0.05, m=16) /
+  LOOKSAM(ρ=..., every 5) / SAM(ρ=..., from 80%)... (prefixed by a non-SGD base optimizer)."""
   name = config.get("optimizer", {}).get("name", "sgd")
   base = {"sgd": "SGD", "adamw": "AdamW"}.get(name, name)
   sam = config.get("sam", {})
   if not sam.get("rho"):
-    return base
+    ghost = config.get("model", {}).get("ghost_batch_size", 0)  # batch norm per group, no ascent
+    return f"{base}(BN per {ghost})" if ghost else base
   extras = [f"ρ={sam['rho']:g}"]
   if sam.get("m") and sam.get("variant", "sam") != "msam":
     extras.append(f"m={sam['m']}")
@@ -82,6 +83,7 @@ def optimizer_label(config: dict) -> str:
     extras.append(f"from {100 * sam['start_fraction']:g}%")
   label = f"{sam.get('variant', 'sam').upper()}({', '.join(extras)})"
   return label if name == "sgd" else f"{base}+{label}"
+
 
 
 def load_run(run_dir: str) -> dict[str, Any]:

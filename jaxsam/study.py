@@ -47,6 +47,9 @@ ARMS = {
   "late20": Arm(SAM, overrides=(("sam.start_fraction", 0.8),)),
   "aesam": Arm(SAM, overrides=(("sam.variant", "aesam"),)),
   "msam": Arm(SAM, overrides=(("sam.variant", "msam"), ("sam.rho", 0.3))),
+  # SGD with batch norm over groups of 16, as SAM at m = 16 has: the control that separates SAM's
+  # per-group ascent from its smaller batch-norm batch.
+  "sgd_bn16": Arm(SGD, overrides=(("model.ghost_batch_size", 16),)),
 }
 DEFAULT_ARMS = ("sgd", "sgd2x", "sam")
 # The model axis (`--model`): the network, its arms and what it changes in the size's overrides.

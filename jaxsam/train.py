@@ -510,7 +510,7 @@ def _restore(config, checkpointer, state, fresh):
 def sam_m_text(config, group_size: int) -> str:
   """The start-up line's m: the ascent group size, and a warning when sam.m = 0 left it to the
   device count (the same config is then a different algorithm on 1 and 8 devices)."""
-  if not group_size:
+  if not group_size or not config.sam.rho:
     return "n/a (msam)" if config.sam.rho else "n/a (rho=0)"
   if config.sam.m:
     return str(group_size)
@@ -539,7 +539,8 @@ def _summary(loop: _Loop, train_fit: dict) -> dict:
     "wall_time_s": loop.wall_time(),
     "num_devices": int(setup.mesh.devices.size),
     "num_processes": jax.process_count(),
-    "sam_m": setup.step_config.sam_group_size,  # examples per ascent group (0: no ascent)
+    # examples per ascent group (0: no ascent; a ghost-batch-norm group alone is not an ascent)
+    "sam_m": setup.step_config.sam_group_size if config.sam.rho else 0,
     "sam_m_config": config.sam.m,  # sam.m as set: 0 = the per-device batch
     "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
     "train_examples": setup.data.num_train,

@@ -265,3 +265,27 @@ def test_sam_m_must_divide_the_per_device_batch():
   with pytest.raises(errors.ConfigError, match="sam.m=3 must be 0"):
     steps.sam_group_size(3, per_device_batch=4)
   assert steps.sam_group_size(0, per_device_batch=4) == 4
+
+
+def test_ghost_batch_norm_on_one_device_equals_sgd_on_8_devices_with_their_own_bn():
+  """model.ghost_batch_size = 4 (SGD, no ascent) normalises per group of 4, as 8 devices with 4
+  examples each do, and differs from batch norm over the whole batch."""
+  batches = [make_batch(seed=s) for s in range(2)]
+  config = make_config()
+  config.model.ghost_batch_size = 4
+  group = optim.step_sam_settings(config, per_device_batch=32, steps_per_epoch=10)
+  assert group["sam_group_size"] == 4
+  ghost, _, _ = run_steps(config, MESH_1(), TinyBNNet(), batches, group=4)
+  on_8, _, _ = run_steps(make_config(), MESH_8(), TinyBNNet(), batches)
+  whole, _, _ = run_steps(make_config(), MESH_1(), TinyBNNet(), batches)
+  assert_trees_close(ghost.params, on_8.params)
+  assert not np.allclose(ghost.params["Dense_0"]["kernel"], whole.params["Dense_0"]["kernel"])
+
+
+def test_ghost_batch_size_must_match_sams_group():
+  config = make_config(rho=0.05, m=8)
+  config.model.ghost_batch_size = 8
+  assert optim.step_sam_settings(config, 32, steps_per_epoch=10)["sam_group_size"] == 8
+  config.model.ghost_batch_size = 4
+  with pytest.raises(errors.ConfigError, match=r"model.ghost_batch_size=4 .* accepted: 0 or 8"):
+    optim.step_sam_settings(config, 32, steps_per_epoch=10)
