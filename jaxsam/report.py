@@ -85,7 +85,6 @@ def optimizer_label(config: dict) -> str:
   return label if name == "sgd" else f"{base}+{label}"
 
 
-
 def load_run(run_dir: str) -> dict[str, Any]:
   """A run's config, metrics, best/final test accuracy and (if analysed) λ_max."""
   run = workdir_lib.read_run(run_dir)
