@@ -1,11 +1,9 @@
 """Fine-tuning the SAM-trained ViT-B/16 on CIFAR-100 at 224 px with SAM.
 
-  # once: timm's SAM ViT-B/16 (ImageNet-1k, SAM; originally ViT-B_16.npz of
-  # google-research/vision_transformer's sam/ folder), read without torch:
-  huggingface-cli download timm/vit_base_patch16_224.sam_in1k model.safetensors --local-dir w
-  python launch.py --config=configs/vit_b16_sam_finetune.py \
-      --config.model.pretrained=w/model.safetensors
-  # or the original file: --config.model.pretrained=ViT-B_16.npz
+  python launch.py --config=configs/vit_b16_sam_finetune.py
+  # fetches timm's SAM ViT-B/16 by name (ImageNet-1k, SAM; originally ViT-B_16.npz of
+  # google-research/vision_transformer's sam/ folder), read without torch; or a local file:
+  #   --config.model.pretrained=ViT-B_16.npz
 
 CIFAR-100 (tfds, in memory) upscaled to 224 px (14 x 14 patches, the weights' own grid, so the
 position embeddings load unchanged; at 384 px they are resampled bilinearly to 24 x 24). The
@@ -44,7 +42,7 @@ def get_config():
   config.model.name = "vit_b16"
   config.model.image_size = 224
   config.model.pool = "token"
-  config.model.pretrained = "weights/vit_base_patch16_224.sam_in1k.safetensors"
+  config.model.pretrained = "timm/vit_base_patch16_224.sam_in1k"  # a registered name
   config.model.dropout_rate = 0.0
   config.model.drop_connect_rate = 0.0
 

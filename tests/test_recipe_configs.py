@@ -197,6 +197,7 @@ STUDY_CONFIGS = {  # the study configs and the registered weights each names
   "sam_aa": "torchvision/resnet50",
   "effnet_b0_sam_ra": "keras/efficientnetb0",
   "finetune_flowers102_sam": "torchvision/resnet50",
+  "vit_b16_sam_finetune": "timm/vit_base_patch16_224.sam_in1k",
 }
 
 
@@ -209,7 +210,8 @@ def test_study_configs_name_registered_weights_that_fit_their_model(name):
   entry = weights.registered(config.model.pretrained)
   weights.check_fits(entry, config.model)  # no manual step: the name fetches the right file
   # `auto` normalisation comes from the registry, without a weight file or the network.
-  assert weights.input_normalization(config.model) == "imagenet"
+  want = "inception" if config.model.name.startswith("vit") else "imagenet"
+  assert weights.input_normalization(config.model) == want
 
 
 SAM_RECIPES = [

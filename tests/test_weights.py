@@ -306,9 +306,9 @@ BUILTIN = sorted(n for n, e in weights.REGISTRY.items() if e.source.split("/")[0
 def test_every_registry_entry_is_well_formed_and_its_layout_builds(name):
   entry = weights.REGISTRY[name]
   assert weights.problems(entry) == []
-  assert entry.url.startswith("https://") and entry.source
+  assert (entry.url.startswith("https://") or entry.repo) and entry.source
   kind, _, value = entry.hash.partition(":")
-  assert len(value) == weights.HASH_KINDS[kind]
+  assert (entry.repo and not entry.hash) or len(value) == weights.HASH_KINDS[kind]
   if kind == "sha256-prefix":  # torchvision's file names carry the prefix they are checked by
     assert entry.file_name.endswith(f"-{value}.pth")
   module = models.create_model(entry.model_config(), 1000)
@@ -578,3 +578,74 @@ def test_hub_ids_read_a_timm_safetensors_file_without_torch(monkeypatch, tmp_pat
   weights.register(weights.Weights(name="test/hub_bad", hash=f"sha256:{'0' * 64}", **row))
   with pytest.raises(PretrainedError, match="does not match its sha256"):
     weights.resolve("test/hub_bad", model_config())
+
+
+def test_timm_vit_names_are_timms_own_configs():
+  """Each registered timm ViT is a pretrained config of the installed timm: its hub repo, mean = std
+  = 0.5 (what `auto` picks), 1000 classes, and the patch, width and depth of its jaxsam model."""
+  import timm  # pylint: disable=import-outside-toplevel
+
+  from jaxsam.models import vit  # pylint: disable=import-outside-toplevel
+
+  names = [n for n in BUILTIN if n.startswith("timm/")]
+  assert {"timm/vit_base_patch16_224.sam_in1k", "timm/vit_base_patch32_224.sam_in1k"} <= set(names)
+  for name in names:
+    entry = weights.REGISTRY[name]
+    cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm/"))
+    assert cfg.hf_hub_id == entry.repo and cfg.num_classes == 1000
+    assert cfg.mean == cfg.std == (0.5, 0.5, 0.5) and entry.normalization == "inception"
+    with torch.device("meta"):
+      ref = timm.create_model(cfg.architecture, pretrained=False)
+    size = vit.SIZES[entry.model]
+    assert (ref.patch_embed.patch_size[0], ref.embed_dim, len(ref.blocks)) == (
+      size.patch,
+      size.width,
+      size.depth,
+    ), name
+
+
+def test_an_unpinned_hub_name_resolves_at_main_and_records_the_commit(monkeypatch, tmp_path):
+  """A registered hub file without a published hash or commit: read from the hub's main branch,
+  converted once per commit, and the commit named in the source a run records."""
+  import timm  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(3)
+  ref = timm.models.vision_transformer.VisionTransformer(
+    img_size=16, patch_size=4, num_classes=10, embed_dim=96, depth=4, num_heads=3
+  )
+  save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "m.st"))
+  commit = "89abcdef0123456789abcdef0123456789abcdef"
+  hub_cache(tmp_path / "hub", "jaxsam-tests/vit_tiny", commit, (tmp_path / "m.st").read_bytes())
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("JAXSAM_CACHE", str(tmp_path / "cache"))
+  weights.register(
+    weights.Weights(
+      name="test/hub_vit_unpinned",
+      model="vit_tiny",
+      layout="vit",
+      origin="timm",
+      hash="",
+      repo="jaxsam-tests/vit_tiny",
+      filename="model.safetensors",
+      source="tests/test_weights.py",
+    )
+  )
+  config = model_config("vit_tiny", "test/hub_vit_unpinned")
+  assert weights.input_normalization(config) == "inception"  # from the registry, no download
+  resolved = weights.resolve("test/hub_vit_unpinned", config)
+  assert resolved.source == f"hf:jaxsam-tests/vit_tiny@{commit}/model.safetensors"
+  assert resolved.normalization == "inception" and commit in resolved.file
+  module = models.create_model(config, 10)
+  zeros = jax.tree.map(
+    lambda s: np.zeros(s.shape, s.dtype),
+    jax.eval_shape(
+      lambda: module.init({"params": jax.random.key(0)}, np.zeros((1, 16, 16, 3)), train=False)
+    ),
+  )
+  loaded = pretrained.load_pretrained(resolved.file, config, zeros)
+  pos = loaded["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+  np.testing.assert_array_equal(np.asarray(pos), ref.state_dict()["pos_embed"].numpy())
+  with pytest.raises(PretrainedError, match="holds vit_tiny weights"):
+    weights.resolve("test/hub_vit_unpinned", model_config("vit_ti4", "test/hub_vit_unpinned"))

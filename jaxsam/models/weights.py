@@ -42,12 +42,14 @@ RETRIES = 2  # pooch retries a dropped connection or a bad checksum this many ti
 class Weights:
   """One registered weight file: where it comes from, how to check it, what it fits.
 
-  Either `url` (fetched with pooch) or `repo` + `filename` + `revision` (the Hugging Face hub).
-  `hash` is 'KIND:HEX' with KIND one of HASH_KINDS: a full sha256; 'sha256-prefix', the first 8
-  hex digits of the sha256 that torchvision's file names carry (checked as torch.hub does); or
-  Keras' md5 (`WEIGHTS_HASHES`). `model` is the jaxsam `model.name` the file fits, `layout` its
-  tensor layout ('keras' for a ResNet means `model.resnet_v1=True`), `origin` who trained it
-  (`pretrained.ORIGINS`), which fixes the input normalisation.
+  Either `url` (fetched with pooch) or `repo` + `filename` + `revision` (the Hugging Face hub). A
+  hub file whose upstream publishes neither a hash nor a commit (timm's ViTs) is registered
+  unpinned, `revision` and `hash` both '': it resolves at the hub's main branch and the run records
+  the commit it got (weights.json). `hash` is 'KIND:HEX' with KIND one of HASH_KINDS: a full sha256;
+  'sha256-prefix', the first 8 hex digits of the sha256 that torchvision's file names carry (checked
+  as torch.hub does); or Keras' md5 (`WEIGHTS_HASHES`). `model` is the jaxsam `model.name` the file
+  fits, `layout` its tensor layout ('keras' for a ResNet means `model.resnet_v1=True`), `origin` who
+  trained it (`pretrained.ORIGINS`), which fixes the input normalisation.
   """
 
   name: str
@@ -161,7 +163,36 @@ def _builtin() -> list[Weights]:
         source=f"keras/src/applications/efficientnet.py WEIGHTS_HASHES['{variant}'][0]",
       )
     )
-  return entries
+  return entries + _timm_vits()
+
+
+# timm 1.x: timm/models/vision_transformer.py default_cfgs (hf_hub_id 'timm/', mean = std = 0.5):
+# the SAM-trained ViTs (google-research/vision_transformer's sam/ViT-B_16.npz, ViT-B_32.npz) and
+# the AugReg ones. The hub repos publish no hash and timm pins no commit: registered unpinned.
+_TIMM_VITS = {
+  "vit_b16": ("vit_base_patch16_224", ("sam_in1k", "augreg_in21k_ft_in1k", "augreg_in1k")),
+  "vit_b32": ("vit_base_patch32_224", ("sam_in1k", "augreg_in21k_ft_in1k", "augreg_in1k")),
+  "vit_s16": ("vit_small_patch16_224", ("augreg_in21k_ft_in1k", "augreg_in1k")),
+  "vit_ti16": ("vit_tiny_patch16_224", ("augreg_in21k_ft_in1k",)),
+  "vit_l16": ("vit_large_patch16_224", ("augreg_in21k_ft_in1k",)),
+}
+
+
+def _timm_vits() -> list[Weights]:
+  return [
+    Weights(
+      name=f"timm/{arch}.{tag}",
+      model=model,
+      layout="vit",
+      origin="timm",
+      hash="",
+      repo=f"timm/{arch}.{tag}",
+      filename="model.safetensors",
+      source=f"timm/models/vision_transformer.py default_cfgs['{arch}.{tag}']",
+    )
+    for model, (arch, tags) in _TIMM_VITS.items()
+    for tag in tags
+  ]
 
 
 REGISTRY: dict[str, Weights] = {}
@@ -178,10 +209,14 @@ def problems(entry: Weights) -> list[str]:
     out.append("needs exactly one of url or repo")
   if entry.url and urllib.parse.urlparse(entry.url).scheme not in ("http", "https"):
     out.append(f"url {entry.url!r} is not http(s)")
-  if entry.repo and not (entry.filename and entry.revision):
-    out.append("a hub entry needs filename and revision")
+  if entry.repo and not entry.filename:
+    out.append("a hub entry needs a filename")
+  if entry.repo and bool(entry.revision) != bool(entry.hash):
+    out.append("a hub entry is pinned by revision and hash, or unpinned with neither")
   kind, _, value = entry.hash.partition(":")
-  if kind not in HASH_KINDS or not re.fullmatch(f"[0-9a-f]{{{HASH_KINDS.get(kind, 0)}}}", value):
+  if entry.repo and not entry.hash:
+    pass  # unpinned: huggingface_hub's main branch, the commit recorded per run
+  elif kind not in HASH_KINDS or not re.fullmatch(f"[0-9a-f]{{{HASH_KINDS.get(kind, 0)}}}", value):
     out.append(f"hash {entry.hash!r} is not KIND:HEX with KIND one of {', '.join(HASH_KINDS)}")
   if entry.model not in MODELS:
     out.append(f"model {entry.model!r} is not a jaxsam model")
@@ -343,6 +378,8 @@ def _resolve(spec: str, model_config) -> Resolved:
   entry = registered(spec)
   if entry is not None:
     check_fits(entry, model_config)
+    if entry.repo and not entry.revision:  # unpinned: main, keyed by the commit it resolves to
+      return _hub_resolved(spec, entry.repo, entry.filename, "main", entry.model_config(), "timm")
     if entry.repo:
       file = _hub_file(entry.name, entry.repo, entry.filename, entry.revision, entry.hash)
       local = os.path.join(
@@ -362,12 +399,7 @@ def _resolve(spec: str, model_config) -> Resolved:
     return Resolved(spec, converted, entry.origin, entry.normalization, url)
   if spec.startswith("hf:"):
     repo, revision = hub_spec(spec)
-    file = _hub_file(spec, repo, "model.safetensors", revision or "main", "")
-    commit = os.path.basename(os.path.dirname(file))  # huggingface_hub's snapshots/<commit>/
-    local = os.path.join(cache_dir(), "hf", *repo.split("/"), commit, "model.safetensors")
-    converted = _converted(lambda: file, local, f"commit:{commit}", model_config, "timm")
-    norm = pretrained.origin_normalization("timm", pretrained.model_layout(model_config)[0])
-    return Resolved(spec, converted, "timm", norm, f"hf:{repo}@{commit}/model.safetensors")
+    return _hub_resolved(spec, repo, "model.safetensors", revision or "main", model_config, "timm")
   if is_url(spec):
     url, sha256 = url_entry(spec)
     name = os.path.basename(urllib.parse.urlparse(url).path)
@@ -387,6 +419,16 @@ def _resolve(spec: str, model_config) -> Resolved:
     raise _unknown_name(spec)
   origin = pretrained.weights_origin(spec)
   return Resolved(spec, spec, origin, pretrained.input_normalization(spec, model_config), spec)
+
+
+def _hub_resolved(spec, repo, filename, revision, model_config, origin) -> Resolved:
+  """A hub file at a revision, converted once per commit it resolves to; the source names it."""
+  file = _hub_file(spec, repo, filename, revision, "")
+  commit = os.path.basename(os.path.dirname(file))  # huggingface_hub's snapshots/<commit>/
+  local = os.path.join(cache_dir(), "hf", *repo.split("/"), commit, filename)
+  converted = _converted(lambda: file, local, f"commit:{commit}", model_config, origin)
+  norm = pretrained.origin_normalization(origin, pretrained.model_layout(model_config)[0])
+  return Resolved(spec, converted, origin, norm, f"hf:{repo}@{commit}/{filename}")
 
 
 def mirrored(url: str, environ=None) -> str:
