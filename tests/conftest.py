@@ -4,8 +4,6 @@ import os
 import sys
 import tempfile
 
-import pytest
-
 # Must run before any jax import touches the backend; tests that need 1 device build a 1-device
 # mesh.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -28,11 +26,3 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when
 # TensorFlow was imported first; no CPU test uses triton, so make its import fail cleanly.
 sys.modules.setdefault("triton", None)
-
-
-@pytest.fixture(scope="module")
-def photos():
-  """Three real photos at pil_reference's 40 x 48 for the PIL parity tests: uint8 [3, H, W, 3]."""
-  import pil_reference  # pylint: disable=import-outside-toplevel  (PIL, skimage, sklearn)
-
-  return pil_reference.photos()
