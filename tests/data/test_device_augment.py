@@ -119,7 +119,8 @@ def test_single_image_with_a_scalar_argument(cifar_like):
 
 @pytest.mark.parametrize("name", sorted(augment_spec.KINDS))
 def test_op_matches_pil(name, photos):
-  """tests/data/test_augment.py's PIL parity, run on the jnp ops (jitted, one argument per example)."""
+  """tests/data/test_augment.py's PIL parity, run on the jnp ops (jitted, one argument per
+  example)."""
   images, batch_args, expected = pil_reference.op_cases(name, photos)
   ours = np.asarray(jax.jit(device_augment.OPS[name])(images, batch_args))
   for i, arg in enumerate(batch_args):
