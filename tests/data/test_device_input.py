@@ -19,6 +19,7 @@ from jaxsam import config_schema, parallel
 from jaxsam.data import datasource, device_input
 from jaxsam.errors import ConfigError
 from support.paths import ROOT
+from support.runs import failure
 
 
 def _config(pipeline: str, **augment):
@@ -193,7 +194,7 @@ def test_launch_trains_the_same_losses_with_either_pipeline(tmp_path):
   for name in ("tf", "device"):
     workdir = str(tmp_path / name)
     result = _launch(workdir, "--config.max_steps=3", f"--config.dataset.pipeline={name}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, failure(result)
     assert f"jaxsam: input pipeline {'device' if name == 'device' else 'tf.data'}" in (
       result.stdout
     )
@@ -208,7 +209,7 @@ def test_launch_trains_on_digits_with_tensorflow_tfds_and_wandb_blocked(tmp_path
   # summarises, with the losses of the tf.data run (test_launch_trains_the_same_losses...).
   blocked, plain = str(tmp_path / "blocked"), str(tmp_path / "plain")
   result = _launch(blocked, "--config.max_steps=3", blocked=True)
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   assert "input pipeline device (dataset.pipeline=auto: TensorFlow is not importable)" in (
     result.stdout
   )
@@ -218,7 +219,7 @@ def test_launch_trains_on_digits_with_tensorflow_tfds_and_wandb_blocked(tmp_path
   assert _losses(blocked) == _losses(plain)
   # Evaluation, the report and the analysis of that run, all with the three blocked.
   evaluated = _launch(blocked, "--config.max_steps=3", "--mode=eval", blocked=True)
-  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert evaluated.returncode == 0, failure(evaluated)
   assert os.path.exists(os.path.join(blocked, "eval.json"))
   for module, args in (
     ("jaxsam.report", [blocked]),
@@ -288,7 +289,7 @@ print('writer:', writers.create_wandb_writer(config.wandb, {str(tmp_path)!r}, {{
   done = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
   )
-  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.returncode == 0, failure(done)
   assert "streaming: dataset 'set' streams from its files, which needs TensorFlow" in done.stdout
   assert "writer: None" in done.stdout
   assert "warning: wandb is not installed: wandb.mode=online runs as disabled" in done.stderr
@@ -301,9 +302,9 @@ def test_resume_on_the_other_pipeline_continues_the_same_stream(tmp_path):
   split = str(tmp_path / "split")
   # Checkpoint at step 2 (max_steps ends the run with a save), then resume on the device.
   first = _launch(split, "--config.max_steps=2", "--config.dataset.pipeline=tf")
-  assert first.returncode == 0, first.stderr[-2000:]
+  assert first.returncode == 0, failure(first)
   second = _launch(split, "--config.max_steps=4", "--config.dataset.pipeline=device")
-  assert second.returncode == 0, second.stderr[-2000:]
+  assert second.returncode == 0, failure(second)
   assert "resuming at step 2" in second.stdout
   assert _losses(split) == _losses(whole)
 
@@ -350,7 +351,7 @@ np.save({str(out)!r}, parallel.fetch(batch['image']))
   done = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
   )
-  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.returncode == 0, failure(done)
   assert "input pipeline device (dataset.pipeline=auto: TensorFlow is not importable)" in (
     done.stdout
   )
@@ -382,5 +383,5 @@ print(device_input.tensorflow_importable(), 'tensorflow' in sys.modules)
     check=False,
     env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
   )
-  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.returncode == 0, failure(done)
   assert done.stdout.split() == ["False", "False"]

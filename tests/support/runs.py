@@ -40,3 +40,12 @@ def load_state(checkpoint: str) -> dict:
 
 def without_time(records: list[dict]) -> list[dict]:
   return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
+
+
+def failure(done) -> str:
+  """What a failed subprocess said: the start of its stderr (a fatal error's first lines, above a
+  crash's module list) and its end."""
+  err = done.stderr or ""
+  if len(err) <= 4000:
+    return f"rc {done.returncode}\n{err}"
+  return f"rc {done.returncode}\n{err[:2000]}\n[...]\n{err[-2000:]}"
