@@ -206,15 +206,14 @@ def _finish(base, g_final, state, params, extra_args, **diagnostics):
   return updates, new_state
 
 
-def _one_pass(clean_norm, rho, active, policy_state) -> dict:
+def _one_pass(clean_norm, rho, active, policy_state, nan) -> dict:
   """The diagnostics of a step with no perturbed pass (rho = 0, or a one-gradient variant)."""
-  f32 = jnp.float32
   return {
     "rho": rho,
     "clean_grad_norm": clean_norm,
     "sam_grad_norm": clean_norm,
-    "cosine": jnp.ones((), f32),
-    "perturbed_loss": jnp.full((), jnp.nan, f32),
+    "cosine": jnp.ones((), jnp.float32),
+    "perturbed_loss": nan,
     "active": active,
     "policy_state": policy_state,
   }
@@ -378,6 +377,7 @@ def sam(
   )
   base = optax.with_extra_args_support(base)
   static_zero = not callable(rho) and rho == 0  # resolved at trace time: the base step alone
+  nan = jnp.full((), jnp.nan, jnp.float32)  # the diagnostics of a pass not taken
   ascent_pass = functools.partial(
     _ascent_pass,
     policy=policy,
@@ -398,20 +398,20 @@ def sam(
     finish = functools.partial(_finish, base, state=state, params=params, extra_args=extra)
     if static_zero:  # plain one-pass step: the base on the averaged clean gradient
       zero = jnp.zeros((), jnp.float32)
-      return finish(g_clean, **_one_pass(clean_norm, zero, zero, state.policy_state))
+      return finish(g_clean, **_one_pass(clean_norm, zero, zero, state.policy_state, nan))
     opt_step = schedule.opt_step(state.count)
     rho_t = jnp.asarray(rho(opt_step) if callable(rho) else rho, jnp.float32)
     if not policy.two_pass:  # the caller took `grads` at its point (msam_point): no second pass
       on = True if schedule.always else schedule(opt_step)
       active = jnp.ones((), jnp.float32) if on is True else on.astype(jnp.float32)
-      return finish(g_clean, **_one_pass(clean_norm, rho_t * active, active, state.policy_state))
+      diagnostics = _one_pass(clean_norm, rho_t * active, active, state.policy_state, nan)
+      return finish(g_clean, **diagnostics)
     if grad_fn is None:
       raise TypeError("sam.update needs grad_fn=params -> (loss, grads) when rho is not a static 0")
     if ascent is not None and schedule.host_decides:  # the caller's host-side choice
       take, policy_state = bool(ascent), state.policy_state
     else:
       take, policy_state = schedule.decide(opt_step, clean_norm, state.policy_state)
-    nan = jnp.full((), jnp.nan, jnp.float32)
     sam_side = lambda ps: ascent_pass(grads, g_clean, clean_norm, params, rho_t, grad_fn, ps)
     base_side = lambda ps: (policy.between(g_clean, ps, eps), nan, nan, nan, ps)
     if isinstance(take, bool):
