@@ -57,8 +57,9 @@ class Policy:
       `descent(g, g_sam, state)` -> (the gradient the base optimizer gets, new state);
     * a base step (the schedule skips the ascent): `between(g, state)` is the gradient.
   Which steps are SAM steps is the `schedule` (an AscentSchedule); a policy adds an adaptive rule
-  through `adaptive`. A one-pass policy (`two_pass = False`) has no perturbed pass: the caller
-  takes its one gradient at a point of its own (MSAM's `msam_point`).
+  through `adaptive`, and then its state is that rule's statistics (the schedule updates them).
+  A one-pass policy (`two_pass = False`) has no perturbed pass: the caller takes its one gradient
+  at a point of its own (MSAM's `msam_point`).
   """
 
   name: ClassVar[str] = ""  # set by register_policy
