@@ -132,7 +132,7 @@ def _pools():
 def _variants():
   from jaxsam import sam
 
-  return sam.VARIANTS
+  return tuple(sam.POLICIES)  # the registered variants, built-in or added
 
 
 def _optimizers():

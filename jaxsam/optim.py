@@ -5,7 +5,6 @@ added to the gradient before momentum, clipping (when on) acts on the averaged l
 AdamW follows torch.optim.AdamW with decay only on kernels (`decay_mask`), as timm and big_vision.
 """
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -94,7 +93,7 @@ def make_rho(
   config: ml_collections.ConfigDict, lr: optax.Schedule, steps_per_epoch: int
 ) -> float | optax.Schedule:
   """SAM's radius: constant, or (GSAM) following the lr schedule from rho down to sam.rho_min."""
-  if config.sam.variant != "gsam" or not config.sam.rho:
+  if not sam_lib.policy_class(config.sam.variant).rho_follows_lr or not config.sam.rho:
     return float(config.sam.rho)
   total_steps = max(1, int(config.num_epochs * steps_per_epoch))
   lr_values = [float(lr(s)) for s in range(0, total_steps + 1, max(1, total_steps // 1000))]
@@ -131,13 +130,37 @@ def accum_steps(config: ml_collections.ConfigDict, per_device_batch: int) -> int
   return n
 
 
-def _check_msam(config: ml_collections.ConfigDict) -> None:
-  opt = config.optimizer
-  if config.sam.variant == "msam" and config.sam.rho and (opt.name != "sgd" or not opt.momentum):
+def _check_momentum(config: ml_collections.ConfigDict) -> None:
+  opt, variant = config.optimizer, config.sam.variant
+  needs = sam_lib.policy_class(variant).needs_momentum
+  if needs and config.sam.rho and (opt.name != "sgd" or not opt.momentum):
     raise errors.ConfigError(
-      f"sam.variant='msam' perturbs along SGD's momentum buffer; got optimizer.name="
+      f"sam.variant={variant!r} perturbs along SGD's momentum buffer; got optimizer.name="
       f"{opt.name!r} momentum={opt.momentum!r}; use optimizer.name='sgd' with momentum > 0"
     )
+
+
+def sam_options(config: ml_collections.ConfigDict) -> dict:
+  """The variants' own options from sam.* (each variant takes its own; the others stay at their
+  defaults, which sam() checks)."""
+  s = config.sam
+  return {
+    "eta": s.eta,
+    "alpha": s.alpha,
+    "reuse_weight": s.reuse_weight,
+    "adaptive_decay": s.adaptive_decay,
+    "adaptive_c": (s.adaptive_c_start, s.adaptive_c_end),
+  }
+
+
+def _schedule_args(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
+  """The count-based schedule's settings: sam.every, sam.start_fraction, the run's length."""
+  return {
+    "every": config.sam.every,
+    "start_step": sam_start_step(config, steps_per_epoch),
+    "total_steps": schedule_steps(config, steps_per_epoch),
+    "accum_steps": config.accum_steps,
+  }
 
 
 def make_optimizer(
@@ -157,39 +180,41 @@ def make_optimizer(
   if n > 1:
     base = optax.MultiSteps(base, every_k_schedule=n).gradient_transformation()
   s = config.sam
-  _check_msam(config)
+  _check_momentum(config)
   tx = sam_lib.sam(
     base,
     make_rho(config, lr, steps_per_epoch),
     variant=s.variant,
-    eta=s.eta,
-    alpha=s.alpha,
     eps=s.eps,
     sync=s.sync,
     axis_name=axis_name,
     ascent_weight_decay=config.optimizer.weight_decay if s.ascent_weight_decay else 0.0,
-    every=s.every,
-    start_step=sam_start_step(config, steps_per_epoch),
-    reuse_weight=s.reuse_weight,
-    adaptive_decay=s.adaptive_decay,
-    adaptive_c=(s.adaptive_c_start, s.adaptive_c_end),
-    total_steps=schedule_steps(config, steps_per_epoch),
-    accum_steps=n,
+    **_schedule_args(config, steps_per_epoch),
+    **sam_options(config),
   )
   return tx, lr
 
 
+def ascent_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> sam_lib.AscentSchedule:
+  """The config's AscentSchedule: which optimizer steps take SAM's ascent (the one rule; the
+  transform built by make_optimizer uses the same)."""
+  policy = sam_lib.make_policy(config.sam.variant, **sam_options(config))
+  return policy.schedule(**_schedule_args(config, steps_per_epoch))
+
+
 def host_ascent_schedule(
   config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> Callable[[int], bool] | None:
-  """step -> whether it is a SAM step, for the count-based schedules (sam.every, start_fraction,
-  LookSAM); None when every step is the same program (SGD, plain SAM, MSAM) or the choice is made
-  on the device (AE-SAM)."""
-  s = config.sam
-  start = sam_start_step(config, steps_per_epoch)
-  if not s.rho or s.variant in ("aesam", "msam") or (s.every == 1 and start == 0):
+) -> sam_lib.AscentSchedule | None:
+  """The AscentSchedule (step -> whether it is a SAM step) where the loop picks the SAM or the base
+  program on the host: the count-based schedules (sam.every, start_fraction, LookSAM). None where
+  every step is the same program (SGD, plain SAM, a one-gradient variant such as MSAM) or the
+  choice is made on the device (an adaptive rule: AE-SAM)."""
+  if not config.sam.rho or not sam_lib.policy_class(config.sam.variant).two_pass:
     return None
-  return functools.partial(sam_lib.takes_ascent, every=s.every, start_step=start)
+  schedule = ascent_schedule(config, steps_per_epoch)
+  return schedule if schedule.host_decides else None
 
 
 def _group_size(config: ml_collections.ConfigDict, micro: int, *, ascent: bool) -> int:
@@ -210,7 +235,8 @@ def _group_size(config: ml_collections.ConfigDict, micro: int, *, ascent: bool) 
 def step_sam_settings(
   config: ml_collections.ConfigDict, per_device_batch: int, steps_per_epoch: int
 ) -> dict:
-  """The SAM fields of steps.StepConfig: ascent group size, micro-batches and MSAM's point.
+  """The SAM fields of steps.StepConfig: ascent group size, micro-batches and, for a one-gradient
+  variant (MSAM), where its gradient is taken.
 
   The group size (sam.m, default the micro-batch) is checked against the per-device micro-batch,
   since each micro-batch is split into groups the way a batch is without accumulation.
@@ -218,7 +244,7 @@ def step_sam_settings(
   n = accum_steps(config, per_device_batch)
   micro = per_device_batch // n
   rho = config.sam.rho
-  msam = config.sam.variant == "msam" and bool(rho)
+  msam = not sam_lib.policy_class(config.sam.variant).two_pass and bool(rho)
   return {
     "sam_group_size": _group_size(config, micro, ascent=bool(rho) and not msam),
     "accum_steps": n,

@@ -4,13 +4,15 @@ Pure: no config, no flax, no devices beyond an optional collective axis name. Th
 (perturbed) gradient comes in through the `grad_fn` extra argument, so the clean pass, the ascent,
 the perturbed pass and the base optimizer all live in one jit-compiled train step.
 
-Cheaper variants share the same transform: SAM every k-th step (`every`), SAM only after a start
-step (late phase), LookSAM's reuse of the stored SAM direction, AE-SAM's adaptive switching, and
-Momentum-SAM's one-gradient step (`variant="msam"`, with the caller taking its gradient at
-`msam_point`). A step that skips the ascent does not compute it: the choice is a `lax.cond` whose
-predicate is the same on every device and ascent group (see `update_fn`).
+The variants are policies registered by name (`jaxsam.sam_policies`: how each perturbs, which
+gradient it descends, what it carries); which steps take the ascent is one `AscentSchedule`
+(`jaxsam.sam_schedule`: every k-th step, from a start step on, AE-SAM's adaptive rule). MSAM is a
+one-gradient policy whose gradient the caller takes at `msam_point`. A step that skips the ascent
+does not compute it: the choice is a `lax.cond` whose predicate is the same on every device and
+ascent group, or a host-side choice between two programs (`ascent=`).
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,8 +22,25 @@ import jax.numpy as jnp
 import optax
 
 from jaxsam.errors import ConfigError
+from jaxsam.sam_policies import (  # noqa: F401 (re-exported: the variants' public names)
+  POLICIES,
+  LookSAMState,
+  Policy,
+  check_nonneg,
+  global_norm,
+  gsam_orthogonal_correction,
+  is_real,
+  looksam_direction,
+  looksam_reuse,
+  make_policy,
+  policy_class,
+  register_policy,
+  tree_vdot,
+)
+from jaxsam.sam_schedule import AdaptiveRule, AdaptiveState, AscentSchedule  # noqa: F401
 
 GradFn = Callable[[optax.Params], tuple[jax.Array, optax.Updates]]
+VARIANTS = tuple(POLICIES)  # the built-in variants, in registration order
 
 
 class SAMState(NamedTuple):
@@ -56,33 +75,6 @@ class SAMState(NamedTuple):
   policy_state: Any
 
 
-class LookSAMState(NamedTuple):
-  """LookSAM's memory: the part of the last SAM gradient orthogonal to its clean gradient (fp32)."""
-
-  direction: Any
-
-
-class AdaptiveState(NamedTuple):
-  """AE-SAM's running statistics of the squared clean-gradient norm (fp32 scalars)."""
-
-  mean: jax.Array
-  var: jax.Array
-
-
-def global_norm(tree: Any) -> jax.Array:
-  """Global L2 norm of every leaf of `tree` together, accumulated in fp32 (bf16 sums lose bits)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
-def tree_vdot(a: Any, b: Any) -> jax.Array:
-  """Inner product of two trees of the same structure, in fp32."""
-  parts = jax.tree.leaves(
-    jax.tree.map(lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b)
-  )
-  return sum(parts)
-
-
 def _as_device_local(tree: Any, axis_name: str | tuple[str, ...]) -> Any:
   """Marks every leaf as varying over the mesh axes among `axis_name` (shard_map's check_vma types).
 
@@ -104,122 +96,6 @@ def _as_device_local(tree: Any, axis_name: str | tuple[str, ...]) -> Any:
   return jax.tree.map(one, tree)
 
 
-def _default_asam_mask(params: Any) -> Any:
-  """Kernels (ndim > 1) are rescaled by ASAM; biases and BN scale/bias keep T = 1."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def _sam_ascent(grads, params, rho, *, eps, eta, mask):
-  """SAM (Foret et al. 2021): eps = rho * g / ||g||."""
-  del params, eta, mask
-  scale = rho / (global_norm(grads) + eps)
-  return jax.tree.map(lambda g: g.astype(jnp.float32) * scale, grads)
-
-
-def _asam_ascent(grads, params, rho, *, eps, eta, mask):
-  """ASAM, published form (Kwon et al. 2021): eps = rho * T^2 g / ||T g||, T = |w| + eta on mask."""
-
-  def t_of(p, m):
-    t = jnp.abs(p.astype(jnp.float32)) + eta
-    if isinstance(m, bool):  # static mask (the default): no select in the graph
-      return t if m else jnp.ones_like(t)
-    return jnp.where(m, t, 1.0)
-
-  t_w = jax.tree.map(t_of, params, mask)
-  t_g = jax.tree.map(lambda t, g: t * g.astype(jnp.float32), t_w, grads)
-  scale = rho / (global_norm(t_g) + eps)
-  return jax.tree.map(lambda t, tg: t * tg * scale, t_w, t_g)
-
-
-# Registry of ascent rules; GSAM ascends as SAM and differs only in the descent gradient. LookSAM
-# and AE-SAM ascend as SAM and differ in when (and, for LookSAM, what) they descend; MSAM has no
-# ascent pass (its perturbation comes from the momentum buffer, see msam_point).
-_ASCENTS = {
-  "sam": _sam_ascent,
-  "asam": _asam_ascent,
-  "gsam": _sam_ascent,
-  "looksam": _sam_ascent,
-  "aesam": _sam_ascent,
-}
-VARIANTS = (*_ASCENTS, "msam")
-# LookSAM's reuse weight alpha (Liu et al. 2022 use 0.7); AE-SAM's EMA decay and the threshold
-# multiplier c_t, linear in the step from C_START to C_END (Jiang et al. 2023's CIFAR setting).
-LOOKSAM_REUSE_WEIGHT = 0.7
-AESAM_DECAY = 0.9
-AESAM_C_START = -1.0
-AESAM_C_END = 1.0
-
-
-def gsam_orthogonal_correction(g_clean, g_sam, alpha: float, eps: float):
-  """GSAM descent gradient g_sam - alpha * g_perp, g_perp = g_clean minus its projection on g_sam.
-
-  Computed in fp32 and cast back to g_sam's dtypes. Zhuang et al. 2022, Algorithm 1.
-  """
-  coef = tree_vdot(g_clean, g_sam) / (tree_vdot(g_sam, g_sam) + eps)
-
-  def one(gc, gs):
-    gs32 = gs.astype(jnp.float32)
-    g_perp = gc.astype(jnp.float32) - coef * gs32
-    return (gs32 - alpha * g_perp).astype(gs.dtype)
-
-  return jax.tree.map(one, g_clean, g_sam)
-
-
-def takes_ascent(opt_step: int, *, every: int = 1, start_step: int = 0) -> bool:
-  """Whether optimizer step `opt_step` is a SAM step of the count-based schedules (host side).
-
-  >>> [takes_ascent(s, every=3, start_step=2) for s in range(7)]
-  [False, False, True, False, False, True, False]
-  """
-  return opt_step >= start_step and (opt_step - start_step) % every == 0
-
-
-def looksam_direction(g_clean, g_sam, eps: float):
-  """g_v = g_sam minus its projection on g_clean, in fp32: what LookSAM stores on a SAM step."""
-  coef = tree_vdot(g_clean, g_sam) / (tree_vdot(g_clean, g_clean) + eps)
-  return jax.tree.map(
-    lambda gc, gs: gs.astype(jnp.float32) - coef * gc.astype(jnp.float32), g_clean, g_sam
-  )
-
-
-def looksam_reuse(g_clean, direction, weight: float, eps: float):
-  """LookSAM's in-between gradient g + alpha * (||g|| / ||g_v||) * g_v, cast to g's dtypes."""
-  scale = weight * global_norm(g_clean) / (global_norm(direction) + eps)
-  return jax.tree.map(
-    lambda g, v: (g.astype(jnp.float32) + scale * v).astype(g.dtype), g_clean, direction
-  )
-
-
-def adaptive_update(
-  stats: AdaptiveState, sq_norm: jax.Array, c: jax.Array, decay: float
-) -> tuple[AdaptiveState, jax.Array]:
-  """AE-SAM: fold ||g||^2 into the running mean and variance; SAM iff ||g||^2 >= mean + c*std.
-
-  A threshold multiplier c = -inf always takes SAM, +inf never (c * std is not formed when std = 0,
-  so the first steps are not NaN).
-  """
-  mean = decay * stats.mean + (1 - decay) * sq_norm
-  var = decay * stats.var + (1 - decay) * jnp.square(sq_norm - mean)
-  std = jnp.sqrt(var)
-  margin = jnp.where(std > 0, c * jnp.where(std > 0, std, 1.0), jnp.where(jnp.isinf(c), c, 0.0))
-  return AdaptiveState(mean=mean, var=var), sq_norm >= mean + margin
-
-
-def find_momentum(base_state: Any) -> Any:
-  """The momentum buffer (optax's `trace`) inside a base optimizer's state; ValueError if none."""
-  traces = [x.trace for x in jax.tree.leaves(base_state, is_leaf=_is_trace) if _is_trace(x)]
-  if len(traces) != 1:
-    raise ConfigError(
-      f"sam variant='msam' needs a base optimizer with one momentum buffer (SGD "
-      f"with momentum > 0); found {len(traces)}"
-    )
-  return traces[0]
-
-
-def _is_trace(x) -> bool:
-  return isinstance(x, optax.TraceState)
-
-
 def msam_point(
   params: Any,
   state: "SAMState",
@@ -237,11 +113,9 @@ def msam_point(
   compiled step (one fused elementwise pass), so evaluation, checkpoints and resume see the clean
   weights with nothing to undo. Before `start_step` the point is the weights themselves.
   """
-  velocity = find_momentum(state.base_state)
-  scale = rho / (global_norm(velocity) + eps)
-  if start_step:
-    scale = jnp.where(state.count // accum_steps >= start_step, scale, 0.0)
-  return jax.tree.map(lambda p, v: p - (scale * v).astype(p.dtype), params, velocity)
+  schedule = AscentSchedule(start_step=start_step, accum_steps=accum_steps)
+  on = None if schedule.always else schedule(schedule.opt_step(state.count))
+  return POLICIES["msam"]().point(params, state.base_state, rho, eps, on=on)
 
 
 def gsam_rho_schedule(
@@ -260,7 +134,7 @@ def gsam_rho_schedule(
   """
   bounds = {"lr_max": lr_max, "lr_min": lr_min, "rho_max": rho_max, "rho_min": rho_min}
   for name, value in bounds.items():
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
       raise ConfigError(
         f"gsam_rho_schedule {name}={value!r} is invalid; accepted: a finite float >= 0"
       )
@@ -281,63 +155,102 @@ def gsam_rho_schedule(
   return schedule
 
 
-def _is_real(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _check_transform_args(base, rho, *, eps, sync, axis_name, ascent_weight_decay) -> None:
+  """One-line ConfigErrors for the arguments every variant shares."""
+  if not (hasattr(base, "init") and hasattr(base, "update")):
+    raise ConfigError(f"sam base={base!r} is not an optax GradientTransformation")
+  if not callable(rho) and (not is_real(rho) or not math.isfinite(rho) or rho < 0):
+    raise ConfigError(
+      f"sam rho={rho!r} is invalid; accepted: a finite float >= 0 or an optax schedule"
+    )
+  check_nonneg("eps", eps)
+  check_nonneg("ascent_weight_decay", ascent_weight_decay)
+  if not isinstance(sync, bool):
+    raise ConfigError(f"sam sync={sync!r} is invalid; accepted: True or False")
+  names_ok = isinstance(axis_name, str) or (
+    isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
+  )
+  if axis_name is not None and not names_ok:
+    raise ConfigError(
+      f"sam axis_name={axis_name!r} is invalid; accepted: None, an axis name or a tuple of names"
+    )
 
 
-def _check_nonneg(name: str, value) -> None:
-  if not _is_real(value) or not math.isfinite(value) or value < 0:
-    raise ConfigError(f"sam {name}={value!r} is invalid; accepted: a finite float >= 0")
+def _pmean(tree, axis_name):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+def _fresh_state(base_state, policy_state) -> "SAMState":
+  # A fresh array per field: a train state whose leaves share one buffer cannot be donated.
+  zero = lambda: jnp.zeros((), jnp.float32)
+  return SAMState(
+    count=jnp.zeros((), jnp.int32),
+    base_state=base_state,
+    rho=zero(),
+    clean_grad_norm=zero(),
+    sam_grad_norm=zero(),
+    cosine=zero(),
+    perturbed_loss=jnp.full((), jnp.nan, jnp.float32),
+    active=zero(),
+    policy_state=policy_state,
+  )
 
 
-def _check_schedule_args(
-  variant: str,
+def _finish(base, g_final, state, params, extra_args, **diagnostics):
+  """The base optimizer on the final gradient; updates in the params' dtypes, the new state."""
+  updates, base_state = base.update(g_final, state.base_state, params, **extra_args)
+  new_state = SAMState(
+    count=optax.safe_int32_increment(state.count), base_state=base_state, **diagnostics
+  )
+  updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)  # no-op when equal
+  return updates, new_state
+
+
+def _one_pass(clean_norm, rho, active, policy_state, nan) -> dict:
+  """The diagnostics of a step with no perturbed pass (rho = 0, or a one-gradient variant)."""
+  return {
+    "rho": rho,
+    "clean_grad_norm": clean_norm,
+    "sam_grad_norm": clean_norm,
+    "cosine": jnp.ones((), jnp.float32),
+    "perturbed_loss": nan,
+    "active": active,
+    "policy_state": policy_state,
+  }
+
+
+def _ascent_pass(
+  grads,
+  g_clean,
+  clean_norm,
+  params,
+  rho,
+  grad_fn,
+  policy_state,
   *,
-  every,
-  start_step,
-  reuse_weight,
-  adaptive_decay,
-  adaptive_c,
-  total_steps,
-  accum_steps,
-) -> None:
-  """One-line errors for the cheaper-SAM arguments, and for an option the variant would ignore."""
-  for name, value, low in (
-    ("every", every, 1),
-    ("start_step", start_step, 0),
-    ("total_steps", total_steps, 0),
-    ("accum_steps", accum_steps, 1),
-  ):
-    if not _is_int(value) or value < low:
-      raise ConfigError(f"sam {name}={value!r} is invalid; accepted: an integer >= {low}")
-  if every > 1 and variant in ("aesam", "msam"):
-    raise ConfigError(
-      f"sam every={every} is not used by variant={variant!r} (it decides its own "
-      "steps); set every=1, or use variant 'sam'/'looksam'"
-    )
-  if reuse_weight != LOOKSAM_REUSE_WEIGHT:
-    if variant != "looksam":
-      raise ConfigError(
-        f"sam reuse_weight={reuse_weight!r} is only used by variant='looksam' "
-        f"(got {variant!r}); leave it at {LOOKSAM_REUSE_WEIGHT}"
-      )
-    _check_nonneg("reuse_weight", reuse_weight)
-  adaptive_set = adaptive_decay != AESAM_DECAY or tuple(adaptive_c) != (AESAM_C_START, AESAM_C_END)
-  if adaptive_set and variant != "aesam":
-    raise ConfigError(
-      f"sam adaptive_decay/adaptive_c are only used by variant='aesam' (got "
-      f"{variant!r}); leave them at {AESAM_DECAY}/{(AESAM_C_START, AESAM_C_END)}"
-    )
-  if not (_is_real(adaptive_decay) and 0 <= adaptive_decay < 1):
-    raise ConfigError(f"sam adaptive_decay={adaptive_decay!r} is invalid; accepted: 0 <= d < 1")
-  if len(adaptive_c) != 2 or not all(_is_real(c) and not math.isnan(c) for c in adaptive_c):
-    raise ConfigError(
-      f"sam adaptive_c={adaptive_c!r} is invalid; accepted: two floats (-inf and inf allowed)"
-    )
+  policy,
+  eps,
+  sync,
+  axis_name,
+  weight_decay,
+):
+  """SAM's perturbed pass: (descent gradient, its norm, cosine, perturbed loss, policy state)."""
+  # Per-device ascent (m-sharpness) unless sync; replicated params make pmean(g + wd*w) equal
+  # pmean(g) + wd*w, so the averaged clean gradient is reused.
+  g_ascent = g_clean if sync else grads
+  if weight_decay:
+    g_ascent = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), g_ascent, params)
+  e_w = policy.perturb(g_ascent, params, rho, eps)
+  perturbed = jax.tree.map(lambda p, e: p + e.astype(p.dtype), params, e_w)
+  if axis_name is not None:
+    perturbed = _as_device_local(perturbed, axis_name)
+  loss_p, g_p = grad_fn(perturbed)
+  g_sam = _pmean(g_p, axis_name)
+  loss_p = _pmean(jnp.asarray(loss_p, jnp.float32), axis_name)
+  sam_norm = global_norm(g_sam)
+  cosine = tree_vdot(g_clean, g_sam) / (clean_norm * sam_norm + eps)
+  g_final, policy_state = policy.descent(g_clean, g_sam, policy_state, eps)
+  return g_final, sam_norm, cosine, loss_p, policy_state
 
 
 def sam(
@@ -345,20 +258,15 @@ def sam(
   rho: float | optax.Schedule,
   *,
   variant: str = "sam",
-  eta: float = 0.01,
-  alpha: float = 0.0,
   eps: float = 1e-12,
   sync: bool = False,
   axis_name: str | tuple[str, ...] | None = None,
   ascent_weight_decay: float = 0.0,
-  asam_mask: Any = None,
   every: int = 1,
   start_step: int = 0,
-  reuse_weight: float = LOOKSAM_REUSE_WEIGHT,
-  adaptive_decay: float = AESAM_DECAY,
-  adaptive_c: tuple[float, float] = (AESAM_C_START, AESAM_C_END),
   total_steps: int = 0,
   accum_steps: int = 1,
+  **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization wrapping any optax `base` optimizer; one update = one SAM step.
 
@@ -390,8 +298,9 @@ def sam(
       to adaptive_c[1] at total_steps).
     * variant "msam": no ascent pass at all; the caller takes `grads` at `msam_point(...)`, and
       this transform feeds them to `base` (one gradient per step).
-  For the count-based schedules (every, start_step, LookSAM) the caller should pass
-  `ascent=takes_ascent(step, ...)` from the host and compile one step per value: the branch not
+  Which steps ascend is the variant's `AscentSchedule` (jaxsam.sam_schedule), the only place
+  that rule lives. For the count-based schedules (every, start_step, LookSAM) the caller should
+  pass `ascent=schedule(step)` from the host and compile one step per value: the branch not
   taken is then absent from the program. XLA:CPU runs a program with a `lax.cond` around the
   passes several times slower even on the steps that skip them (measured: bench/sam_overhead.py),
   and a host-side choice costs nothing on any backend. Without `ascent` (and always for AE-SAM,
@@ -420,9 +329,8 @@ def sam(
   Args:
     base: the optimizer applied to the SAM gradient (e.g. SGD + momentum + weight decay).
     rho: perturbation radius, a float >= 0 or an optax schedule of the step count.
-    variant: "sam", "asam", "gsam", "looksam", "aesam" or "msam".
-    eta: ASAM's offset in T_w = |w| + eta.
-    alpha: GSAM's weight of the orthogonal ascent term (must be 0 unless variant="gsam").
+    variant: a name in `POLICIES`: "sam", "asam", "gsam", "looksam", "aesam", "msam", or one
+      registered with `register_policy`.
     eps: added to every global norm, so a zero gradient gives a zero perturbation, not NaN.
     sync: average the ascent gradient over `axis_name` (no m-sharpness). No effect without one.
     axis_name: the data-parallel axis when called inside `shard_map`, or a tuple of axes, e.g.
@@ -431,16 +339,15 @@ def sam(
       a single device.
     ascent_weight_decay: adds this times w (every leaf) to the ascent gradient only, i.e. the L2
       term enters the ascent; the descent's weight decay is the base optimizer's business.
-    asam_mask: ASAM only: a pytree of bools like params, or a callable params -> such a tree,
-      marking the leaves that get T_w = |w| + eta (the others get T_w = 1). Default: leaves with
-      ndim > 1 (kernels); biases and BatchNorm scale/bias are excluded.
     every: the ascent on every k-th optimizer step (sam, asam, gsam, looksam); 1 = every step.
     start_step: optimizer steps before this one are base steps (any variant).
-    reuse_weight: LookSAM's alpha, the weight of the stored direction on in-between steps.
-    adaptive_decay: AE-SAM's EMA decay of the gradient-norm statistics.
-    adaptive_c: AE-SAM's threshold multiplier at step 0 and at total_steps (linear between).
     total_steps: optimizer steps of the run (AE-SAM's c_t schedule; unused otherwise).
     accum_steps: updates per optimizer step (gradient accumulation in base).
+    **options: the variant's own options (its policy's fields): eta and asam_mask (ASAM), alpha
+      (GSAM: the weight of the orthogonal term), reuse_weight (LookSAM's alpha, the weight of the
+      stored direction on in-between steps), adaptive_decay and adaptive_c (AE-SAM's EMA decay,
+      and its threshold multiplier at step 0 and at total_steps). Another variant's option must
+      stay at its default (eta excepted: always accepted, and ignored outside ASAM).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update takes `grad_fn` as keyword argument
@@ -461,224 +368,62 @@ def sam(
     (https://arxiv.org/abs/2401.12033).
     `optax.contrib.sam` (the opaque mode with sync_period=2 is this transform's plain SAM).
   """
-  if not (hasattr(base, "init") and hasattr(base, "update")):
-    raise ConfigError(f"sam base={base!r} is not an optax GradientTransformation")
-  if not callable(rho) and (not _is_real(rho) or not math.isfinite(rho) or rho < 0):
-    raise ConfigError(
-      f"sam rho={rho!r} is invalid; accepted: a finite float >= 0 or an optax schedule"
-    )
-  if variant not in VARIANTS:
-    raise ConfigError(f"sam variant={variant!r} is unknown; known: {', '.join(VARIANTS)}")
-  _check_nonneg("eta", eta)
-  _check_nonneg("alpha", alpha)
-  _check_nonneg("eps", eps)
-  _check_nonneg("ascent_weight_decay", ascent_weight_decay)
-  if alpha != 0 and variant != "gsam":
-    raise ConfigError(
-      f"sam alpha={alpha!r} is only used by variant='gsam' (got {variant!r}); set alpha=0"
-    )
-  if asam_mask is not None and variant != "asam":
-    raise ConfigError(
-      f"sam asam_mask is only used by variant='asam' (got {variant!r}); leave it None"
-    )
-  if not isinstance(sync, bool):
-    raise ConfigError(f"sam sync={sync!r} is invalid; accepted: True or False")
-  _check_schedule_args(
-    variant,
-    every=every,
-    start_step=start_step,
-    reuse_weight=reuse_weight,
-    adaptive_decay=adaptive_decay,
-    adaptive_c=adaptive_c,
-    total_steps=total_steps,
-    accum_steps=accum_steps,
+  _check_transform_args(
+    base, rho, eps=eps, sync=sync, axis_name=axis_name, ascent_weight_decay=ascent_weight_decay
   )
-  names_ok = isinstance(axis_name, str) or (
-    isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name)
+  policy = make_policy(variant, **options)
+  schedule = policy.schedule(
+    every=every, start_step=start_step, total_steps=total_steps, accum_steps=accum_steps
   )
-  if axis_name is not None and not names_ok:
-    raise ConfigError(
-      f"sam axis_name={axis_name!r} is invalid; accepted: None, an axis name or a tuple of names"
-    )
-
   base = optax.with_extra_args_support(base)
-  ascent = _ASCENTS.get(variant)
-  static_zero = not callable(rho) and rho == 0
-  # Whether every optimizer step takes the ascent, known at trace time: then there is no cond and
-  # the graph is plain SAM's, bit for bit.
-  always = every == 1 and start_step == 0 and variant not in ("aesam",)
-  c_start, c_end = (float(c) for c in adaptive_c)
-  f32 = jnp.float32
-  nan = jnp.full((), jnp.nan, f32)
-
-  def pmean(tree):
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
-
-  def init_policy(params):
-    if variant == "looksam" and not static_zero:
-      return LookSAMState(direction=jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params))
-    if variant == "aesam" and not static_zero:
-      return AdaptiveState(mean=jnp.zeros((), f32), var=jnp.zeros((), f32))
-    return ()
+  static_zero = not callable(rho) and rho == 0  # resolved at trace time: the base step alone
+  nan = jnp.full((), jnp.nan, jnp.float32)  # the diagnostics of a pass not taken
+  ascent_pass = functools.partial(
+    _ascent_pass,
+    policy=policy,
+    eps=eps,
+    sync=sync,
+    axis_name=axis_name,
+    weight_decay=ascent_weight_decay,
+  )
 
   def init_fn(params):
-    # A fresh array per field: a train state whose leaves share one buffer cannot be donated.
-    zero = lambda: jnp.zeros((), f32)
-    return SAMState(
-      count=jnp.zeros((), jnp.int32),
-      base_state=base.init(params),
-      rho=zero(),
-      clean_grad_norm=zero(),
-      sam_grad_norm=zero(),
-      cosine=zero(),
-      perturbed_loss=jnp.full((), jnp.nan, f32),
-      active=zero(),
-      policy_state=init_policy(params),
-    )
+    return _fresh_state(base.init(params), () if static_zero else policy.init(params))
 
-  def to_param_dtype(updates, params):
-    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)  # no-op when equal
-
-  def finish(g_final, state, params, extra_args, **diagnostics):
-    updates, base_state = base.update(g_final, state.base_state, params, **extra_args)
-    new_state = SAMState(
-      count=optax.safe_int32_increment(state.count), base_state=base_state, **diagnostics
-    )
-    return to_param_dtype(updates, params), new_state
-
-  def take_ascent(opt_step, clean_norm, policy_state):
-    """(take the ascent?, new policy state): a Python True when every step does, else a bool[]."""
-    if always:
-      return True, policy_state
-    take = opt_step >= start_step
-    if every > 1:
-      take = take & ((opt_step - start_step) % every == 0)
-    if variant == "aesam":
-      frac = jnp.clip(opt_step.astype(f32) / max(total_steps, 1), 0.0, 1.0)
-      c = (
-        jnp.where(frac >= 1, c_end, c_start + (c_end - c_start) * frac)
-        if c_end != c_start
-        else jnp.asarray(c_start, f32)
-      )
-      policy_state, adaptive_take = adaptive_update(
-        policy_state, jnp.square(clean_norm), c, adaptive_decay
-      )
-      take = take & adaptive_take
-    return take, policy_state
-
-  def ascent_pass(grads, g_clean, clean_norm, params, rho_t, grad_fn, policy_state):
-    """SAM's perturbed pass: (descent gradient, its norm, cosine, perturbed loss, policy state)."""
-    # Per-device ascent (m-sharpness) unless sync; replicated params make pmean(g + wd*w) equal
-    # pmean(g) + wd*w, so the averaged clean gradient is reused.
-    g_ascent = g_clean if sync else grads
-    if ascent_weight_decay:
-      wd = ascent_weight_decay
-      g_ascent = jax.tree.map(lambda g, p: g + wd * p.astype(g.dtype), g_ascent, params)
-    mask = None
-    if variant == "asam":
-      mask = asam_mask(params) if callable(asam_mask) else asam_mask
-      mask = _default_asam_mask(params) if mask is None else mask
-    e_w = ascent(g_ascent, params, rho_t, eps=eps, eta=eta, mask=mask)
-    perturbed = jax.tree.map(lambda p, e: p + e.astype(p.dtype), params, e_w)
-    if axis_name is not None:
-      perturbed = _as_device_local(perturbed, axis_name)
-
-    loss_p, g_p = grad_fn(perturbed)
-    g_sam = pmean(g_p)
-    loss_p = pmean(jnp.asarray(loss_p, f32))
-    sam_norm = global_norm(g_sam)
-    cosine = tree_vdot(g_clean, g_sam) / (clean_norm * sam_norm + eps)
-
-    g_final = g_sam
-    if variant == "gsam" and alpha:
-      # Decompose with the averaged gradients, even under per-device ascent: g_perp must be
-      # orthogonal to the gradient actually descended (the averaged g_sam) for GSAM's alpha-term to
-      # lower the clean loss without raising the surrogate; averaging per-device orthogonal parts
-      # (big_vision's order) gives a vector that is not. With sync it also equals the
-      # single-device full-batch step. g_clean is averaged for the diagnostics anyway.
-      g_final = gsam_orthogonal_correction(g_clean, g_sam, alpha, eps)
-    if variant == "looksam":
-      policy_state = LookSAMState(direction=looksam_direction(g_clean, g_sam, eps))
-    return g_final, sam_norm, cosine, loss_p, policy_state
-
-  def skip_pass(g_clean, policy_state):
-    """A step without the ascent: the clean gradient (LookSAM: plus the stored direction)."""
-    g_final = g_clean
-    if variant == "looksam":
-      g_final = looksam_reuse(g_clean, policy_state.direction, reuse_weight, eps)
-    return g_final, nan, nan, nan, policy_state
-
-  def update_fn(
-    grads,
-    state,
-    params=None,
-    *,
-    grad_fn: GradFn | None = None,
-    ascent: bool | None = None,
-    **extra_args,
-  ):
+  def update_fn(grads, state, params=None, *, grad_fn: GradFn | None = None, ascent=None, **extra):
     if params is None:
       raise TypeError("sam.update needs params (the weights to perturb)")
-    g_clean = pmean(grads)
+    g_clean = _pmean(grads, axis_name)
     clean_norm = global_norm(g_clean)
-    zero, one = jnp.zeros((), f32), jnp.ones((), f32)
-
-    if static_zero:
-      # Plain one-pass step: the base on the averaged clean gradient, nothing else in the graph.
-      return finish(
-        g_clean,
-        state,
-        params,
-        extra_args,
-        rho=zero,
-        clean_grad_norm=clean_norm,
-        sam_grad_norm=clean_norm,
-        cosine=one,
-        perturbed_loss=nan,
-        active=zero,
-        policy_state=state.policy_state,
-      )
-
-    opt_step = state.count // accum_steps
-    rho_t = jnp.asarray(rho(opt_step) if callable(rho) else rho, f32)
-    if variant == "msam":
-      # The caller took `grads` at msam_point: one gradient, no second pass.
-      active = one if not start_step else (opt_step >= start_step).astype(f32)
-      return finish(
-        g_clean,
-        state,
-        params,
-        extra_args,
-        rho=rho_t * active,
-        clean_grad_norm=clean_norm,
-        sam_grad_norm=clean_norm,
-        cosine=one,
-        perturbed_loss=nan,
-        active=active,
-        policy_state=state.policy_state,
-      )
+    finish = functools.partial(_finish, base, state=state, params=params, extra_args=extra)
+    if static_zero:  # plain one-pass step: the base on the averaged clean gradient
+      zero = jnp.zeros((), jnp.float32)
+      return finish(g_clean, **_one_pass(clean_norm, zero, zero, state.policy_state, nan))
+    opt_step = schedule.opt_step(state.count)
+    rho_t = jnp.asarray(rho(opt_step) if callable(rho) else rho, jnp.float32)
+    if not policy.two_pass:  # the caller took `grads` at its point (msam_point): no second pass
+      on = True if schedule.always else schedule(opt_step)
+      active = jnp.ones((), jnp.float32) if on is True else on.astype(jnp.float32)
+      diagnostics = _one_pass(clean_norm, rho_t * active, active, state.policy_state, nan)
+      return finish(g_clean, **diagnostics)
     if grad_fn is None:
       raise TypeError("sam.update needs grad_fn=params -> (loss, grads) when rho is not a static 0")
-
-    if ascent is not None and not always and variant != "aesam":
-      take, policy_state = bool(ascent), state.policy_state  # the caller's host-side schedule
+    if ascent is not None and schedule.host_decides:  # the caller's host-side choice
+      take, policy_state = bool(ascent), state.policy_state
     else:
-      take, policy_state = take_ascent(opt_step, clean_norm, state.policy_state)
+      take, policy_state = schedule.decide(opt_step, clean_norm, state.policy_state)
     sam_side = lambda ps: ascent_pass(grads, g_clean, clean_norm, params, rho_t, grad_fn, ps)
-    if take is True:
-      g_final, sam_norm, cosine, loss_p, policy_state = sam_side(policy_state)
-    elif take is False:
-      g_final, sam_norm, cosine, loss_p, policy_state = skip_pass(g_clean, policy_state)
+    base_side = lambda ps: (policy.between(g_clean, ps, eps), nan, nan, nan, ps)
+    if isinstance(take, bool):
+      out = (sam_side if take else base_side)(policy_state)
     else:
-      g_final, sam_norm, cosine, loss_p, policy_state = jax.lax.cond(
-        take, sam_side, lambda ps: skip_pass(g_clean, ps), policy_state
-      )
-    active = jnp.asarray(float(take), f32) if isinstance(take, bool) else take.astype(f32)
+      out = jax.lax.cond(take, sam_side, base_side, policy_state)
+    g_final, sam_norm, cosine, loss_p, policy_state = out
+    active = (
+      jnp.asarray(float(take), jnp.float32) if isinstance(take, bool) else take.astype(jnp.float32)
+    )
     return finish(
       g_final,
-      state,
-      params,
-      extra_args,
       rho=rho_t,
       clean_grad_norm=clean_norm,
       sam_grad_norm=sam_norm,

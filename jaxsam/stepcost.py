@@ -93,8 +93,9 @@ def build_step(
 
 
 def ascent_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int = 1000):
-  """step -> whether the loop runs the SAM program there (sam.every, start_fraction, LookSAM), or
-  None where every step is one program; the loop picks between two compiled steps on the host."""
+  """The AscentSchedule (step -> whether the loop runs the SAM program there: sam.every,
+  start_fraction, LookSAM), or None where every step is one program; the loop picks between two
+  compiled steps on the host (optim.host_ascent_schedule, as train does)."""
   return optim.host_ascent_schedule(config, steps_per_epoch)
 
 

@@ -282,8 +282,9 @@ def compile_train_step(mesh: Mesh, **kwargs):
 
 def compile_scheduled_train_step(mesh: Mesh, schedule: Callable[[int], bool] | None, **kwargs):
   """A train step `(state, batch, step)` that runs, for step `step`, the compiled SAM step or the
-  compiled base step as the host-side `schedule` says (one program each, compiled on first use,
-  neither with a branch); with no schedule, the one step of `compile_train_step`."""
+  compiled base step as the host-side `schedule` says (an AscentSchedule, see
+  optim.host_ascent_schedule: one program each, compiled on first use, neither with a branch);
+  with no schedule, the one step of `compile_train_step`."""
   if schedule is None:
     single = compile_train_step(mesh, **kwargs)
     return lambda state, batch, step: single(state, batch)
