@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from configs import common
 from jaxsam import errors, parallel, steps, train
+from jaxsam import state as state_lib
 from jaxsam.data import datasource, pipeline, rows, sources
 
 
@@ -123,7 +124,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
     name="fixed", train=make_split(), test=test, num_classes=7, mean=(0.0,) * 3, std=(1.0,) * 3
   )
   mesh = parallel.make_mesh(jax.devices()[:8])
-  cfg = steps.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+  cfg = state_lib.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
   model = FixedLogits()
   setup = train.Setup(
     data=datasource.InMemory(data),
@@ -137,7 +138,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   eval_step = steps.compile_eval_step(mesh, model=model, cfg=cfg)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)), train=False)
   state = parallel.replicate(
-    steps.TrainState(
+    state_lib.TrainState(
       step=jnp.zeros((), jnp.int32),
       params=variables["params"],
       batch_stats={},

@@ -9,6 +9,7 @@ import pytest
 
 from configs import common
 from jaxsam import errors, optim, parallel, steps
+from jaxsam import state as state_lib
 
 NUM_CLASSES = 5
 
@@ -56,7 +57,7 @@ def make_batch(n=32, size=8, seed=0):
 
 
 def step_cfg(size=8, group=0, dtype=jnp.float32):
-  return steps.StepConfig(
+  return state_lib.StepConfig(
     image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=dtype, sam_group_size=group
   )
 
@@ -65,7 +66,7 @@ def init_state(model, tx, size=8):
   variables = model.init(
     {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 3)), train=False
   )
-  return steps.TrainState(
+  return state_lib.TrainState(
     step=jnp.zeros((), jnp.int32),
     params=variables["params"],
     batch_stats=variables.get("batch_stats", {}),
@@ -249,7 +250,7 @@ def test_preprocess_upscales_like_torch_bilinear_resize():
   """On-device upscaling equals torch's bilinear interpolate (what torchvision's Resize does)."""
   torch = pytest.importorskip("torch")
   images = make_batch(n=2, size=8)["image"]
-  cfg = steps.StepConfig(image_size=20, mean=(0.0,) * 3, std=(1.0,) * 3)
+  cfg = state_lib.StepConfig(image_size=20, mean=(0.0,) * 3, std=(1.0,) * 3)
   ours = np.asarray(steps.preprocess(jnp.asarray(images), cfg))
   t = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
   ref = torch.nn.functional.interpolate(t, size=(20, 20), mode="bilinear", align_corners=False)
