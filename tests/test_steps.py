@@ -63,16 +63,7 @@ def step_cfg(size=8, group=0, dtype=jnp.float32):
 
 
 def init_state(model, tx, size=8):
-  variables = model.init(
-    {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 3)), train=False
-  )
-  return state_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=variables["params"],
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(variables["params"]),
-    rng=jax.random.PRNGKey(1),
-  )
+  return state_lib.create_train_state(model, tx, step_cfg(size))
 
 
 def run_steps(config, mesh, model, batches, group=0, cfg=None):
