@@ -58,7 +58,8 @@ def create_train_state(
   model, tx, cfg: StepConfig, *, seed: int = 0, weights_file: str | None = None, model_ref=None
 ) -> TrainState:
   """A fresh train state on the host: `model` initialised from `seed`, or its variables replaced
-  by a local pretrained `weights_file` (laid out as `model_ref`, e.g. `config.model`, says).
+  by a local pretrained `weights_file`, laid out as `model_ref` says (`config.model`, a registered
+  name, or None: the module itself).
 
   The seed is split into (init, dropout, step) keys in that order; a resumed run depends on it.
   """
@@ -68,7 +69,8 @@ def create_train_state(
     init_rng, dropout_rng
   )
   if weights_file:
-    variables = pretrained_lib.load_pretrained(weights_file, model_ref, variables)
+    layout = model if model_ref is None else model_ref
+    variables = pretrained_lib.load_pretrained(weights_file, layout, variables)
   params = variables["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),

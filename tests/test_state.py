@@ -54,3 +54,24 @@ def test_create_train_state_is_a_function_of_the_seed():
   # The step key is the third of the seed's split: the keys a resumed run re-derives.
   np.testing.assert_array_equal(a.rng, jax.random.split(jax.random.PRNGKey(3), 3)[2])
   assert not np.array_equal(a.params["conv1"]["kernel"], c.params["conv1"]["kernel"])
+
+
+def test_create_train_state_loads_a_weight_file_over_the_fresh_init(tmp_path):
+  from jaxsam.models import pretrained  # pylint: disable=import-outside-toplevel
+
+  model_config = _model_config()
+  model = models.create_model(model_config, num_classes=3)
+  cfg = state_lib.StepConfig(image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+  tx = optax.sgd(0.1, momentum=0.9)
+  donor = state_lib.create_train_state(model, tx, cfg, seed=7)
+  path = str(tmp_path / "donor.safetensors")
+  pretrained.save_variables(
+    path, {"params": donor.params, "batch_stats": donor.batch_stats}, model_config
+  )
+  loaded = state_lib.create_train_state(
+    model, tx, cfg, seed=0, weights_file=path, model_ref=model_config
+  )
+  for x, y in zip(jax.tree.leaves(donor.params), jax.tree.leaves(loaded.params), strict=True):
+    np.testing.assert_array_equal(x, y)
+  # The step key is still the run's own seed's, not the donor's.
+  np.testing.assert_array_equal(loaded.rng, jax.random.split(jax.random.PRNGKey(0), 3)[2])
