@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxsam import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
@@ -53,11 +55,6 @@ _PROFILE_STEPS = flags.DEFINE_string(
 )
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad flag is one line and exit code 2 (absl's default prints usage, 1)."""
   try:
@@ -67,7 +64,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     # TypeError/ValueError: all are the user's flags, none deserves a traceback.
     message = " ".join(re.sub(r"[\\'\"]+", "", str(e).replace("\\n", " ")).split())
     kind = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad flag"
-    _fail(f"{kind}: {message or type(e).__name__}")
+    cli.fail(f"{kind}: {message or type(e).__name__}")
 
 
 def default_workdir(config_path: str) -> str:
@@ -76,16 +73,17 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", f"{name}-{stamp}")
 
 
+@cli.entry
 def main(argv: list[str]) -> None:
   # orbax logs every save step at INFO; jaxsam's own per-epoch lines are the run's log.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
+    cli.fail(f"unexpected arguments {argv[1:]}; flags look like --config.KEY=VALUE")
   if _CONFIG.value is None and _MODE.value == "train":
-    _fail("--config is required, e.g. --config=configs/quickstart.py")
+    cli.fail("--config is required, e.g. --config=configs/quickstart.py")
   if _MODE.value == "eval" and not _WORKDIR.value:
-    _fail(
+    cli.fail(
       "--mode=eval needs --workdir=DIR (a training run's folder; its config.json is used "
       "unless --config is given)"
     )
@@ -94,15 +92,12 @@ def main(argv: list[str]) -> None:
     flags.FLAGS["config"].config_filename.split(":")[0] if _CONFIG.value is not None else None
   )
   if config_file is not None and not os.path.isfile(config_file):
-    _fail(
+    cli.fail(
       f"--config={config_file} does not exist; give a config file such as configs/quickstart.py"
     )
-  from jaxsam import errors, profiling  # light: neither imports JAX
+  from jaxsam import profiling  # light: imports no JAX
 
-  try:
-    profile_steps = profiling.parse_steps(_PROFILE_STEPS.value)
-  except errors.UserError as e:
-    _fail(str(e))
+  profile_steps = profiling.parse_steps(_PROFILE_STEPS.value)
   # Imported here so that `--help` and flag errors stay fast and never touch JAX or TF.
   if not flags.FLAGS["verbosity"].present:
     from jaxsam import quiet
@@ -115,23 +110,21 @@ def main(argv: list[str]) -> None:
     print(f"warning: {warning}", file=sys.stderr)
   from jaxsam import distributed
 
-  try:  # before anything touches a JAX backend; the environment tells SLURM jobs apart
-    distributed.initialize(
-      distributed.resolve(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, env=os.environ
-      ),
-      timeout_s=_DIST_TIMEOUT.value,
-    )
-  except errors.UserError as e:
-    _fail(str(e))
+  # Before anything touches a JAX backend; the environment tells SLURM jobs apart.
+  distributed.initialize(
+    distributed.resolve(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, env=os.environ
+    ),
+    timeout_s=_DIST_TIMEOUT.value,
+  )
   from jaxsam import parallel, train
 
   if _WORKDIR.value is None and not parallel.is_single_process():
-    _fail("a multi-process run needs --workdir=DIR, one folder that every process can reach")
+    cli.fail("a multi-process run needs --workdir=DIR, one folder that every process can reach")
 
   workdir = _WORKDIR.value or default_workdir(config_file)
   if _MODE.value == "eval" and not os.path.isdir(workdir):
-    _fail(f"--workdir={workdir} is not a folder; give a training run's folder")
+    cli.fail(f"--workdir={workdir} is not a folder; give a training run's folder")
   try:
     if _MODE.value == "train":
       summary = train.train_and_evaluate(
@@ -151,10 +144,8 @@ def main(argv: list[str]) -> None:
       from jaxsam import evaluate
 
       evaluate.evaluate_checkpoint(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value)
-  except errors.UserError as e:
-    _fail(str(e))
   except train.TrainingError as e:
-    _fail(str(e), code=1)
+    cli.fail(str(e), code=1)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,13 @@ activations of only one are alive: temporaries should shrink about n-fold, the s
 """
 
 import argparse
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 
 from configs import common
 from jaxsam import parallel, stepcost
+from jaxsam import state as state_lib
 
 GIB = 2**30
 
@@ -32,7 +29,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--accum", type=int, nargs="+", default=[1, 2, 4])
   parser.add_argument("--rho", type=float, default=0.05)
-  parser.add_argument("--dtype", default="bfloat16", choices=list(stepcost.DTYPES))
+  parser.add_argument("--dtype", default="bfloat16", choices=list(state_lib.DTYPES))
   parser.add_argument("--num-classes", type=int, default=100)
   args = parser.parse_args()
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -56,7 +53,7 @@ def main() -> None:
     config.accum_steps = n
     config.sam.rho = args.rho
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=args.num_classes)
-    state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+    state = state_lib.abstract_state(model, tx, cfg, mesh)
     start = time.perf_counter()
     memory = stepcost.memory(step.lower(state, batch).compile())
     seconds = time.perf_counter() - start

@@ -38,7 +38,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from jaxsam import compile_cache  # imports no JAX: each child imports it itself
 
@@ -149,6 +148,7 @@ def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: lis
   import jax  # pylint: disable=import-outside-toplevel
 
   from jaxsam import errors, parallel, stepcost  # pylint: disable=import-outside-toplevel
+  from jaxsam import state as state_lib  # pylint: disable=import-outside-toplevel
 
   batch_size = args.batch or case.batch
   config, reason = child_config(case, optimizer, batch_size)
@@ -164,7 +164,7 @@ def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: lis
     return {"status": "n/a", "reason": str(e)}
   _, model, tx, cfg = built[ascents[0]]
   batch = stepcost.synthetic_batch(batch_size, case.image_size, case.num_classes, mesh)
-  abstract = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+  abstract = state_lib.abstract_state(model, tx, cfg, mesh)
   hits_before = len(listener_hits)
   start = time.perf_counter()
   compiled = {a: built[a][0].lower(abstract, batch).compile() for a in ascents}
@@ -190,7 +190,7 @@ def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: lis
     "gflop_image": flops / 1e9 / batch_size,
     **{f"{k}_bytes": v for k, v in mem.items()},
   }
-  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  state = parallel.replicate(state_lib.create_train_state(model, tx, cfg), mesh)
   pick = None if schedule is None else (lambda step: compiled[bool(schedule(step))])
   first = compiled[ascents[0]]
   state, _ = stepcost.time_steps(first, state, batch, args.warmup, repeats=1, pick=pick)

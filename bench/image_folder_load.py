@@ -11,11 +11,8 @@ Both are `sources.load_dataset` as training calls it (train-set channel statisti
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common
 from jaxsam.data import sources

@@ -32,7 +32,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # The study's shape on data every machine has: digits (32 px uint8) upscaled to 224 on device.
 STUDY = (
@@ -124,6 +123,7 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
 
   import jaxsam.data  # pylint: disable=import-outside-toplevel
   from jaxsam import parallel, stepcost  # pylint: disable=import-outside-toplevel
+  from jaxsam import state as state_lib  # pylint: disable=import-outside-toplevel
 
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
   data = jaxsam.data.load(config, main=False)
@@ -133,7 +133,7 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
     config.model.image_size = native
   mesh = parallel.make_mesh()  # the loop's mesh: every local device
   step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=num_classes)
-  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  state = parallel.replicate(state_lib.create_train_state(model, tx, cfg), mesh)
   batch = stepcost.synthetic_batch(config.batch_size, native, num_classes, mesh)
   compiled = step.lower(state, batch).compile()
   program = compiled

@@ -24,17 +24,15 @@ Targets on a 2-core CPU: SAM <= 2.05 (two passes), SAM-5 <= 1.25, LookSAM-5 <= 1
 import argparse
 import os
 import statistics
-import sys
 import time
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 
 from configs import common
 from jaxsam import parallel, stepcost
+from jaxsam import state as state_lib
 
 RHO = 0.05
 # name -> the sam.* keys over plain SGD (sam.rho = 0). MSAM's rho is its authors' default.
@@ -77,7 +75,7 @@ def build(config, mesh, batch, block: int, num_classes: int):
       config, mesh, num_classes, steps_per_epoch=block, ascent=ascent
     )
     if host is None:  # both programs take the same state
-      host = jax.device_get(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype))
+      host = jax.device_get(state_lib.create_train_state(model, tx, cfg))
     programs[ascent] = step.lower(fresh_state(host, mesh), batch).compile()
   return programs, schedule, host
 

@@ -16,17 +16,14 @@ jaxsam.train is not imported on purpose: it pulls in TensorFlow (the input pipel
 start-up that a benchmark with synthetic on-device data does not need.
 """
 
-import os
-import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 from absl import app, flags
 
 from configs import common
-from jaxsam import errors, parallel, stepcost
+from jaxsam import cli, errors, parallel, stepcost
+from jaxsam import state as state_lib
 
 _MODEL = flags.DEFINE_string("model", "resnet8", "Model name (jaxsam.models.MODELS).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Resolution the model sees.")
@@ -59,7 +56,7 @@ def make_config(optimizer: str):
 def build(config, mesh, batch):
   """(compiled step, initial state on device) as the train loop builds them from `config`."""
   step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=_NUM_CLASSES.value)
-  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  state = parallel.replicate(state_lib.create_train_state(model, tx, cfg), mesh)
   return step.lower(state, batch).compile(), state
 
 
@@ -83,18 +80,18 @@ def measure(optimizer: str, mesh, batch, peak: float | None) -> dict:
   }
 
 
+@cli.entry
 def main(argv) -> None:
   del argv
   warnings.filterwarnings("ignore", message=".*[Dd]onat.*")  # CPUs may not use donated buffers
   unknown = [o for o in _OPTIMIZERS.value if o not in OPTIMIZER_RHO]
   if unknown:
-    sys.exit(f"error: --optimizers={','.join(unknown)} unknown; known: {', '.join(OPTIMIZER_RHO)}")
+    raise errors.ConfigError(
+      f"--optimizers={','.join(unknown)} unknown; known: {', '.join(OPTIMIZER_RHO)}"
+    )
   devices = jax.local_devices()[: _NUM_DEVICES.value or None]
   mesh = parallel.make_mesh(devices)
-  try:
-    parallel.per_process_batch_size(_BATCH.value, mesh)
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+  parallel.per_process_batch_size(_BATCH.value, mesh)
   kind = devices[0].device_kind
   peak = _PEAK.value or stepcost.peak_tflops(kind, _DTYPE.value)
   size = _IMAGE_SIZE.value  # uint8 at the model's resolution: no resize inside the step

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxsam import quiet
+from jaxsam import cli, quiet
 
 if __name__ == "__main__":  # before TF and JAX load (through the imports below): a quiet start
   quiet.quiet_start()
@@ -43,6 +43,7 @@ from jaxsam import (
   train,
   writers,
 )
+from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import rows, sources
 
@@ -113,7 +114,7 @@ class RestoredRun:
 
   config: ml_collections.ConfigDict
   setup: train.Setup
-  state: steps.TrainState
+  state: state_lib.TrainState
   meta: dict
   checkpoint: str
 
@@ -143,7 +144,9 @@ def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> Resto
   check_checkpoint_config(path, config)
   setup = train.build_setup(config, mesh=mesh, workdir=workdir)
   tx, _ = train.setup_optimizer(config, setup)
-  state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
+  state, meta = ckpt_lib.restore(
+    path, state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
+  )
   return RestoredRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)
 
 
@@ -583,17 +586,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
   return args, settings
 
 
+@cli.entry
 def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry: bad input is one line on stderr and exit code 2."""
+  """Command-line entry: bad input is one line on stderr and exit code 2 (`jaxsam.cli`)."""
   try:
     args, settings = parse_args(sys.argv[1:] if argv is None else argv)
   except SystemExit as e:  # argparse has printed its one line (or --help)
     return e.code
-  try:
-    analyze(args.workdir, settings, checkpoint=args.checkpoint, environ=os.environ)
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  analyze(args.workdir, settings, checkpoint=args.checkpoint, environ=os.environ)
   return 0
 
 

@@ -112,9 +112,9 @@ def pair(low: float, high: float | None) -> Domain:
 
 # Names that live with the code that uses them; imported when checked (some pull in JAX or TF).
 def _dtypes():
-  from jaxsam import stepcost
+  from jaxsam import state
 
-  return stepcost.DTYPES
+  return state.DTYPES
 
 
 def _models():

@@ -15,12 +15,11 @@ point `config.model.pretrained` at it. Every tensor is checked against the
 model's shapes (computed with jax.eval_shape, so nothing is compiled).
 """
 
-import sys
-
 import ml_collections
 from absl import app, flags
 
-from jaxsam.errors import ConfigError, UserError
+from jaxsam import cli
+from jaxsam.errors import ConfigError
 from jaxsam.models import pretrained
 
 _MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. resnet50", required=True)
@@ -56,13 +55,10 @@ def _origin(input_path: str, origin: str) -> str:
   return origin or found
 
 
+@cli.entry
 def main(argv):
   del argv
-  try:
-    count = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, _RESNET_V1.value, _ORIGIN.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  count = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, _RESNET_V1.value, _ORIGIN.value)
   print(f"wrote {count} tensors for {_MODEL.value} to {_OUTPUT.value}")
 
 

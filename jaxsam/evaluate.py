@@ -14,6 +14,7 @@ import ml_collections
 
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, parallel, steps, train, writers
+from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 
 
@@ -48,7 +49,9 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   setup = train.build_setup(config, workdir=workdir)
   tx, _ = train.setup_optimizer(config, setup)
-  state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
+  state, meta = ckpt_lib.restore(
+    path, state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
+  )
   eval_step = steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
   metrics = train.evaluate_test_split(eval_step, state, setup, config.eval_batch_size)
   result = {

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxsam import errors
+from jaxsam import cli, errors
 from jaxsam import workdir as workdir_lib
 
 LINE_FILE = "landscape_1d.png"
@@ -121,6 +121,7 @@ def comparison_figure(analyses: Mapping[str, Mapping[str, Any]], title: str = ""
   return fig
 
 
+@cli.entry
 def main(argv: Sequence[str] | None = None) -> int:
   """`--runs=A,B --labels=a,b --out=PNG`: compare the analysis.json of several runs."""
   p = argparse.ArgumentParser(prog="python -m jaxsam.landscape_plots")
@@ -134,28 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.path.basename(os.path.normpath(r)) for r in runs
   ]
   if len(labels) != len(runs):
-    print(f"error: {len(labels)} labels for {len(runs)} runs", file=sys.stderr)
-    return 2
+    raise errors.ConfigError(f"{len(labels)} labels for {len(runs)} runs")
   analyses = {}
   for label, run in zip(labels, runs):
     path = workdir_lib.analysis_path(run)
-    try:
-      analyses[label] = workdir_lib.read_analysis(run)
-    except errors.UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    analyses[label] = workdir_lib.read_analysis(run)
     if analyses[label] is None:
-      print(
-        f"error: {path} does not exist; run python -m jaxsam.analyze --workdir={run} first",
-        file=sys.stderr,
+      raise errors.DataError(
+        f"{path} does not exist; run python -m jaxsam.analyze --workdir={run} first"
       )
-      return 2
     if "hessian" not in analyses[label] or "landscape" not in analyses[label]:
-      print(
-        f"error: {path} lacks hessian or landscape; analyse with --what=hessian,landscape",
-        file=sys.stderr,
+      raise errors.DataError(
+        f"{path} lacks hessian or landscape; analyse with --what=hessian,landscape"
       )
-      return 2
   _save(comparison_figure(analyses, args.title), args.out)
   print(f"wrote {args.out}")
   return 0

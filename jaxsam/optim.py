@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import optax
 
-from jaxsam import errors, parallel, steps
+from jaxsam import errors, parallel, state, steps
 from jaxsam import sam as sam_lib
 
 
@@ -235,7 +235,7 @@ def _group_size(config: ml_collections.ConfigDict, micro: int, *, ascent: bool) 
 def step_sam_settings(
   config: ml_collections.ConfigDict, per_device_batch: int, steps_per_epoch: int
 ) -> dict:
-  """The SAM fields of steps.StepConfig: ascent group size, micro-batches and, for a one-gradient
+  """The SAM fields of state.StepConfig: ascent group size, micro-batches and, for a one-gradient
   variant (MSAM), where its gradient is taken.
 
   The group size (sam.m, default the micro-batch) is checked against the per-device micro-batch,
@@ -253,7 +253,7 @@ def step_sam_settings(
   }
 
 
-def sam_axis_name(step_config: steps.StepConfig, per_device_batch: int):
+def sam_axis_name(step_config: state.StepConfig, per_device_batch: int):
   """The collective axes SAM averages over: devices, plus the vmapped groups when sam.m splits a
   micro-batch."""
   micro = per_device_batch // step_config.accum_steps

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxsam import errors, plots
+from jaxsam import cli, plots
 from jaxsam import workdir as workdir_lib
 
 AUGMENT_ORDER = ("none", "flip", "crop", "crop-flip", "cutout", "randaugment", "autoaugment")
@@ -312,6 +312,7 @@ def write_report_curves(runs: Sequence[dict], path: str) -> str:
   return plots.write_curves(labelled, path, title="test (dashed) and train (solid)")
 
 
+@cli.entry
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m jaxsam.report", description=__doc__.split("\n")[0]
@@ -321,15 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--output", default="report_curves.png", help="combined curves PNG (default: report_curves.png)"
   )
   args = parser.parse_args(argv)
-  try:
-    runs = [load_run(d) for d in args.run_dirs]
-    if any(len(g) > 1 for g in group_by_setting(runs).values()):
-      print("Test accuracy (%), mean ± std over seeds:\n\n" + seed_table(runs) + "\n")
-    print(markdown(runs))
-    print(f"\ncurves: {write_report_curves(runs, args.output)}")
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  runs = [load_run(d) for d in args.run_dirs]
+  if any(len(g) > 1 for g in group_by_setting(runs).values()):
+    print("Test accuracy (%), mean ± std over seeds:\n\n" + seed_table(runs) + "\n")
+  print(markdown(runs))
+  print(f"\ncurves: {write_report_curves(runs, args.output)}")
   return 0
 
 

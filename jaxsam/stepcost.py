@@ -1,11 +1,11 @@
-"""The compiled train step without data: its state, FLOPs, memory and speed, for benchmarks.
+"""The compiled train step without data: its FLOPs, memory and speed, for benchmarks.
 
 The step is the training loop's own (`optim.make_optimizer` + `steps.compile_train_step` from a
 config), fed a synthetic uint8 batch already on device. Nothing here imports TensorFlow, so the
 benchmarks run on a machine that has only JAX, flax, optax and ml_collections (a bare GPU box).
 
   >>> step, model, tx, cfg = build_step(config, mesh, num_classes=10)
-  >>> state = parallel.replicate(init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  >>> state = parallel.replicate(jaxsam.state.create_train_state(model, tx, cfg), mesh)
   >>> compiled = step.lower(state, batch).compile()
   >>> flops(compiled), memory(compiled)["peak"]
 """
@@ -14,13 +14,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxsam import errors, models, optim, parallel, steps
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from jaxsam import state as state_lib
 
 # Dense (no sparsity) peak TFLOP/s per device from NVIDIA's data sheets: (bf16, tf32).
 # Most specific name first: device_kind is e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe'.
@@ -44,21 +42,15 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def compute_dtype(name: str):
-  if name not in DTYPES:
-    raise errors.ConfigError(f"dtype={name!r} is unknown; known: {', '.join(DTYPES)}")
-  return DTYPES[name]
-
-
 def step_config(
   config: ml_collections.ConfigDict, per_device_batch: int, image_size: int, steps_per_epoch: int
-) -> steps.StepConfig:
+) -> state_lib.StepConfig:
   """The StepConfig the loop derives from `config` (ImageNet normalisation: the same cost)."""
-  return steps.StepConfig(
+  return state_lib.StepConfig(
     image_size=image_size,
     mean=steps.IMAGENET_MEAN,
     std=steps.IMAGENET_STD,
-    dtype=compute_dtype(config.dtype),
+    dtype=state_lib.compute_dtype(config.dtype),
     label_smoothing=config.label_smoothing,
     **optim.step_sam_settings(config, per_device_batch, steps_per_epoch),
   )
@@ -70,7 +62,7 @@ def build_step(
   num_classes: int,
   steps_per_epoch: int = 1000,
   ascent: bool | None = None,
-) -> tuple[Any, Any, Any, steps.StepConfig]:
+) -> tuple[Any, Any, Any, state_lib.StepConfig]:
   """(jitted train step, model, optimizer, StepConfig) as the loop builds them from `config`.
 
   `config.model.image_size` must be set (there is no dataset to take the native size from).
@@ -97,29 +89,6 @@ def ascent_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int = 10
   start_fraction, LookSAM), or None where every step is one program; the loop picks between two
   compiled steps on the host (optim.host_ascent_schedule, as train does)."""
   return optim.host_ascent_schedule(config, steps_per_epoch)
-
-
-def init_state(model, tx, image_size: int, dtype, seed: int = 0) -> steps.TrainState:
-  """A fresh train state on the host (random init; the loop's own adds pretrained weights)."""
-  init_rng, dropout_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-  dummy = jnp.zeros((1, image_size, image_size, 3), dtype)
-  variables = jax.jit(lambda r, d: model.init({"params": r, "dropout": d}, dummy, train=False))(
-    init_rng, dropout_rng
-  )
-  return steps.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=variables["params"],
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(variables["params"]),
-    rng=step_rng,
-  )
-
-
-def abstract_state(model, tx, image_size: int, dtype, mesh) -> steps.TrainState:
-  """`init_state`'s shapes, dtypes and replicated shardings, computed without allocating it."""
-  shapes = jax.eval_shape(lambda: init_state(model, tx, image_size, dtype))
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 def synthetic_batch(

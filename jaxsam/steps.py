@@ -6,12 +6,9 @@ per device: every device (or every group of `sam.m` examples) ascends along its 
 and only the final SAM gradient, the BN running statistics and the metrics are averaged.
 """
 
-import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +19,7 @@ from jaxsam import errors, losses
 from jaxsam import sam as sam_lib
 from jaxsam.data import sources
 from jaxsam.parallel import DATA_AXIS
+from jaxsam.state import StepConfig, TrainState
 
 GROUP_AXIS = "sam_group"
 IMAGENET_MEAN, IMAGENET_STD = sources.IMAGENET_MEAN, sources.IMAGENET_STD
@@ -32,33 +30,6 @@ CAFFE_STD = (1 / 255,) * 3
 # timm's "inception" mean/std (0-1 RGB to [-1, 1]): the ViT weights of timm, AugReg and SAM.
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes; replicated over devices, saved whole in checkpoints."""
-
-  step: jax.Array  # int32 scalar: train steps taken
-  params: Any
-  batch_stats: Any  # BN running statistics (empty for models without BN)
-  opt_state: Any  # SAMState around the base optimizer state
-  rng: jax.Array  # uint32[2] raw key; per-step keys are folded from it and the step
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """The static settings a compiled step closes over (hashable, read once from the config)."""
-
-  image_size: int  # resolution the model sees; uint8 batches arrive at native size
-  mean: tuple[float, float, float]  # per-channel, 0-1 scale, in the model's channel order
-  std: tuple[float, float, float]
-  bgr: bool = False  # feed channels in BGR order (Keras' caffe preprocessing); batches are RGB
-  dtype: Any = jnp.float32  # compute dtype of the input; params stay fp32
-  label_smoothing: float = 0.0
-  sam_group_size: int = 0  # examples per ascent group; 0 = the per-device (micro-)batch
-  accum_steps: int = 1  # micro-batches per optimizer step, run one after the other
-  msam_rho: float = 0.0  # Momentum-SAM: take the one gradient at sam.msam_point with this rho
-  msam_start_step: int = 0  # Momentum-SAM: plain gradients before this optimizer step
 
 
 def sam_group_size(m: int, per_device_batch: int) -> int:

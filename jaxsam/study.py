@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxsam import config_schema, errors, report
+from jaxsam import cli, config_schema, errors, report
 from jaxsam import workdir as workdir_lib
 
 
@@ -241,11 +241,7 @@ def run_config(run: Run, root: str):
 
   spec = importlib.util.spec_from_file_location("study_config", os.path.join(root, run.config_file))
   module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, root)  # the config files import configs.common
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(root)
+  spec.loader.exec_module(module)  # its `from configs import common`: the installed package
   config = module.get_config()
   config.update_from_flattened_dict(dict(run.overrides))
   return config
@@ -348,7 +344,7 @@ def write_report(runs: Sequence[Run], out: str, command: str, wall_s: float | No
   return path
 
 
-def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[str, float]:
+def step_gflops_per_image(size: Size, model: str = "resnet") -> dict[str, float]:
   """XLA's GFLOP per train image of the size's SGD and SAM steps (compiled here, not run), with
   `model`'s network (the optimizer barely changes the FLOPs)."""
   from jaxsam import quiet  # pylint: disable=import-outside-toplevel
@@ -356,9 +352,9 @@ def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[
   quiet.quiet_environment(os.environ)  # XLA's C++ INFO/WARNING logs off, as in launch.py
   import jax  # pylint: disable=import-outside-toplevel
 
-  sys.path.insert(0, root)
   from configs import cifar10_sam, cifar10_sgd  # pylint: disable=import-outside-toplevel
   from jaxsam import parallel, stepcost  # pylint: disable=import-outside-toplevel
+  from jaxsam import state as state_lib  # pylint: disable=import-outside-toplevel
 
   out = {}
   overrides = {
@@ -376,7 +372,7 @@ def step_gflops_per_image(size: Size, root: str, model: str = "resnet") -> dict[
     config.batch_size = batch_size
     config.sam.m = 0  # a recipe's m need not divide this small batch; FLOPs per image are the same
     step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10, steps_per_epoch=100)
-    state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+    state = state_lib.abstract_state(model, tx, cfg, mesh)
     batch = stepcost.synthetic_batch(batch_size, cfg.image_size, 10, mesh)
     out[name] = stepcost.flops(step.lower(state, batch).compile()) / batch_size / 1e9
   return out
@@ -429,6 +425,7 @@ def parse_floats(flag: str, text: str) -> list[float]:
   return values
 
 
+@cli.entry
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m jaxsam.study", description=__doc__.split("\n")[0]
@@ -478,51 +475,47 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument("--mfu", type=float, default=0.25, help="--estimate: assumed MFU")
   args = parser.parse_args(argv)
+  size = SIZES[args.size]
   try:
-    size = SIZES[args.size]
-    try:
-      seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
-    except ValueError as e:
-      raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
-    arms = parse_arms(args.arms or ",".join(MODELS[args.model][0]))
-    arms = with_m(arms, parse_ms(args.m) if args.m else [])
-    noises = parse_floats("--noise", args.noise) if args.noise else list(LABEL_NOISE)
-    root = repo_root()
-    data = os.path.abspath(os.path.expanduser(args.data))
-    if not os.path.exists(data):
-      raise errors.ConfigError(
-        f"--data={args.data} does not exist; give CIFAR-10 as an image "
-        "folder or .tar.gz laid out as <split>/<class>/<image>"
-      )
-    out = os.path.abspath(args.out)
-    runs = plan(size, data, out, seeds, noises=noises, arms=arms, model=args.model)
-    check_configs(runs, root)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(size.seeds)
+  except ValueError as e:
+    raise errors.ConfigError(f"--seeds={args.seeds!r} must be comma-separated integers") from e
+  arms = parse_arms(args.arms or ",".join(MODELS[args.model][0]))
+  arms = with_m(arms, parse_ms(args.m) if args.m else [])
+  noises = parse_floats("--noise", args.noise) if args.noise else list(LABEL_NOISE)
+  root = repo_root()
+  data = os.path.abspath(os.path.expanduser(args.data))
+  if not os.path.exists(data):
+    raise errors.ConfigError(
+      f"--data={args.data} does not exist; give CIFAR-10 as an image "
+      "folder or .tar.gz laid out as <split>/<class>/<image>"
+    )
+  out = os.path.abspath(args.out)
+  runs = plan(size, data, out, seeds, noises=noises, arms=arms, model=args.model)
+  check_configs(runs, root)
+  print(
+    f"jaxsam study --size={args.size} --model={args.model}: {size.why}{model_note(args.model)}; "
+    f"{len(runs)} runs "
+    f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",
+    flush=True,
+  )
+  if args.estimate:
+    gflops = step_gflops_per_image(size, args.model)
+    seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
     print(
-      f"jaxsam study --size={args.size} --model={args.model}: {size.why}{model_note(args.model)}; "
-      f"{len(runs)} runs "
-      f"({len(arms)} arms x {len(noises)} noise levels x seeds {seeds})",
+      f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "
+      f"grid's training compute at {100 * args.mfu:.0f}% MFU of {args.peak_tflops:g} "
+      f"TFLOP/s: {seconds / 60:.1f} min (+ eval, start-up, compiles)",
       flush=True,
     )
-    if args.estimate:
-      gflops = step_gflops_per_image(size, root, args.model)
-      seconds = estimate_seconds(runs, gflops, args.peak_tflops, args.mfu)
-      print(
-        f"XLA GFLOP per train image: SGD {gflops['sgd']:.3f}, SAM {gflops['sam']:.3f}; the "
-        f"grid's training compute at {100 * args.mfu:.0f}% MFU of {args.peak_tflops:g} "
-        f"TFLOP/s: {seconds / 60:.1f} min (+ eval, start-up, compiles)",
-        flush=True,
-      )
-    if args.dry_run or args.estimate:
-      for run in runs:
-        print(" ".join(run.argv))
-      return 0
-    start = time.time()
-    execute(runs, out, root)
-    command = portable_command(sys.argv[1:] if argv is None else argv, root)
-    print(f"report: {write_report(runs, out, command, time.time() - start)}")
-  except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.dry_run or args.estimate:
+    for run in runs:
+      print(" ".join(run.argv))
+    return 0
+  start = time.time()
+  execute(runs, out, root)
+  command = portable_command(sys.argv[1:] if argv is None else argv, root)
+  print(f"report: {write_report(runs, out, command, time.time() - start)}")
   return 0
 
 

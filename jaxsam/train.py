@@ -22,11 +22,10 @@ import tqdm
 import jaxsam.data
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
+from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import pipeline, sources, train_split
 from jaxsam.models import weights as weights_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +34,11 @@ class Setup:
 
   data: Any  # jaxsam.data's DataSource: in memory or streamed
   model: Any  # flax module
-  step_config: steps.StepConfig
+  step_config: state_lib.StepConfig
   num_classes: int
   mesh: Any
   steps_per_epoch: int
   total_steps: int
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-  if config.dtype not in DTYPES:
-    raise errors.ConfigError(f"dtype={config.dtype!r} is unknown; known: {', '.join(DTYPES)}")
-  return DTYPES[config.dtype]
 
 
 NORMALIZATIONS = config_schema.NORMALIZATIONS  # the config table lists the names
@@ -117,10 +110,10 @@ def build_setup(
   image_size = config.model.image_size or native
   per_device = config.batch_size // mesh.devices.size
   spe = data.steps_per_epoch(config.batch_size, jax.process_count())
-  step_config = steps.StepConfig(
+  step_config = state_lib.StepConfig(
     image_size=image_size,
     **normalization(config, data, workdir=workdir, resolved=resolved),
-    dtype=compute_dtype(config),
+    dtype=state_lib.compute_dtype(config.dtype),
     label_smoothing=config.label_smoothing,
     **optim.step_sam_settings(config, per_device, spe),
   )
@@ -139,47 +132,6 @@ def build_setup(
   )
 
 
-def create_train_state(
-  config: ml_collections.ConfigDict, setup: Setup, tx, weights_file: str | None = None
-) -> steps.TrainState:
-  """Fresh (or pretrained) variables and optimizer state on the host.
-
-  `weights_file` is `config.model.pretrained` already resolved to a local file; None resolves it.
-  """
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
-  size = setup.step_config.image_size
-  dummy = jnp.zeros((1, size, size, 3), setup.step_config.dtype)
-  variables = jax.jit(
-    lambda r, d: setup.model.init({"params": r, "dropout": d}, dummy, train=False)
-  )(init_rng, dropout_rng)
-  if config.model.pretrained:
-    if weights_file is None:
-      weights_file = weights_lib.resolve(config.model.pretrained, config.model).file
-    variables = models.pretrained.load_pretrained(weights_file, config.model, variables)
-  params = variables["params"]
-  return steps.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(params),
-    rng=step_rng,
-  )
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, setup: Setup, tx) -> steps.TrainState:
-  """Shapes, dtypes and (replicated) shardings of the train state, computed without allocating it.
-
-  The restore target for evaluation and analysis; pretrained weights are not read (the checkpoint
-  replaces them anyway).
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.pretrained = ""
-  shapes = jax.eval_shape(lambda: create_train_state(config, setup, tx))
-  sharding = parallel.replicated(setup.mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
 def setup_optimizer(config: ml_collections.ConfigDict, setup: Setup):
   """`optim.make_optimizer` with SAM's reduction axis chosen for the setup's mesh and group size."""
   axis = optim.sam_axis_name(setup.step_config, config.batch_size // setup.mesh.devices.size)
@@ -187,7 +139,7 @@ def setup_optimizer(config: ml_collections.ConfigDict, setup: Setup):
 
 
 def evaluate_test_split(
-  eval_step, state: steps.TrainState, setup: Setup, global_batch: int
+  eval_step, state: state_lib.TrainState, setup: Setup, global_batch: int
 ) -> dict:
   """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
   totals = None
@@ -629,7 +581,11 @@ def train_and_evaluate(
     config, size=setup.step_config.image_size, mesh=setup.mesh, main=parallel.is_main_process()
   )
   fresh.setup, fresh.tx = setup, tx
-  state = abstract_train_state(config, setup, tx) if resuming else fresh()
+  state = (
+    state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
+    if resuming
+    else fresh()
+  )
   with hold_workdir(workdir, "a training launch"):
     return _train(
       config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, fresh, profile_steps
@@ -651,7 +607,14 @@ class _FreshState:
     if pretrained and self.resolved is None:
       self.resolved = weights_lib.resolve(pretrained, self.config.model)
     file = self.resolved.file if self.resolved else None
-    state = create_train_state(self.config, self.setup, self.tx, file)
+    state = state_lib.create_train_state(
+      self.setup.model,
+      self.tx,
+      self.setup.step_config,
+      seed=self.config.seed,
+      weights_file=file,
+      model_ref=self.config.model,
+    )
     return parallel.replicate(state, self.setup.mesh)
 
 

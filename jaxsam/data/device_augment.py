@@ -669,9 +669,9 @@ def to_model_input(
 ) -> jax.Array:
   """uint8 [B, H, W, 3] -> normalised `dtype` at `image_size` (bilinear), exactly as the train
   step's own `steps.preprocess` (the one definition) does with the same settings."""
-  from jaxsam import steps  # pylint: disable=import-outside-toplevel  (flax/optax: heavier)
+  from jaxsam import state, steps  # pylint: disable=import-outside-toplevel  (flax/optax: heavier)
 
-  cfg = steps.StepConfig(
+  cfg = state.StepConfig(
     image_size=image_size, mean=tuple(mean), std=tuple(std), bgr=bgr, dtype=dtype
   )
   return steps.preprocess(images, cfg)

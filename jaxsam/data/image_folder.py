@@ -124,36 +124,61 @@ def _file_digest(path: str) -> str:
     return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _tar_tree(path: str) -> Tree:
-  """An uncompressed tar is read at random by its members' offsets (nothing extracted, nothing
-  held); a compressed one cannot be, so its members are read into memory in one pass."""
-  try:
-    with tarfile.open(path, "r:*") as archive:
-      compressed = not isinstance(archive.fileobj, io.BufferedReader)
-      contents, dirs = {}, set()
-      for member in archive:
-        name = check_member(path, member.name)
-        if name == ".":
-          continue
-        if member.isdir():
-          dirs.add(name)
-        elif member.isfile():
-          contents[name] = (
-            archive.extractfile(member).read() if compressed else (member.offset_data, member.size)
-          )
-  except (tarfile.TarError, EOFError, OSError) as e:
-    raise DataError(f"dataset.path {path!r} is not a readable tar archive ({e})") from e
+def _tar_listing(path: str):
+  """A tar's (name, is_dir, ref) members and `read(ref) -> bytes`. An uncompressed tar is read at
+  random by its members' offsets (nothing extracted, nothing held); a compressed one cannot be,
+  so its files are read into memory in the one pass."""
+  archive = tarfile.open(path, "r:*")  # noqa: SIM115 -- closed when members() ends
+  compressed = not isinstance(archive.fileobj, io.BufferedReader)
+
+  def members():
+    with archive:
+      for m in archive:
+        ref = None
+        if m.isfile():
+          ref = archive.extractfile(m).read() if compressed else (m.offset_data, m.size)
+        yield m.name, m.isdir(), ref
+
   if compressed:
-    read = contents.__getitem__
-  else:
-    fd = os.open(path, os.O_RDONLY)
+    return members(), lambda ref: ref
+  fd = os.open(path, os.O_RDONLY)
 
-    def read(name):
-      offset, size = contents[name]
-      return os.pread(fd, size, offset)
+  def read(ref):
+    offset, size = ref
+    return os.pread(fd, size, offset)
 
-    weakref.finalize(read, os.close, fd)  # closed when the tree is dropped
-  return _member_tree(path, list(contents), dirs, read)
+  weakref.finalize(read, os.close, fd)  # closed when the tree is dropped
+  return members(), read
+
+
+def _zip_listing(path: str):
+  """A zip's (name, is_dir, ref) members and `read(ref) -> bytes`: members are read at random
+  from the open archive (its central directory holds their offsets)."""
+  archive = zipfile.ZipFile(path)  # pylint: disable=consider-using-with -- lives with the tree
+  return ((i.filename, i.is_dir(), i) for i in archive.infolist()), archive.read
+
+
+_LISTINGS = {"tar": _tar_listing, "zip": _zip_listing}
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError)
+
+
+def _archive_tree(path: str, fmt: str) -> Tree:
+  """A .tar or .zip (`fmt`) as a Tree: every member name checked (`check_member`), folders and
+  regular files kept, members read at random where the format allows."""
+  try:
+    members, read = _LISTINGS[fmt](path)
+    contents, dirs = {}, set()
+    for raw, is_dir, ref in members:
+      name = check_member(path, raw)
+      if name == ".":
+        continue
+      if is_dir:
+        dirs.add(name)
+      elif ref is not None:  # a tar's links and devices are no images
+        contents[name] = ref
+  except _ARCHIVE_ERRORS as e:
+    raise DataError(f"dataset.path {path!r} is not a readable {fmt} archive ({e})") from e
+  return _member_tree(path, list(contents), dirs, lambda name: read(contents[name]))
 
 
 def _member_tree(path: str, names: list[str], dirs: set[str], read: Callable[[str], bytes]) -> Tree:
@@ -168,24 +193,6 @@ def _member_tree(path: str, names: list[str], dirs: set[str], read: Callable[[st
     ignored=tuple(ignored),
     check=read,
   )
-
-
-def _zip_tree(path: str) -> Tree:
-  # Members are read at random from the open archive (its central directory holds their offsets).
-  try:
-    archive = zipfile.ZipFile(path)  # pylint: disable=consider-using-with -- lives with the tree
-    contents, dirs = {}, set()
-    for info in archive.infolist():
-      name = check_member(path, info.filename)
-      if name == ".":
-        continue
-      if info.is_dir():
-        dirs.add(name)
-      else:
-        contents[name] = info
-  except (zipfile.BadZipFile, OSError) as e:
-    raise DataError(f"dataset.path {path!r} is not a readable zip archive ({e})") from e
-  return _member_tree(path, list(contents), dirs, lambda name: archive.read(contents[name]))
 
 
 def _walk(path: str):
@@ -284,7 +291,8 @@ def fingerprint(path: str) -> str:
 
 def open_tree(path: str) -> Tree:
   """The folder or archive at `path`; DataError when it is neither."""
-  return {"folder": _folder_tree, "zip": _zip_tree, "tar": _tar_tree}[kind(path)](path)
+  fmt = kind(path)
+  return _folder_tree(path) if fmt == "folder" else _archive_tree(path, fmt)
 
 
 def _split_root(tree: Tree, path: str, split: str) -> str:

@@ -391,24 +391,20 @@ def _cifar_member_reader(path: str):
           return layout, read, lambda name, folder=folder: os.path.join(folder, name)
     return None, None, None
   if os.path.isfile(path) and tarfile.is_tarfile(path):
-    # Members are read into memory (the whole split is loaded anyway); nothing is extracted.
-    with tarfile.open(path, "r:*") as archive:
-      members = {m.name.removeprefix("./"): m for m in archive.getmembers() if m.isfile()}
-      for layout in CIFAR_LAYOUTS:
-        prefix = layout + "/"
-        if any(name.startswith(prefix) for name in members):
-          contents = {
-            name.removeprefix(prefix): archive.extractfile(member).read()
-            for name, member in members.items()
-            if name.startswith(prefix)
-          }
+    # The image-folder sources' archive reader: member names checked, nothing extracted.
+    from jaxsam.data import image_folder  # pylint: disable=import-outside-toplevel  (PIL)
 
-          def read(name, contents=contents, layout=layout):
-            if name not in contents:
-              raise FileNotFoundError(f"{layout}/{name}")
-            return contents[name]
+    tree = image_folder.open_tree(path)
+    files = set(tree.files)
+    for layout in CIFAR_LAYOUTS:
+      if any(name.startswith(layout + "/") for name in files):
 
-          return layout, read, lambda name, layout=layout: f"{path}:{layout}/{name}"
+        def read(name, layout=layout):
+          if f"{layout}/{name}" not in files:
+            raise FileNotFoundError(f"{layout}/{name}")
+          return tree.read(f"{layout}/{name}")
+
+        return layout, read, lambda name, layout=layout: f"{path}:{layout}/{name}"
   return None, None, None
 
 

@@ -27,6 +27,7 @@ import urllib.parse
 
 import ml_collections
 
+from jaxsam import cli
 from jaxsam import workdir as workdir_lib
 from jaxsam.errors import PretrainedError
 from jaxsam.models import pretrained
@@ -633,6 +634,7 @@ def read_record(workdir: str) -> dict | None:
 # ---------------------------------------------------------------------------------- command line
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
   """`python -m jaxsam.models.weights [NAME ...]`: fetch registered weights into the cache (to
   copy to a machine without network), or list the registered names."""
@@ -641,15 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     for entry in REGISTRY.values():
       print(f"{entry.name}\t{entry.model}\t{entry.origin}\t{entry.url or _hub_url(entry)}")
     return 0
-  try:
-    for name in names:
-      entry = registered(name)
-      if entry is None:
-        raise _unknown_name(name)
-      print(f"{name}: {resolve(name, entry.model_config()).file}", flush=True)
-  except PretrainedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  for name in names:
+    entry = registered(name)
+    if entry is None:
+      raise _unknown_name(name)
+    print(f"{name}: {resolve(name, entry.model_config()).file}", flush=True)
   return 0
 
 

@@ -9,9 +9,7 @@ import pathlib
 import struct
 import subprocess
 import sys
-import tarfile
 import time
-import zipfile
 import zlib
 
 import numpy as np
@@ -231,7 +229,7 @@ def test_folder_as_users_have_it_lists_images_only_and_counts_the_rest(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
-def test_macos_finder_archive_trains_like_the_folder(tmp_path, kind):
+def test_macos_finder_archive_trains_like_the_folder(tmp_path, kind, write_archive):
   raw = _save(Image.fromarray(RGB), "PNG")
   members = {}
   for split in ("train", "test"):
@@ -240,17 +238,7 @@ def test_macos_finder_archive_trains_like_the_folder(tmp_path, kind):
       members[f"__MACOSX/photos/{split}/{c}/._1.png"] = b"\x00\x05\x16\x07"
       members[f"photos/{split}/{c}/.DS_Store"] = b"junk"
   members["photos/train/cat/notes.txt"] = b"not an image"
-  archive = tmp_path / f"photos.{kind}"
-  if kind == "zip":
-    with zipfile.ZipFile(archive, "w") as z:
-      for name, data in members.items():
-        z.writestr(name, data)
-  else:
-    with tarfile.open(archive, "w:gz") as t:
-      for name, data in members.items():
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        t.addfile(info, io.BytesIO(data))
+  archive = write_archive(tmp_path / f"photos.{kind}", members)
   data = sources.load_dataset(folder_config(archive, tmp_path).dataset)
   assert data.class_names == ("cat", "dog") and data.train.labels.tolist() == [0, 1]
   np.testing.assert_array_equal(data.train.images[0], RGB)

@@ -3,8 +3,6 @@ mixed sizes, and the real CIFAR-10 JPEG archive where it is present."""
 
 import io
 import os
-import tarfile
-import zipfile
 
 import numpy as np
 import pytest
@@ -86,19 +84,10 @@ def test_folder_class_index_is_sorted_names_and_pixels_are_exact(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
-def test_archives_with_a_wrapping_folder_match_the_folder(tmp_path, kind):
+def test_archives_with_a_wrapping_folder_match_the_folder(tmp_path, kind, write_archive):
   layout, _ = png_layout()
   folder = write_folder(tmp_path / "data", layout)
-  archive = tmp_path / f"data.{kind}"
-  if kind == "zip":
-    with zipfile.ZipFile(archive, "w") as z:
-      for root, _, files in os.walk(folder):
-        for f in files:
-          full = os.path.join(root, f)
-          z.write(full, os.path.join("wrapped", os.path.relpath(full, folder)))
-  else:
-    with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as t:
-      t.add(folder, arcname="wrapped")
+  archive = write_archive(tmp_path / f"data.{kind}", folder, "wrapped")
   from_folder = sources.load_dataset(_config(folder, tmp_path))
   from_archive = sources.load_dataset(_config(archive, tmp_path))
   assert from_archive.class_names == from_folder.class_names
@@ -173,15 +162,10 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path):
   assert len(os.listdir(config.cache_dir)) == 3
 
 
-def _bad_tar(tmp_path, member_name):
-  path = tmp_path / "evil.tar"
+def _bad_tar(tmp_path, member_name, write_archive):
   raw = _encode(_images(0, 1)[0], "PNG")
-  with tarfile.open(path, "w") as t:
-    for name in ("train/a/0.png", "test/a/0.png", member_name):
-      info = tarfile.TarInfo(name)
-      info.size = len(raw)
-      t.addfile(info, io.BytesIO(raw))
-  return path
+  names = ("train/a/0.png", "test/a/0.png", member_name)
+  return write_archive(tmp_path / "evil.tar", dict.fromkeys(names, raw))
 
 
 @pytest.mark.parametrize(
@@ -197,7 +181,7 @@ def _bad_tar(tmp_path, member_name):
     "absolute",
   ],
 )
-def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path, case):
+def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path, case, write_archive):
   layout, _ = png_layout()
   path, match = None, None
   if case == "not_archive":
@@ -222,9 +206,12 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path, case):
     layout["train"]["bee"][1] = ("01.png", raw[: len(raw) // 2])
     path, match = write_folder(tmp_path / "d", layout), r"1 bad image.*bee.01\.png \(cannot"
   elif case == "escape":
-    path, match = _bad_tar(tmp_path, "../outside.png"), r"'\.\./outside\.png', which escapes"
+    path, match = (
+      _bad_tar(tmp_path, "../outside.png", write_archive),
+      r"'\.\./outside\.png', which escapes",
+    )
   elif case == "absolute":
-    path, match = _bad_tar(tmp_path, "/etc/x.png"), r"'/etc/x\.png', which escapes"
+    path, match = _bad_tar(tmp_path, "/etc/x.png", write_archive), r"'/etc/x\.png', which escapes"
   config = _config(path, tmp_path)
   with pytest.raises(DataError, match=match) as info:
     sources.load_dataset(config)

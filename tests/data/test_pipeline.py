@@ -4,11 +4,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow as tf
 
 from configs import common
 from jaxsam import errors, parallel, steps, train
+from jaxsam import state as state_lib
 from jaxsam.data import datasource, pipeline, rows, sources
 
 
@@ -123,7 +125,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
     name="fixed", train=make_split(), test=test, num_classes=7, mean=(0.0,) * 3, std=(1.0,) * 3
   )
   mesh = parallel.make_mesh(jax.devices()[:8])
-  cfg = steps.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+  cfg = state_lib.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
   model = FixedLogits()
   setup = train.Setup(
     data=datasource.InMemory(data),
@@ -135,17 +137,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
     total_steps=1,
   )
   eval_step = steps.compile_eval_step(mesh, model=model, cfg=cfg)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)), train=False)
-  state = parallel.replicate(
-    steps.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
-      batch_stats={},
-      opt_state=(),
-      rng=jax.random.PRNGKey(0),
-    ),
-    mesh,
-  )
+  state = parallel.replicate(state_lib.create_train_state(model, optax.identity(), cfg), mesh)
   result = train.evaluate_test_split(eval_step, state, setup, global_batch=16)
   assert result["test/count"] == 50
   assert result["test/accuracy"] == pytest.approx(expected_correct.mean(), abs=1e-7)

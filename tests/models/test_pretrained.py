@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxsam import models, steps, train
+from jaxsam import state as state_lib
 from jaxsam.convert import convert
 from jaxsam.errors import ConfigError, PretrainedError
 from jaxsam.models import pretrained
@@ -345,7 +346,7 @@ def jaxsam_logits(path, name: str, images: np.ndarray, modes=("auto",), **kw) ->
   out = {}
   for mode in modes:
     norm = train.normalization(run_config(name, path, mode, **kw), None)
-    cfg = steps.StepConfig(image_size=images.shape[1], **norm)
+    cfg = state_lib.StepConfig(image_size=images.shape[1], **norm)
     out[mode] = np.asarray(apply(variables, steps.preprocess(jnp.asarray(images), cfg)))
   return out
 
@@ -440,7 +441,9 @@ def test_preprocess_matches_each_librarys_preprocessing():
   ours = lambda mode: np.asarray(
     steps.preprocess(
       jnp.asarray(images),
-      steps.StepConfig(image_size=8, **train.normalization(run_config("resnet50", "", mode), None)),
+      state_lib.StepConfig(
+        image_size=8, **train.normalization(run_config("resnet50", "", mode), None)
+      ),
     )
   )
   caffe = keras.applications.resnet50.preprocess_input(images.astype(np.float32))

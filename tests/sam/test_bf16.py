@@ -13,6 +13,7 @@ import pytest
 
 from configs import quickstart
 from jaxsam import losses, parallel, steps, train
+from jaxsam import state as state_lib
 
 STEPS = 8
 
@@ -30,7 +31,9 @@ def build(dtype: str):
   mesh = parallel.make_mesh(jax.devices()[:2])
   setup = train.build_setup(config, mesh=mesh)
   tx, lr = train.setup_optimizer(config, setup)
-  state = parallel.replicate(train.create_train_state(config, setup, tx), mesh)
+  state = parallel.replicate(
+    state_lib.create_train_state(setup.model, tx, setup.step_config, seed=config.seed), mesh
+  )
   step = steps.compile_train_step(
     mesh, model=setup.model, tx=tx, lr_schedule=lr, cfg=setup.step_config
   )

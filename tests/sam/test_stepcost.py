@@ -6,6 +6,7 @@ import pytest
 
 from configs import common
 from jaxsam import errors, parallel, stepcost
+from jaxsam import state as state_lib
 
 
 def small_config(rho: float, batch: int = 8, size: int = 32):
@@ -24,7 +25,7 @@ def mesh():
 
 def compiled_step(config, mesh):
   step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10)
-  state = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+  state = state_lib.abstract_state(model, tx, cfg, mesh)
   batch = stepcost.synthetic_batch(config.batch_size, cfg.image_size, 10, mesh)
   return step.lower(state, batch).compile(), state
 
@@ -39,8 +40,8 @@ def sgd_sam(mesh):
 def test_abstract_state_matches_the_real_one(mesh):
   config = small_config(0.05)
   _, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10)
-  real = stepcost.init_state(model, tx, cfg.image_size, cfg.dtype)
-  abstract = stepcost.abstract_state(model, tx, cfg.image_size, cfg.dtype, mesh)
+  real = state_lib.create_train_state(model, tx, cfg)
+  abstract = state_lib.abstract_state(model, tx, cfg, mesh)
   assert jax.tree.structure(real) == jax.tree.structure(abstract)
   for r, a in zip(jax.tree.leaves(real), jax.tree.leaves(abstract)):
     assert (r.shape, r.dtype) == (a.shape, a.dtype)
@@ -61,7 +62,7 @@ def test_train_step_donates_the_whole_state(sgd_sam, name):
 def test_donated_input_buffers_are_freed_after_a_step(mesh):
   config = small_config(0.05, size=8)
   step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10)
-  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  state = parallel.replicate(state_lib.create_train_state(model, tx, cfg), mesh)
   batch = stepcost.synthetic_batch(config.batch_size, cfg.image_size, 10, mesh)
   new_state, _ = step(state, batch)
   jax.block_until_ready(new_state)
@@ -86,7 +87,7 @@ def test_flops_of_sam_are_twice_sgd(sgd_sam):
 def test_time_steps_runs_and_returns_the_new_state(mesh):
   config = small_config(0.0, size=8)
   step, model, tx, cfg = stepcost.build_step(config, mesh, num_classes=10)
-  state = parallel.replicate(stepcost.init_state(model, tx, cfg.image_size, cfg.dtype), mesh)
+  state = parallel.replicate(state_lib.create_train_state(model, tx, cfg), mesh)
   batch = stepcost.synthetic_batch(config.batch_size, cfg.image_size, 10, mesh)
   state, seconds = stepcost.time_steps(step, state, batch, num_steps=2, repeats=2)
   assert int(state.step) == 4 and len(seconds) == 2 and all(s > 0 for s in seconds)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from jaxsam import errors, optim, parallel, steps
+from jaxsam import state as state_lib
 from support.tiny_steps import (
   MESH_1,
   MESH_8,
@@ -172,7 +173,7 @@ def test_preprocess_upscales_like_torch_bilinear_resize():
   """On-device upscaling equals torch's bilinear interpolate (what torchvision's Resize does)."""
   torch = pytest.importorskip("torch")
   images = make_batch(n=2, size=8)["image"]
-  cfg = steps.StepConfig(image_size=20, mean=(0.0,) * 3, std=(1.0,) * 3)
+  cfg = state_lib.StepConfig(image_size=20, mean=(0.0,) * 3, std=(1.0,) * 3)
   ours = np.asarray(steps.preprocess(jnp.asarray(images), cfg))
   t = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
   ref = torch.nn.functional.interpolate(t, size=(20, 20), mode="bilinear", align_corners=False)

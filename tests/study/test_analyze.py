@@ -202,11 +202,10 @@ def test_wandb_is_skipped_when_the_run_has_it_disabled(tmp_path):
 # ----------------------------------------------------------------------------- streamed runs
 
 
-def test_analyze_and_report_work_on_a_streamed_image_folder_run(tmp_path, capsys):
+def test_analyze_and_report_work_on_a_streamed_image_folder_run(tmp_path, capsys, write_archive):
   """A tiny run streamed from an image folder (a .tar, read at random), analysed: the subset's
   train loss equals a forward pass over the same examples decoded by PIL in memory, and the
   report reads the analysed run."""
-  import tarfile
 
   from PIL import Image
 
@@ -223,8 +222,7 @@ def test_analyze_and_report_work_on_a_streamed_image_folder_run(tmp_path, capsys
         0, 60, (16, 16, 3), dtype=np.uint8
       )
       Image.fromarray(image).save(folder / f"{i:03d}.png")
-  with tarfile.open(tmp_path / "set.tar", "w") as archive:
-    archive.add(tmp_path / "set", arcname="set")
+  write_archive(tmp_path / "set.tar", tmp_path / "set", "set")
   config = common.get_base_config()
   config.dataset.source, config.dataset.name = "image_folder", "set"
   config.dataset.path, config.dataset.cache_dir = str(tmp_path / "set.tar"), str(tmp_path / "c")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxsam import checkpoint, train
+from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam.models import pretrained
 from support.cifar_files import write_cifar
@@ -98,7 +99,7 @@ def test_study_run_trains_the_converted_backbone(study_run):
   setup = train.build_setup(config)
   np.testing.assert_allclose(setup.step_config.mean, [0.485, 0.456, 0.406], atol=1e-6)
   tx, _ = train.setup_optimizer(config, setup)
-  abstract = train.abstract_train_state(config, setup, tx)
+  abstract = state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
   state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints", "2"), abstract)
   zeros = jax.tree.map(
     lambda s: np.zeros(s.shape, s.dtype),

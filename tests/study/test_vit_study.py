@@ -70,7 +70,7 @@ def test_a_tiny_vit_grid_trains_and_reports(tmp_path):
 def test_estimate_compiles_the_models_network():
   """--estimate's FLOPs are vit_tiny's with --model=vit_tiny: SAM twice AdamW, not the ResNet's."""
   size = study.SIZES["cpu"]
-  vit = study.step_gflops_per_image(size, study.repo_root(), "vit_tiny")
-  resnet = study.step_gflops_per_image(size, study.repo_root())
+  vit = study.step_gflops_per_image(size, "vit_tiny")
+  resnet = study.step_gflops_per_image(size)
   assert vit["sam"] == pytest.approx(2 * vit["sgd"], rel=0.05)
   assert vit["sgd"] != pytest.approx(resnet["sgd"], rel=0.05)

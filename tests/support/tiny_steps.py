@@ -8,6 +8,7 @@ import numpy as np
 
 from configs import common
 from jaxsam import optim, parallel, steps
+from jaxsam import state as state_lib
 
 NUM_CLASSES = 5
 
@@ -55,22 +56,13 @@ def make_batch(n=32, size=8, seed=0):
 
 
 def step_cfg(size=8, group=0, dtype=jnp.float32):
-  return steps.StepConfig(
+  return state_lib.StepConfig(
     image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=dtype, sam_group_size=group
   )
 
 
 def init_state(model, tx, size=8):
-  variables = model.init(
-    {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 3)), train=False
-  )
-  return steps.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=variables["params"],
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(variables["params"]),
-    rng=jax.random.PRNGKey(1),
-  )
+  return state_lib.create_train_state(model, tx, step_cfg(size))
 
 
 def run_steps(config, mesh, model, batches, group=0, cfg=None):
