@@ -124,10 +124,13 @@ class RestoredRun:
 def check_checkpoint_config(checkpoint: str, config: ml_collections.ConfigDict) -> None:
   """A checkpoint inside another run folder must come from a run of the same config."""
   run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-  if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
+  if not os.path.isfile(workdir_lib.RunDir(run_dir).config):
     return  # a bare checkpoint folder: restore() still checks every shape
   diff = workdir_lib.config_diff(
-    workdir_lib.read_config(run_dir).to_dict(), config.to_dict(), workdir_lib.ANALYSIS_MAY_DIFFER
+    workdir_lib.read_config(run_dir).to_dict(),
+    config.to_dict(),
+    workdir_lib.ANALYSIS_MAY_DIFFER,
+    defaults=workdir_lib.default_config(),
   )
   if diff:
     raise errors.CheckpointError(
@@ -461,9 +464,9 @@ def _analyze(workdir, settings, checkpoint, mesh, environ) -> dict[str, Any]:
 
 def write_outputs(workdir: str, result: dict[str, Any]) -> dict[str, str]:
   """analysis.json and the landscape PNGs under `<workdir>/analysis/`; returns {name: png path}."""
-  out_dir = os.path.join(workdir, workdir_lib.ANALYSIS_DIR)
+  out_dir = workdir_lib.RunDir(workdir).analysis_dir
   os.makedirs(out_dir, exist_ok=True)
-  writers.write_json(workdir_lib.analysis_path(workdir), result)
+  writers.write_json(workdir_lib.RunDir(workdir).analysis, result)
   pngs = {}
   if "landscape" in result:
     title = f"{os.path.basename(os.path.normpath(workdir))} step {result['step']}"
@@ -486,7 +489,7 @@ def summary_line(result: dict[str, Any]) -> str:
   if "sharpness" in result:
     s = result["sharpness"]
     parts.append(f"m-sharpness(rho={s['rho']}, m={s['m']}) {s['value']:.4g} +- {s['stderr']:.2g}")
-  return "; ".join(parts) + f" -> {os.path.join(result['workdir'], workdir_lib.ANALYSIS_DIR)}"
+  return "; ".join(parts) + f" -> {workdir_lib.RunDir(result['workdir']).analysis_dir}"
 
 
 def log_to_wandb(
@@ -498,7 +501,9 @@ def log_to_wandb(
   environ: Mapping[str, str],
 ) -> None:
   """Adds the scalars (as `analysis/...` summary values) and PNGs to the run's wandb run."""
-  writer = writers.create_wandb_writer(config.wandb, workdir, config.to_dict(), environ=environ)
+  writer = writers.create_wandb_writer(
+    config.wandb, workdir_lib.RunDir(workdir), config.to_dict(), environ=environ
+  )
   if writer is None:
     return
   import wandb

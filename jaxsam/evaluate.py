@@ -7,7 +7,6 @@ loop logs, with the run's `eval_batch_size`, so they reproduce the logged test m
 checkpoint.
 """
 
-import os
 from typing import Any
 
 import ml_collections
@@ -62,7 +61,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
     "per_class_accuracy": metrics["per_class_accuracy"],
   }
   if parallel.is_main_process():
-    out = os.path.join(workdir, workdir_lib.EVAL_FILE)
+    out = workdir_lib.RunDir(workdir).eval
     writers.write_json(out, result)
     print(
       f"jaxsam eval: {path} (step {result['step']}): loss {result['loss']:.4f}, top-1 "

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   analyses = {}
   for label, run in zip(labels, runs):
-    path = workdir_lib.analysis_path(run)
+    path = workdir_lib.RunDir(run).analysis
     try:
       analyses[label] = workdir_lib.read_analysis(run)
     except errors.UserError as e:

@@ -415,10 +415,10 @@ def _log_train(loop: _Loop, train_seconds: float, input_wait_ms: float) -> None:
 
 
 def _write_curves(workdir: str) -> None:
-  records = writers.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
+  run = workdir_lib.RunDir(workdir)
   plots.write_curves(
-    {"": records},
-    os.path.join(workdir, workdir_lib.CURVES_FILE),
+    {"": writers.read_metrics(run.metrics)},
+    run.curves,
     title=os.path.basename(os.path.normpath(os.path.abspath(workdir))),
   )
 
@@ -482,12 +482,6 @@ def _close_on_error(loop: _Loop):
     loop.checkpointer.close()
     loop.sink.close(exit_code=1)
     raise
-
-
-def _has_checkpoint(workdir: str) -> bool:
-  """Whether the run folder holds a saved step (a rerun then resumes from it)."""
-  folder = os.path.join(workdir, workdir_lib.LAST_DIR)
-  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
@@ -567,7 +561,7 @@ def _compile_steps(config, setup: Setup, tx, lr_schedule, workdir: str, profile_
   train_step = steps.compile_scheduled_train_step(
     setup.mesh, schedule, model=setup.model, tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config
   )
-  profile_dir = os.path.join(workdir, workdir_lib.PROFILE_DIR)
+  profile_dir = workdir_lib.RunDir(workdir).profile
   traced = profiling.StepTrace(train_step, profile_steps, profile_dir, setup.total_steps)
   return traced, steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
 
@@ -618,7 +612,7 @@ def train_and_evaluate(
   workdir_lib.check_not_held(workdir)
   # A resume takes everything from its checkpoint and the normalisation from the run folder's
   # weights record: the pretrained file is neither fetched nor read again.
-  resuming = not overwrite and _has_checkpoint(workdir)
+  resuming = not overwrite and workdir_lib.RunDir(workdir).has_checkpoint()
   fresh = _FreshState(config)
   if config.model.pretrained and not resuming:
     fresh.resolved = weights_lib.resolve(config.model.pretrained, config.model)
@@ -690,7 +684,7 @@ def _train(
   start = int(parallel.fetch(state.step))
   main = parallel.is_main_process()
   sink = writers.create_run_writer(
-    config, workdir, start_step=start, environ=os.environ, main_process=main
+    config, workdir_lib.RunDir(workdir), start_step=start, environ=os.environ, main_process=main
   )
   _announce(config, setup, start, resumed)
   train_step, eval_step = _compile_steps(config, setup, tx, lr_schedule, workdir, profile_steps)
@@ -724,5 +718,5 @@ def _train(
   sink.finish(summary)
   sink.close()
   if parallel.is_main_process() and summary["completed"]:
-    writers.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
+    writers.write_json(workdir_lib.RunDir(workdir).summary, summary)
   return summary

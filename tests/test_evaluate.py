@@ -38,9 +38,7 @@ def run(tmp_path_factory):
   summary = train.train_and_evaluate(_tiny_config(), workdir)
   assert summary["completed"] and summary["steps"] == 14
   evals = [
-    r
-    for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-    if "test/accuracy" in r
+    r for r in writers.read_metrics(workdir_lib.RunDir(workdir).metrics) if "test/accuracy" in r
   ]
   assert [r["step"] for r in evals] == [11, 14]
   return workdir, {r["step"]: r for r in evals}
@@ -70,7 +68,7 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
 @pytest.mark.slow
 def test_eval_of_an_earlier_checkpoint(run):
   workdir, logged = run
-  path = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")
+  path = os.path.join(workdir, workdir_lib.LAST_DIR, "11")
   result = evaluate.evaluate_checkpoint(None, workdir, checkpoint=path)
   assert result["step"] == 11 and result["top1"] == logged[11]["test/accuracy"]
 
