@@ -38,9 +38,9 @@ from jaxsam import (
   losses,
   models,
   parallel,
+  run_setup,
   sharpness,
   steps,
-  train,
   writers,
 )
 from jaxsam import workdir as workdir_lib
@@ -112,7 +112,7 @@ class RestoredRun:
   """A restored checkpoint with what its config resolves to."""
 
   config: ml_collections.ConfigDict
-  setup: train.Setup
+  setup: run_setup.Setup
   state: steps.TrainState
   meta: dict
   checkpoint: str
@@ -144,9 +144,9 @@ def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> Resto
   config = workdir_lib.read_config(workdir)
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   check_checkpoint_config(path, config)
-  setup = train.build_setup(config, mesh=mesh, workdir=workdir)
-  tx, _ = train.setup_optimizer(config, setup)
-  state, meta = ckpt_lib.restore(path, train.abstract_train_state(config, setup, tx))
+  setup = run_setup.build_setup(config, mesh=mesh, workdir=workdir)
+  tx, _ = run_setup.setup_optimizer(config, setup)
+  state, meta = ckpt_lib.restore(path, run_setup.abstract_state(setup, tx))
   return RestoredRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)
 
 
@@ -403,7 +403,7 @@ def analyze(
   pipeline.hide_gpus_from_tf()
   config_schema.validate(workdir_lib.read_config(workdir))
   workdir_lib.check_not_held(workdir)  # one writer: not into a folder a run is writing
-  with train.hold_workdir(workdir, "jaxsam.analyze"):
+  with run_setup.hold_workdir(workdir, "jaxsam.analyze"):
     return _analyze(workdir, settings, checkpoint, mesh, environ)
 
 

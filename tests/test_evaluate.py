@@ -11,7 +11,7 @@ import pytest
 
 from configs import quickstart
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, evaluate, train, writers
+from jaxsam import errors, evaluate, run_setup, train, writers
 from jaxsam import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
     assert json.load(f) == result
   # Per-class accuracies weighted by class sizes give back top-1.
   config = workdir_lib.read_config(workdir)
-  labels = train.build_setup(config).data.arrays.test.labels
+  labels = run_setup.build_setup(config).data.arrays.test.labels
   sizes = np.bincount(labels, minlength=10)
   assert len(result["per_class_accuracy"]) == 10
   assert np.dot(result["per_class_accuracy"], sizes) / sizes.sum() == pytest.approx(
