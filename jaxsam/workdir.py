@@ -319,15 +319,31 @@ def _read_json(path: str, fix: str) -> Any:
     raise errors.ConfigError(f"{path} cannot be read as JSON ({e}); {fix}") from e
 
 
+def with_defaults(saved: Mapping, defaults: Mapping) -> dict[str, Any]:
+  """`saved` with every key it lacks taken from `defaults`, section by section (what an older
+  run's config.json stood for, under today's keys)."""
+  out = dict(saved)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(out[k], Mapping) and isinstance(v, Mapping):
+      out[k] = with_defaults(out[k], v)
+  return out
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in `<workdir>/config.json`."""
+  """The resolved config a run saved in `<workdir>/config.json`; a key it lacks (added since the
+  run) has its default, so eval and analysis read an older run with today's code."""
   path = RunDir(workdir).config
   if not os.path.isfile(path):
     raise errors.ConfigError(
       f"--workdir={workdir} has no {CONFIG_FILE}; give the folder of a training run or pass "
       "--config"
     )
-  return ml_collections.ConfigDict(_read_json(path, "pass --config"))
+  saved = _read_json(path, "pass --config")
+  if not isinstance(saved, Mapping):
+    raise errors.ConfigError(f"{path} holds no config (a JSON object); pass --config")
+  return ml_collections.ConfigDict(with_defaults(saved, default_config()))
 
 
 def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:

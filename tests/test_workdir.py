@@ -111,6 +111,8 @@ def test_check_accepts_an_older_config_without_a_key_at_its_default(tmp_path):
   workdir_lib.prepare(_config(), workdir, overwrite=False)
   _drop_keys(os.path.join(workdir, "config.json"), "label_smoothing", "dataset.max_image_pixels")
   workdir_lib.check(_config(), workdir, overwrite=False)
+  filled = workdir_lib.config_to_json(workdir_lib.read_config(workdir))
+  assert filled == workdir_lib.config_to_json(_config())  # the two keys at their defaults
   with pytest.raises(errors.ConfigError, match=r"differs in label_smoothing\)"):
     workdir_lib.check(_config(label_smoothing=0.1), workdir, overwrite=False)
 
@@ -210,13 +212,17 @@ def test_read_run_reads_config_metrics_summary_and_analysis(tmp_path):
     workdir_lib.read_run(str(tmp_path))
 
 
-def _launch(workdir, *args):
-  env = dict(
+def _env() -> dict:
+  return dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=2",
     CUDA_VISIBLE_DEVICES="",
     TF_CPP_MIN_LOG_LEVEL="2",
   )
+
+
+def _launch(workdir, *args):
+  env = _env()
   proc = subprocess.run(
     [
       sys.executable,
@@ -247,6 +253,17 @@ def test_a_run_whose_config_json_lacks_keys_resumes_with_todays_code(tmp_path):
   workdir = tmp_path / "run"
   _launch(workdir, "--config.max_steps=2")
   _drop_keys(workdir / "config.json", "label_smoothing", "dataset.max_image_pixels")
+  evaluated = subprocess.run(  # no --config: the run's config.json, the two keys at defaults
+    [sys.executable, "launch.py", "--mode=eval", f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads((workdir / "eval.json").read_text())["step"] == 2
   _launch(workdir, "--config.max_steps=4")
   steps = [r["step"] for r in workdir_lib.read_run(str(workdir)).records if "train/loss" in r]
   assert steps[-1] == 4 and json.loads((workdir / "summary.json").read_text())["steps"] == 4
