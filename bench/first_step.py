@@ -17,12 +17,14 @@ import sys
 import tempfile
 import time
 
+from jaxsam import workdir as workdir_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def first_step_seconds(config: str, cache: str, workdir: str, timeout_s: float) -> float:
   """Seconds from launching to the first metrics line; the run is killed right after."""
-  metrics = os.path.join(workdir, "metrics.jsonl")
+  metrics = workdir_lib.RunDir(workdir).metrics
   command = [
     sys.executable,
     os.path.join(ROOT, "launch.py"),

@@ -38,9 +38,9 @@ from jaxsam import (
   losses,
   models,
   parallel,
+  run_setup,
   sharpness,
   steps,
-  train,
   writers,
 )
 from jaxsam import state as state_lib
@@ -113,7 +113,7 @@ class RestoredRun:
   """A restored checkpoint with what its config resolves to."""
 
   config: ml_collections.ConfigDict
-  setup: train.Setup
+  setup: run_setup.Setup
   state: state_lib.TrainState
   meta: dict
   checkpoint: str
@@ -125,10 +125,13 @@ class RestoredRun:
 def check_checkpoint_config(checkpoint: str, config: ml_collections.ConfigDict) -> None:
   """A checkpoint inside another run folder must come from a run of the same config."""
   run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-  if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG_FILE)):
+  if not os.path.isfile(workdir_lib.RunDir(run_dir).config):
     return  # a bare checkpoint folder: restore() still checks every shape
   diff = workdir_lib.config_diff(
-    workdir_lib.read_config(run_dir).to_dict(), config.to_dict(), workdir_lib.ANALYSIS_MAY_DIFFER
+    workdir_lib.read_config(run_dir).to_dict(),
+    config.to_dict(),
+    workdir_lib.ANALYSIS_MAY_DIFFER,
+    defaults=workdir_lib.default_config(),
   )
   if diff:
     raise errors.CheckpointError(
@@ -142,11 +145,9 @@ def restore_run(workdir: str, checkpoint: str | None = None, mesh=None) -> Resto
   config = workdir_lib.read_config(workdir)
   path = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   check_checkpoint_config(path, config)
-  setup = train.build_setup(config, mesh=mesh, workdir=workdir)
-  tx, _ = train.setup_optimizer(config, setup)
-  state, meta = ckpt_lib.restore(
-    path, state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
-  )
+  setup = run_setup.build_setup(config, mesh=mesh, workdir=workdir)
+  tx, _ = run_setup.setup_optimizer(config, setup)
+  state, meta = ckpt_lib.restore(path, run_setup.abstract_state(setup, tx))
   return RestoredRun(config=config, setup=setup, state=state, meta=meta, checkpoint=path)
 
 
@@ -403,7 +404,7 @@ def analyze(
   pipeline.hide_gpus_from_tf()
   config_schema.validate(workdir_lib.read_config(workdir))
   workdir_lib.check_not_held(workdir)  # one writer: not into a folder a run is writing
-  with train.hold_workdir(workdir, "jaxsam.analyze"):
+  with run_setup.hold_workdir(workdir, "jaxsam.analyze"):
     return _analyze(workdir, settings, checkpoint, mesh, environ)
 
 
@@ -464,9 +465,9 @@ def _analyze(workdir, settings, checkpoint, mesh, environ) -> dict[str, Any]:
 
 def write_outputs(workdir: str, result: dict[str, Any]) -> dict[str, str]:
   """analysis.json and the landscape PNGs under `<workdir>/analysis/`; returns {name: png path}."""
-  out_dir = os.path.join(workdir, workdir_lib.ANALYSIS_DIR)
+  out_dir = workdir_lib.RunDir(workdir).analysis_dir
   os.makedirs(out_dir, exist_ok=True)
-  writers.write_json(workdir_lib.analysis_path(workdir), result)
+  writers.write_json(workdir_lib.RunDir(workdir).analysis, result)
   pngs = {}
   if "landscape" in result:
     title = f"{os.path.basename(os.path.normpath(workdir))} step {result['step']}"
@@ -489,7 +490,7 @@ def summary_line(result: dict[str, Any]) -> str:
   if "sharpness" in result:
     s = result["sharpness"]
     parts.append(f"m-sharpness(rho={s['rho']}, m={s['m']}) {s['value']:.4g} +- {s['stderr']:.2g}")
-  return "; ".join(parts) + f" -> {os.path.join(result['workdir'], workdir_lib.ANALYSIS_DIR)}"
+  return "; ".join(parts) + f" -> {workdir_lib.RunDir(result['workdir']).analysis_dir}"
 
 
 def log_to_wandb(
@@ -501,7 +502,9 @@ def log_to_wandb(
   environ: Mapping[str, str],
 ) -> None:
   """Adds the scalars (as `analysis/...` summary values) and PNGs to the run's wandb run."""
-  writer = writers.create_wandb_writer(config.wandb, workdir, config.to_dict(), environ=environ)
+  writer = writers.create_wandb_writer(
+    config.wandb, workdir_lib.RunDir(workdir), config.to_dict(), environ=environ
+  )
   if writer is None:
     return
   import wandb

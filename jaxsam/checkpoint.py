@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxsam import errors
-from jaxsam.workdir import BEST_DIR, CORRUPT_DIR, LAST_DIR
+from jaxsam import workdir as workdir_lib
 
 
 def _manager(directory: str, barrier_prefix: str, **options) -> ocp.CheckpointManager:
@@ -62,13 +62,14 @@ class Checkpointer:
     if keep < 1:
       raise errors.ConfigError(f"checkpoint_keep={keep} must be >= 1")
     self.workdir = os.path.abspath(workdir)
+    self.run_dir = workdir_lib.RunDir(self.workdir)
     self.keep = keep
     self._open()
 
   def _open(self) -> None:
-    self.last = _manager(os.path.join(self.workdir, LAST_DIR), "jaxsam_last", max_to_keep=self.keep)
+    self.last = _manager(self.run_dir.checkpoints, "jaxsam_last", max_to_keep=self.keep)
     self.best = _manager(
-      os.path.join(self.workdir, BEST_DIR),
+      self.run_dir.best,
       "jaxsam_best",
       max_to_keep=1,
       best_fn=lambda m: m["test/accuracy"],
@@ -105,7 +106,7 @@ class Checkpointer:
     return self.last.latest_step()
 
   def step_path(self, step: int) -> str:
-    return os.path.join(str(self.last.directory), str(step))
+    return self.run_dir.checkpoint(step)
 
   def latest_path(self) -> str | None:
     step = self.latest_step()
@@ -113,7 +114,7 @@ class Checkpointer:
 
   def best_path(self) -> str | None:
     step = self.best.best_step()
-    return None if step is None else os.path.join(str(self.best.directory), str(step))
+    return None if step is None else self.run_dir.best_checkpoint(step)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, str] | None:
     """(state, meta, path) of the newest readable checkpoint, or None when there is none.
@@ -144,7 +145,7 @@ class Checkpointer:
   def quarantine(self, step: int) -> str:
     """Moves a damaged checkpoint out of `checkpoints/` (kept for inspection, never resumed)."""
     self.close()
-    target = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+    target = self.run_dir.corrupt(step)
     if os.path.exists(target):
       shutil.rmtree(target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -198,7 +199,7 @@ def restore(path: str, abstract_state: Any) -> tuple[Any, dict]:
   if not os.path.isdir(os.path.join(path, "state")):
     raise errors.CheckpointError(
       f"checkpoint {path} has no 'state' folder; pass a step folder such as "
-      f"<workdir>/{LAST_DIR}/<step>"
+      f"<workdir>/{workdir_lib.LAST_DIR}/<step>"
     )
   check_compatible(path, abstract_state)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())

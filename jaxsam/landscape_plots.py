@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise errors.ConfigError(f"{len(labels)} labels for {len(runs)} runs")
   analyses = {}
   for label, run in zip(labels, runs):
-    path = workdir_lib.analysis_path(run)
+    path = workdir_lib.RunDir(run).analysis
     analyses[label] = workdir_lib.read_analysis(run)
     if analyses[label] is None:
       raise errors.DataError(

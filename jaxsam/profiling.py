@@ -11,7 +11,6 @@ ui.perfetto.dev opens. Light on purpose: JAX is imported only once a trace start
 import os
 import re
 import sys
-from collections.abc import Callable
 from typing import Any, Self
 
 from jaxsam import errors
@@ -36,19 +35,18 @@ def process_dir(profile_dir: str, process_index: int) -> str:
   return os.path.join(profile_dir, f"process_{process_index}")
 
 
-class StepTrace:
-  """Wraps the train step: traces the calls for steps START to END - 1 into
+class Profile:
+  """The loop's profile action: traces steps START to END - 1 into
   `process_dir(log_dir, jax.process_index())`.
 
-  The trace starts just before step START and stops once step END - 1 (or the run's last step)
-  is done on the device: the one host synchronisation a profile costs, and only there. Used as a
-  context manager, it stops a trace that an exception or a preemption cut short.
+  `begin(step)` before each step starts the trace just before step START (or the first step of a
+  resume inside the range); `due(step)` after a step says whether that was END - 1 (or the run's
+  last step), and `stop(wait_for)` then waits for it on the device: the one host synchronisation a
+  profile costs, and only there. Used as a context manager, it stops a trace that an exception or
+  a preemption cut short.
   """
 
-  def __init__(
-    self, train_step: Callable, steps: tuple[int, int] | None, log_dir: str, total_steps: int
-  ):
-    self._step_fn = train_step
+  def __init__(self, steps: tuple[int, int] | None, log_dir: str, total_steps: int):
     self._steps = steps
     self._log_dir = log_dir
     self._last = None if steps is None else min(steps[1], total_steps) - 1
@@ -66,20 +64,20 @@ class StepTrace:
         flush=True,
       )
 
-  def __call__(self, state, batch, step: int) -> Any:
-    if self._steps is None:
-      return self._step_fn(state, batch, step)
+  def begin(self, step: int) -> None:
+    """Starts the trace when `step`, about to run, is the first traced one."""
+    if self._steps is None or self._active or not self._steps[0] <= step <= self._last:
+      return
     import jax  # pylint: disable=import-outside-toplevel
 
-    if not self._active and self._steps[0] <= step <= self._last:
-      log_dir = process_dir(self._log_dir, jax.process_index())
-      os.makedirs(log_dir, exist_ok=True)
-      jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
-      self._active = True
-    out = self._step_fn(state, batch, step)
-    if self._active and step >= self._last:
-      self.stop(out)
-    return out
+    log_dir = process_dir(self._log_dir, jax.process_index())
+    os.makedirs(log_dir, exist_ok=True)
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    self._active = True
+
+  def due(self, step: int) -> bool:
+    """Whether the trace ends after `step`, just run (the last traced step)."""
+    return self._active and step >= self._last
 
   def stop(self, wait_for: Any = None) -> None:
     """Ends the trace (if one runs), after `wait_for`'s arrays are computed."""

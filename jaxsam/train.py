@@ -1,7 +1,11 @@
-"""The training loop: build everything from a config, train, evaluate, checkpoint, resume.
+"""The training loop: steps a run that `jaxsam.run_setup` built, with periodic actions between.
 
-`train_and_evaluate(config, workdir)` is the whole program behind `launch.py`; the compiled steps
-live in `jaxsam.steps`, devices in `jaxsam.parallel`, checkpoints in `jaxsam.checkpoint`.
+`train_and_evaluate(config, workdir)` is the whole program behind `launch.py`. After each step the
+loop runs its periodic actions (`periodic_actions`: progress, fetch, log, eval, checkpoint,
+profile, preemption), each when `due`: clu's `periodic_actions` idea written small, because these
+trigger on epoch ends, the run's last step and a preemption every process agrees on, where clu's
+trigger on step counts and seconds. `RunProgress` is the run's record, saved with every
+checkpoint; the compiled steps live in `jaxsam.steps`, the set-up in `jaxsam.run_setup`.
 """
 
 import contextlib
@@ -11,189 +15,57 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-import jaxsam.data
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
+from jaxsam import evaluate, optim, parallel, plots, profiling, run_setup, steps, writers
 from jaxsam import state as state_lib
-from jaxsam import workdir as workdir_lib
-from jaxsam.data import pipeline, sources, train_split
-from jaxsam.models import weights as weights_lib
+from jaxsam.run_setup import Setup
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What a config resolves to once the data is known (shared by train, eval and analysis)."""
+@dataclasses.dataclass
+class RunProgress:
+  """The run's record, saved with every checkpoint as its `meta` so that a resumed run continues
+  the same records and summary: the one place that says what a fresh run starts from (`fresh`)
+  and what a resumed one restores (`restored`)."""
 
-  data: Any  # jaxsam.data's DataSource: in memory or streamed
-  model: Any  # flax module
-  step_config: state_lib.StepConfig
-  num_classes: int
-  mesh: Any
-  steps_per_epoch: int
-  total_steps: int
+  epoch: int = 0  # epochs ended at the last save
+  best_accuracy: float | None = None
+  best_epoch: int | None = None
+  window: list[dict] = dataclasses.field(default_factory=list)  # train steps not yet logged
+  wall_time: float = 0.0  # seconds of training before this launch, updated at each save
+  sam_steps: float = 0.0  # steps that took the SAM ascent
+  last_accuracy: float | None = None  # the latest test accuracy (None until an eval)
+  evaluated_epoch: int | None = None  # the epoch of that eval
 
+  @classmethod
+  def fresh(cls) -> "RunProgress":
+    return cls()
 
-NORMALIZATIONS = config_schema.NORMALIZATIONS  # the config table lists the names
+  @classmethod
+  def restored(cls, meta: dict, step: int, default_sam_active: float) -> "RunProgress":
+    """The record a checkpoint's `meta` holds; a checkpoint from before the SAM step count was
+    kept counts each of its `step` steps as the run's default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    progress = cls(**{k: v for k, v in meta.items() if k in names})
+    progress.window = list(progress.window)
+    if "sam_steps" not in meta:
+      progress.sam_steps = step * default_sam_active
+    return progress
 
-
-def normalization(
-  config: ml_collections.ConfigDict,
-  data,
-  *,
-  workdir: str | None = None,
-  resolved: weights_lib.Resolved | None = None,
-) -> dict:
-  """StepConfig's mean, std and bgr: what pretrained weights were trained on, else the data's.
-
-  `auto` asks the weights: the resolved file when given, else the run folder's record, the
-  registry or the file (`weights.input_normalization`): caffe for Keras' ResNet50, inception
-  (mean = std = 0.5) for ViTs, imagenet for the rest; `data` is read only for `dataset`.
-  """
-  mode = config.model.normalization
-  if mode not in NORMALIZATIONS:
-    raise errors.ConfigError(
-      f"model.normalization={mode!r} is unknown; known: {', '.join(NORMALIZATIONS)}"
-    )
-  if mode == "auto" and config.model.pretrained:
-    if resolved is not None:
-      mode = resolved.normalization
-    else:
-      mode = weights_lib.input_normalization(config.model, workdir)
-  if mode == "imagenet":
-    return {"mean": steps.IMAGENET_MEAN, "std": steps.IMAGENET_STD, "bgr": False}
-  if mode == "inception":
-    return {"mean": steps.INCEPTION_MEAN, "std": steps.INCEPTION_STD, "bgr": False}
-  if mode == "caffe":
-    return {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
-  floored = sources.floored_channels(data.std)
-  if floored and parallel.is_main_process():
-    names = ", ".join("RGB"[c] for c in floored)
-    print(
-      f"jaxsam: channel {names} of the train split is (nearly) constant: normalised with its std "
-      f"floored at 1/255 (one uint8 level) instead of dividing by ~0",
-      flush=True,
-    )
-  return {"mean": tuple(data.mean), "std": tuple(data.std), "bgr": False}
-
-
-def build_setup(
-  config: ml_collections.ConfigDict,
-  mesh=None,
-  data=None,
-  *,
-  workdir: str | None = None,
-  resolved: weights_lib.Resolved | None = None,
-) -> Setup:
-  """Loads the data (or takes `data`, a `jaxsam.data.load` DataSource) and resolves model, step
-  settings and step counts from the config.
-
-  `workdir` (a run folder) or `resolved` (the fetched weights) tell `model.normalization=auto`
-  what the pretrained weights expect without reading their file (see `normalization`).
-  """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  parallel.per_process_batch_size(config.batch_size, mesh)
-  parallel.per_process_batch_size(config.eval_batch_size, mesh, what="eval_batch_size")
-  if data is None:
-    with parallel.main_process_first("load_dataset"):  # process 0 downloads/prepares alone
-      data = jaxsam.data.load(config, main=parallel.is_main_process())
-  data = data.with_train_split(config.dataset, config.seed)
-  num_classes = config.model.num_classes or data.num_classes
-  native = data.native_size(config.model.image_size)
-  image_size = config.model.image_size or native
-  per_device = config.batch_size // mesh.devices.size
-  spe = data.steps_per_epoch(config.batch_size, jax.process_count())
-  step_config = state_lib.StepConfig(
-    image_size=image_size,
-    **normalization(config, data, workdir=workdir, resolved=resolved),
-    dtype=state_lib.compute_dtype(config.dtype),
-    label_smoothing=config.label_smoothing,
-    **optim.step_sam_settings(config, per_device, spe),
-  )
-  model = models.create_model(config.model, num_classes=num_classes, dtype=step_config.dtype)
-  total = int(config.num_epochs * spe)
-  if config.max_steps:
-    total = min(total, config.max_steps)
-  return Setup(
-    data=data,
-    model=model,
-    step_config=step_config,
-    num_classes=num_classes,
-    mesh=mesh,
-    steps_per_epoch=spe,
-    total_steps=total,
-  )
-
-
-def setup_optimizer(config: ml_collections.ConfigDict, setup: Setup):
-  """`optim.make_optimizer` with SAM's reduction axis chosen for the setup's mesh and group size."""
-  axis = optim.sam_axis_name(setup.step_config, config.batch_size // setup.mesh.devices.size)
-  return optim.make_optimizer(config, setup.steps_per_epoch, axis_name=axis)
-
-
-def evaluate_test_split(
-  eval_step, state: state_lib.TrainState, setup: Setup, global_batch: int
-) -> dict:
-  """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
-  totals = None
-  for batch in setup.data.test_batches(
-    global_batch=global_batch,
-    size=setup.step_config.image_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = parallel.fetch(totals)
-  count = float(totals["count"])
-  return {
-    "test/loss": float(totals["loss"]) / count,
-    "test/accuracy": float(totals["correct"]) / count,
-    "test/top5": float(totals["correct_top5"]) / count,
-    "test/count": int(count),
-    "per_class_accuracy": (totals["class_correct"] / np.maximum(totals["class_count"], 1)).tolist(),
-  }
-
-
-def _split_accuracy(eval_step, state, setup: Setup, split: sources.Split, global_batch: int):
-  totals = None
-  for batch in pipeline.eval_batches(
-    split,
-    global_batch=global_batch,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = parallel.fetch(totals)
-  return float(totals["correct"]) / max(float(totals["count"]), 1.0)
-
-
-def evaluate_train_fit(eval_step, state, setup: Setup, config, global_batch: int) -> dict:
-  """Top-1 accuracy on the train split against the labels it trained on (no augmentation, batch
-  norm in inference mode): how much of its train labels the model fits. Under label noise also
-  split into the relabelled examples (accuracy on their wrong label: the noise memorised) and
-  the rest. {} for a streamed train split (one more pass over its files)."""
-  train = setup.data.train_split_in_memory()
-  if train is None:
-    return {}
-  out = {"final_train_accuracy": _split_accuracy(eval_step, state, setup, train, global_batch)}
-  noise = config.dataset.get("label_noise", 0.0)
-  if noise:
-    flipped = train_split.flipped_mask(len(train.labels), noise, config.seed)
-    for key, mask in (("noisy", flipped), ("clean", ~flipped)):
-      part = sources.Split(train.images[mask], train.labels[mask])
-      out[f"final_train_accuracy_{key}"] = _split_accuracy(
-        eval_step, state, setup, part, global_batch
-      )
-  return out
+  def to_meta(self) -> dict:
+    """The checkpoint's `meta` (JSON): the eval fields only once there was an eval."""
+    meta = dataclasses.asdict(self)
+    for key in ("last_accuracy", "evaluated_epoch"):
+      if meta[key] is None:
+        del meta[key]
+    return meta
 
 
 class _Preemption:
@@ -277,23 +149,20 @@ class TrainClock:
 
 
 @dataclasses.dataclass
-class _Loop:
-  """Everything the periodic actions share: the run's fixed parts and what changes per step.
-
-  `meta` is saved with every checkpoint (epoch, best accuracy, unlogged window, wall time, SAM
-  step count), so that a resumed run continues the same records and summary.
-  """
+class Loop:
+  """What the periodic actions share: the run's fixed parts, its record and the current step."""
 
   config: ml_collections.ConfigDict
   setup: Setup
-  workdir: str
-  sink: writers.RunWriter
+  run_dir: Any  # workdir.RunDir
+  sink: Any  # writers.RunWriter
   checkpointer: ckpt_lib.Checkpointer
   bar: Any  # tqdm progress bar
-  meta: dict
+  progress: RunProgress
   step: int
   saved_step: int
   wall_before: float
+  stop: bool = False  # every process agreed to stop for a preemption after this step
   pending: list = dataclasses.field(default_factory=list)  # device metrics not yet fetched
   record: dict | None = None  # the last train record
   t_start: float = dataclasses.field(default_factory=time.time)
@@ -321,6 +190,15 @@ class _Loop:
     return self.wall_before + time.time() - self.t_start
 
 
+@dataclasses.dataclass(frozen=True)
+class Action:
+  """One periodic action: after a step, `run(loop, state)` when `due(loop)`."""
+
+  name: str
+  due: Callable[[Loop], bool]
+  run: Callable[[Loop, Any], None]
+
+
 def default_sam_active(config: ml_collections.ConfigDict) -> float:
   """A step's `sam/active` when it logs none: every step of a SAM run ascends, no plain one."""
   return 1.0 if config.sam.rho > 0 else 0.0
@@ -331,14 +209,15 @@ def sam_steps(metrics: list[dict], default: float) -> float:
   return float(sum(m.get("sam/active", default) for m in metrics))
 
 
-def _fetch(loop: _Loop, clock: TrainClock) -> None:
+def _fetch(loop: Loop, clock: TrainClock) -> None:
   """Moves the pending device metrics into the window; a non-finite loss ends training."""
   with clock.timed():  # waits for the device: training time
     fetched = [{k: float(v) for k, v in m.items()} for m in parallel.fetch(loop.pending)]
   loop.pending = []
-  loop.meta["sam_steps"] += sam_steps(fetched, default_sam_active(loop.config))
-  loop.meta["window"] += fetched
-  bad = _first_nonfinite(loop.meta["window"], loop.step - len(loop.meta["window"]) + 1)
+  loop.progress.sam_steps += sam_steps(fetched, default_sam_active(loop.config))
+  loop.progress.window += fetched
+  window = loop.progress.window
+  bad = _first_nonfinite(window, loop.step - len(window) + 1)
   if bad is not None:
     raise TrainingError(
       f"non-finite train loss at step {bad}; last good checkpoint: "
@@ -346,10 +225,10 @@ def _fetch(loop: _Loop, clock: TrainClock) -> None:
     )
 
 
-def _log_train(loop: _Loop, train_seconds: float, input_wait_ms: float) -> None:
+def _log_train(loop: Loop, train_seconds: float, input_wait_ms: float) -> None:
   """One record of the window's means, with images/s over the window's training time and the
   mean wait per step for the next batch (`DevicePrefetch.mean_wait_ms`)."""
-  window = loop.meta["window"]
+  window = loop.progress.window
   loop.record = {
     "step": loop.step,
     "epoch": loop.step / loop.setup.steps_per_epoch,
@@ -363,21 +242,21 @@ def _log_train(loop: _Loop, train_seconds: float, input_wait_ms: float) -> None:
     acc=f"{100 * loop.record['train/accuracy']:.2f}%",
     img_s=f"{loop.record['images_per_sec']:.0f}",
   )
-  loop.meta["window"] = []
+  loop.progress.window = []
 
 
-def _write_curves(workdir: str) -> None:
-  records = writers.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
+def _write_curves(run_dir) -> None:
+  """curves.png from metrics.jsonl, titled with the run folder's name."""
   plots.write_curves(
-    {"": records},
-    os.path.join(workdir, workdir_lib.CURVES_FILE),
-    title=os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+    {"": writers.read_metrics(run_dir.metrics)},
+    run_dir.curves,
+    title=os.path.basename(os.path.normpath(os.path.abspath(run_dir.root))),
   )
 
 
-def _evaluate(loop: _Loop, eval_step, state) -> None:
-  """Test metrics to the sinks, the best accuracy to meta, an epoch line and the curves."""
-  metrics = evaluate_test_split(eval_step, state, loop.setup, loop.config.eval_batch_size)
+def _evaluate(loop: Loop, eval_step, state) -> None:
+  """Test metrics to the sinks, the best accuracy to the record, an epoch line and the curves."""
+  metrics = evaluate.evaluate_test_split(eval_step, state, loop.setup, loop.config.eval_batch_size)
   epoch = loop.epochs_done
   loop.sink.write(
     {
@@ -386,10 +265,10 @@ def _evaluate(loop: _Loop, eval_step, state) -> None:
       **{k: v for k, v in metrics.items() if k.startswith("test/") and k != "test/count"},
     }
   )
-  acc = metrics["test/accuracy"]
-  if loop.meta["best_accuracy"] is None or acc > loop.meta["best_accuracy"]:
-    loop.meta["best_accuracy"], loop.meta["best_epoch"] = acc, epoch
-  loop.meta.update(last_accuracy=acc, evaluated_epoch=epoch)
+  acc, progress = metrics["test/accuracy"], loop.progress
+  if progress.best_accuracy is None or acc > progress.best_accuracy:
+    progress.best_accuracy, progress.best_epoch = acc, epoch
+  progress.last_accuracy, progress.evaluated_epoch = acc, epoch
   if parallel.is_main_process():
     r = loop.record
     loop.bar.write(
@@ -398,24 +277,25 @@ def _evaluate(loop: _Loop, eval_step, state) -> None:
       f"acc {100 * acc:.2f}% top5 {100 * metrics['test/top5']:.2f}% | "
       f"{r['images_per_sec']:.0f} img/s"
     )
-    _write_curves(loop.workdir)
+    _write_curves(loop.run_dir)
 
 
-def _save(loop: _Loop, state, best_metrics: dict | None = None) -> str:
-  loop.meta.update(epoch=loop.epochs_done, wall_time=loop.wall_time())
+def _save(loop: Loop, state, best_metrics: dict | None = None) -> str:
+  loop.progress.epoch, loop.progress.wall_time = loop.epochs_done, loop.wall_time()
   loop.saved_step = loop.step
-  return loop.checkpointer.save(loop.step, state, loop.meta, best_metrics=best_metrics)
+  meta = loop.progress.to_meta()
+  return loop.checkpointer.save(loop.step, state, meta, best_metrics=best_metrics)
 
 
-def _checkpoint(loop: _Loop, state) -> None:
-  """Saves state and meta; an epoch that was evaluated also ranks the checkpoint by accuracy."""
-  epoch = loop.epochs_done
-  evaluated = loop.meta.get("evaluated_epoch") == epoch
-  path = _save(loop, state, {"test/accuracy": loop.meta["last_accuracy"]} if evaluated else None)
-  loop.sink.log_checkpoint(path, loop.step, best=evaluated and loop.meta["best_epoch"] == epoch)
+def _checkpoint(loop: Loop, state) -> None:
+  """Saves state and record; an epoch that was evaluated also ranks the checkpoint by accuracy."""
+  epoch, progress = loop.epochs_done, loop.progress
+  evaluated = progress.evaluated_epoch == epoch
+  path = _save(loop, state, {"test/accuracy": progress.last_accuracy} if evaluated else None)
+  loop.sink.log_checkpoint(path, loop.step, best=evaluated and progress.best_epoch == epoch)
 
 
-def _preempt(loop: _Loop, state) -> None:
+def _preempt(loop: Loop, state) -> None:
   """Saves this step (unless just saved) and marks the run preempted; the rerun resumes here."""
   if loop.saved_step != loop.step:
     _save(loop, state)
@@ -424,8 +304,35 @@ def _preempt(loop: _Loop, state) -> None:
   loop.sink.mark_preempting()
 
 
+def periodic_actions(
+  config, clock: TrainClock, batches, eval_step, profile: profiling.Profile
+) -> list[Action]:
+  """What runs after a step, in this order, each when due."""
+  return [
+    Action(
+      "profile", lambda loop: profile.due(loop.step - 1), lambda _, state: profile.stop(state)
+    ),
+    Action("progress", lambda _: True, lambda loop, _: loop.bar.update(1)),
+    Action("fetch", lambda loop: loop.log_due or loop.stop, lambda loop, _: _fetch(loop, clock)),
+    Action(
+      "log",
+      lambda loop: loop.log_due,
+      lambda loop, _: _log_train(loop, clock.lap(), batches.mean_wait_ms()),
+    ),
+    Action(
+      "eval",
+      lambda loop: loop.due_at_epoch_end(config.eval_every_epochs),
+      lambda loop, state: _evaluate(loop, eval_step, state),
+    ),
+    Action(
+      "checkpoint", lambda loop: loop.due_at_epoch_end(config.checkpoint_every_epochs), _checkpoint
+    ),
+    Action("preempt", lambda loop: loop.stop, _preempt),
+  ]
+
+
 @contextlib.contextmanager
-def _close_on_error(loop: _Loop):
+def _close_on_error(loop: Loop):
   """On any exception (non-finite loss, Ctrl-C twice...) close sinks; wandb marks the run failed."""
   try:
     yield
@@ -436,27 +343,40 @@ def _close_on_error(loop: _Loop):
     raise
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  """Whether the run folder holds a saved step (a rerun then resumes from it)."""
-  folder = os.path.join(workdir, workdir_lib.LAST_DIR)
-  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+def fresh_state(launch: run_setup.Launch) -> state_lib.TrainState:
+  """A fresh run's train state: random or pretrained variables, replicated over the mesh."""
+  weights = launch.weights()
+  file = weights.file if weights else None
+  setup = launch.setup
+  state = state_lib.create_train_state(
+    setup.model,
+    launch.tx,
+    setup.step_config,
+    seed=launch.config.seed,
+    weights_file=file,
+    model_ref=launch.config.model,
+  )
+  return parallel.replicate(state, launch.setup.mesh)
 
 
-FRESH_META = {"epoch": 0, "best_accuracy": None, "best_epoch": None, "window": [], "wall_time": 0.0}
+def start_or_resume(
+  launch: run_setup.Launch, checkpointer, fresh: state_lib.TrainState | None = None
+) -> tuple[Any, RunProgress, bool]:
+  """(state, progress, resumed): what the run folder's latest checkpoint holds, else a fresh run.
 
-
-def _restore(config, checkpointer, state, fresh):
-  """(state, meta, resumed) from the workdir's latest checkpoint, else `fresh()`'s state.
-
-  `state` is the fresh state, or only its shapes when the workdir held a checkpoint (so a resume
-  does not read the pretrained file); `fresh()` builds it when no checkpoint restores after all.
+  A fresh run starts from `fresh_state` (`fresh` when already built) and `RunProgress.fresh()`; a
+  resume restores both from the checkpoint into the state's shapes only, so that it neither
+  fetches nor reads the pretrained file.
   """
-  restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
-  state, meta = (restored[0], restored[1]) if restored else (fresh(), dict(FRESH_META))
-  meta = {**meta, "window": list(meta["window"])}
-  # Checkpoints from before the SAM step count was kept: every step counts as the run's default.
-  meta.setdefault("sam_steps", int(parallel.fetch(state.step)) * default_sam_active(config))
-  return state, meta, bool(restored)
+  config, setup = launch.config, launch.setup
+  if launch.resuming:
+    target = run_setup.abstract_state(setup, launch.tx)
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(target))
+    if restored:
+      state, meta = restored[0], restored[1]
+      step = int(parallel.fetch(state.step))
+      return state, RunProgress.restored(meta, step, default_sam_active(config)), True
+  return fresh if fresh is not None else fresh_state(launch), RunProgress.fresh(), False
 
 
 def sam_m_text(config, group_size: int) -> str:
@@ -480,12 +400,12 @@ def _announce(config, setup: Setup, start_step: int, resumed: bool) -> None:
     )
 
 
-def _summary(loop: _Loop, train_fit: dict) -> dict:
-  config, setup, meta = loop.config, loop.setup, loop.meta
+def _summary(loop: Loop, train_fit: dict) -> dict:
+  config, setup, progress = loop.config, loop.setup, loop.progress
   return {
-    "final_test_accuracy": meta.get("last_accuracy"),
-    "best_test_accuracy": meta["best_accuracy"],
-    "best_epoch": meta["best_epoch"],
+    "final_test_accuracy": progress.last_accuracy,
+    "best_test_accuracy": progress.best_accuracy,
+    "best_epoch": progress.best_epoch,
     "steps": loop.step,
     "epochs": loop.step / setup.steps_per_epoch,
     "wall_time_s": loop.wall_time(),
@@ -494,7 +414,7 @@ def _summary(loop: _Loop, train_fit: dict) -> dict:
     # examples per ascent group (0: no ascent; a ghost-batch-norm group alone is not an ascent)
     "sam_m": setup.step_config.sam_group_size if config.sam.rho else 0,
     "sam_m_config": config.sam.m,  # sam.m as set: 0 = the per-device batch
-    "sam_fraction": (meta["sam_steps"] / loop.step if loop.step else default_sam_active(config)),
+    "sam_fraction": (progress.sam_steps / loop.step if loop.step else default_sam_active(config)),
     "train_examples": setup.data.num_train,
     "skipped_bad_images": setup.data.skipped_images,
     "label_noise": config.dataset.label_noise,
@@ -513,22 +433,19 @@ def _device_batches(train_input, setup: Setup, start: int) -> parallel.DevicePre
   )
 
 
-def _compile_steps(config, setup: Setup, tx, lr_schedule, workdir: str, profile_steps):
+def _compile_steps(config, setup: Setup, tx, lr_schedule):
   """(train step of (state, batch, step), eval step): the host picks the SAM or base program per
-  step for the count-based SAM schedules, and the train step traces `profile_steps`."""
+  step for the count-based SAM schedules."""
   schedule = optim.host_ascent_schedule(config, setup.steps_per_epoch)
   train_step = steps.compile_scheduled_train_step(
     setup.mesh, schedule, model=setup.model, tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config
   )
-  profile_dir = os.path.join(workdir, workdir_lib.PROFILE_DIR)
-  traced = profiling.StepTrace(train_step, profile_steps, profile_dir, setup.total_steps)
-  return traced, steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
+  return train_step, steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
 
 
-def _start_loop(
-  config, setup: Setup, workdir: str, sink, checkpointer, meta: dict, start: int
-) -> "_Loop":
+def _start_loop(launch: run_setup.Launch, sink, checkpointer, progress: RunProgress, start: int):
   """The loop's shared record at step `start`, with its progress bar (main process only)."""
+  config, setup = launch.config, launch.setup
   show = parallel.is_main_process() and config.progress_bar
   bar = tqdm.tqdm(
     total=setup.total_steps,
@@ -538,17 +455,17 @@ def _start_loop(
     disable=not show,
     leave=False,
   )
-  return _Loop(
+  return Loop(
     config,
     setup,
-    workdir,
+    launch.run_dir,
     sink,
     checkpointer,
     bar,
-    meta,
+    progress,
     step=start,
     saved_step=start,
-    wall_before=float(meta["wall_time"]),
+    wall_before=float(progress.wall_time),
   )
 
 
@@ -563,130 +480,43 @@ def train_and_evaluate(
 
   `profile_steps` (START, END) traces steps START to END - 1 into the workdir (`jaxsam.profiling`).
   """
-  pipeline.hide_gpus_from_tf()
-  # Everything that can reject the config runs before the workdir is touched; the cheap checks
-  # first (every key's domain, the workdir, a live holder), so bad input fails in a second.
-  config_schema.validate(config, num_devices=jax.device_count())
-  workdir_lib.check(config, workdir, overwrite)
-  workdir_lib.check_not_held(workdir)
-  # A resume takes everything from its checkpoint and the normalisation from the run folder's
-  # weights record: the pretrained file is neither fetched nor read again.
-  resuming = not overwrite and _has_checkpoint(workdir)
-  fresh = _FreshState(config)
-  if config.model.pretrained and not resuming:
-    fresh.resolved = weights_lib.resolve(config.model.pretrained, config.model)
-  setup = build_setup(config, workdir=None if overwrite else workdir, resolved=fresh.resolved)
-  tx, lr_schedule = setup_optimizer(config, setup)
-  train_input = setup.data.train_input(
-    config, size=setup.step_config.image_size, mesh=setup.mesh, main=parallel.is_main_process()
-  )
-  fresh.setup, fresh.tx = setup, tx
-  state = (
-    state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
-    if resuming
-    else fresh()
-  )
-  with hold_workdir(workdir, "a training launch"):
-    return _train(
-      config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, fresh, profile_steps
-    )
-
-
-@dataclasses.dataclass
-class _FreshState:
-  """Builds a fresh, replicated train state; fetches the pretrained weights the first time one
-  is needed (a resume whose checkpoint restores never does)."""
-
-  config: ml_collections.ConfigDict
-  setup: "Setup | None" = None
-  tx: Any = None
-  resolved: "weights_lib.Resolved | None" = None
-
-  def __call__(self):
-    pretrained = self.config.model.pretrained
-    if pretrained and self.resolved is None:
-      self.resolved = weights_lib.resolve(pretrained, self.config.model)
-    file = self.resolved.file if self.resolved else None
-    state = state_lib.create_train_state(
-      self.setup.model,
-      self.tx,
-      self.setup.step_config,
-      seed=self.config.seed,
-      weights_file=file,
-      model_ref=self.config.model,
-    )
-    return parallel.replicate(state, self.setup.mesh)
-
-
-@contextlib.contextmanager
-def hold_workdir(workdir: str, what: str):
-  """Process 0 holds the run folder's lock (`workdir.RunLock`) while the block runs.
-
-  Every process learns whether it got it (a collective), so that a refusal ends them all with
-  the same one-line error rather than leaving the others waiting at the next collective.
-  """
-  lock = workdir_lib.RunLock(workdir, what)
-  refusal = None
-  if parallel.is_main_process():
-    try:
-      lock.acquire()
-    except errors.UserError as e:
-      refusal = e
-  if parallel.global_any(refusal is not None):
-    raise refusal or workdir_lib.WorkdirInUseError(
-      f"--workdir={workdir} is in use (process 0 could not take its lock)"
-    )
-  try:
-    yield lock
-  finally:
-    lock.release()
-
-
-def _train(
-  config, workdir, overwrite, setup, tx, lr_schedule, train_input, state, fresh, profile_steps
-):
-  """The run proper, with the workdir held: write config.json, restore, loop, summarise."""
-  workdir_lib.prepare(config, workdir, overwrite, main_process=parallel.is_main_process())
-  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_keep)
-  state, meta, resumed = _restore(config, checkpointer, state, fresh)
-  if fresh.resolved is not None and not resumed and parallel.is_main_process():
-    weights_lib.write_record(workdir, fresh.resolved)
-  start = int(parallel.fetch(state.step))
-  main = parallel.is_main_process()
-  sink = writers.create_run_writer(
-    config, workdir, start_step=start, environ=os.environ, main_process=main
-  )
-  _announce(config, setup, start, resumed)
-  train_step, eval_step = _compile_steps(config, setup, tx, lr_schedule, workdir, profile_steps)
-  batches = _device_batches(train_input, setup, start)
-  loop = _start_loop(config, setup, workdir, sink, checkpointer, meta, start)
-  clock = TrainClock()
-  with _Preemption() as preemption, _close_on_error(loop), train_step:
-    while loop.step < setup.total_steps:
-      with clock.timed():  # images/s counts this and the fetch: not logging, eval or checkpoints
-        state, metrics = train_step(state, next(batches), loop.step)
-      loop.pending.append(metrics)
-      loop.step += 1
-      loop.bar.update(1)
-      stop = _agreed_stop(preemption.requested, loop.log_due)
-      if loop.log_due or stop:
-        _fetch(loop, clock)
-      if loop.log_due:
-        _log_train(loop, clock.lap(), batches.mean_wait_ms())
-      if loop.due_at_epoch_end(config.eval_every_epochs):
-        _evaluate(loop, eval_step, state)
-      if loop.due_at_epoch_end(config.checkpoint_every_epochs):
-        _checkpoint(loop, state)
-      if stop:
-        _preempt(loop, state)
-        break
-  loop.bar.close()
-  checkpointer.close()
-  done = loop.step >= setup.total_steps
-  fit = evaluate_train_fit(eval_step, state, setup, config, config.eval_batch_size) if done else {}
-  summary = _summary(loop, fit)
-  sink.finish(summary)
-  sink.close()
-  if parallel.is_main_process() and summary["completed"]:
-    writers.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
-  return summary
+  launch = run_setup.prepare_launch(config, workdir, overwrite)  # refuses before writing
+  fresh = None if launch.resuming else fresh_state(launch)  # bad pretrained weights: refused too
+  setup = launch.setup
+  with run_setup.hold_workdir(workdir, "a training launch"):
+    checkpointer = run_setup.open_run_folder(launch)
+    state, progress, resumed = start_or_resume(launch, checkpointer, fresh)
+    run_setup.record_weights(launch, resumed)
+    start = int(parallel.fetch(state.step))
+    sink = run_setup.create_sink(launch, start)
+    _announce(config, setup, start, resumed)
+    train_step, eval_step = _compile_steps(config, setup, launch.tx, launch.lr_schedule)
+    batches = _device_batches(launch.train_input, setup, start)
+    loop = _start_loop(launch, sink, checkpointer, progress, start)
+    clock = TrainClock()
+    profile = profiling.Profile(profile_steps, launch.run_dir.profile, setup.total_steps)
+    actions = periodic_actions(config, clock, batches, eval_step, profile)
+    with _Preemption() as preemption, _close_on_error(loop), profile:
+      while loop.step < setup.total_steps:
+        profile.begin(loop.step)
+        with clock.timed():  # images/s counts this and the fetch: not logging, eval, checkpoints
+          state, metrics = train_step(state, next(batches), loop.step)
+        loop.pending.append(metrics)
+        loop.step += 1
+        loop.stop = _agreed_stop(preemption.requested, loop.log_due)
+        for action in actions:
+          if action.due(loop):
+            action.run(loop, state)
+        if loop.stop:
+          break
+    loop.bar.close()
+    checkpointer.close()
+    done = loop.step >= setup.total_steps
+    batch = config.eval_batch_size
+    fit = evaluate.evaluate_train_fit(eval_step, state, setup, config, batch) if done else {}
+    summary = _summary(loop, fit)
+    sink.finish(summary)
+    sink.close()
+    if parallel.is_main_process() and summary["completed"]:
+      writers.write_json(launch.run_dir.summary, summary)
+    return summary

@@ -1,11 +1,12 @@
 """The run folder (`--workdir`): every file and folder in it, the `--overwrite` policy, its readers.
 
-`ENTRIES` is the one list of what a run, an eval or an analysis writes there; the writers take
-their names from here. `check` and `prepare` vet and create the folder before a run, `clear` is
-what `--overwrite` removes, `config_diff` decides when a config belongs to another run, and
-`read_run` reads a finished (or running) folder back. `RunLock` makes one process at a time the
-folder's writer (a training launch, an eval or an analysis). Light on purpose: no JAX, TF, orbax
-or matplotlib, so reports and plots can use it.
+`ENTRIES` is the one list of what a run, an eval or an analysis writes there, and `RunDir` the
+one place that joins those names onto a folder: every other module asks it for its paths.
+`check` and `prepare` vet and create the folder before a run, `clear` is what `--overwrite`
+removes, `config_diff` decides when a config belongs to another run (a key an older config.json
+lacks counts as its default), and `read_run` reads a finished (or running) folder back. `RunLock`
+makes one process at a time the folder's writer (a training launch, an eval or an analysis).
+Light on purpose: no JAX, TF, orbax or matplotlib, so reports and plots can use it.
 """
 
 import contextlib
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple, Self
 
 import ml_collections
 
-from jaxsam import errors
+from jaxsam import errors, writers
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -79,6 +80,100 @@ ENTRIES: dict[str, Entry] = {
 }
 CLEARED = tuple(name for name, entry in ENTRIES.items() if entry.cleared)
 
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+  """The paths of one run folder's entries: the only code that joins a name onto a workdir.
+
+  Train, eval, analysis, checkpoints, writers and weights take their paths from here, so the
+  folder's layout (`ENTRIES`, a contract with every existing run) is written once.
+  """
+
+  root: str
+
+  def _join(self, *names: str) -> str:
+    return os.path.join(self.root, *names)
+
+  @property
+  def config(self) -> str:
+    return self._join(CONFIG_FILE)
+
+  @property
+  def metrics(self) -> str:
+    return self._join(METRICS_FILE)
+
+  @property
+  def summary(self) -> str:
+    return self._join(SUMMARY_FILE)
+
+  @property
+  def curves(self) -> str:
+    return self._join(CURVES_FILE)
+
+  @property
+  def checkpoints(self) -> str:
+    return self._join(LAST_DIR)
+
+  def checkpoint(self, step: int) -> str:
+    """One saved step in `checkpoints/`."""
+    return self._join(LAST_DIR, str(step))
+
+  @property
+  def best(self) -> str:
+    return self._join(BEST_DIR)
+
+  def best_checkpoint(self, step: int) -> str:
+    """The best-accuracy step in `best/`."""
+    return self._join(BEST_DIR, str(step))
+
+  def corrupt(self, step: int) -> str:
+    """Where a checkpoint that failed to load is moved aside."""
+    return self._join(CORRUPT_DIR, str(step))
+
+  @property
+  def eval(self) -> str:
+    return self._join(EVAL_FILE)
+
+  @property
+  def analysis_dir(self) -> str:
+    return self._join(ANALYSIS_DIR)
+
+  @property
+  def analysis(self) -> str:
+    return self._join(ANALYSIS_DIR, ANALYSIS_FILE)
+
+  @property
+  def profile(self) -> str:
+    return self._join(PROFILE_DIR)
+
+  @property
+  def weights(self) -> str:
+    return self._join(WEIGHTS_FILE)
+
+  @property
+  def wandb_id(self) -> str:
+    return self._join(WANDB_ID_FILE)
+
+  @property
+  def lock(self) -> str:
+    return self._join(LOCK_FILE)
+
+  @property
+  def lock_holder(self) -> str:
+    return self._join(LOCK_HOLDER_FILE)
+
+  def entry(self, name: str) -> str:
+    """Any `ENTRIES` name's path (what `clear` walks)."""
+    if name not in ENTRIES:
+      raise KeyError(f"{name!r} is not a run-folder entry; known: {', '.join(ENTRIES)}")
+    return self._join(name)
+
+  def has_checkpoint(self) -> bool:
+    """Whether `checkpoints/` holds a saved step (a rerun then resumes from it)."""
+    folder = self.checkpoints
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 # Keys that may change between a run and its resumption without making it another run (where the
 # decoded-image cache lives changes no pixel; both input pipelines make the same batches).
 RESUME_MAY_CHANGE = frozenset(
@@ -107,18 +202,47 @@ def _allowed(name: str, allowed: Collection[str]) -> bool:
   return name in allowed or any(a.endswith(".") and name.startswith(a) for a in allowed)
 
 
+_MISSING = object()
+
+
 def config_diff(
-  old: Mapping, new: Mapping, allowed: Collection[str] = (), prefix: str = ""
+  old: Mapping,
+  new: Mapping,
+  allowed: Collection[str] = (),
+  prefix: str = "",
+  *,
+  defaults: Mapping | None = None,
 ) -> list[str]:
-  """Dotted names of the leaf keys whose values differ, sorted, leaving out the `allowed` ones."""
+  """Dotted names of the leaf keys whose values differ, sorted, leaving out the `allowed` ones.
+
+  A key that `old` (an older run's config.json) lacks counts as the value it has in `defaults`
+  (the code's default config): a key added since that run, left at its default, is no change.
+  """
   out = []
+  defaults = {} if defaults is None else defaults
   for k in sorted(set(old) | set(new)):
-    name, a, b = prefix + k, old.get(k), new.get(k)
+    name, a, b = prefix + k, old.get(k, _MISSING), new.get(k)
+    if a is _MISSING:
+      a = defaults.get(k)
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += config_diff(a, b, allowed, name + ".")
+      sub = defaults.get(k)
+      out += config_diff(
+        a, b, allowed, name + ".", defaults=sub if isinstance(sub, Mapping) else {}
+      )
     elif a != b and not _allowed(name, allowed):
       out.append(name)
   return out
+
+
+def default_config() -> dict[str, Any]:
+  """`configs/common.py`'s defaults as a dict, what a key missing from an older run's config.json
+  stood for; {} when the `configs` package is not importable (every missing key is then a change).
+  """
+  try:
+    from configs import common  # the repository's configs, next to launch.py
+  except ImportError:
+    return {}
+  return common.get_base_config().to_dict()
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -138,12 +262,13 @@ def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> N
     raise errors.ConfigError(
       f"--workdir={workdir} is not writable ({existing} is not a writable directory)"
     )
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = RunDir(workdir).config
   if os.path.exists(path) and not overwrite:
     diff = config_diff(
       _read_json(path, "use a new --workdir, or --overwrite to replace it"),
       json.loads(config_to_json(config)),
       RESUME_MAY_CHANGE,
+      defaults=default_config(),
     )
     if diff:
       raise errors.ConfigError(
@@ -161,7 +286,7 @@ def prepare(
     return
   if overwrite:
     clear(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = RunDir(workdir).config
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -176,8 +301,9 @@ def clear(workdir: str) -> None:
 
   Anything else in the folder (wandb's files, the user's own) stays.
   """
+  run = RunDir(workdir)
   for name in CLEARED:
-    path = os.path.join(workdir, name)
+    path = run.entry(name)
     if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -193,15 +319,31 @@ def _read_json(path: str, fix: str) -> Any:
     raise errors.ConfigError(f"{path} cannot be read as JSON ({e}); {fix}") from e
 
 
+def with_defaults(saved: Mapping, defaults: Mapping) -> dict[str, Any]:
+  """`saved` with every key it lacks taken from `defaults`, section by section (what an older
+  run's config.json stood for, under today's keys)."""
+  out = dict(saved)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(out[k], Mapping) and isinstance(v, Mapping):
+      out[k] = with_defaults(out[k], v)
+  return out
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in `<workdir>/config.json`."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  """The resolved config a run saved in `<workdir>/config.json`; a key it lacks (added since the
+  run) has its default, so eval and analysis read an older run with today's code."""
+  path = RunDir(workdir).config
   if not os.path.isfile(path):
     raise errors.ConfigError(
       f"--workdir={workdir} has no {CONFIG_FILE}; give the folder of a training run or pass "
       "--config"
     )
-  return ml_collections.ConfigDict(_read_json(path, "pass --config"))
+  saved = _read_json(path, "pass --config")
+  if not isinstance(saved, Mapping):
+    raise errors.ConfigError(f"{path} holds no config (a JSON object); pass --config")
+  return ml_collections.ConfigDict(with_defaults(saved, default_config()))
 
 
 def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
@@ -210,10 +352,10 @@ def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
     if not os.path.isdir(checkpoint):
       raise errors.CheckpointError(
         f"--checkpoint={checkpoint} is not a folder; pass a step folder such as "
-        f"{os.path.join(workdir, LAST_DIR, '<step>')}"
+        f"{RunDir(workdir).checkpoint('<step>')}"
       )
     return os.path.abspath(checkpoint)
-  last = os.path.join(workdir, LAST_DIR)
+  last = RunDir(workdir).checkpoints
   found = (
     sorted((int(n) for n in os.listdir(last) if n.isdigit()), reverse=True)
     if os.path.isdir(last)
@@ -224,22 +366,18 @@ def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
       f"--workdir={workdir} holds no checkpoint in {LAST_DIR}/; train first or pass "
       "--checkpoint=PATH"
     )
-  return os.path.abspath(os.path.join(last, str(found[0])))
-
-
-def analysis_path(workdir: str) -> str:
-  return os.path.join(workdir, ANALYSIS_DIR, ANALYSIS_FILE)
+  return os.path.abspath(RunDir(workdir).checkpoint(found[0]))
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
   """summary.json, or {} when the run has not completed."""
-  path = os.path.join(workdir, SUMMARY_FILE)
+  path = RunDir(workdir).summary
   return _read_json(path, "delete it and rerun the run") if os.path.isfile(path) else {}
 
 
 def read_analysis(workdir: str) -> dict[str, Any] | None:
   """analysis/analysis.json, or None when the run has not been analysed."""
-  path = analysis_path(workdir)
+  path = RunDir(workdir).analysis
   return _read_json(path, "rerun python -m jaxsam.analyze") if os.path.isfile(path) else None
 
 
@@ -256,9 +394,8 @@ class Run:
 
 def read_run(workdir: str) -> Run:
   """Everything a report needs from one run folder; a folder without config.json is refused."""
-  from jaxsam import writers  # writers takes its file names from this module
-
-  path = os.path.join(workdir, CONFIG_FILE)
+  run = RunDir(workdir)
+  path = run.config
   if not os.path.isfile(path):
     raise errors.ConfigError(
       f"{workdir} is not a run folder (no {CONFIG_FILE}); give workdirs of launch.py runs"
@@ -266,7 +403,7 @@ def read_run(workdir: str) -> Run:
   return Run(
     path=workdir,
     config=_read_json(path, "give workdirs of launch.py runs"),
-    records=writers.read_metrics(os.path.join(workdir, METRICS_FILE)),
+    records=writers.read_metrics(run.metrics),
     summary=read_summary(workdir),
     analysis=read_analysis(workdir),
   )
@@ -283,7 +420,7 @@ def _holder_text(workdir: str) -> str:
   """'launch.py (host h, pid 12, since 2026-01-01 10:00:00 UTC)' from the holder file, or a
   vaguer line when the holder has not written it yet."""
   try:
-    with open(os.path.join(workdir, LOCK_HOLDER_FILE)) as f:
+    with open(RunDir(workdir).lock_holder) as f:
       h = json.load(f)
     return f"{h['what']} (host {h['host']}, pid {h['pid']}, since {h['started']})"
   except (OSError, ValueError, KeyError, TypeError):
@@ -317,7 +454,7 @@ class RunLock:
     """
     try:
       os.makedirs(self.workdir, exist_ok=True)
-      fd = os.open(os.path.join(self.workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(RunDir(self.workdir).lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
       raise errors.ConfigError(f"--workdir={self.workdir} is not writable ({e.strerror})") from e
     # A few tries over a second: `check_not_held` probes hold the lock for microseconds, and a
@@ -346,7 +483,7 @@ class RunLock:
       "pid": os.getpid(),
       "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
-    path = os.path.join(self.workdir, LOCK_HOLDER_FILE)
+    path = RunDir(self.workdir).lock_holder
     with open(path + ".tmp", "w") as f:
       json.dump(holder, f)
     os.replace(path + ".tmp", path)
@@ -356,7 +493,7 @@ class RunLock:
     if self._fd is None:
       return
     with contextlib.suppress(OSError):  # the user removed it; the lock itself is what counts
-      os.remove(os.path.join(self.workdir, LOCK_HOLDER_FILE))
+      os.remove(RunDir(self.workdir).lock_holder)
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
@@ -381,7 +518,7 @@ def check_not_held(workdir: str) -> None:
   A cheap early probe, so that a second launch fails in a second rather than after loading its
   data; `RunLock.acquire` before the first write is what guarantees one writer.
   """
-  path = os.path.join(workdir, LOCK_FILE)
+  path = RunDir(workdir).lock
   try:
     fd = os.open(path, os.O_RDONLY)
   except OSError:

@@ -4,7 +4,8 @@
 `WandbWriter` logs every record to Weights & Biases (online, offline or disabled), with the
 resolved config, a final summary and optionally checkpoint artifacts. A resumed run continues the
 same wandb run: its id lives in `<workdir>/wandb_run_id`. The training loop sees one `RunWriter`,
-which owns every sink call (so no loop code knows about wandb).
+which owns every sink call (so no loop code knows about wandb). Paths come from the caller
+(`jaxsam.workdir.RunDir`): this module knows no file name of the run folder.
 """
 
 import json
@@ -16,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from jaxsam import errors
-from jaxsam.workdir import METRICS_FILE, WANDB_ID_FILE
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WANDB_HOST = "api.wandb.ai"
@@ -26,6 +26,14 @@ WANDB_INIT_TIMEOUT_S = 30.0  # an unreachable server falls back to offline after
 class Writer(Protocol):
   def write(self, record: dict[str, Any]) -> None: ...
   def close(self) -> None: ...
+
+
+class RunPaths(Protocol):
+  """What the sinks need of a run folder (`jaxsam.workdir.RunDir` is one)."""
+
+  root: str  # wandb keeps its files under it
+  metrics: str  # metrics.jsonl
+  wandb_id: str  # the wandb run id a resume continues
 
 
 def json_safe(value: Any) -> Any:
@@ -72,10 +80,10 @@ def _metric_value(value: Any) -> Any:
 
 
 class JsonlWriter:
-  """Appends records to `<workdir>/metrics.jsonl`, flushed per line so a kill loses nothing."""
+  """Appends records to `path` (a run's metrics.jsonl), flushed per line so a kill loses nothing."""
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
-    self.path = os.path.join(workdir, METRICS_FILE)
+  def __init__(self, path: str, resume_step: int | None = None):
+    self.path = path
     if resume_step is not None:
       truncate_after(self.path, resume_step)
     self._file = open(self.path, "a")  # noqa: SIM115 (open for the run; closed in close())
@@ -174,16 +182,15 @@ def resolve_wandb_mode(mode: str, environ: Mapping[str, str], netrc_path: str | 
   return "online" if wandb_credentials_found(environ, netrc_path) else "offline"
 
 
-def read_wandb_run_id(workdir: str) -> str | None:
-  path = os.path.join(workdir, WANDB_ID_FILE)
+def read_wandb_run_id(path: str) -> str | None:
+  """The wandb run id saved at `path` (`RunDir.wandb_id`), or None before the first run."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return f.read().strip() or None
 
 
-def _write_wandb_run_id(workdir: str, run_id: str) -> None:
-  path = os.path.join(workdir, WANDB_ID_FILE)
+def _write_wandb_run_id(path: str, run_id: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(run_id + "\n")
   os.replace(path + ".tmp", path)
@@ -228,14 +235,15 @@ class WandbWriter:
 
 
 def create_wandb_writer(
-  wandb_config, workdir: str, run_config: dict[str, Any], *, environ: Mapping[str, str]
+  wandb_config, paths: RunPaths, run_config: dict[str, Any], *, environ: Mapping[str, str]
 ) -> WandbWriter | None:
   """Starts (or resumes) the workdir's wandb run as `wandb_config` says; None when disabled.
 
   Args:
     wandb_config: the config's `wandb` section (mode, project, entity, name, tags, group).
-    workdir: the run folder; wandb writes under `<workdir>/wandb/` and the run id goes to
-      `<workdir>/wandb_run_id`, so that rerunning the same command continues the same wandb run.
+    paths: the run folder's paths (`jaxsam.workdir.RunDir`); wandb writes under
+      `<workdir>/wandb/` and the run id goes to `paths.wandb_id`, so that rerunning the same
+      command continues the same wandb run.
     run_config: the resolved config, logged as the wandb run's config.
     environ: the process environment (WANDB_MODE, WANDB_API_KEY, NETRC), which decides `auto`.
 
@@ -258,16 +266,16 @@ def create_wandb_writer(
   kwargs = {
     "project": wandb_config.project or None,
     "entity": wandb_config.entity or None,
-    "name": wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+    "name": wandb_config.name or os.path.basename(os.path.normpath(os.path.abspath(paths.root))),
     "group": wandb_config.group or None,
     "tags": [t.strip() for t in wandb_config.tags.split(",") if t.strip()] or None,
     "config": run_config,
-    "dir": workdir,
+    "dir": paths.root,
     "resume": "allow",
-    "id": read_wandb_run_id(workdir),
+    "id": read_wandb_run_id(paths.wandb_id),
   }
   try:
-    run = wandb.init(
+    wandb_run = wandb.init(
       mode=mode,
       settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, **wandb_console_settings(mode)),
       **kwargs,
@@ -281,11 +289,13 @@ def create_wandb_writer(
       file=sys.stderr,
     )
     mode = "offline"
-    run = wandb.init(mode=mode, settings=wandb.Settings(**wandb_console_settings(mode)), **kwargs)
+    wandb_run = wandb.init(
+      mode=mode, settings=wandb.Settings(**wandb_console_settings(mode)), **kwargs
+    )
   if mode == "offline":
-    print(offline_run_line(run.settings.sync_dir), flush=True)
-  _write_wandb_run_id(workdir, run.id)
-  return WandbWriter(run)
+    print(offline_run_line(wandb_run.settings.sync_dir), flush=True)
+  _write_wandb_run_id(paths.wandb_id, wandb_run.id)
+  return WandbWriter(wandb_run)
 
 
 def wandb_console_settings(mode: str) -> dict[str, bool]:
@@ -345,15 +355,15 @@ class RunWriter:
 
 
 def create_run_writer(
-  config, workdir: str, *, start_step: int, main_process: bool, environ: Mapping[str, str]
+  config, paths: RunPaths, *, start_step: int, main_process: bool, environ: Mapping[str, str]
 ) -> RunWriter:
   """The run's sinks: metrics.jsonl (records past `start_step` dropped: the resumed run redoes
   them) and wandb as `config.wandb` says; no sinks on processes other than 0."""
   if not main_process:
     return RunWriter()
-  jsonl = JsonlWriter(workdir, resume_step=start_step)
+  jsonl = JsonlWriter(paths.metrics, resume_step=start_step)
   try:
-    wandb = create_wandb_writer(config.wandb, workdir, config.to_dict(), environ=environ)
+    wandb = create_wandb_writer(config.wandb, paths, config.to_dict(), environ=environ)
   except BaseException:
     jsonl.close()
     raise

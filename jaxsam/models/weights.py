@@ -615,14 +615,14 @@ def write_record(workdir: str, resolved: Resolved) -> None:
   """
   record = dataclasses.asdict(resolved)
   record["pretrained"] = record.pop("spec")
-  path = os.path.join(workdir, workdir_lib.WEIGHTS_FILE)
+  path = workdir_lib.RunDir(workdir).weights
   with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
 
 
 def read_record(workdir: str) -> dict | None:
-  path = os.path.join(workdir, workdir_lib.WEIGHTS_FILE)
+  path = workdir_lib.RunDir(workdir).weights
   try:
     with open(path) as f:
       record = json.load(f)

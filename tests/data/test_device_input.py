@@ -274,6 +274,7 @@ import sys
 for name in ('tensorflow', 'tensorflow_datasets', 'wandb'): sys.modules[name] = None
 from configs import common
 from jaxsam import errors, writers
+from jaxsam import workdir as workdir_lib
 import jaxsam.data
 config = common.get_base_config()
 config.dataset.source, config.dataset.name = 'image_folder', 'set'
@@ -284,7 +285,8 @@ try:
 except errors.ConfigError as e:
   print('streaming:', e)
 config.wandb.mode = 'online'
-print('writer:', writers.create_wandb_writer(config.wandb, {str(tmp_path)!r}, {{}}, environ={{}}))
+run_dir = workdir_lib.RunDir({str(tmp_path)!r})
+print('writer:', writers.create_wandb_writer(config.wandb, run_dir, {{}}, environ={{}}))
 """
   done = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False

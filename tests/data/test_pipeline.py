@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from configs import common
-from jaxsam import errors, parallel, steps, train
+from jaxsam import errors, evaluate, parallel, run_setup, steps
 from jaxsam import state as state_lib
 from jaxsam.data import datasource, pipeline, rows, sources
 
@@ -127,7 +127,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   mesh = parallel.make_mesh(jax.devices()[:8])
   cfg = state_lib.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
   model = FixedLogits()
-  setup = train.Setup(
+  setup = run_setup.Setup(
     data=datasource.InMemory(data),
     model=model,
     step_config=cfg,
@@ -138,7 +138,7 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   )
   eval_step = steps.compile_eval_step(mesh, model=model, cfg=cfg)
   state = parallel.replicate(state_lib.create_train_state(model, optax.identity(), cfg), mesh)
-  result = train.evaluate_test_split(eval_step, state, setup, global_batch=16)
+  result = evaluate.evaluate_test_split(eval_step, state, setup, global_batch=16)
   assert result["test/count"] == 50
   assert result["test/accuracy"] == pytest.approx(expected_correct.mean(), abs=1e-7)
   per_class = [

@@ -22,6 +22,7 @@ from PIL import Image
 
 from configs import common
 from jaxsam import errors
+from jaxsam import workdir as workdir_lib
 from jaxsam.data import (
   choice,
   datasource,
@@ -270,9 +271,7 @@ def test_streamed_eval_of_a_checkpoint_gives_the_in_memory_metrics(tmp_path):
   summary = train.train_and_evaluate(config, workdir)
   assert summary["completed"] and summary["steps"] == 6
   logged = [
-    r
-    for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-    if "test/accuracy" in r
+    r for r in writers.read_metrics(workdir_lib.RunDir(workdir).metrics) if "test/accuracy" in r
   ][-1]
   config.dataset.in_memory = "false"
   result = evaluate.evaluate_checkpoint(config, workdir)
@@ -698,7 +697,7 @@ def test_streamed_kill9_and_resume_equals_uninterrupted(tfds_dir, tmp_path):
     np.testing.assert_array_equal(x, y, strict=True)
   from jaxsam import writers
 
-  records = [writers.read_metrics(os.path.join(w, writers.METRICS_FILE)) for w in (a, b)]
+  records = [writers.read_metrics(workdir_lib.RunDir(w).metrics) for w in (a, b)]
   assert runs.without_time(records[0]) == runs.without_time(records[1])
 
 
@@ -714,7 +713,7 @@ def _kill_mid_epoch(proc, workdir) -> int:
     assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be killed"
     steps = [
       r["step"]
-      for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+      for r in writers.read_metrics(workdir_lib.RunDir(workdir).metrics)
       if "train/loss" in r
     ]
     folder = os.path.join(workdir, "checkpoints")

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxsam import models, steps, train
+from jaxsam import models, run_setup, steps
 from jaxsam import state as state_lib
 from jaxsam.convert import convert
 from jaxsam.errors import ConfigError, PretrainedError
@@ -310,9 +310,10 @@ def test_efficientnet_b0_matches_keras(tmp_path):
 
 # ------------------------------------------------------------- end to end: uint8 images -> logits
 # Each reference model gets what its own library's preprocessing makes of uint8 images; jaxsam gets
-# the same uint8 images through its own path (train.normalization -> StepConfig -> steps.preprocess
-# -> model). BN statistics are calibrated on those very inputs (see the randomise helpers), so the
-# comparison tests the input convention and the mapping, not float32 round-off of a chaotic net.
+# the same uint8 images through its own path (run_setup.normalization -> StepConfig ->
+# steps.preprocess -> model). BN statistics are calibrated on those very inputs (see the randomise
+# helpers), so the comparison tests the input convention and the mapping, not float32 round-off of
+# a chaotic net.
 
 E2E_SIZE = 64
 E2E_BATCH = 4
@@ -345,7 +346,7 @@ def jaxsam_logits(path, name: str, images: np.ndarray, modes=("auto",), **kw) ->
   apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
   out = {}
   for mode in modes:
-    norm = train.normalization(run_config(name, path, mode, **kw), None)
+    norm = run_setup.normalization(run_config(name, path, mode, **kw), None)
     cfg = state_lib.StepConfig(image_size=images.shape[1], **norm)
     out[mode] = np.asarray(apply(variables, steps.preprocess(jnp.asarray(images), cfg)))
   return out
@@ -375,7 +376,7 @@ def test_keras_resnet50_end_to_end_with_caffe_preprocessing(tmp_path):
   convert("resnet50", str(tmp_path / "resnet50.h5"), str(tmp_path / "r.msgpack"), resnet_v1=True)
   assert pretrained.read_file(tmp_path / "r.msgpack")[2]["origin"] == "keras"
   for path in (tmp_path / "resnet50.h5", tmp_path / "r.msgpack"):
-    assert train.normalization(run_config("resnet50", path, resnet_v1=True), None)["bgr"]
+    assert run_setup.normalization(run_config("resnet50", path, resnet_v1=True), None)["bgr"]
   check_end_to_end(
     ref_logits, tmp_path / "r.msgpack", "resnet50", images, "imagenet", resnet_v1=True
   )
@@ -442,7 +443,7 @@ def test_preprocess_matches_each_librarys_preprocessing():
     steps.preprocess(
       jnp.asarray(images),
       state_lib.StepConfig(
-        image_size=8, **train.normalization(run_config("resnet50", "", mode), None)
+        image_size=8, **run_setup.normalization(run_config("resnet50", "", mode), None)
       ),
     )
   )
@@ -456,7 +457,7 @@ def test_preprocess_matches_each_librarys_preprocessing():
 
 
 def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path):
-  picked = lambda path, name="resnet50", **kw: train.normalization(
+  picked = lambda path, name="resnet50", **kw: run_setup.normalization(
     run_config(name, path, **kw), None
   )
   caffe = {"mean": steps.CAFFE_MEAN_BGR, "std": steps.CAFFE_STD, "bgr": True}
@@ -488,12 +489,12 @@ def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path)
   assert picked(tmp_path / "tv.pth", "resnet18", normalization="caffe") == caffe
   assert picked(tmp_path / "raw.h5", resnet_v1=True, normalization="imagenet") == imagenet
   data = type("Data", (), {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)})
-  assert train.normalization(run_config("resnet18", ""), data)["mean"] == (0.1, 0.2, 0.3)
+  assert run_setup.normalization(run_config("resnet18", ""), data)["mean"] == (0.1, 0.2, 0.3)
 
 
 def test_bad_normalization_and_origin_are_one_line_errors(resnet18_state, tmp_path):
   with pytest.raises(ConfigError) as info:
-    train.normalization(run_config("resnet50", "", normalization="bgr"), None)
+    run_setup.normalization(run_config("resnet50", "", normalization="bgr"), None)
   assert str(info.value) == (
     "model.normalization='bgr' is unknown; known: auto, imagenet, inception, caffe, dataset"
   )

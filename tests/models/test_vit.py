@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from jaxsam import models, train
+from jaxsam import models, run_setup
 from jaxsam.convert import convert
 from jaxsam.errors import ConfigError, PretrainedError
 from jaxsam.models import pretrained, vit, vit_import
@@ -277,7 +277,7 @@ def test_jaxsam_file_round_trips_and_auto_normalization_is_inception(tmp_path):
   config = common.get_base_config()
   config.model.name = "vit_ti16"
   config.model.pretrained = str(path)
-  norm = train.normalization(config, data=None)
+  norm = run_setup.normalization(config, data=None)
   assert norm == {"mean": (0.5,) * 3, "std": (0.5,) * 3, "bgr": False}
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors
+from jaxsam import workdir as workdir_lib
 
 
 def _state(value: float, size: int = 64):
@@ -45,11 +46,11 @@ def _saved(workdir, steps, size=64, best=None):
 def test_keeps_last_n_and_best(tmp_path):
   c = _saved(tmp_path, [1, 2, 3, 4], best={1: 0.5, 2: 0.9, 3: 0.7, 4: 0.8})
   assert c.steps() == [3, 4]
-  assert c.best_path() == os.path.join(str(tmp_path), ckpt_lib.BEST_DIR, "2")
+  assert c.best_path() == os.path.join(str(tmp_path), workdir_lib.BEST_DIR, "2")
   state, meta = ckpt_lib.restore(c.best_path(), _abstract())
   assert meta == {"epoch": 2} and float(state["params"]["w"][0]) == 2.0
   state, meta, path = c.restore_latest(_abstract())
-  assert path.endswith(os.path.join(ckpt_lib.LAST_DIR, "4")) and int(state["step"]) == 4
+  assert path.endswith(os.path.join(workdir_lib.LAST_DIR, "4")) and int(state["step"]) == 4
   c.close()
 
 
@@ -73,7 +74,7 @@ def test_truncated_latest_errors_clearly_and_previous_restores(tmp_path, capsys)
     len(warning) == 1 and warning[0].startswith("warning: checkpoint ") and latest in warning[0]
   )
   assert c.steps() == [1]
-  assert os.path.isdir(os.path.join(str(tmp_path), ckpt_lib.CORRUPT_DIR, "2", "state"))
+  assert os.path.isdir(os.path.join(str(tmp_path), workdir_lib.CORRUPT_DIR, "2", "state"))
   # The next save of that step works (the damaged folder no longer blocks it).
   c.save(2, _state(2.0, 4096), {"epoch": 2})
   assert c.restore_latest(_abstract(4096))[1] == {"epoch": 2}
@@ -107,7 +108,7 @@ def test_interrupted_save_leftover_is_ignored_and_cleaned(tmp_path):
   c = _saved(tmp_path, [1])
   c.close()
   # What a kill during orbax's save of step 2 leaves: a temporary folder, never renamed into place.
-  leftover = os.path.join(str(tmp_path), ckpt_lib.LAST_DIR, "2.orbax-checkpoint-tmp-1234567")
+  leftover = os.path.join(str(tmp_path), workdir_lib.LAST_DIR, "2.orbax-checkpoint-tmp-1234567")
   os.makedirs(os.path.join(leftover, "state"))
   with open(os.path.join(leftover, "state", "partial"), "wb") as f:
     f.write(b"\0" * 100)

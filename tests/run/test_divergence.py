@@ -41,7 +41,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   diverging = _tiny_config(max_steps=14, **{"optimizer.learning_rate": 3e38})
   with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(workdir_lib.config_to_json(diverging))
-  last_good = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")
+  last_good = os.path.join(workdir, workdir_lib.LAST_DIR, "11")
   with pytest.raises(
     train.TrainingError,
     match=re.escape(f"non-finite train loss at step 13; last good checkpoint: {last_good}"),
@@ -53,7 +53,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert checkpointer.steps() == [11]  # nothing non-finite was saved
   finally:
     checkpointer.close()
-  records = writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
+  records = writers.read_metrics(workdir_lib.RunDir(workdir).metrics)
   train_losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
   assert all(math.isfinite(v) for v in train_losses.values())
   assert max(train_losses) == 12  # logged up to the last finite step

@@ -11,7 +11,7 @@ import pytest
 
 from configs import quickstart
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import errors, evaluate, train, writers
+from jaxsam import errors, evaluate, run_setup, train, writers
 from jaxsam import workdir as workdir_lib
 from support.paths import ROOT
 
@@ -37,9 +37,7 @@ def run(tmp_path_factory):
   summary = train.train_and_evaluate(_tiny_config(), workdir)
   assert summary["completed"] and summary["steps"] == 14
   evals = [
-    r
-    for r in writers.read_metrics(os.path.join(workdir, writers.METRICS_FILE))
-    if "test/accuracy" in r
+    r for r in writers.read_metrics(workdir_lib.RunDir(workdir).metrics) if "test/accuracy" in r
   ]
   assert [r["step"] for r in evals] == [11, 14]
   return workdir, {r["step"]: r for r in evals}
@@ -58,7 +56,7 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
     assert json.load(f) == result
   # Per-class accuracies weighted by class sizes give back top-1.
   config = workdir_lib.read_config(workdir)
-  labels = train.build_setup(config).data.arrays.test.labels
+  labels = run_setup.build_setup(config).data.arrays.test.labels
   sizes = np.bincount(labels, minlength=10)
   assert len(result["per_class_accuracy"]) == 10
   assert np.dot(result["per_class_accuracy"], sizes) / sizes.sum() == pytest.approx(
@@ -69,7 +67,7 @@ def test_eval_reproduces_logged_metrics_of_final_checkpoint(run):
 @pytest.mark.slow
 def test_eval_of_an_earlier_checkpoint(run):
   workdir, logged = run
-  path = os.path.join(workdir, ckpt_lib.LAST_DIR, "11")
+  path = os.path.join(workdir, workdir_lib.LAST_DIR, "11")
   result = evaluate.evaluate_checkpoint(None, workdir, checkpoint=path)
   assert result["step"] == 11 and result["top1"] == logged[11]["test/accuracy"]
 

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsam import checkpoint as ckpt_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam import writers
 from support.paths import ROOT
@@ -62,13 +61,13 @@ def _launch(workdir: str, tmp: str, log: str) -> subprocess.Popen:
 def _interrupt_mid_epoch(proc: subprocess.Popen, workdir: str, after_step: int, sig: int) -> int:
   """Sends `sig` once a train record past `after_step` that is not an epoch end is logged, with a
   checkpoint on disk; returns that step. Waits up to 10 minutes (a loaded CI machine)."""
-  metrics = os.path.join(workdir, writers.METRICS_FILE)
+  metrics = workdir_lib.RunDir(workdir).metrics
   deadline = time.time() + 600
   while time.time() < deadline:
     assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be interrupted"
     steps = [r["step"] for r in writers.read_metrics(metrics) if "train/loss" in r]
-    has_checkpoint = os.path.isdir(os.path.join(workdir, ckpt_lib.LAST_DIR)) and any(
-      n.isdigit() for n in os.listdir(os.path.join(workdir, ckpt_lib.LAST_DIR))
+    has_checkpoint = os.path.isdir(os.path.join(workdir, workdir_lib.LAST_DIR)) and any(
+      n.isdigit() for n in os.listdir(os.path.join(workdir, workdir_lib.LAST_DIR))
     )
     if steps and steps[-1] > after_step and steps[-1] % STEPS_PER_EPOCH and has_checkpoint:
       proc.send_signal(sig)
@@ -91,35 +90,38 @@ def runs(tmp_path_factory):
   b1 = _launch(b, tmp, logs["b1"])
   killed_at = _interrupt_mid_epoch(b1, b, STEPS_PER_EPOCH, signal.SIGKILL)
   assert b1.wait(timeout=60) == -signal.SIGKILL
-  info = {"killed_at": killed_at, "wandb_ids": [writers.read_wandb_run_id(b)]}
+  info = {
+    "killed_at": killed_at,
+    "wandb_ids": [writers.read_wandb_run_id(workdir_lib.RunDir(b).wandb_id)],
+  }
   info["checkpoints_after_kill"] = sorted(
-    int(n) for n in os.listdir(os.path.join(b, ckpt_lib.LAST_DIR)) if n.isdigit()
+    int(n) for n in os.listdir(os.path.join(b, workdir_lib.LAST_DIR)) if n.isdigit()
   )
   b2 = _launch(b, tmp, logs["b2"])
   info["sigterm_at"] = _interrupt_mid_epoch(b2, b, killed_at, signal.SIGTERM)
   info["b2_rc"] = b2.wait(timeout=300)
   info["checkpoints_after_sigterm"] = sorted(
-    int(n) for n in os.listdir(os.path.join(b, ckpt_lib.LAST_DIR)) if n.isdigit()
+    int(n) for n in os.listdir(os.path.join(b, workdir_lib.LAST_DIR)) if n.isdigit()
   )
-  info["wandb_ids"].append(writers.read_wandb_run_id(b))
+  info["wandb_ids"].append(writers.read_wandb_run_id(workdir_lib.RunDir(b).wandb_id))
   b3 = _launch(b, tmp, logs["b3"])
   assert b3.wait(timeout=600) == 0, _output(logs["b3"])[-3000:]
   assert run_a.wait(timeout=600) == 0, _output(logs["a"])[-3000:]
-  info["wandb_ids"].append(writers.read_wandb_run_id(b))
+  info["wandb_ids"].append(writers.read_wandb_run_id(workdir_lib.RunDir(b).wandb_id))
   return {"a": a, "b": b, "logs": {k: _output(v) for k, v in logs.items()}, **info}
 
 
 def test_kill9_and_sigterm_resume_equals_uninterrupted(runs):
-  a_state = load_state(os.path.join(runs["a"], ckpt_lib.LAST_DIR, str(TOTAL)))
-  b_state = load_state(os.path.join(runs["b"], ckpt_lib.LAST_DIR, str(TOTAL)))
+  a_state = load_state(os.path.join(runs["a"], workdir_lib.LAST_DIR, str(TOTAL)))
+  b_state = load_state(os.path.join(runs["b"], workdir_lib.LAST_DIR, str(TOTAL)))
   flat_a = jax.tree_util.tree_flatten_with_path(a_state)[0]
   flat_b = jax.tree_util.tree_flatten_with_path(b_state)[0]
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b] and len(flat_a) > 50
   for (path, x), (_, y) in zip(flat_a, flat_b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path), strict=True)
   assert int(a_state["step"]) == TOTAL
-  a_metrics = writers.read_metrics(os.path.join(runs["a"], writers.METRICS_FILE))
-  b_metrics = writers.read_metrics(os.path.join(runs["b"], writers.METRICS_FILE))
+  a_metrics = writers.read_metrics(workdir_lib.RunDir(runs["a"]).metrics)
+  b_metrics = writers.read_metrics(workdir_lib.RunDir(runs["b"]).metrics)
   assert len(a_metrics) == TOTAL + NUM_EPOCHS  # a train record per step, an eval per epoch
   assert without_time(b_metrics) == without_time(a_metrics)
   with open(os.path.join(runs["a"], workdir_lib.SUMMARY_FILE)) as f:

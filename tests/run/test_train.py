@@ -98,3 +98,36 @@ def test_startup_line_says_when_m_follows_the_device_count():
   assert train.sam_m_text(config, 16) == "16"
   config.sam.rho = 0.0
   assert train.sam_m_text(config, 0) == "n/a (rho=0)"
+
+
+def test_a_fresh_run_record_is_the_checkpoint_meta_runs_have_always_saved():
+  """A fresh run's meta (a contract with existing checkpoints): no eval fields before an eval."""
+  assert train.RunProgress.fresh().to_meta() == {
+    "epoch": 0,
+    "best_accuracy": None,
+    "best_epoch": None,
+    "window": [],
+    "wall_time": 0.0,
+    "sam_steps": 0.0,
+  }
+
+
+def test_a_resumed_run_record_restores_every_field_and_counts_old_checkpoints_sam_steps():
+  meta = {
+    "epoch": 3,
+    "best_accuracy": 0.5,
+    "best_epoch": 2,
+    "window": [{"train/loss": 1.0}],
+    "wall_time": 12.5,
+    "sam_steps": 7.0,
+    "last_accuracy": 0.4,
+    "evaluated_epoch": 3,
+  }
+  progress = train.RunProgress.restored(meta, step=30, default_sam_active=1.0)
+  assert progress.to_meta() == meta
+  progress.window.append({"train/loss": 2.0})  # the loop's window is its own list
+  assert meta["window"] == [{"train/loss": 1.0}]
+  # A checkpoint from before the SAM step count: each of its steps counts as the run's default.
+  older = {k: v for k, v in meta.items() if k != "sam_steps"}
+  assert train.RunProgress.restored(older, step=30, default_sam_active=1.0).sam_steps == 30.0
+  assert train.RunProgress.restored(older, step=30, default_sam_active=0.0).sam_steps == 0.0

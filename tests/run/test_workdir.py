@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from configs import quickstart
-from jaxsam import checkpoint, errors, report, writers
+from jaxsam import errors, report
 from jaxsam import workdir as workdir_lib
 from support.paths import ROOT
 
@@ -49,10 +49,16 @@ def test_the_table_names_every_file_and_folder_and_the_writers_use_it():
   assert set(workdir_lib.CLEARED) == set(workdir_lib.ENTRIES) - kept
   assert {"analysis", "eval.json", "config.json", "checkpoints"} <= set(workdir_lib.CLEARED)
   assert all(e.what and "\n" not in e.what for e in workdir_lib.ENTRIES.values())
-  assert (
-    checkpoint.LAST_DIR is workdir_lib.LAST_DIR and writers.METRICS_FILE is workdir_lib.METRICS_FILE
+  run = workdir_lib.RunDir("w")
+  assert run.analysis == os.path.join("w", "analysis", "analysis.json")
+  assert run.checkpoint(7) == os.path.join("w", "checkpoints", "7")
+  assert (run.metrics, run.summary, run.eval, run.weights, run.lock) == tuple(
+    os.path.join("w", n)
+    for n in ("metrics.jsonl", "summary.json", "eval.json", "weights.json", "run.lock")
   )
-  assert workdir_lib.analysis_path("w") == os.path.join("w", "analysis", "analysis.json")
+  assert [run.entry(n) for n in workdir_lib.ENTRIES] == [
+    os.path.join("w", n) for n in workdir_lib.ENTRIES
+  ]
 
 
 def test_config_diff_names_leaves_and_leaves_out_allowed_keys_and_sections():
@@ -72,6 +78,43 @@ def test_config_diff_names_leaves_and_leaves_out_allowed_keys_and_sections():
   ]
   assert workdir_lib.config_diff(old, new, {"seed", "wandb."}) == ["extra", "sam.rho"]
   assert workdir_lib.config_diff({"sam": {"rho": 1}}, {"sam": 2}) == ["sam"]
+
+
+def test_config_diff_reads_a_key_an_older_config_lacks_as_its_default():
+  """A key added since a run was made is no change at its default, a change at another value."""
+  defaults = {"seed": 0, "sam": {"rho": 0.05, "every": 1}, "new": {"a": 1}}
+  old = {"seed": 0, "sam": {"rho": 0.05}}
+  assert workdir_lib.config_diff(old, defaults, defaults=defaults) == []
+  new = {"seed": 0, "sam": {"rho": 0.05, "every": 2}, "new": {"a": 3}}
+  assert workdir_lib.config_diff(old, new, defaults=defaults) == ["new.a", "sam.every"]
+  assert workdir_lib.config_diff(old, defaults) == ["new", "sam.every"]  # no defaults: changes
+  # A key the new config lacks (removed from the code) is still a change.
+  assert workdir_lib.config_diff({"gone": 1, "seed": 0}, {"seed": 0}, defaults=defaults) == ["gone"]
+
+
+def _drop_keys(config_json, *dotted: str) -> None:
+  """Deletes keys from a run's config.json, as a config.json written before they existed."""
+  with open(config_json) as f:
+    saved = json.load(f)
+  for name in dotted:
+    *parents, leaf = name.split(".")
+    section = saved
+    for p in parents:
+      section = section[p]
+    del section[leaf]
+  with open(config_json, "w") as f:
+    json.dump(saved, f)
+
+
+def test_check_accepts_an_older_config_without_a_key_at_its_default(tmp_path):
+  workdir = str(tmp_path / "run")
+  workdir_lib.prepare(_config(), workdir, overwrite=False)
+  _drop_keys(os.path.join(workdir, "config.json"), "label_smoothing", "dataset.max_image_pixels")
+  workdir_lib.check(_config(), workdir, overwrite=False)
+  filled = workdir_lib.config_to_json(workdir_lib.read_config(workdir))
+  assert filled == workdir_lib.config_to_json(_config())  # the two keys at their defaults
+  with pytest.raises(errors.ConfigError, match=r"differs in label_smoothing\)"):
+    workdir_lib.check(_config(label_smoothing=0.1), workdir, overwrite=False)
 
 
 @pytest.mark.parametrize(
@@ -169,13 +212,17 @@ def test_read_run_reads_config_metrics_summary_and_analysis(tmp_path):
     workdir_lib.read_run(str(tmp_path))
 
 
-def _launch(workdir, *args):
-  env = dict(
+def _env() -> dict:
+  return dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=2",
     CUDA_VISIBLE_DEVICES="",
     TF_CPP_MIN_LOG_LEVEL="2",
   )
+
+
+def _launch(workdir, *args):
+  env = _env()
   proc = subprocess.run(
     [
       sys.executable,
@@ -197,6 +244,32 @@ def _launch(workdir, *args):
     check=False,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_run_whose_config_json_lacks_keys_resumes_with_todays_code(tmp_path):
+  """A real run's config.json without two keys (as written before they existed) resumes: the
+  rerun continues from its checkpoint and writes today's full config back."""
+  workdir = tmp_path / "run"
+  _launch(workdir, "--config.max_steps=2")
+  _drop_keys(workdir / "config.json", "label_smoothing", "dataset.max_image_pixels")
+  evaluated = subprocess.run(  # no --config: the run's config.json, the two keys at defaults
+    [sys.executable, "launch.py", "--mode=eval", f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads((workdir / "eval.json").read_text())["step"] == 2
+  _launch(workdir, "--config.max_steps=4")
+  steps = [r["step"] for r in workdir_lib.read_run(str(workdir)).records if "train/loss" in r]
+  assert steps[-1] == 4 and json.loads((workdir / "summary.json").read_text())["steps"] == 4
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # resumed: step 2 kept
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["label_smoothing"] == 0.0 and saved["dataset"]["max_image_pixels"] == 89_478_485
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxsam import errors, writers
+from jaxsam import workdir as workdir_lib
 
 
 def _wandb_config(**overrides) -> ml_collections.ConfigDict:
@@ -85,30 +86,30 @@ def strict_json(text: str):
 
 
 def test_jsonl_roundtrip_nan_and_resume_truncation(tmp_path):
-  w = writers.JsonlWriter(str(tmp_path))
+  w = writers.JsonlWriter(workdir_lib.RunDir(str(tmp_path)).metrics)
   for step in (1, 2, 3, 4):
     w.write({"step": step, "epoch": step / 2, "train/loss": float("nan") if step == 2 else 1.0})
   w.close()
-  path = os.path.join(tmp_path, writers.METRICS_FILE)
+  path = workdir_lib.RunDir(tmp_path).metrics
   with open(path) as f:
     assert strict_json(f.readlines()[1]) == {"step": 2, "epoch": 1.0, "train/loss": None}
   records = writers.read_metrics(path)
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   assert math.isnan(records[1]["train/loss"])  # null reads back as NaN: a metric is a number
   # A resumed run drops what was logged after its checkpoint, then appends.
-  w = writers.JsonlWriter(str(tmp_path), resume_step=2)
+  w = writers.JsonlWriter(workdir_lib.RunDir(str(tmp_path)).metrics, resume_step=2)
   w.write({"step": 3, "epoch": 1.5, "train/loss": 0.5})
   w.close()
   with open(path) as f:
     assert [strict_json(line)["train/loss"] for line in f] == [1.0, None, 0.5]
   # A fresh start (step 0) drops a killed run's records.
-  writers.JsonlWriter(str(tmp_path), resume_step=0).close()
+  writers.JsonlWriter(workdir_lib.RunDir(str(tmp_path)).metrics, resume_step=0).close()
   assert writers.read_metrics(path) == []
 
 
 def test_metrics_with_nonfinite_strings_still_read(tmp_path):
   """Files that hold non-finite values as the strings "nan", "inf", "-inf" read as floats."""
-  path = os.path.join(tmp_path, writers.METRICS_FILE)
+  path = workdir_lib.RunDir(tmp_path).metrics
   with open(path, "w") as f:
     f.write(
       '{"step": 1, "epoch": 0.5, "train/loss": 1.0, "sam/gap": "nan"}\n'
@@ -150,7 +151,7 @@ def test_write_json_makes_every_nonfinite_value_null(tmp_path):
 
 
 def test_read_metrics_skips_only_a_cut_last_line(tmp_path):
-  path = os.path.join(tmp_path, writers.METRICS_FILE)
+  path = workdir_lib.RunDir(tmp_path).metrics
   with open(path, "w") as f:
     f.write('{"step": 1, "epoch": 0.5}\n{"step": 2, "ep')  # killed mid-write
   assert writers.read_metrics(path) == [{"step": 1, "epoch": 0.5}]
@@ -185,7 +186,9 @@ def test_wandb_mode_resolution(tmp_path):
 
 def test_disabled_wandb_creates_nothing(tmp_path):
   assert (
-    writers.create_wandb_writer(_wandb_config(mode="disabled"), str(tmp_path), {}, environ={})
+    writers.create_wandb_writer(
+      _wandb_config(mode="disabled"), workdir_lib.RunDir(str(tmp_path)), {}, environ={}
+    )
     is None
   )
   assert os.listdir(tmp_path) == []
@@ -204,7 +207,7 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
     {"step": 10, "epoch": 1, "test/loss": 1.25, "test/accuracy": 0.75},
   ]
   writer = writers.create_wandb_writer(
-    _wandb_config(), workdir, run_config, environ={"WANDB_MODE": "disabled"}
+    _wandb_config(), workdir_lib.RunDir(workdir), run_config, environ={"WANDB_MODE": "disabled"}
   )
   assert writer is not None and writer.run.settings.mode == "offline"
   for r in records:
@@ -214,7 +217,7 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
   import wandb
 
   wandb.teardown()  # the wandb service finishes writing the .wandb file when it shuts down
-  run_id = writers.read_wandb_run_id(workdir)
+  run_id = writers.read_wandb_run_id(workdir_lib.RunDir(workdir).wandb_id)
   assert run_id == writer.run.id
   files = glob.glob(
     os.path.join(workdir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")
@@ -239,7 +242,9 @@ def test_offline_wandb_run_holds_metrics_and_resumes_same_id(tmp_path, monkeypat
       )
   assert summary["final_test_accuracy"] == 0.75
   # Rerunning in the same workdir continues the same wandb run id.
-  again = writers.create_wandb_writer(_wandb_config(), workdir, run_config, environ={})
+  again = writers.create_wandb_writer(
+    _wandb_config(), workdir_lib.RunDir(workdir), run_config, environ={}
+  )
   assert again.run.id == run_id
   again.close()
 
@@ -255,7 +260,9 @@ def test_offline_wandb_run_prints_one_jaxsam_line(tmp_path, monkeypatch, capfd):
   os.makedirs(workdir)
   no_netrc = {"NETRC": str(tmp_path / "no_netrc")}
   capfd.readouterr()
-  writer = writers.create_wandb_writer(_wandb_config(mode="auto"), workdir, {}, environ=no_netrc)
+  writer = writers.create_wandb_writer(
+    _wandb_config(mode="auto"), workdir_lib.RunDir(workdir), {}, environ=no_netrc
+  )
   assert writer.run.settings.mode == "offline"
   for step in range(1, 4):
     writer.write({"step": step, "epoch": step / 3, "train/loss": 1.0 / step})
@@ -306,7 +313,9 @@ class _FakeWandb:
 
 def test_run_writer_owns_every_wandb_call(tmp_path):
   wandb = _FakeWandb()
-  sink = writers.RunWriter([writers.JsonlWriter(str(tmp_path))], wandb, log_checkpoints=True)
+  sink = writers.RunWriter(
+    [writers.JsonlWriter(workdir_lib.RunDir(str(tmp_path)).metrics)], wandb, log_checkpoints=True
+  )
   sink.write({"step": 1, "epoch": 0.5, "train/loss": 1.0})
   sink.log_checkpoint("ckpt/1", 1, best=True)
   sink.mark_preempting()
@@ -319,7 +328,7 @@ def test_run_writer_owns_every_wandb_call(tmp_path):
     ("summary", {"steps": 1}),
   ]
   assert wandb.closed == [1]
-  assert writers.read_metrics(os.path.join(tmp_path, writers.METRICS_FILE)) == wandb.records
+  assert writers.read_metrics(workdir_lib.RunDir(tmp_path).metrics) == wandb.records
   # Without log_checkpoints no artifact; without wandb (or on process k > 0) every call is a no-op.
   quiet = _FakeWandb()
   writers.RunWriter([], quiet).log_checkpoint("ckpt/2", 2, best=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from jaxsam import losses, parallel, steps, train
+from jaxsam import losses, parallel, run_setup, steps
 from jaxsam import state as state_lib
 
 STEPS = 8
@@ -29,8 +29,8 @@ def build(dtype: str):
   config.schedule.warmup_epochs = 0
   config.optimizer.learning_rate = 0.05
   mesh = parallel.make_mesh(jax.devices()[:2])
-  setup = train.build_setup(config, mesh=mesh)
-  tx, lr = train.setup_optimizer(config, setup)
+  setup = run_setup.build_setup(config, mesh=mesh)
+  tx, lr = run_setup.setup_optimizer(config, setup)
   state = parallel.replicate(
     state_lib.create_train_state(setup.model, tx, setup.step_config, seed=config.seed), mesh
   )

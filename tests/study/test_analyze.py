@@ -72,7 +72,7 @@ def reference_train_loss(run_dir, settings):
 
 def test_analysis_json_and_pngs(run_dir, result):
   out = os.path.join(run_dir, workdir_lib.ANALYSIS_DIR)
-  with open(workdir_lib.analysis_path(run_dir)) as f:
+  with open(workdir_lib.RunDir(run_dir).analysis) as f:
     saved = json.load(f)
   assert saved["step"] == 4 and saved["subset"]["num_examples"] == 200
   h = saved["hessian"]
@@ -125,7 +125,7 @@ def test_cli_reproduces_the_analysis_for_the_same_seed(run_dir, result, capsys):
   )
   assert code == 0
   assert "train loss" in capsys.readouterr().out
-  with open(workdir_lib.analysis_path(run_dir)) as f:
+  with open(workdir_lib.RunDir(run_dir).analysis) as f:
     saved = json.load(f)
   assert "hessian" not in saved and saved["settings"]["what"] == ["landscape"]
   for key in ("landscape", "train_loss", "train_accuracy"):

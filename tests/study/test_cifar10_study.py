@@ -10,6 +10,7 @@ import pytest
 
 from configs import cifar10_sam, cifar10_sgd
 from jaxsam import report, study, writers
+from jaxsam import workdir as workdir_lib
 from support.config_keys import flat_keys
 from support.paths import CIFAR10_JPEG, ROOT, needs_archive
 
@@ -55,7 +56,7 @@ def test_launch_on_a_noisy_subset_of_the_real_archive(tmp_path):
     summary = json.load(f)
   assert summary["train_examples"] == 200 and summary["label_noise"] == 0.4
   assert summary["steps"] == 4 and summary["completed"]
-  records = writers.read_metrics(str(workdir / writers.METRICS_FILE))
+  records = writers.read_metrics(workdir_lib.RunDir(str(workdir)).metrics)
   evals = [r for r in records if "test/accuracy" in r]
   assert len(evals) == 1 and 0.0 <= evals[0]["test/accuracy"] <= 1.0
   run = report.load_run(str(workdir))

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jaxsam import plots, report, writers
+from jaxsam import workdir as workdir_lib
 from support.paths import ROOT
 
 TINY = [
@@ -59,9 +60,7 @@ def run_dirs(tmp_path_factory):
 
 def _final_accuracy(run_dir):
   return [
-    r
-    for r in writers.read_metrics(os.path.join(run_dir, writers.METRICS_FILE))
-    if "test/accuracy" in r
+    r for r in writers.read_metrics(workdir_lib.RunDir(run_dir).metrics) if "test/accuracy" in r
   ][-1]["test/accuracy"]
 
 
@@ -121,7 +120,7 @@ def _is_number(v):
 def test_metrics_hold_numbers_only_and_sam_keys_only_with_sam(run_dirs):
   sgd, sam = run_dirs
   for run_dir in run_dirs:
-    records = _strict_lines(os.path.join(run_dir, writers.METRICS_FILE))
+    records = _strict_lines(workdir_lib.RunDir(run_dir).metrics)
     assert records
     for r in records:
       for k, v in r.items():
@@ -129,9 +128,9 @@ def test_metrics_hold_numbers_only_and_sam_keys_only_with_sam(run_dirs):
     with open(os.path.join(run_dir, "summary.json")) as f:
       summary = json.load(f, parse_constant=_reject)
     assert not any(isinstance(v, str) for v in summary.values()), summary
-  plain = _strict_lines(os.path.join(sgd, writers.METRICS_FILE))
+  plain = _strict_lines(workdir_lib.RunDir(sgd).metrics)
   assert not [k for r in plain for k in r if k.startswith("sam/")]
-  train = [r for r in _strict_lines(os.path.join(sam, writers.METRICS_FILE)) if "train/loss" in r]
+  train = [r for r in _strict_lines(workdir_lib.RunDir(sam).metrics) if "train/loss" in r]
   sam_keys = {
     "sam/rho",
     "sam/perturbed_loss",
@@ -152,7 +151,7 @@ def test_report_reads_metrics_with_nonfinite_strings(run_dirs, tmp_path):
   os.makedirs(old)
   with open(os.path.join(sgd, "config.json")) as f:
     (old / "config.json").write_text(f.read())
-  with open(old / writers.METRICS_FILE, "w") as f:
+  with open(old / workdir_lib.METRICS_FILE, "w") as f:
     f.write(
       '{"step": 2, "epoch": 0.5, "train/loss": 2.0, "train/accuracy": 0.25, "lr": 0.1, '
       '"sam/rho": 0.0, "sam/perturbed_loss": "nan", "sam/gap": "nan"}\n'

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsam import checkpoint, train
+from jaxsam import checkpoint, run_setup
 from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam.models import pretrained
@@ -96,9 +96,9 @@ def test_study_run_trains_the_converted_backbone(study_run):
   workdir, weights, _ = study_run
   config = workdir_lib.read_config(str(workdir))
   assert config.model.pretrained == str(weights)
-  setup = train.build_setup(config)
+  setup = run_setup.build_setup(config)
   np.testing.assert_allclose(setup.step_config.mean, [0.485, 0.456, 0.406], atol=1e-6)
-  tx, _ = train.setup_optimizer(config, setup)
+  tx, _ = run_setup.setup_optimizer(config, setup)
   abstract = state_lib.abstract_state(setup.model, tx, setup.step_config, setup.mesh)
   state, _ = checkpoint.restore(os.path.join(workdir, "checkpoints", "2"), abstract)
   zeros = jax.tree.map(
