@@ -585,7 +585,8 @@ def test_random_resized_box_is_torchvision_arithmetic(height, width):
 
 @pytest.mark.parametrize("height,width", SIZES)
 def test_crop_and_resize_match_torchvision_within_one_level(height, width):
-  """Same image, same box: |ours - torchvision's PIL bilinear| <= 1 per pixel, mean < 0.25."""
+  """Same image, same box: |ours - torchvision's PIL bilinear| <= 1 per pixel, mean < 0.25; equal
+  where the crop shrinks."""
   from torchvision.transforms import functional as F
 
   image = _natural_image(height, width)
@@ -603,6 +604,8 @@ def test_crop_and_resize_match_torchvision_within_one_level(height, width):
   )
   diff = np.abs(ours.astype(int) - theirs.astype(int))
   assert diff.max() <= 1 and diff.mean() < 0.25
+  if h > 224 or w > 224:  # a shrink is PIL's own resize: torchvision's pixels exactly
+    np.testing.assert_array_equal(ours, theirs)
   ours = transforms.eval_crop(encoded, 224, 0.875).numpy()
   theirs = np.asarray(
     F.center_crop(F.resize(Image.fromarray(image), 256, F.InterpolationMode.BILINEAR), 224)
