@@ -382,12 +382,13 @@ def _color(images: tf.Tensor, factor) -> tf.Tensor:
 def _smooth(images: tf.Tensor) -> tf.Tensor:
   """ImageFilter.SMOOTH (3x3 kernel 1,1,1 / 1,5,1 / 1,1,1, sum 13, rounded); border pixels kept."""
   x = tf.cast(images, tf.int32)
-  padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
   height, width = tf.shape(x)[1], tf.shape(x)[2]
-  total = 4 * x
-  for dy in range(3):
-    for dx in range(3):
-      total += padded[:, dy : dy + height, dx : dx + width, :]
+  # One depthwise convolution in float32 (vectorised; 9 shifted int32 adds cost 3x as much): the
+  # sums are integers below 2**24, exact in float32 whatever the order of the additions.
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32)[:, :, None, None]
+  kernel = tf.tile(kernel, [1, 1, images.shape[-1], 1])
+  total = tf.nn.depthwise_conv2d(tf.cast(images, tf.float32), kernel, [1, 1, 1, 1], "SAME")
+  total = tf.cast(total, tf.int32)
   smoothed = (total + 6) // 13  # round(total / 13); never a tie as 13 is odd
   rows = tf.range(height)
   cols = tf.range(width)
