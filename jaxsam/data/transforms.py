@@ -189,17 +189,38 @@ def decode_crop(encoded, box) -> tf.Tensor:
 
 def decode_box(encoded, box_fn) -> tf.Tensor:
   """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3] (one
-  example; the streamed batches take the box from `encoded_shape` and call `decode_crop`)."""
+  example; the streamed batches take the box from `encoded_shape` and call `crop_resized`)."""
   return decode.tf_decode(encoded, box_fn)
+
+
+def _pil_region(image: np.ndarray, size, region: np.ndarray) -> np.ndarray:
+  """tf.numpy_function body: PIL's resize of the sub-pixel `region` (top, left, h, w) to size."""
+  top, left, height, width = (float(v) for v in region)
+  box = (left, top, left + width, top + height)
+  out = Image.fromarray(image).resize((int(size), int(size)), Image.BILINEAR, box=box)
+  return np.asarray(out, np.uint8)
+
+
+def crop_resized(encoded, box, size: int) -> tf.Tensor:
+  """The crop `box` of an encoded image resized to uint8 [size, size, 3]: a JPEG crop >= 2x
+  `size` decoded at a DCT scale (`decode.tf_decode_scaled`), then PIL's resize of its region."""
+  image, region, ratio = decode.tf_decode_scaled(encoded, box, size)
+
+  def region_resize():
+    out = tf.numpy_function(_pil_region, [image, size, region], tf.uint8, stateful=False)
+    out.set_shape([None, None, 3])
+    return out
+
+  out = tf.cond(ratio > 1, region_resize, lambda: resize(image, size, size))
+  out.set_shape([size, size, 3])
+  return out
 
 
 def train_crop(encoded, seed, size: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> tf.Tensor:
   """Random-resized crop of an encoded image to uint8 [size, size, 3] (the crop from `seed`)."""
   uniforms = crop_uniforms(seed)
-  crop = decode_box(encoded, lambda h, w: random_resized_box(h, w, uniforms, scale, ratio))
-  out = resize(crop, size, size)
-  out.set_shape([size, size, 3])
-  return out
+  shape = encoded_shape(encoded)
+  return crop_resized(encoded, random_resized_box(shape[0], shape[1], uniforms, scale, ratio), size)
 
 
 def resized_shape(height, width, short: int):
