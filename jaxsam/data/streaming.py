@@ -259,8 +259,7 @@ def train_batches(
 
   def decode(row):  # per example: decode (the crop's blocks only, for JPEG) and resize
     if rrc:
-      image = transforms.resize(transforms.decode_crop(row["image"], row["box"]), size, size)
-      image.set_shape([size, size, 3])
+      image = transforms.crop_resized(row["image"], row["box"], size)
     else:
       image = transforms.eval_crop(row["image"], size, 1.0)
     return {"image": image, "label": row["label"], "seed": row["seed"]}

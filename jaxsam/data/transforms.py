@@ -7,14 +7,17 @@ arithmetic: 10 tries at a random area fraction in `scale` and a log-uniform aspe
 eval: the shorter side resized to int(size / crop_fraction), then the centre `size` crop
 (torchvision's Resize + CenterCrop: 256 then 224 at the usual 0.875).
 
-Resizes are bilinear with antialiasing (`tf.image.resize(antialias=True)`), the filter PIL uses
-when torchvision resizes a PIL image. Random draws are per example and stateless (the hash of
-`augment.uniform`), so a crop depends on the example's seed alone.
+Resizes are bilinear with antialiasing as torchvision resizes a PIL image: a shrink is PIL's own
+resize (the same pixels), an upscale TF's bilinear op (the same filter, within one level). Random
+draws are per example and stateless (the hash of `augment.uniform`), so a crop depends on the
+example's seed alone.
 """
 
 import math
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from jaxsam.data import augment, decode
 from jaxsam.errors import ConfigError
@@ -124,26 +127,37 @@ def crop_uniforms(seeds) -> tf.Tensor:
   return tf.reshape(draws, tf.concat([tf.shape(seeds)[:-1], [len(streams)]], 0))
 
 
-def resize(image, height, width) -> tf.Tensor:
-  """uint8 [H, W, 3] -> uint8 [height, width, 3], bilinear with antialiasing (PIL's filter when
-  torchvision resizes); a no-op at the same size.
+def _pil_shrink(image: np.ndarray, height, width) -> np.ndarray:
+  """tf.numpy_function body: PIL's antialiased bilinear resize (its C code drops the GIL)."""
+  size = (int(width), int(height))
+  return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), np.uint8)
 
-  Antialiasing widens the filter only when shrinking: upscaling in both sides gives the plain
-  bilinear result (to float rounding), which costs a third of the antialiased op.
+
+def resize(image, height, width) -> tf.Tensor:
+  """uint8 [H, W, 3] -> uint8 [height, width, 3], bilinear with antialiasing as torchvision
+  resizes a PIL image; a no-op at the same size.
+
+  A shrink runs PIL's own resize (`Image.resize(BILINEAR)`, the in-memory path's and
+  torchvision's, so the same pixels) in `tf.numpy_function`: TF's antialiased kernel
+  (ScaleAndTranslate, scalar float code) costs ~1.5x as much CPU. Upscaling in both sides takes
+  TF's plain bilinear op: antialiasing only widens the filter when shrinking, so it is the same
+  filter (within one level of PIL's fixed-point rounding) at a third of the cost.
   """
   shape = tf.shape(image)
   size = tf.stack([height, width])
 
-  def scaled(antialias):
-    out = tf.image.resize(image, size, method="bilinear", antialias=antialias)
+  def upscaled():
+    out = tf.image.resize(image, size, method="bilinear")
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+  def shrunk():
+    out = tf.numpy_function(_pil_shrink, [image, height, width], tf.uint8, stateful=False)
+    out.set_shape([None, None, 3])
+    return out
 
   same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
   shrinks = tf.logical_or(shape[0] > height, shape[1] > width)
-  return tf.case(
-    [(same, lambda: tf.identity(image)), (shrinks, lambda: scaled(True))],
-    default=lambda: scaled(False),
-  )
+  return tf.case([(same, lambda: tf.identity(image)), (shrinks, shrunk)], default=upscaled)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,17 +189,38 @@ def decode_crop(encoded, box) -> tf.Tensor:
 
 def decode_box(encoded, box_fn) -> tf.Tensor:
   """Decodes the crop `box_fn(height, width)` of an encoded image as uint8 RGB [h, w, 3] (one
-  example; the streamed batches take the box from `encoded_shape` and call `decode_crop`)."""
+  example; the streamed batches take the box from `encoded_shape` and call `crop_resized`)."""
   return decode.tf_decode(encoded, box_fn)
+
+
+def _pil_region(image: np.ndarray, size, region: np.ndarray) -> np.ndarray:
+  """tf.numpy_function body: PIL's resize of the sub-pixel `region` (top, left, h, w) to size."""
+  top, left, height, width = (float(v) for v in region)
+  box = (left, top, left + width, top + height)
+  out = Image.fromarray(image).resize((int(size), int(size)), Image.BILINEAR, box=box)
+  return np.asarray(out, np.uint8)
+
+
+def crop_resized(encoded, box, size: int) -> tf.Tensor:
+  """The crop `box` of an encoded image resized to uint8 [size, size, 3]: a JPEG crop >= 2x
+  `size` decoded at a DCT scale (`decode.tf_decode_scaled`), then PIL's resize of its region."""
+  image, region, ratio = decode.tf_decode_scaled(encoded, box, size)
+
+  def region_resize():
+    out = tf.numpy_function(_pil_region, [image, size, region], tf.uint8, stateful=False)
+    out.set_shape([None, None, 3])
+    return out
+
+  out = tf.cond(ratio > 1, region_resize, lambda: resize(image, size, size))
+  out.set_shape([size, size, 3])
+  return out
 
 
 def train_crop(encoded, seed, size: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> tf.Tensor:
   """Random-resized crop of an encoded image to uint8 [size, size, 3] (the crop from `seed`)."""
   uniforms = crop_uniforms(seed)
-  crop = decode_box(encoded, lambda h, w: random_resized_box(h, w, uniforms, scale, ratio))
-  out = resize(crop, size, size)
-  out.set_shape([size, size, 3])
-  return out
+  shape = encoded_shape(encoded)
+  return crop_resized(encoded, random_resized_box(shape[0], shape[1], uniforms, scale, ratio), size)
 
 
 def resized_shape(height, width, short: int):

@@ -26,6 +26,7 @@ from jaxsam import workdir as workdir_lib
 from jaxsam.data import (
   choice,
   datasource,
+  decode,
   pipeline,
   rows,
   sources,
@@ -585,7 +586,8 @@ def test_random_resized_box_is_torchvision_arithmetic(height, width):
 
 @pytest.mark.parametrize("height,width", SIZES)
 def test_crop_and_resize_match_torchvision_within_one_level(height, width):
-  """Same image, same box: |ours - torchvision's PIL bilinear| <= 1 per pixel, mean < 0.25."""
+  """Same image, same box: |ours - torchvision's PIL bilinear| <= 1 per pixel, mean < 0.25; equal
+  where the crop shrinks."""
   from torchvision.transforms import functional as F
 
   image = _natural_image(height, width)
@@ -603,12 +605,56 @@ def test_crop_and_resize_match_torchvision_within_one_level(height, width):
   )
   diff = np.abs(ours.astype(int) - theirs.astype(int))
   assert diff.max() <= 1 and diff.mean() < 0.25
+  if h > 224 or w > 224:  # a shrink is PIL's own resize: torchvision's pixels exactly
+    np.testing.assert_array_equal(ours, theirs)
   ours = transforms.eval_crop(encoded, 224, 0.875).numpy()
   theirs = np.asarray(
     F.center_crop(F.resize(Image.fromarray(image), 256, F.InterpolationMode.BILINEAR), 224)
   )
   diff = np.abs(ours.astype(int) - theirs.astype(int))
   assert ours.shape == theirs.shape == (224, 224, 3) and diff.max() <= 1 and diff.mean() < 0.25
+
+
+def _photo(height, width, seed=0) -> np.ndarray:
+  """A smooth scene with mild noise (a photo's spectrum, unlike `_natural_image`'s +-20 noise)."""
+  rng = np.random.default_rng(seed)
+  base = rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3)).astype(np.uint8)
+  image = np.asarray(Image.fromarray(base).resize((width, height), Image.BICUBIC), np.float32)
+  return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+  "box,ratio",
+  [
+    ((0, 0, 1000, 1100), 4),
+    ((3, 7, 1001, 1203), 4),
+    ((0, 100, 1800, 2000), 8),
+    ((5, 9, 895, 1200), 1),
+  ],
+)
+def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_full_resolution(box, ratio):
+  """A JPEG crop >= 4x the output side in both sides is decoded at DCT scale 1/ratio (PIL's
+  draft), then its sub-pixel region shrunk: within 1 level of the full-resolution crop's shrink
+  on average, 3 at the 99th percentile (measured 0.5-0.6 and 2: the DCT scaling is a box-like
+  low-pass, the antialiased shrink a triangle one), the same eagerly and in tf.data (a pure
+  function of the box, so of the seed); a smaller crop is the full-resolution path exactly."""
+  buffer = io.BytesIO()
+  Image.fromarray(_photo(1800, 2400)).save(buffer, format="JPEG", quality=90)
+  encoded, box_t = tf.constant(buffer.getvalue()), tf.constant(box, tf.int32)
+  _, _, used = decode.tf_decode_scaled(encoded, box_t, 224)
+  assert int(used) == ratio
+  fast = transforms.crop_resized(encoded, box_t, 224).numpy()
+  full = transforms.resize(transforms.decode_crop(encoded, box_t), 224, 224).numpy()
+  diff = np.abs(fast.astype(int) - full.astype(int))
+  assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 3, (diff.mean(), diff.max())
+  if ratio == 1:
+    np.testing.assert_array_equal(fast, full)
+  mapped = (
+    tf.data.Dataset.from_tensors(encoded)
+    .map(lambda e: transforms.crop_resized(e, box_t, 224))
+    .get_single_element()
+  )
+  np.testing.assert_array_equal(mapped.numpy(), fast)
 
 
 def test_train_crop_decodes_jpeg_crop_in_one_step_and_inside_dataset_map():
