@@ -16,8 +16,9 @@ times it). Both use the digits bundled with scikit-learn, so no download is need
 (the augmentation runs on the host); with `device` it is the same compiled programs the loop runs,
 the on-device gather + augmentation then the train step, fed indices and seeds already on the
 devices, so the ratio measures only what the loop adds; `both` measures the two in one run.
-launch.py imports TensorFlow: without it this prints a skip with that reason and exits 0.
-On a CPU the tf.data pipeline and the step share the cores, so its figure there has no target.
+The device pipeline needs no TensorFlow (neither launch.py nor this script imports it then); the tf
+one does: without TensorFlow its run prints a skip with that reason (exit 0), the device run goes
+on. On a CPU the tf.data pipeline and the step share the cores, so its figure there has no target.
 """
 
 import argparse
@@ -50,9 +51,10 @@ RUN_KEYS = [
 ]
 
 
-def skip_reason() -> str | None:
-  if importlib.util.find_spec("tensorflow") is None:
-    return "TensorFlow is not installed (launch.py's training loop imports it)"
+def skip_reason(pipeline: str) -> str | None:
+  """Why a run with `dataset.pipeline=pipeline` cannot be measured here, or None."""
+  if pipeline == "tf" and importlib.util.find_spec("tensorflow") is None:
+    return "TensorFlow is not installed (dataset.pipeline=tf is tf.data)"
   return None
 
 
@@ -211,24 +213,27 @@ def main() -> None:
   parser.add_argument("--timeout_s", type=float, default=600.0, help="launch.py's time limit")
   parser.add_argument("--json", default="", help="also write the figures here")
   args = parser.parse_args()
-  reason = skip_reason()
   pipelines = ("tf", "device") if args.pipeline == "both" else (args.pipeline,)
-  if reason:
-    result = {"status": "skipped", "reason": reason}
-  else:
-    results = [measure(args, pipeline) for pipeline in pipelines]
-    result = results[0] if len(results) == 1 else {"status": "ok", "runs": results}
+  results = []
+  for pipeline in pipelines:
+    reason = skip_reason(pipeline)
+    results.append(
+      {"status": "skipped", "pipeline": pipeline, "reason": reason}
+      if reason
+      else measure(args, pipeline)
+    )
+  result = results[0] if len(results) == 1 else {"status": "ok", "runs": results}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
-  if reason:
-    print(f"skipped: {reason}")
-    return
   for run in result.get("runs", [result]):
     report(run)
 
 
 def report(result: dict) -> None:
+  if result["status"] == "skipped":
+    print(f"skipped [dataset.pipeline={result['pipeline']}]: {result['reason']}")
+    return
   print(
     f"{result['config']}\n{result['devices']}, jax {result['jax']}: launch.py "
     f"{result['loop_images_per_s']:,.1f} images/s over {result['loop_timed_steps']} steps "
