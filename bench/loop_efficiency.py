@@ -13,9 +13,10 @@ a synthetic uint8 batch at the data's native size (`jaxsam.stepcost`, as bench/t
 times it). Both use the digits bundled with scikit-learn, so no download is needed.
 
 `--pipeline` picks `dataset.pipeline`: with `tf` (default) the reference is the train step alone
-(the augmentation runs on the host); with `device` it is the same compiled programs the loop runs,
-the on-device gather + augmentation then the train step, fed indices and seeds already on the
-devices, so the ratio measures only what the loop adds; `both` measures the two in one run.
+(the augmentation runs on the host); with `device` it is the same compiled program the loop runs,
+the on-device gather + augmentation fused into the train step (or the two programs, where
+`device_input.FUSE_INTO_STEP` is off), fed indices and seeds already on the devices, so the ratio
+measures only what the loop adds; `both` measures the two in one run.
 The device pipeline needs no TensorFlow (neither launch.py nor this script imports it then); the tf
 one does: without TensorFlow its run prints a skip with that reason (exit 0), the device run goes
 on. On a CPU the tf.data pipeline and the step share the cores, so its figure there has no target.
@@ -140,11 +141,17 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
   compiled = step.lower(state, batch).compile()
   program = compiled
   if config.dataset.pipeline == "device":
+    from jaxsam.data import device_input  # pylint: disable=import-outside-toplevel
+
     train = data.train_input(config, size=cfg.image_size, mesh=mesh)
     batch = parallel.shard_batch(next(train(0, 0, 1)), mesh)  # indices, labels, seeds
+    transform, fuse = device_input.loop_parts(train)
+    if fuse:  # the loop's one program: gather + augment + step
+      program = fuse(step)
+    else:
 
-    def program(state, rows):  # the loop's two programs, in its order
-      return compiled(state, train.on_device(rows))
+      def program(state, rows):  # the loop's two programs, in its order
+        return compiled(state, transform(rows))
 
   state, _ = stepcost.time_steps(program, state, batch, 2, repeats=1)
   _, seconds = stepcost.time_steps(program, state, batch, steps, repeats)
@@ -174,7 +181,7 @@ def measure(args, pipeline: str) -> dict:
     loop, timed_steps = loop_images_per_s(
       os.path.join(tmp, "run", "metrics.jsonl"), config.batch_size
     )
-  step = step_images_per_s(config, repeats=3, steps=10)
+  step = step_images_per_s(config, repeats=3, steps=max(10, steps // 10))
   return {
     "status": "ok",
     "config": f"{config_path} {' '.join(overrides)}",

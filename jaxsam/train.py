@@ -23,7 +23,7 @@ import jaxsam.data
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import config_schema, errors, models, optim, parallel, plots, profiling, steps, writers
 from jaxsam import workdir as workdir_lib
-from jaxsam.data import pipeline, sources, train_split
+from jaxsam.data import device_input, pipeline, sources, train_split
 from jaxsam.models import weights as weights_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -556,16 +556,23 @@ def _device_batches(train_input, setup: Setup, start: int) -> parallel.DevicePre
   return parallel.DevicePrefetch(
     itertools.islice(local, setup.total_steps - start),
     setup.mesh,
-    transform=getattr(train_input, "on_device", None),  # the device pipeline's gather + augment
+    transform=device_input.loop_parts(train_input)[0],  # a separate gather + augment program
   )
 
 
-def _compile_steps(config, setup: Setup, tx, lr_schedule, workdir: str, profile_steps):
+def _compile_steps(config, setup: Setup, tx, lr_schedule, workdir: str, profile_steps, wrap=None):
   """(train step of (state, batch, step), eval step): the host picks the SAM or base program per
-  step for the count-based SAM schedules, and the train step traces `profile_steps`."""
+  step for the count-based SAM schedules, and the train step traces `profile_steps`; `wrap`
+  fuses the device pipeline's gather + augment into each train program."""
   schedule = optim.host_ascent_schedule(config, setup.steps_per_epoch)
   train_step = steps.compile_scheduled_train_step(
-    setup.mesh, schedule, model=setup.model, tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config
+    setup.mesh,
+    schedule,
+    wrap=wrap,
+    model=setup.model,
+    tx=tx,
+    lr_schedule=lr_schedule,
+    cfg=setup.step_config,
   )
   profile_dir = os.path.join(workdir, workdir_lib.PROFILE_DIR)
   traced = profiling.StepTrace(train_step, profile_steps, profile_dir, setup.total_steps)
@@ -693,7 +700,10 @@ def _train(
     config, workdir, start_step=start, environ=os.environ, main_process=main
   )
   _announce(config, setup, start, resumed)
-  train_step, eval_step = _compile_steps(config, setup, tx, lr_schedule, workdir, profile_steps)
+  fuse = device_input.loop_parts(train_input)[1]
+  train_step, eval_step = _compile_steps(
+    config, setup, tx, lr_schedule, workdir, profile_steps, wrap=fuse
+  )
   batches = _device_batches(train_input, setup, start)
   loop = _start_loop(config, setup, workdir, sink, checkpointer, meta, start)
   clock = TrainClock()

@@ -21,6 +21,10 @@ from jaxsam import errors, parallel
 from jaxsam.data import device_augment, rows, sources
 
 PIPELINES = ("tf", "device", "auto")
+# Whether the loop compiles the gather + augmentation into the train step (one program per step)
+# rather than dispatching it as a program of its own before the step: bench/device_fusion.py
+# measures both (ResNet-18 CIFAR on the CPU backend: fused 1.01x, bench/README.md).
+FUSE_INTO_STEP = True
 # The device pipeline's view of the data mesh: one row of devices per process.
 PROCESS_AXIS, LOCAL_AXIS = "process", "local"
 
@@ -62,9 +66,9 @@ class DeviceTrainInput:
 
   Called as `(start_step, process_index, process_count)` it yields this process's host rows of
   every step: {"index": int32 [B/P], "label": int32 [B/P], "seed": uint32 [B/P, 4]}; the loop
-  shards them over 'data' (`parallel.DevicePrefetch`) and `on_device` turns each sharded batch
-  into {"image": uint8 [B, H, W, 3], "label"} by one jitted gather + augment, dispatched
-  asynchronously, so the step before still runs while it is queued.
+  shards them over 'data' (`parallel.DevicePrefetch`), and `fuse(step)` compiles the gather +
+  augment into the train step (`FUSE_INTO_STEP`, the loop's default); `on_device` is the same as
+  a program of its own, turning each sharded batch into {"image": uint8 [B, H, W, 3], "label"}.
 
   Where the split lives: every epoch is one permutation of the whole split (`rows.train_steps`),
   so any step may give any example to any process, and each process must hold every row. It holds
@@ -81,6 +85,7 @@ class DeviceTrainInput:
     self._global_batch = global_batch
     self._mesh = mesh
     self._grid = process_grid(mesh)
+    self.fused = FUSE_INTO_STEP
     augment = device_augment.make_device_augment(augment_config, split.images.shape[1:])
     self.images = place_rows(np.asarray(split.images, np.uint8), self._grid)
     gather = jax.shard_map(
@@ -154,6 +159,15 @@ class DeviceTrainInput:
 
     program = jax.jit(fused, donate_argnums=0)
     return lambda state, batch: program(state, self.images, batch)
+
+
+def loop_parts(train_input) -> tuple[Callable | None, Callable | None]:
+  """(transform for `parallel.DevicePrefetch`, wrap for the compiled train step) that the loop
+  uses for `train_input`: the device pipeline's gather + augment as a program of its own, or
+  fused into the step (`FUSE_INTO_STEP`); (None, None) for host pipelines."""
+  if not isinstance(train_input, DeviceTrainInput):
+    return None, None
+  return (None, train_input.fuse) if train_input.fused else (train_input.on_device, None)
 
 
 def process_grid(mesh: Mesh) -> Mesh:
