@@ -13,9 +13,9 @@ a synthetic uint8 batch at the data's native size (`jaxsam.stepcost`, as bench/t
 times it). Both use the digits bundled with scikit-learn, so no download is needed.
 
 `--pipeline` picks `dataset.pipeline`: with `tf` (default) the reference is the train step alone
-(the augmentation runs on the host); with `device` it is the same compiled program the loop runs,
-the on-device gather + augmentation fused into the train step (or the two programs, where
-`device_input.FUSE_INTO_STEP` is off), fed indices and seeds already on the devices, so the ratio
+(the augmentation runs on the host); with `device` it is the same compiled programs the loop runs,
+the on-device gather + augmentation then the train step (one fused program where
+`device_input.FUSE_INTO_STEP` is on), fed indices and seeds already on the devices, so the ratio
 measures only what the loop adds; `both` measures the two in one run.
 The device pipeline needs no TensorFlow (neither launch.py nor this script imports it then); the tf
 one does: without TensorFlow its run prints a skip with that reason (exit 0), the device run goes

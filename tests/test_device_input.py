@@ -397,12 +397,13 @@ print(device_input.tensorflow_importable(), 'tensorflow' in sys.modules)
   assert done.stdout.split() == ["False", "False"]
 
 
-def test_the_loop_fuses_the_device_gather_into_the_step_and_runs_host_pipelines_as_they_are(digits):
-  """FUSE_INTO_STEP (the faster in bench/device_fusion.py): no separate program before the step;
-  with it off, the gather + augment is DevicePrefetch's transform; tf.data input has neither."""
+def test_the_loop_runs_the_device_gather_as_its_own_program_unless_fused(digits):
+  """FUSE_INTO_STEP off (bench/device_fusion.py: no faster fused): the gather + augment is
+  DevicePrefetch's transform and the step the tf.data one; fused, the step is wrapped instead;
+  tf.data input has neither."""
   train = digits.train_input(_config("device"), size=32, mesh=parallel.make_mesh())
-  assert device_input.FUSE_INTO_STEP and train.fused
-  assert device_input.loop_parts(train) == (None, train.fuse)
-  train.fused = False
+  assert not device_input.FUSE_INTO_STEP and not train.fused
   assert device_input.loop_parts(train) == (train.on_device, None)
+  train.fused = True
+  assert device_input.loop_parts(train) == (None, train.fuse)
   assert device_input.loop_parts(digits.train_input(_config("tf"), size=32)) == (None, None)

@@ -4,7 +4,8 @@ each step's rows are gathered and augmented there (`device_augment`) from (index
 The host still decides which examples each step takes and each one's seed (`rows.train_steps`,
 the same arithmetic as the tf.data path), so both pipelines give the same batches for the same
 (seed, step) and a run resumed on either continues the same stream. What travels per step is
-B int32 indices, B labels and B x 4 seed words instead of B images. Imports no TensorFlow.
+B int32 indices, B labels and B x 4 seed words (one int32 array) instead of B images. Imports no
+TensorFlow.
 """
 
 import functools
@@ -22,9 +23,12 @@ from jaxsam.data import device_augment, rows, sources
 
 PIPELINES = ("tf", "device", "auto")
 # Whether the loop compiles the gather + augmentation into the train step (one program per step)
-# rather than dispatching it as a program of its own before the step: bench/device_fusion.py
-# measures both (ResNet-18 CIFAR on the CPU backend: fused 1.01x, bench/README.md).
-FUSE_INTO_STEP = True
+# rather than dispatching it as a program of its own just before the step. bench/device_fusion.py
+# measures both: no difference beyond the noise on the CPU backend (bench/README.md). Separate
+# keeps the train step the very program tf.data batches run, so losses equal tf.data's bit for
+# bit by construction; fused, XLA may fuse the label slice into the loss's reductions and change
+# their order (it did: step 3's loss differed in the 7th digit).
+FUSE_INTO_STEP = False
 # The device pipeline's view of the data mesh: one row of devices per process.
 PROCESS_AXIS, LOCAL_AXIS = "process", "local"
 
@@ -65,10 +69,12 @@ class DeviceTrainInput:
   """`DataSource.train_input` for the device pipeline.
 
   Called as `(start_step, process_index, process_count)` it yields this process's host rows of
-  every step: {"index": int32 [B/P], "label": int32 [B/P], "seed": uint32 [B/P, 4]}; the loop
-  shards them over 'data' (`parallel.DevicePrefetch`), and `fuse(step)` compiles the gather +
-  augment into the train step (`FUSE_INTO_STEP`, the loop's default); `on_device` is the same as
-  a program of its own, turning each sharded batch into {"image": uint8 [B, H, W, 3], "label"}.
+  every step: {"rows": int32 [B/P, 6]}, each example's index, label and seed words (`pack_rows`:
+  one transfer per step); the loop
+  shards them over 'data' (`parallel.DevicePrefetch`), and `on_device` turns each sharded batch
+  into {"image": uint8 [B, H, W, 3], "label"} by one jitted gather + augment, dispatched
+  asynchronously, so the step before still runs while it is queued (the loop's default);
+  `fuse(step)` compiles the same into the train step instead (`FUSE_INTO_STEP`).
 
   Where the split lives: every epoch is one permutation of the whole split (`rows.train_steps`),
   so any step may give any example to any process, and each process must hold every row. It holds
@@ -96,8 +102,9 @@ class DeviceTrainInput:
       check_vma=False,
     )
 
-    def gather_augment(images, index, seeds):
-      return augment(gather(images, index), seeds)
+    def gather_augment(images, packed):
+      index, label, seeds = unpack_rows(packed)
+      return {"image": augment(gather(images, index), seeds), "label": label}
 
     self._gather_augment = gather_augment
     self._program = jax.jit(gather_augment, out_shardings=parallel.batch_sharded(mesh))
@@ -136,29 +143,40 @@ class DeviceTrainInput:
       process_index=process_index,
       process_count=process_count,
     ):
-      yield {
-        "index": index.astype(np.int32),
-        "label": self._labels[index],
-        "seed": device_augment.seed_words(seeds),
-      }
+      yield {"rows": pack_rows(index, self._labels[index], device_augment.seed_words(seeds))}
 
   def on_device(self, batch: dict) -> dict:
-    """A sharded host batch of indices and seeds -> the sharded uint8 train batch."""
-    return {
-      "image": self._program(self.images, batch["index"], batch["seed"]),
-      "label": batch["label"],
-    }
+    """A sharded host batch of packed rows -> the sharded uint8 train batch and its labels."""
+    return self._program(self.images, batch["rows"])
 
   def fuse(self, step: Callable) -> Callable:
     """`step(state, batch)` with the gather + augment compiled into the same program: a
     `(state, rows) -> step's outputs` taking `on_device`'s input, the state donated."""
 
     def fused(state, images, batch):
-      image = self._gather_augment(images, batch["index"], batch["seed"])
-      return step(state, {"image": image, "label": batch["label"]})
+      return step(state, self._gather_augment(images, batch["rows"]))
 
     program = jax.jit(fused, donate_argnums=0)
     return lambda state, batch: program(state, self.images, batch)
+
+
+# One int32 row per example: index, label, then the 4 seed words (uint32 bits as int32). One array
+# is one host-to-device transfer per step: 0.13 ms against 0.70 ms for three (batch 256, CPU).
+ROW_FIELDS = 6
+
+
+def pack_rows(index: np.ndarray, labels: np.ndarray, seed_words: np.ndarray) -> np.ndarray:
+  """int32 [B, ROW_FIELDS]: each example's index, label and seed words."""
+  return np.concatenate(
+    [index.astype(np.int32)[:, None], labels.astype(np.int32)[:, None], seed_words.view(np.int32)],
+    axis=1,
+  )
+
+
+def unpack_rows(packed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`pack_rows` on the device: (index int32 [B], label int32 [B], seed words uint32 [B, 4])."""
+  seeds = jax.lax.bitcast_convert_type(packed[:, 2:], jnp.uint32)
+  return packed[:, 0], packed[:, 1], seeds
 
 
 def loop_parts(train_input) -> tuple[Callable | None, Callable | None]:
