@@ -4,6 +4,7 @@ augmentation as a separate compiled program dispatched before the step (what the
 
   python bench/device_fusion.py                  # ResNet-18 (CIFAR stem), 16 px, batch 16, SGD
   python bench/device_fusion.py --image_size=32 --batch=256 --rho=0.05   # the GPU study's shapes
+  python bench/device_fusion.py --model=resnet8 --native=32 --batch=64    # the quickstart's shapes
 
 Both variants train the same model from the same state on the same rows: an in-memory split of
 random uint8 images at `--image_size` resident on the devices, each step gathering its batch by
@@ -31,19 +32,20 @@ from jaxsam.data import device_input, sources
 
 def bench_config(args):
   config = cifar10_sam.get_config()
+  config.model.name = args.model
   config.model.image_size = args.image_size
   config.batch_size = args.batch
   config.dtype = args.dtype
   config.sam.rho = args.rho
   config.sam.m = 0  # the per-device batch: any --batch works
-  config.augment.cutout_size = 16 if args.image_size >= 32 else args.image_size // 2
+  config.augment.cutout_size = 16 if args.native >= 32 else args.native // 2
   config.augment.randaugment.num_ops, config.augment.randaugment.magnitude = 2, 9
   return config
 
 
-def programs(config, mesh, num_examples: int):
-  """(separate, fused, state, rows): two `(state, rows) -> (state, metrics)` over one split."""
-  size = config.model.image_size
+def programs(config, mesh, num_examples: int, size: int):
+  """(separate, fused, state, rows): two `(state, rows) -> (state, metrics)` over one split of
+  `size` px images (upscaled or downscaled to the model's side on device, as the loop does)."""
   rng = np.random.default_rng(0)
   split = sources.Split(
     rng.integers(0, 256, (num_examples, size, size, 3), dtype=np.uint8),
@@ -73,7 +75,9 @@ def time_block(program, state, rows, steps: int):
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image_size", type=int, default=16)
+  parser.add_argument("--model", default="resnet18", help="model.name (CIFAR stem)")
+  parser.add_argument("--image_size", type=int, default=16, help="the model's side")
+  parser.add_argument("--native", type=int, default=0, help="the data's side (0: --image_size)")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--rho", type=float, default=0.0, help="SAM's radius (0: SGD)")
   parser.add_argument("--dtype", default="float32")
@@ -81,9 +85,12 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=5, help="timed blocks per variant")
   parser.add_argument("--json", default="", help="also write the figures here")
   args = parser.parse_args(argv)
+  args.native = args.native or args.image_size
   config = bench_config(args)
   mesh = parallel.make_mesh()
-  separate, fused, state, rows = programs(config, mesh, num_examples=max(4 * args.batch, 512))
+  separate, fused, state, rows = programs(
+    config, mesh, num_examples=max(4 * args.batch, 512), size=args.native
+  )
   variants = {"separate": separate, "fused": fused}
   compile_s, seconds = {}, {name: [] for name in variants}
   for name, program in variants.items():  # compile and warm up
@@ -99,9 +106,9 @@ def main(argv=None) -> None:
   device = f"{mesh.devices.size} x {jax.devices()[0].device_kind}"
   optimizer = f"SAM rho {args.rho}" if args.rho else "SGD"
   print(
-    f"ResNet-18 (CIFAR stem) {optimizer}, {args.image_size} px {args.dtype}, batch "
-    f"{args.batch}, crop + flip + RandAugment(2, 9) + Cutout on device; {device}, jax "
-    f"{jax.__version__}, {os.cpu_count()} host cores, load {os.getloadavg()[0]:.1f}"
+    f"{args.model} (CIFAR stem) {optimizer}, {args.native} px data -> {args.image_size} px "
+    f"{args.dtype}, batch {args.batch}, crop + flip + RandAugment(2, 9) + Cutout on device; "
+    f"{device}, jax {jax.__version__}, {os.cpu_count()} host cores, load {os.getloadavg()[0]:.1f}"
   )
   for name in variants:
     print(
