@@ -2,7 +2,7 @@
 images/s, XLA GFLOP per image, MFU, memory and compile time, as one Markdown table and one JSON.
 
   python bench/gpu_suite.py                      # one GPU: <= 9 min, compile included
-  python bench/gpu_suite.py --quick              # CPU, tiny sizes, < 2.5 min (CI runs it)
+  python bench/gpu_suite.py --quick              # CPU, tiny sizes, < 4 min (CI runs it)
   python bench/gpu_suite.py --cases=resnet18_cifar --optimizers=sgd,sam --batch=32   # a subset
 
 The ViTs (S/16 and B/16 at 224 px) time AdamW and AdamW + SAM, the conv nets SGD and SAM.
@@ -15,13 +15,14 @@ Memory is XLA's static plan of the compiled step (`compiled.memory_analysis()`),
 run; MFU is against the device's dense bf16 (or TF32) peak, n/a where the device is not listed.
 
 Only JAX, flax, optax, numpy and ml_collections are imported: the GPU machine may lack TensorFlow,
-tensorflow_datasets and wandb. bench/loop_efficiency.py, which needs TensorFlow (the loop's
-tf.data pipeline), runs last where TensorFlow is installed (its budget kept from the variants), and
-is a skipped row with that reason where it is not. The on-device train augmentation
-(bench/device_augment.py --device_only: crop + flip + RandAugment(2, 9) + Cutout, jitted) gets
-one line of images/s at 32 and 224 px; it needs no TensorFlow. XLA's persistent compilation cache
-is on (the same folder as launch.py's), so a rerun skips the compiles; the table marks compiles
-served from it.
+tensorflow_datasets and wandb. bench/loop_efficiency.py runs twice at the end (budgets kept from the
+variants): with the tf.data pipeline where TensorFlow is installed (a skipped row with that reason
+where it is not), and as the real-loop row, launch.py's images/s against the bare step's for
+ResNet-18 CIFAR at 32 px with `dataset.pipeline=device`, which needs no TensorFlow. The on-device
+train augmentation (bench/device_augment.py --device_only: crop + flip + RandAugment(2, 9) +
+Cutout, jitted) gets one line of images/s at 32 and 224 px; it needs no TensorFlow. XLA's
+persistent compilation cache is on (the same folder as launch.py's), so a rerun skips the
+compiles; the table marks compiles served from it.
 """
 
 import argparse
@@ -344,18 +345,20 @@ def run_loop_efficiency(args, budget_s: float, env: dict) -> dict:
       "status": "skipped",
       "reason": "TensorFlow is not installed (the loop's input pipeline is tf.data)",
     }
+  return run_loop_child(["--quick"] if args.quick else [], budget_s, env)
+
+
+def run_loop_child(extra: list[str], budget_s: float, env: dict) -> dict:
+  """bench/loop_efficiency.py with `extra` arguments as a child under `budget_s`: its JSON, or
+  a status saying why there is none."""
   if budget_s < MIN_CHILD_S:
     return {"status": "not run", "reason": "suite time budget spent"}
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "loop.json")
-    command = [
-      sys.executable,
-      os.path.join(ROOT, "bench", "loop_efficiency.py"),
-      f"--json={out}",
-    ] + (["--quick"] if args.quick else [])
+    command = [sys.executable, os.path.join(ROOT, "bench", "loop_efficiency.py"), f"--json={out}"]
     try:
       done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=budget_s, check=False
+        command + extra, env=env, capture_output=True, text=True, timeout=budget_s, check=False
       )
     except subprocess.TimeoutExpired:
       return {"status": "timeout", "reason": f"over its {budget_s:.0f} s budget"}
@@ -363,6 +366,56 @@ def run_loop_efficiency(args, budget_s: float, env: dict) -> dict:
       return {"status": "error", "reason": f"exited {done.returncode}: {_last_line(done.stderr)}"}
     with open(out) as f:
       return json.load(f)
+
+
+# ---- the real loop: launch.py's images/s against the bare step's, on-device input (no TF) ----
+
+# The CIFAR study's SGD arm (ResNet-18, CIFAR stem, 32 px, bf16, batch 256) on the digits bundled
+# with scikit-learn (32 px uint8, no download), the train split gathered and augmented on the
+# device; with --quick at CPU sizes (8 px, float32, batch 16; two ResNet-18 compiles, ~80 s). Its
+# budget is kept from the variants', as the tf loop's is.
+REAL_LOOP_CONFIG = "configs/cifar10_sgd.py"
+REAL_LOOP_SET = ("dataset.name=digits", "eval_batch_size=360")
+REAL_LOOP_QUICK_SET = (
+  "model.image_size=8",
+  "dtype=float32",
+  "batch_size=16",
+  "optimizer.learning_rate=0.01",  # 0.1 diverges at 8 px, batch 16 (a throughput row still)
+)
+REAL_LOOP_STEPS = {False: ("--steps=300", "--log_every=50"), True: ("--steps=30", "--log_every=10")}
+REAL_LOOP_BUDGET_S = {False: 120.0, True: 90.0}
+
+
+def real_loop_arguments(quick: bool) -> list[str]:
+  """loop_efficiency.py's arguments for the real-loop row."""
+  sets = REAL_LOOP_SET + (REAL_LOOP_QUICK_SET if quick else ())
+  return [
+    f"--config={REAL_LOOP_CONFIG}",
+    "--pipeline=device",
+    *REAL_LOOP_STEPS[quick],
+    *(f"--set={s}" for s in sets),
+  ]
+
+
+def run_real_loop(args, budget_s: float, env: dict) -> dict:
+  """The real loop's images/s against the bare step's for ResNet-18 CIFAR with the device
+  pipeline (bench/loop_efficiency.py --pipeline=device; no TensorFlow needed)."""
+  return run_loop_child(real_loop_arguments(args.quick), budget_s, env)
+
+
+def real_loop_line(result: dict | None) -> list[str]:
+  if result is None:
+    return []
+  if result.get("status") != "ok":
+    what = f"{result.get('status')}: {result.get('reason', '')}"
+    return [f"real loop (ResNet-18 CIFAR, device input): {what}"]
+  line = (
+    f"real loop ({result['model']} CIFAR stem, {result['image_size']} px {result['dtype']}, batch "
+    f"{result['batch']}, dataset.pipeline={result['pipeline']}): launch.py "
+    f"{result['loop_images_per_s']:,.0f} images/s / bare step (gather + augment + train step) "
+    f"{result['step_images_per_s']:,.0f} images/s = **{result['efficiency']:.3f}**"
+  )
+  return [line]
 
 
 # ---- device augmentation: images/s of the on-device train augmentation (no TensorFlow) ----
@@ -488,6 +541,7 @@ def suite(args) -> dict:
   loop = None
   # The loop-efficiency run goes last, but its budget is kept from the variants where it will run.
   wants_loop = not args.no_loop_efficiency and importlib.util.find_spec("tensorflow") is not None
+  real_loop_s = 0 if args.no_real_loop else REAL_LOOP_BUDGET_S[args.quick]
   for phase in (1, 2):
     for case in cases:
       rows = [o for o in selected if o.phase == phase and o.family == case.family]
@@ -496,6 +550,7 @@ def suite(args) -> dict:
       left = (
         deadline
         - (args.loop_budget_s if phase == 2 and wants_loop else 0)
+        - (real_loop_s if phase == 2 else 0)
         - (DEVICE_AUGMENT_RESERVE_S[args.quick] if phase == 2 and not args.no_device_augment else 0)
         - (time.perf_counter())
       )
@@ -521,8 +576,12 @@ def suite(args) -> dict:
       )
   device_augment = None
   if not args.no_device_augment:
-    left = deadline - (args.loop_budget_s if wants_loop else 0) - time.perf_counter()
+    left = deadline - (args.loop_budget_s if wants_loop else 0) - real_loop_s - time.perf_counter()
     device_augment = run_device_augment(args, min(DEVICE_AUGMENT_BUDGET_S[args.quick], left), env)
+  real_loop = None
+  if not args.no_real_loop:
+    left = deadline - (args.loop_budget_s if wants_loop else 0) - time.perf_counter()
+    real_loop = run_real_loop(args, min(real_loop_s, left), env)
   if not args.no_loop_efficiency:
     loop = run_loop_efficiency(args, min(args.loop_budget_s, deadline - time.perf_counter()), env)
   order = [(c.name, o.name) for c in cases for o in selected if o.family == c.family]
@@ -541,6 +600,7 @@ def suite(args) -> dict:
     "rows": [results[k] for k in order if k in results],
     "loop_efficiency": loop,
     "device_augment": device_augment,
+    "real_loop": real_loop,
   }
 
 
@@ -555,6 +615,7 @@ def report(doc: dict) -> str:
   lines = [title, "", table(doc["rows"]), ""]
   lines += sam_memory_notes(doc["rows"])
   lines += device_augment_lines(doc.get("device_augment"))
+  lines += real_loop_line(doc.get("real_loop"))
   loop = doc["loop_efficiency"]
   if loop is not None:
     if loop.get("status") == "ok":
@@ -592,7 +653,7 @@ def parse_args(argv=None):
     "--budget_s",
     type=float,
     default=0.0,
-    help="suite wall-time budget (default 510 s, --quick 115 s)",
+    help="suite wall-time budget (default 510 s, --quick 230 s)",
   )
   parser.add_argument(
     "--case_budget_s",
@@ -608,6 +669,7 @@ def parse_args(argv=None):
   )
   parser.add_argument("--no_loop_efficiency", action="store_true")
   parser.add_argument("--no_device_augment", action="store_true", help="skip the augment row")
+  parser.add_argument("--no_real_loop", action="store_true", help="skip the real-loop row")
   parser.add_argument(
     "--compilation_cache", default=None, help="XLA cache folder ('' = off; default as launch.py)"
   )
@@ -616,7 +678,7 @@ def parse_args(argv=None):
   parser.add_argument("--rows", default="", help=argparse.SUPPRESS)
   parser.add_argument("--jsonl", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  args.budget_s = args.budget_s or (140.0 if args.quick else 510.0)
+  args.budget_s = args.budget_s or (230.0 if args.quick else 510.0)
   args.loop_budget_s = args.loop_budget_s or (50.0 if args.quick else 150.0)
   if args.quick and args.repeats == 3:
     args.repeats = 2
@@ -640,6 +702,8 @@ def main(argv=None) -> None:
   errors = [f"{r['case']}/{r['optimizer']}" for r in doc["rows"] if r["status"] == "error"]
   if (doc["device_augment"] or {}).get("status") == "error":
     errors.append("device augmentation")
+  if (doc["real_loop"] or {}).get("status") == "error":
+    errors.append("real loop")
   if errors or (doc["loop_efficiency"] or {}).get("status") == "error":
     sys.exit(f"error: rows failed: {', '.join(errors) or 'loop efficiency'}; see {args.out}")
 

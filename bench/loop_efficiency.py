@@ -14,10 +14,12 @@ times it). Both use the digits bundled with scikit-learn, so no download is need
 
 `--pipeline` picks `dataset.pipeline`: with `tf` (default) the reference is the train step alone
 (the augmentation runs on the host); with `device` it is the same compiled programs the loop runs,
-the on-device gather + augmentation then the train step, fed indices and seeds already on the
-devices, so the ratio measures only what the loop adds; `both` measures the two in one run.
-launch.py imports TensorFlow: without it this prints a skip with that reason and exits 0.
-On a CPU the tf.data pipeline and the step share the cores, so its figure there has no target.
+the on-device gather + augmentation then the train step (one fused program where
+`device_input.FUSE_INTO_STEP` is on), fed indices and seeds already on the devices, so the ratio
+measures only what the loop adds; `both` measures the two in one run.
+The device pipeline needs no TensorFlow (neither launch.py nor this script imports it then); the tf
+one does: without TensorFlow its run prints a skip with that reason (exit 0), the device run goes
+on. On a CPU the tf.data pipeline and the step share the cores, so its figure there has no target.
 """
 
 import argparse
@@ -30,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from jaxsam import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,9 +53,10 @@ RUN_KEYS = [
 ]
 
 
-def skip_reason() -> str | None:
-  if importlib.util.find_spec("tensorflow") is None:
-    return "TensorFlow is not installed (launch.py's training loop imports it)"
+def skip_reason(pipeline: str) -> str | None:
+  """Why a run with `dataset.pipeline=pipeline` cannot be measured here, or None."""
+  if pipeline == "tf" and importlib.util.find_spec("tensorflow") is None:
+    return "TensorFlow is not installed (dataset.pipeline=tf is tf.data)"
   return None
 
 
@@ -138,11 +143,17 @@ def step_images_per_s(config, repeats: int, steps: int) -> dict:
   compiled = step.lower(state, batch).compile()
   program = compiled
   if config.dataset.pipeline == "device":
+    from jaxsam.data import device_input  # pylint: disable=import-outside-toplevel
+
     train = data.train_input(config, size=cfg.image_size, mesh=mesh)
     batch = parallel.shard_batch(next(train(0, 0, 1)), mesh)  # indices, labels, seeds
+    transform, fuse = device_input.loop_parts(train)
+    if fuse:  # the loop's one program: gather + augment + step
+      program = fuse(step)
+    else:
 
-    def program(state, rows):  # the loop's two programs, in its order
-      return compiled(state, train.on_device(rows))
+      def program(state, rows):  # the loop's two programs, in its order
+        return compiled(state, transform(rows))
 
   state, _ = stepcost.time_steps(program, state, batch, 2, repeats=1)
   _, seconds = stepcost.time_steps(program, state, batch, steps, repeats)
@@ -168,11 +179,10 @@ def measure(args, pipeline: str) -> dict:
   overrides += [f"max_steps={steps}", f"log_every_steps={log_every}", *RUN_KEYS]
   config = load_config(config_path, overrides)
   with tempfile.TemporaryDirectory() as tmp:
-    wall_s = run_loop(config_path, overrides, os.path.join(tmp, "run"), args.timeout_s)
-    loop, timed_steps = loop_images_per_s(
-      os.path.join(tmp, "run", "metrics.jsonl"), config.batch_size
-    )
-  step = step_images_per_s(config, repeats=3, steps=10)
+    run = os.path.join(tmp, "run")
+    wall_s = run_loop(config_path, overrides, run, args.timeout_s)
+    loop, timed_steps = loop_images_per_s(workdir_lib.RunDir(run).metrics, config.batch_size)
+  step = step_images_per_s(config, repeats=3, steps=max(10, steps // 10))
   return {
     "status": "ok",
     "config": f"{config_path} {' '.join(overrides)}",
@@ -211,24 +221,27 @@ def main() -> None:
   parser.add_argument("--timeout_s", type=float, default=600.0, help="launch.py's time limit")
   parser.add_argument("--json", default="", help="also write the figures here")
   args = parser.parse_args()
-  reason = skip_reason()
   pipelines = ("tf", "device") if args.pipeline == "both" else (args.pipeline,)
-  if reason:
-    result = {"status": "skipped", "reason": reason}
-  else:
-    results = [measure(args, pipeline) for pipeline in pipelines]
-    result = results[0] if len(results) == 1 else {"status": "ok", "runs": results}
+  results = []
+  for pipeline in pipelines:
+    reason = skip_reason(pipeline)
+    results.append(
+      {"status": "skipped", "pipeline": pipeline, "reason": reason}
+      if reason
+      else measure(args, pipeline)
+    )
+  result = results[0] if len(results) == 1 else {"status": "ok", "runs": results}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
-  if reason:
-    print(f"skipped: {reason}")
-    return
   for run in result.get("runs", [result]):
     report(run)
 
 
 def report(result: dict) -> None:
+  if result["status"] == "skipped":
+    print(f"skipped [dataset.pipeline={result['pipeline']}]: {result['reason']}")
+    return
   print(
     f"{result['config']}\n{result['devices']}, jax {result['jax']}: launch.py "
     f"{result['loop_images_per_s']:,.1f} images/s over {result['loop_timed_steps']} steps "

@@ -251,15 +251,21 @@ def compile_train_step(mesh: Mesh, **kwargs):
   return jax.jit(sharded, donate_argnums=0)
 
 
-def compile_scheduled_train_step(mesh: Mesh, schedule: Callable[[int], bool] | None, **kwargs):
+def compile_scheduled_train_step(
+  mesh: Mesh, schedule: Callable[[int], bool] | None, wrap: Callable | None = None, **kwargs
+):
   """A train step `(state, batch, step)` that runs, for step `step`, the compiled SAM step or the
   compiled base step as the host-side `schedule` says (an AscentSchedule, see
   optim.host_ascent_schedule: one program each, compiled on first use, neither with a branch);
-  with no schedule, the one step of `compile_train_step`."""
+  with no schedule, the one step of `compile_train_step`. `wrap`, when given, turns each jitted
+  step into the program the loop calls (the device input fused in)."""
+  wrap = wrap or (lambda step: step)
   if schedule is None:
-    single = compile_train_step(mesh, **kwargs)
+    single = wrap(compile_train_step(mesh, **kwargs))
     return lambda state, batch, step: single(state, batch)
-  compiled = {ascent: compile_train_step(mesh, ascent=ascent, **kwargs) for ascent in (True, False)}
+  compiled = {
+    ascent: wrap(compile_train_step(mesh, ascent=ascent, **kwargs)) for ascent in (True, False)
+  }
   return lambda state, batch, step: compiled[bool(schedule(step))](state, batch)
 
 

@@ -26,6 +26,7 @@ import tqdm
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import evaluate, optim, parallel, plots, profiling, run_setup, steps, writers
 from jaxsam import state as state_lib
+from jaxsam.data import device_input
 from jaxsam.run_setup import Setup
 
 
@@ -429,16 +430,23 @@ def _device_batches(train_input, setup: Setup, start: int) -> parallel.DevicePre
   return parallel.DevicePrefetch(
     itertools.islice(local, setup.total_steps - start),
     setup.mesh,
-    transform=getattr(train_input, "on_device", None),  # the device pipeline's gather + augment
+    transform=device_input.loop_parts(train_input)[0],  # a separate gather + augment program
   )
 
 
-def _compile_steps(config, setup: Setup, tx, lr_schedule):
+def _compile_steps(config, setup: Setup, tx, lr_schedule, wrap=None):
   """(train step of (state, batch, step), eval step): the host picks the SAM or base program per
-  step for the count-based SAM schedules."""
+  step for the count-based SAM schedules; `wrap` fuses the device pipeline's gather + augment into
+  each train program."""
   schedule = optim.host_ascent_schedule(config, setup.steps_per_epoch)
   train_step = steps.compile_scheduled_train_step(
-    setup.mesh, schedule, model=setup.model, tx=tx, lr_schedule=lr_schedule, cfg=setup.step_config
+    setup.mesh,
+    schedule,
+    wrap=wrap,
+    model=setup.model,
+    tx=tx,
+    lr_schedule=lr_schedule,
+    cfg=setup.step_config,
   )
   return train_step, steps.compile_eval_step(setup.mesh, model=setup.model, cfg=setup.step_config)
 
@@ -490,7 +498,8 @@ def train_and_evaluate(
     start = int(parallel.fetch(state.step))
     sink = run_setup.create_sink(launch, start)
     _announce(config, setup, start, resumed)
-    train_step, eval_step = _compile_steps(config, setup, launch.tx, launch.lr_schedule)
+    fuse = device_input.loop_parts(launch.train_input)[1]
+    train_step, eval_step = _compile_steps(config, setup, launch.tx, launch.lr_schedule, fuse)
     batches = _device_batches(launch.train_input, setup, start)
     loop = _start_loop(launch, sink, checkpointer, progress, start)
     clock = TrainClock()

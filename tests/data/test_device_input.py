@@ -81,15 +81,25 @@ def test_device_batches_from_a_later_step_continue_the_tf_stream(digits):
     np.testing.assert_array_equal(b["label"], a["label"])
 
 
-def test_train_split_is_placed_once_replicated_as_uint8(digits, capsys):
+def test_train_split_is_held_once_per_process_split_over_its_devices(digits, capsys):
+  """Any step may take any row, so the process holds them all, once: each of its 8 devices a
+  contiguous eighth (the last padded), and the start-up line says so with the bytes."""
   mesh = parallel.make_mesh()
   train = digits.train_input(_config("device"), size=32, mesh=mesh, main=True)
   line = capsys.readouterr().out.strip()
-  assert train.images.dtype == np.uint8
-  assert train.images.sharding.is_fully_replicated
-  assert train.bytes_per_device() == digits.arrays.train.images.nbytes
+  images = digits.arrays.train.images
+  assert train.images.dtype == np.uint8 and train.local == 8
+  shards = sorted(train.images.addressable_shards, key=lambda s: s.index[0].start or 0)
+  per_device = -(-len(images) // 8)
+  assert [s.data.shape[0] for s in shards] == [per_device] * 8
+  held = np.concatenate([np.asarray(s.data) for s in shards])
+  np.testing.assert_array_equal(held[: len(images)], images)
+  assert not held[len(images) :].any()  # the padding rows are zeros, never gathered
+  assert train.bytes_per_device() == per_device * images[0].nbytes
   assert line.startswith("jaxsam: input pipeline device (dataset.pipeline=device)")
-  assert "replicated on each of 8 device(s)" in line and "MiB per device" in line
+  mib = images.nbytes / 2**20
+  assert f"uint8 ({mib:.1f} MiB) replicated once per process (1 copy:" in line
+  assert f"over each process's 8 device(s) ({per_device * images[0].nbytes / 2**20:.1f} MiB" in line
 
 
 def test_auto_picks_tf_when_tensorflow_is_importable_and_says_why(digits, capsys):
@@ -387,3 +397,15 @@ print(device_input.tensorflow_importable(), 'tensorflow' in sys.modules)
   )
   assert done.returncode == 0, failure(done)
   assert done.stdout.split() == ["False", "False"]
+
+
+def test_the_loop_runs_the_device_gather_as_its_own_program_unless_fused(digits):
+  """FUSE_INTO_STEP off (bench/device_fusion.py: no faster fused): the gather + augment is
+  DevicePrefetch's transform and the step the tf.data one; fused, the step is wrapped instead;
+  tf.data input has neither."""
+  train = digits.train_input(_config("device"), size=32, mesh=parallel.make_mesh())
+  assert not device_input.FUSE_INTO_STEP and not train.fused
+  assert device_input.loop_parts(train) == (train.on_device, None)
+  train.fused = True
+  assert device_input.loop_parts(train) == (None, train.fuse)
+  assert device_input.loop_parts(digits.train_input(_config("tf"), size=32)) == (None, None)

@@ -1,7 +1,12 @@
 """bench/gpu_suite.py's bookkeeping: rows that cannot run say why, and the rest still run."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from support.paths import ROOT
 
@@ -99,3 +104,64 @@ def test_vit_cases_time_adamw_and_adamw_sam_and_the_conv_nets_do_not():
     ]
   )
   assert notes == ["vit_b16: adamw_sam temp 3.0 MiB vs adamw 2.0 MiB = 1.50x (peak 1.50x)"]
+
+
+def test_real_loop_row_is_resnet18_cifar_on_the_device_pipeline_and_says_its_ratio(tmp_path):
+  args = suite.parse_args(["--quick", f"--out={tmp_path / 'x.json'}"])
+  assert suite.run_real_loop(args, 1.0, dict(os.environ)) == {
+    "status": "not run",
+    "reason": "suite time budget spent",
+  }
+  full, quick = suite.real_loop_arguments(quick=False), suite.real_loop_arguments(quick=True)
+  assert full[:2] == quick[:2] == ["--config=configs/cifar10_sgd.py", "--pipeline=device"]
+  assert not any("image_size" in a for a in full)  # the config's own 32 px
+  assert "--set=model.image_size=8" in quick and "--set=dataset.name=digits" in quick
+  result = {
+    "status": "ok",
+    "model": "resnet18",
+    "image_size": 32,
+    "dtype": "bfloat16",
+    "batch": 256,
+    "pipeline": "device",
+    "loop_images_per_s": 9700.2,
+    "step_images_per_s": 10000.0,
+    "efficiency": 0.97002,
+  }
+  (line,) = suite.real_loop_line(result)
+  assert line.startswith("real loop (resnet18 CIFAR stem, 32 px bfloat16, batch 256, dataset.")
+  assert line.endswith(
+    "launch.py 9,700 images/s / bare step (gather + augment + train step) 10,000 images/s"
+    " = **0.970**"
+  )
+  assert suite.real_loop_line({"status": "timeout", "reason": "over its 60 s budget"}) == [
+    "real loop (ResNet-18 CIFAR, device input): timeout: over its 60 s budget"
+  ]
+
+
+@pytest.mark.slow
+def test_real_loop_row_runs_at_cpu_sizes_with_tensorflow_blocked(tmp_path):
+  """The --quick row end to end: loop_efficiency.py (TensorFlow blocked in it) trains through
+  launch.py on the device pipeline and prints a loop efficiency in (0, 1.5)."""
+  out = tmp_path / "loop.json"
+  script = os.path.join(ROOT, "bench", "loop_efficiency.py")
+  code = (
+    "import runpy, sys\n"
+    "for name in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
+    "  sys.modules[name] = None\n"
+    f"sys.argv = [{script!r}, '--json={out}', *sys.argv[1:]]\n"
+    f"runpy.run_path({script!r}, run_name='__main__')\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code, *suite.real_loop_arguments(quick=True)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["status"] == "ok" and result["pipeline"] == "device"
+  assert result["model"] == "resnet18" and result["image_size"] == 8
+  assert 0 < result["efficiency"] < 1.5
+  assert "[dataset.pipeline=device]" in done.stdout
