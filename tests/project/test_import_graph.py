@@ -1,5 +1,5 @@
-"""The package's import graph, read from the source: who may import the loop, and no cycles
-through the run-folder, set-up and loop modules."""
+"""The package's import graph, read from the source: who may import the loop, and no cycle
+anywhere (the run-folder, set-up and loop modules checked by name too)."""
 
 import ast
 import os
