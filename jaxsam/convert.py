@@ -20,7 +20,7 @@ from absl import app, flags
 
 from jaxsam import cli
 from jaxsam.errors import ConfigError
-from jaxsam.models import pretrained
+from jaxsam.models import pretrained, weight_files
 
 _MODEL = flags.DEFINE_string("model", None, "registered model name, e.g. resnet50", required=True)
 _INPUT = flags.DEFINE_string("input", None, "weight file to convert", required=True)
@@ -41,11 +41,11 @@ def convert(
 
 def _origin(input_path: str, origin: str) -> str:
   """The weights' origin: the input's own, or `origin` where the input's format allows it."""
-  if origin and origin not in pretrained.ORIGINS:
-    raise ConfigError(f"--origin={origin!r} is unknown; known: {', '.join(pretrained.ORIGINS)}")
-  found = pretrained.weights_origin(input_path)
+  if origin and origin not in weight_files.ORIGINS:
+    raise ConfigError(f"--origin={origin!r} is unknown; known: {', '.join(weight_files.ORIGINS)}")
+  found = weight_files.weights_origin(input_path)
   allowed = {"keras": ("keras",), "torchvision": ("torchvision", "timm")}.get(
-    found, pretrained.ORIGINS
+    found, weight_files.ORIGINS
   )
   if origin and origin not in allowed:
     raise ConfigError(

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxsam.errors import ConfigError
-from jaxsam.models import efficientnet, pretrained, resnet, vit, wide_resnet  # noqa: F401
+from jaxsam.models import efficientnet, resnet, vit, wide_resnet
 
 
 def _opt(model_config, key: str, default):

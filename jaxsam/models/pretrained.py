@@ -1,32 +1,17 @@
-"""Import of pretrained weights: torchvision/timm state dicts, Keras weight files, jaxsam's own
-files.
+"""Import of pretrained ResNet and EfficientNet weights: torchvision/timm state dicts, Keras weight
+files, jaxsam's own files (read by `weight_files.py`; ViTs are mapped by `vit_import.py`).
 
 Every tensor of the file must land on a model variable of the same shape, and every model variable
 must come from the file, except the classifier head (`fc` / `predictions`), which stays freshly
 initialised when its class count differs or the file has none. Anything else is a
 `PretrainedError` naming the tensors.
 
-Formats, chosen by the file's suffix:
-  .safetensors          a torch state dict (read without torch) or a file jaxsam wrote
-  .pth .pt .bin         a torch state dict, read with torch.load(weights_only=True) (needs torch)
-  .h5 .keras            Keras weights (legacy `save_weights` h5 as the official ImageNet files,
-                        Keras 3 `.weights.h5`, or a `.keras` archive)
-  .msgpack              a file jaxsam wrote (flax.serialization msgpack)
-
-jaxsam's own files (`save_variables`) hold the Flax variables under '/'-joined names
-('params/conv1/kernel', 'batch_stats/bn1/mean') and record the model's layout, so converted files
-load without re-mapping and a file of another layout is refused. They also record the weights'
-origin ('keras', 'torchvision', 'timm'), which fixes the input normalisation the weights expect
-(`input_normalization`): Keras' ResNet50 was trained on caffe-style BGR input, the rest on
-ImageNet mean/std.
+`convert_file` converts any file jaxsam imports into jaxsam's own file for a model config, built
+from the model registry with jax.eval_shape.
 """
 
-import io
 import os
 import re
-import zipfile
-from collections.abc import Mapping
-from typing import Any
 
 import flax
 import jax
@@ -34,259 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxsam import models
 from jaxsam.errors import PretrainedError
+from jaxsam.models import vit, vit_import, weight_files
+from jaxsam.models.weight_files import JAXSAM_FORMAT, model_family, name_list
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-KERAS_SUFFIXES = (".h5", ".keras")
-SUFFIXES = (".safetensors", ".msgpack", ".npz") + TORCH_SUFFIXES + KERAS_SUFFIXES
 HEADS = ("fc", "predictions")  # classifier modules, re-initialised when the class count differs
-IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-JAXSAM_FORMAT = "jaxsam"
-ORIGINS = ("keras", "torchvision", "timm")  # who trained the weights: their input convention
-
-
-# --------------------------------------------------------------------------- what the model expects
-
-
-def model_layout(model_ref) -> tuple[str, str]:
-  """(name, layout) of a model: layout 'torchvision', 'keras' or 'jaxsam' (no external weights).
-
-  `model_ref` is a registered name, a `config.model` ConfigDict, or a module built by
-  `jaxsam.models` (whose attributes tell the layout).
-  """
-  from jaxsam.models import efficientnet, resnet, vit  # here: jaxsam.models imports this module
-
-  if isinstance(model_ref, vit.ViT):  # ViTs: every layout question goes to vit_import.py
-    return "vit", "vit"
-  if isinstance(model_ref, resnet.ResNet):
-    if model_ref.stem == "imagenet" and model_ref.shortcut == "projection":
-      return "resnet", "keras" if model_ref.v1 else "torchvision"
-    return "resnet", JAXSAM_FORMAT
-  if isinstance(model_ref, efficientnet.EfficientNet):
-    return "efficientnet", "keras" if model_ref.padding == "same" else "torchvision"
-  if isinstance(model_ref, str):
-    name, v1, cifar_stem = model_ref, False, False
-  elif isinstance(model_ref, Mapping) or hasattr(model_ref, "get"):
-    name = model_ref.get("name")
-    v1 = bool(model_ref.get("resnet_v1", False))
-    cifar_stem = bool(model_ref.get("cifar_stem", False))
-  else:
-    raise TypeError(f"expected a model name, config.model or module, got {type(model_ref)}")
-  if name in vit.SIZES:
-    return name, "vit"
-  if name in IMAGENET_RESNETS and not cifar_stem:
-    return name, "keras" if v1 else "torchvision"
-  if re.fullmatch(r"efficientnet_b\d", name):
-    return name, "keras"
-  if re.fullmatch(r"efficientnet_b\d_torchvision", name):
-    return name, "torchvision"
-  return name, JAXSAM_FORMAT
-
-
-# --------------------------------------------------------------------------------- reading files
-
-
-def read_file(path: str) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
-  """Reads a weight file into ({source name: array}, source kind, metadata).
-
-  The kind is 'torchvision' (torch state-dict names), 'keras' ('layer/variable' names) or 'jaxsam'.
-  """
-  path = os.fspath(path)
-  suffix = _checked_suffix(path)
-  if suffix in TORCH_SUFFIXES:
-    return _read_torch(path), "torchvision", {}
-  try:
-    if suffix == ".safetensors":
-      return _read_safetensors(path)
-    if suffix == ".msgpack":
-      return _read_msgpack(path)
-    if suffix == ".npz":  # original-ViT / big_vision checkpoints
-      from jaxsam.models import vit_import
-
-      return vit_import.read_npz(path), "npz", {}
-    return _read_keras(path, suffix), "keras", {}
-  except PretrainedError:
-    raise
-  except Exception as e:  # any reader failure means an unreadable or truncated file
-    raise PretrainedError(
-      f"cannot read {path!r} as a {suffix} weight file (truncated or not a weight file?): "
-      f"{_one_line(e)}"
-    ) from e
-
-
-def _checked_suffix(path: str) -> str:
-  """The weight file's lower-case suffix; PretrainedError when it is absent or of no known type."""
-  if not os.path.isfile(path):
-    raise PretrainedError(f"pretrained weight file not found: {path!r}")
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix not in SUFFIXES:
-    raise PretrainedError(
-      f"unknown weight file type {suffix!r} for {path!r}; accepted: {', '.join(SUFFIXES)}"
-    )
-  return suffix
-
-
-def weights_origin(path: str) -> str:
-  """Who trained the file's weights: 'keras', 'torchvision' or 'timm' (one of ORIGINS), or ''.
-
-  Keras files are Keras' by their format, torch state dicts count as torchvision's (timm's ResNets
-  share its names and its normalisation); jaxsam's files say, or (written before they recorded it)
-  their layout does. '' for a jaxsam file of a jaxsam-only layout.
-  """
-  path = os.fspath(path)
-  suffix = _checked_suffix(path)
-  if suffix in KERAS_SUFFIXES:
-    return "keras"
-  if suffix in TORCH_SUFFIXES:
-    return "torchvision"
-  if suffix == ".safetensors":
-    from safetensors import safe_open
-
-    try:
-      with safe_open(path, framework="numpy") as f:
-        metadata = f.metadata() or {}
-    except Exception as e:
-      raise PretrainedError(
-        f"cannot read {path!r} as a .safetensors weight file: {_one_line(e)}"
-      ) from e
-    if metadata.get("format") != JAXSAM_FORMAT:
-      return "torchvision"
-  else:
-    metadata = read_file(path)[2]
-  origin = metadata.get("origin") or metadata.get("layout", "")
-  return origin if origin in ORIGINS else ""
-
-
-def input_normalization(path: str, model_ref) -> str:
-  """The input normalisation the file's weights were trained with: 'caffe' or 'imagenet'.
-
-  Keras' ResNet50 expects `keras.applications.resnet50.preprocess_input` (caffe: BGR, mean
-  subtracted on 0-255, no std). torchvision and timm expect ImageNet mean/std on 0-1 RGB, and so
-  does Keras' EfficientNet, whose in-model Rescaling/Normalization layers jaxsam leaves out.
-  """
-  return origin_normalization(weights_origin(path), model_layout(model_ref)[0])
-
-
-def origin_normalization(origin: str, model_name: str) -> str:
-  """The input normalisation of weights from `origin` for `model_name`: 'inception' (mean = std
-  = 0.5) for ViTs (timm's SAM and AugReg ViTs, the original .npz files), 'caffe' for Keras'
-  ResNets, 'imagenet' for the rest."""
-  from jaxsam.models import vit  # here: jaxsam.models imports this module
-
-  if model_name == "vit" or model_name in vit.SIZES:
-    return "inception"
-  return "caffe" if _family(model_name) == "resnet" and origin == "keras" else "imagenet"
-
-
-def _one_line(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _read_safetensors(path: str):
-  from safetensors import safe_open
-
-  with safe_open(path, framework="numpy") as f:
-    metadata = f.metadata() or {}
-    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-  kind = JAXSAM_FORMAT if metadata.get("format") == JAXSAM_FORMAT else "torchvision"
-  return tensors, kind, metadata
-
-
-def _read_msgpack(path: str):
-  with open(path, "rb") as f:
-    tree = flax.serialization.msgpack_restore(f.read())
-  if not isinstance(tree, dict) or "__jaxsam__" not in tree:
-    raise PretrainedError(f"cannot read {path!r}: a msgpack file not written by jaxsam.convert")
-  metadata = {k: str(v) for k, v in tree.pop("__jaxsam__").items()}
-  flat = flax.traverse_util.flatten_dict(tree, sep="/")
-  return {k: np.asarray(v) for k, v in flat.items()}, JAXSAM_FORMAT, metadata
-
-
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # the optional `torch` extra, imported only for .pth files
-  except ImportError:
-    raise PretrainedError(
-      f"reading {path!r} needs torch (pip install 'jaxsam[torch]'), or convert it to "
-      ".safetensors with safetensors.torch.save_file where torch is installed"
-    ) from None
-  try:
-    # weights_only=True: never unpickle arbitrary objects from a downloaded file.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise PretrainedError(
-      f"cannot read {path!r} as a torch state dict (truncated or not a weight file?): "
-      f"{_one_line(e)}"
-    ) from e
-  for key in ("state_dict", "model_state_dict", "model"):  # training checkpoints wrap the weights
-    if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-      state = state[key]
-  if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-    raise PretrainedError(f"{path!r} does not hold a torch state dict (name -> tensor)")
-  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
-
-
-def _read_keras(path: str, suffix: str) -> dict[str, np.ndarray]:
-  import h5py
-
-  if suffix == ".keras":
-    with zipfile.ZipFile(path) as archive:
-      data = io.BytesIO(archive.read("model.weights.h5"))
-    with h5py.File(data, "r") as f:
-      return _keras3_weights(f)
-  with h5py.File(path, "r") as f:
-    if "model_weights" in f:  # a whole model saved with model.save('x.h5')
-      return _legacy_weights(f["model_weights"])
-    if "layer_names" in f.attrs:  # save_weights in the legacy format: the official ImageNet files
-      return _legacy_weights(f)
-    if "layers" in f:
-      return _keras3_weights(f)
-  raise PretrainedError(f"{path!r} is an HDF5 file without Keras weights")
-
-
-def _legacy_weights(group) -> dict[str, np.ndarray]:
-  """Legacy Keras h5: a group per layer, whose attribute 'weight_names' lists 'layer/var:0'."""
-  out = {}
-  for layer in group.attrs["layer_names"]:
-    layer = _str(layer)
-    for weight in group[layer].attrs.get("weight_names", []):
-      weight = _str(weight)
-      var = weight.split("/")[-1].split(":")[0]
-      out[f"{layer}/{_KERAS_VAR_ALIASES.get(var, var)}"] = np.asarray(group[layer][weight])
-  return out
-
-
-def _str(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-_KERAS_VAR_ALIASES = {"depthwise_kernel": "kernel"}
-# Keras 3 stores variables by position; the order each layer type creates them in.
-_KERAS3_VARS = {
-  "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance"),
-  "conv2d": ("kernel", "bias"),
-  "depthwise_conv2d": ("kernel", "bias"),
-  "dense": ("kernel", "bias"),
-  "normalization": ("mean", "variance", "count"),
-}
-
-
-def _keras3_weights(f) -> dict[str, np.ndarray]:
-  """Keras 3 `.weights.h5`: layers/<class key>/vars/<index>, the layer name in an attribute."""
-  out = {}
-  for key, layer in f["layers"].items():
-    variables = layer.get("vars")
-    if variables is None or not len(variables):
-      continue
-    kind = re.sub(r"_\d+$", "", key)
-    if kind not in _KERAS3_VARS:
-      raise PretrainedError(f"unsupported Keras layer {key!r} in weight file")
-    name = _str(variables.attrs.get("name", key))
-    for index in sorted(variables, key=int):
-      out[f"{name}/{_KERAS3_VARS[kind][int(index)]}"] = np.asarray(variables[index])
-  return out
-
 
 # --------------------------------------------------------------------------- source -> Flax names
 
@@ -446,10 +184,6 @@ def map_keras(tensors: dict[str, np.ndarray], family: str):
 # ------------------------------------------------------------------------------------- matching
 
 
-def _family(name: str) -> str:
-  return "efficientnet" if name.startswith("efficientnet") else "resnet"
-
-
 def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   """Reads `path` and renames its tensors to the Flax variables of `model_ref`
   ('params/a/b/kernel').
@@ -458,12 +192,10 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   torchvision-layout model) or a tensor has no Flax counterpart.
   """
   path = os.fspath(path)
-  name, layout = model_layout(model_ref)
+  name, layout = weight_files.model_layout(model_ref)
   if layout == "vit":
-    from jaxsam.models import vit_import
-
     return vit_import.to_flax_names(path, model_ref)
-  tensors, kind, metadata = read_file(path)
+  tensors, kind, metadata = weight_files.read_file(path)
   check_finite(tensors, path)
   if kind == JAXSAM_FORMAT:
     saved = metadata.get("layout", "")
@@ -485,12 +217,12 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   if kind != layout:
     raise PretrainedError(
       f"{path!r} holds {kind} weights but {name} is in the {layout} layout; "
-      f"{_LAYOUT_FIX[_family(name), kind]}"
+      f"{_LAYOUT_FIX[model_family(name), kind]}"
     )
-  mapped, unknown = (map_torch if kind == "torchvision" else map_keras)(tensors, _family(name))
+  mapped, unknown = (map_torch if kind == "torchvision" else map_keras)(tensors, model_family(name))
   if unknown:
     raise PretrainedError(
-      f"{path!r} does not fit {name}: unexpected tensors {_names(unknown)} "
+      f"{path!r} does not fit {name}: unexpected tensors {name_list(unknown)} "
       f"(weights of another architecture?)"
     )
   return mapped
@@ -518,12 +250,6 @@ _LAYOUT_FIX = {
 }
 
 
-def _names(names, limit: int = 6) -> str:
-  names = sorted(names)
-  more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 def _is_head(flax_name: str) -> bool:
   return flax_name.split("/")[1] in HEADS
 
@@ -543,11 +269,11 @@ def match(file_tensors: dict[str, np.ndarray], target_shapes: dict[str, tuple], 
   ]
   problems = []
   if missing:
-    problems.append(f"missing {_names(missing)}")
+    problems.append(f"missing {name_list(missing)}")
   if unexpected:
-    problems.append(f"unexpected {_names(unexpected)}")
+    problems.append(f"unexpected {name_list(unexpected)}")
   if wrong:
-    problems.append(f"wrong shape {_names(wrong, 3)}")
+    problems.append(f"wrong shape {name_list(wrong, 3)}")
   if problems:
     raise PretrainedError(f"{source} does not fit the model: {'; '.join(problems)}")
   return [
@@ -555,10 +281,6 @@ def match(file_tensors: dict[str, np.ndarray], target_shapes: dict[str, tuple], 
     for k, shape in target_shapes.items()
     if k in file_tensors and tuple(file_tensors[k].shape) == tuple(shape)
   ]
-
-
-def _flatten(variables) -> dict[str, Any]:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
 
 
 def load_pretrained(path: str, model_ref, variables):
@@ -579,12 +301,10 @@ def load_pretrained(path: str, model_ref, variables):
       another layout, or missing / unexpected / wrongly shaped tensors (named, one line).
   """
   path = os.fspath(path)
-  if model_layout(model_ref)[1] == "vit":  # position-embedding resampling, 'head': vit_import.py
-    from jaxsam.models import vit_import
-
+  if weight_files.model_layout(model_ref)[1] == "vit":  # pos-embedding resampling, 'head': there
     return vit_import.load_pretrained(path, model_ref, variables)
   file_tensors = to_flax_names(path, model_ref)
-  flat = _flatten(variables)
+  flat = weight_files.flat_variables(variables)
   taken = match(file_tensors, {k: v.shape for k, v in flat.items()}, repr(os.fspath(path)))
   fresh = sorted(set(flat) - set(taken))
   if fresh:
@@ -594,7 +314,7 @@ def load_pretrained(path: str, model_ref, variables):
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
-# ------------------------------------------------------------------------------ jaxsam's own files
+# ------------------------------------------------------------------------------------ converting
 
 
 def convert_file(input_path: str, output_path: str, model_config, origin: str) -> int:
@@ -603,9 +323,6 @@ def convert_file(input_path: str, output_path: str, model_config, origin: str) -
   The tensors are checked against the model's shapes (built with jax.eval_shape, so nothing is
   compiled); the head's class count is the file's own (1000 when it has none).
   """
-  from jaxsam import models  # here: jaxsam.models imports this module
-  from jaxsam.models import vit, vit_import  # here too
-
   tensors = to_flax_names(input_path, model_config)
   heads = ("params/fc/bias", "params/predictions/bias", "params/head/bias")
   head = [v for k, v in tensors.items() if k in heads]
@@ -615,49 +332,19 @@ def convert_file(input_path: str, output_path: str, model_config, origin: str) -
   size = _vit_resolution(tensors, vit.SIZES[model_config.name].patch) if is_vit else 64
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, train=False))
-  flat_shapes = {k: v.shape for k, v in _flatten(shapes).items()}
+  flat_shapes = {k: v.shape for k, v in weight_files.flat_variables(shapes).items()}
   if is_vit:  # ViT: its own head name; the file's position-embedding grid is kept as it is
     taken = list(vit_import.match(tensors, flat_shapes, repr(os.fspath(input_path))))
   else:
     taken = match(tensors, flat_shapes, repr(os.fspath(input_path)))
-  save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
+  weight_files.save_variables(output_path, {k: tensors[k] for k in taken}, model_config, origin)
   return len(taken)
 
 
 def _vit_resolution(tensors: dict, patch: int) -> int:
   """The image side a ViT file was trained at: its position-embedding grid times the patch."""
-  from jaxsam.models import vit_import  # here: jaxsam.models imports this module
-
   pos = tensors.get(vit_import.POS)
   if pos is None:
     return 224
   tokens = pos.shape[1] - ("params/cls" in tensors)
   return round(tokens**0.5) * patch
-
-
-def save_variables(path: str, variables, model_ref, origin: str = "") -> None:
-  """Writes variables as a jaxsam weight file (.safetensors or .msgpack) that records the layout.
-
-  `origin` (one of ORIGINS, or '' for none) is recorded too: it decides the input normalisation.
-  """
-  name, layout = model_layout(model_ref)
-  if origin and origin not in ORIGINS:
-    raise PretrainedError(f"weights origin {origin!r} is unknown; known: {', '.join(ORIGINS)}")
-  # Contiguous copies: safetensors writes a transposed view's buffer in memory order, scrambled.
-  flat = {
-    k: np.ascontiguousarray(jax.device_get(v), dtype=np.float32)
-    for k, v in _flatten(variables).items()
-  }
-  metadata = {"format": JAXSAM_FORMAT, "model": str(name), "layout": layout, "origin": origin}
-  suffix = os.path.splitext(os.fspath(path))[1].lower()
-  if suffix == ".safetensors":
-    from safetensors.numpy import save_file
-
-    save_file(flat, path, metadata=metadata)
-  elif suffix == ".msgpack":
-    tree = flax.traverse_util.unflatten_dict(flat, sep="/")
-    tree["__jaxsam__"] = metadata
-    with open(path, "wb") as f:
-      f.write(flax.serialization.msgpack_serialize(tree))
-  else:
-    raise PretrainedError(f"output {path!r} must end in .safetensors or .msgpack")

@@ -1,6 +1,6 @@
 """ViT weight import: timm state dicts and original-ViT / big_vision `.npz` files -> `vit.ViT`.
 
-Layout name: 'vit' (what `pretrained.model_layout` returns for a ViT and jaxsam's own files
+Layout name: 'vit' (what `weight_files.model_layout` returns for a ViT and jaxsam's own files
 record). Sources, by suffix:
   .safetensors / .pth / .bin   a timm VisionTransformer state dict (`patch_embed.proj`, `cls_token`,
                                `pos_embed`, `blocks.{i}.attn.qkv`, `norm` or `fc_norm`, `head`);
@@ -28,7 +28,8 @@ import numpy as np
 from absl import logging
 
 from jaxsam.errors import PretrainedError
-from jaxsam.models import pretrained, vit
+from jaxsam.models import vit, weight_files
+from jaxsam.models.weight_files import name_list
 
 LAYOUT = "vit"
 POS = "params/Transformer/posembed_input/pos_embedding"
@@ -48,15 +49,6 @@ def _heads(model_ref) -> int:
     return model_ref.heads
   name = model_ref if isinstance(model_ref, str) else model_ref.get("name")
   return vit.SIZES[name].heads
-
-
-# ------------------------------------------------------------------------------------ reading
-
-
-def read_npz(path: str) -> dict[str, np.ndarray]:
-  """The arrays of an `.npz` checkpoint by name (no pickled objects are loaded)."""
-  with np.load(path, allow_pickle=False) as f:
-    return {k: np.asarray(f[k]) for k in f.files}
 
 
 # ------------------------------------------------------------------------------- timm -> Flax
@@ -180,9 +172,9 @@ def map_npz(tensors: dict[str, np.ndarray]):
 def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   """Reads `path` (timm, .npz or a jaxsam file of the 'vit' layout) into Flax names."""
   path = os.fspath(path)
-  name, _ = pretrained.model_layout(model_ref)
-  tensors, kind, metadata = pretrained.read_file(path)
-  if kind == pretrained.JAXSAM_FORMAT:
+  name, _ = weight_files.model_layout(model_ref)
+  tensors, kind, metadata = weight_files.read_file(path)
+  if kind == weight_files.JAXSAM_FORMAT:
     if metadata.get("layout") != LAYOUT:
       raise PretrainedError(
         f"{path!r} was converted for a {metadata.get('layout')!r}-layout model "
@@ -194,7 +186,7 @@ def to_flax_names(path: str, model_ref) -> dict[str, np.ndarray]:
   mapped, unknown = map_npz(tensors) if kind == "npz" else map_timm(tensors, _heads(model_ref))
   if unknown:
     raise PretrainedError(
-      f"{path!r} does not fit {name}: unexpected tensors {pretrained._names(unknown)} "
+      f"{path!r} does not fit {name}: unexpected tensors {name_list(unknown)} "
       f"(weights of another architecture or ViT variant?)"
     )
   return mapped
@@ -241,11 +233,11 @@ def match(tensors: dict[str, np.ndarray], target_shapes: dict[str, tuple], sourc
   ]
   problems = []
   if missing:
-    problems.append(f"missing {pretrained._names(missing)}")
+    problems.append(f"missing {name_list(missing)}")
   if unexpected:
-    problems.append(f"unexpected {pretrained._names(unexpected)}")
+    problems.append(f"unexpected {name_list(unexpected)}")
   if wrong:
-    problems.append(f"wrong shape {pretrained._names(wrong, 3)}")
+    problems.append(f"wrong shape {name_list(wrong, 3)}")
   if problems:
     raise PretrainedError(f"{source} does not fit the model: {'; '.join(problems)}")
   return {k: v for k, v in tensors.items() if tuple(v.shape) == tuple(target_shapes[k])}
@@ -255,7 +247,7 @@ def load_pretrained(path: str, model_ref, variables):
   """`variables` with every tensor from the file (see the module docstring for what adapts)."""
   path = os.fspath(path)
   tensors = to_flax_names(path, model_ref)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+  flat = weight_files.flat_variables(variables)
   taken = match(tensors, {k: v.shape for k, v in flat.items()}, repr(path))
   fresh = sorted(set(flat) - set(taken))
   if fresh:

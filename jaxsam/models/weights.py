@@ -5,7 +5,7 @@
   a hub id             'hf:timm/resnet50.tv_in1k' or 'hf:REPO@REVISION' (a safetensors file,
                        fetched by huggingface_hub into its own cache; a registered hub id is pinned)
   a URL with checksum  'https://host/file.safetensors#sha256=HEX' (http or https)
-  a path               any file `pretrained.read_file` reads
+  a path               any file `weight_files.read_file` reads
 
 `resolve` turns it into one local jaxsam weight file: it downloads (pooch: retries, progress bar,
 atomic move into the cache; huggingface_hub for hub ids), checks the hash upstream publishes,
@@ -30,7 +30,7 @@ import ml_collections
 from jaxsam import cli
 from jaxsam import workdir as workdir_lib
 from jaxsam.errors import PretrainedError
-from jaxsam.models import pretrained
+from jaxsam.models import MODELS, pretrained, weight_files
 
 CACHE_ENV = "JAXSAM_CACHE"
 OFFLINE_ENV = "JAXSAM_OFFLINE"
@@ -50,7 +50,7 @@ class Weights:
   'sha256-prefix', the first 8 hex digits of the sha256 that torchvision's file names carry (checked
   as torch.hub does); or Keras' md5 (`WEIGHTS_HASHES`). `model` is the jaxsam `model.name` the file
   fits, `layout` its tensor layout ('keras' for a ResNet means `model.resnet_v1=True`), `origin` who
-  trained it (`pretrained.ORIGINS`), which fixes the input normalisation.
+  trained it (`weight_files.ORIGINS`), which fixes the input normalisation.
   """
 
   name: str
@@ -75,7 +75,7 @@ class Weights:
 
   @property
   def normalization(self) -> str:
-    return pretrained.origin_normalization(self.origin, self.model)
+    return weight_files.origin_normalization(self.origin, self.model)
 
   def model_config(self) -> ml_collections.ConfigDict:
     """The `config.model` keys this file needs (name, resnet_v1)."""
@@ -201,8 +201,6 @@ REGISTRY: dict[str, Weights] = {}
 
 def problems(entry: Weights) -> list[str]:
   """What is wrong with a registry entry (empty when it is well formed)."""
-  from jaxsam.models import MODELS  # here: jaxsam.models imports pretrained, which is light
-
   out = []
   if not re.fullmatch(r"[a-z0-9_]+/[A-Za-z0-9_.\-]+", entry.name):
     out.append(f"name {entry.name!r} is not 'source/model'")
@@ -221,11 +219,11 @@ def problems(entry: Weights) -> list[str]:
     out.append(f"hash {entry.hash!r} is not KIND:HEX with KIND one of {', '.join(HASH_KINDS)}")
   if entry.model not in MODELS:
     out.append(f"model {entry.model!r} is not a jaxsam model")
-  elif pretrained.model_layout(entry.model_config())[1] != entry.layout:
+  elif weight_files.model_layout(entry.model_config())[1] != entry.layout:
     out.append(f"layout {entry.layout!r} is not {entry.model}'s")
-  if entry.origin not in pretrained.ORIGINS:
-    out.append(f"origin {entry.origin!r} is not one of {', '.join(pretrained.ORIGINS)}")
-  if entry.format not in pretrained.SUFFIXES:
+  if entry.origin not in weight_files.ORIGINS:
+    out.append(f"origin {entry.origin!r} is not one of {', '.join(weight_files.ORIGINS)}")
+  if entry.format not in weight_files.SUFFIXES:
     out.append(f"file {entry.file_name!r} is of no format jaxsam reads")
   return out
 
@@ -254,7 +252,7 @@ class Resolved:
 
   spec: str  # config.model.pretrained as given
   file: str  # the local file to load (a converted jaxsam file, or the user's path)
-  origin: str  # one of pretrained.ORIGINS, or ''
+  origin: str  # one of weight_files.ORIGINS, or ''
   normalization: str  # 'imagenet' or 'caffe'
   source: str  # the URL, hub file or path it came from
 
@@ -287,10 +285,10 @@ def url_entry(spec: str) -> tuple[str, str]:
       "https://host/file.safetensors#sha256=<64 hex digits> (http or https)"
     )
   suffix = os.path.splitext(urllib.parse.urlparse(m[1]).path)[1].lower()
-  if suffix not in pretrained.SUFFIXES:
+  if suffix not in weight_files.SUFFIXES:
     raise PretrainedError(
       f"model.pretrained={spec!r}: unknown weight file type {suffix!r}; accepted: "
-      f"{', '.join(pretrained.SUFFIXES)}"
+      f"{', '.join(weight_files.SUFFIXES)}"
     )
   return m[1], m[2].lower()
 
@@ -317,7 +315,7 @@ def registered(spec: str) -> Weights | None:
 
 def check_fits(entry: Weights, model_config) -> None:
   """PretrainedError when the run's model is not the one the registered file fits."""
-  name, layout = pretrained.model_layout(model_config)
+  name, layout = weight_files.model_layout(model_config)
   if (name, layout) != (entry.model, entry.layout):
     v1 = " and model.resnet_v1=True" if entry.model_config().resnet_v1 else ""
     cifar = " and model.cifar_stem=False" if entry.model.startswith("resnet") else ""
@@ -336,7 +334,7 @@ def _unknown_name(spec: str) -> PretrainedError:
 
 
 def _looks_like_name(spec: str) -> bool:
-  return os.path.splitext(spec)[1].lower() not in pretrained.SUFFIXES and not os.path.exists(spec)
+  return os.path.splitext(spec)[1].lower() not in weight_files.SUFFIXES and not os.path.exists(spec)
 
 
 def input_normalization(model_config, workdir: str | None = None) -> str:
@@ -353,12 +351,12 @@ def input_normalization(model_config, workdir: str | None = None) -> str:
   if entry is not None:
     return entry.normalization
   if spec.startswith("hf:"):  # an unregistered hub file: a timm state dict
-    return pretrained.origin_normalization("timm", pretrained.model_layout(model_config)[0])
+    return weight_files.origin_normalization("timm", weight_files.model_layout(model_config)[0])
   if is_url(spec):
     return resolve(spec, model_config).normalization
   if _looks_like_name(spec):
     raise _unknown_name(spec)
-  return pretrained.input_normalization(spec, model_config)
+  return weight_files.input_normalization(spec, model_config)
 
 
 # ------------------------------------------------------------------------------------- resolving
@@ -412,14 +410,14 @@ def _resolve(spec: str, model_config) -> Resolved:
       model_config,
       "",  # the file's own: Keras for .h5, torchvision for a torch state dict, a jaxsam file's
     )
-    origin = pretrained.weights_origin(converted)
+    origin = weight_files.weights_origin(converted)
     return Resolved(
-      spec, converted, origin, pretrained.input_normalization(converted, model_config), url
+      spec, converted, origin, weight_files.input_normalization(converted, model_config), url
     )
   if _looks_like_name(spec):
     raise _unknown_name(spec)
-  origin = pretrained.weights_origin(spec)
-  return Resolved(spec, spec, origin, pretrained.input_normalization(spec, model_config), spec)
+  origin = weight_files.weights_origin(spec)
+  return Resolved(spec, spec, origin, weight_files.input_normalization(spec, model_config), spec)
 
 
 def _hub_resolved(spec, repo, filename, revision, model_config, origin) -> Resolved:
@@ -428,7 +426,7 @@ def _hub_resolved(spec, repo, filename, revision, model_config, origin) -> Resol
   commit = os.path.basename(os.path.dirname(file))  # huggingface_hub's snapshots/<commit>/
   local = os.path.join(cache_dir(), "hf", *repo.split("/"), commit, filename)
   converted = _converted(lambda: file, local, f"commit:{commit}", model_config, origin)
-  norm = pretrained.origin_normalization(origin, pretrained.model_layout(model_config)[0])
+  norm = weight_files.origin_normalization(origin, weight_files.model_layout(model_config)[0])
   return Resolved(spec, converted, origin, norm, f"hf:{repo}@{commit}/{filename}")
 
 
@@ -520,11 +518,11 @@ def _download(what: str, url: str, expected: str, folder: str, name: str) -> Non
   try:
     fetcher.fetch(name, downloader=downloader)
   except ValueError as e:  # pooch's hash mismatch
-    what_happened = f"checksum mismatch ({pretrained._one_line(e)})"
+    what_happened = f"checksum mismatch ({weight_files.one_line(e)})"
   except requests.exceptions.HTTPError as e:
     what_happened = f"HTTP error {e.response.status_code if e.response is not None else ''}".strip()
   except (requests.exceptions.RequestException, OSError) as e:
-    what_happened = f"connection failed ({pretrained._one_line(e)})"
+    what_happened = f"connection failed ({weight_files.one_line(e)})"
   else:
     return
   finally:
@@ -558,7 +556,7 @@ def _hub_file(what: str, repo: str, filename: str, revision: str, expected: str)
   except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
     raise PretrainedError(
       f"weight {what}: download of {filename} from the hub repo {repo}@{revision} failed: "
-      f"{pretrained._one_line(e)}"
+      f"{weight_files.one_line(e)}"
     ) from e
   if expected and not file_hash_ok(path, expected):
     raise PretrainedError(
@@ -575,7 +573,7 @@ def _converted(fetch, download: str, key: str, model_config, origin: str) -> str
   A sidecar holds the converted file's sha256, so a damaged converted file is made again rather
   than loaded; a valid one is all a later launch reads. `origin` '' takes the file's own.
   """
-  name, layout = pretrained.model_layout(model_config)
+  name, layout = weight_files.model_layout(model_config)
   model = ml_collections.ConfigDict({"name": name, "resnet_v1": layout == "keras"})
   tag = key.partition(":")[2][:16]
   out = f"{download}.{tag}.{name}.jaxsam.safetensors"
@@ -590,7 +588,7 @@ def _converted(fetch, download: str, key: str, model_config, origin: str) -> str
     file = fetch()
     tmp = out + ".tmp.safetensors"
     try:
-      pretrained.convert_file(file, tmp, model, origin or pretrained.weights_origin(file))
+      pretrained.convert_file(file, tmp, model, origin or weight_files.weights_origin(file))
       with open(sidecar + ".tmp", "w") as f:
         f.write(_sha256(tmp))
       os.replace(tmp, out)

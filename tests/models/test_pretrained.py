@@ -19,7 +19,7 @@ from jaxsam import models, run_setup, steps
 from jaxsam import state as state_lib
 from jaxsam.convert import convert
 from jaxsam.errors import ConfigError, PretrainedError
-from jaxsam.models import pretrained
+from jaxsam.models import pretrained, weight_files
 from support.paths import ROOT
 
 # torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when
@@ -374,7 +374,7 @@ def test_keras_resnet50_end_to_end_with_caffe_preprocessing(tmp_path):
   ref_logits = np.asarray(ref(x_ref, training=False))
   save_legacy_h5(ref, tmp_path / "resnet50.h5")
   convert("resnet50", str(tmp_path / "resnet50.h5"), str(tmp_path / "r.msgpack"), resnet_v1=True)
-  assert pretrained.read_file(tmp_path / "r.msgpack")[2]["origin"] == "keras"
+  assert weight_files.read_file(tmp_path / "r.msgpack")[2]["origin"] == "keras"
   for path in (tmp_path / "resnet50.h5", tmp_path / "r.msgpack"):
     assert run_setup.normalization(run_config("resnet50", path, resnet_v1=True), None)["bgr"]
   check_end_to_end(
@@ -468,10 +468,10 @@ def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path)
   (tmp_path / "raw.h5").write_bytes(b"")
   assert picked(tmp_path / "raw.h5", resnet_v1=True) == caffe
   for suffix in (".safetensors", ".msgpack"):
-    pretrained.save_variables(tmp_path / f"k{suffix}", tiny, v1, origin="keras")
-    assert pretrained.weights_origin(tmp_path / f"k{suffix}") == "keras"
+    weight_files.save_variables(tmp_path / f"k{suffix}", tiny, v1, origin="keras")
+    assert weight_files.weights_origin(tmp_path / f"k{suffix}") == "keras"
     assert picked(tmp_path / f"k{suffix}", resnet_v1=True) == caffe
-  pretrained.save_variables(tmp_path / "old.safetensors", tiny, v1)  # no origin: its layout says
+  weight_files.save_variables(tmp_path / "old.safetensors", tiny, v1)  # no origin: its layout says
   assert picked(tmp_path / "old.safetensors", resnet_v1=True) == caffe
   # Keras' EfficientNet normalises inside the model with ImageNet mean/std (layers jaxsam drops).
   (tmp_path / "b0.h5").write_bytes(b"")
@@ -481,8 +481,8 @@ def test_auto_normalization_follows_the_weights_origin(resnet18_state, tmp_path)
   torch.save(resnet18_state, tmp_path / "tv.pth")
   convert("resnet18", str(tv), str(tmp_path / "c.msgpack"))
   convert("resnet18", str(tv), str(tmp_path / "timm.safetensors"), origin="timm")
-  assert pretrained.weights_origin(tmp_path / "c.msgpack") == "torchvision"
-  assert pretrained.weights_origin(tmp_path / "timm.safetensors") == "timm"
+  assert weight_files.weights_origin(tmp_path / "c.msgpack") == "torchvision"
+  assert weight_files.weights_origin(tmp_path / "timm.safetensors") == "timm"
   for name in ("tv.safetensors", "tv.pth", "c.msgpack", "timm.safetensors"):
     assert picked(tmp_path / name, "resnet18") == imagenet, name
   # Explicit modes win; no weights: the data's statistics.

@@ -18,7 +18,7 @@ from configs import common
 from jaxsam import models, run_setup
 from jaxsam.convert import convert
 from jaxsam.errors import ConfigError, PretrainedError
-from jaxsam.models import pretrained, vit, vit_import
+from jaxsam.models import pretrained, vit, vit_import, weight_files
 
 sys.modules.setdefault("triton", None)  # see test_pretrained.py: triton's LLVM vs TensorFlow's
 torch = pytest.importorskip("torch")
@@ -271,7 +271,7 @@ def test_jaxsam_file_round_trips_and_auto_normalization_is_inception(tmp_path):
   path = save_timm(ref, tmp_path / "vit.safetensors")
   module = flax_vit("token")
   variables = pretrained.load_pretrained(path, module, init_zeros(module, 32))
-  pretrained.save_variables(tmp_path / "mine.safetensors", variables, module, origin="timm")
+  weight_files.save_variables(tmp_path / "mine.safetensors", variables, module, origin="timm")
   again = pretrained.load_pretrained(tmp_path / "mine.safetensors", module, init_zeros(module, 32))
   jax.tree.map(np.testing.assert_array_equal, again, variables)
   config = common.get_base_config()

@@ -26,7 +26,7 @@ import pytest
 
 from jaxsam import models
 from jaxsam.errors import PretrainedError
-from jaxsam.models import pretrained, weights
+from jaxsam.models import pretrained, weight_files, weights
 from support.paths import ROOT
 
 sys.modules.setdefault("triton", None)  # see tests/models/test_pretrained.py
@@ -316,7 +316,7 @@ def test_every_registry_entry_is_well_formed_and_its_layout_builds(name):
   shapes = jax.eval_shape(
     lambda: module.init({"params": jax.random.key(0)}, np.zeros((1, 64, 64, 3)), train=False)
   )
-  assert pretrained.model_layout(module)[1] == entry.layout
+  assert weight_files.model_layout(module)[1] == entry.layout
   assert shapes["params"]
 
 

@@ -57,7 +57,7 @@ def test_create_train_state_is_a_function_of_the_seed():
 
 
 def test_create_train_state_loads_a_weight_file_over_the_fresh_init(tmp_path):
-  from jaxsam.models import pretrained  # pylint: disable=import-outside-toplevel
+  from jaxsam.models import weight_files  # pylint: disable=import-outside-toplevel
 
   model_config = _model_config()
   model = models.create_model(model_config, num_classes=3)
@@ -65,7 +65,7 @@ def test_create_train_state_loads_a_weight_file_over_the_fresh_init(tmp_path):
   tx = optax.sgd(0.1, momentum=0.9)
   donor = state_lib.create_train_state(model, tx, cfg, seed=7)
   path = str(tmp_path / "donor.safetensors")
-  pretrained.save_variables(
+  weight_files.save_variables(
     path, {"params": donor.params, "batch_stats": donor.batch_stats}, model_config
   )
   loaded = state_lib.create_train_state(
