@@ -378,9 +378,7 @@ def test_msam_step_takes_one_pass_and_keeps_clean_weights():
   # The reference: the same loop by hand, gradients at w - rho v / ||v||.
   tx, _ = optim.make_optimizer(config, steps_per_epoch=10, axis_name=None)
   model = TinyNet()
-  params = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)), train=False)[
-    "params"
-  ]
+  params = init_state(model, tx).params  # the run's own initial weights
   state = tx.init(params)
   cfg = step_cfg()
   for b in batches:
