@@ -292,6 +292,7 @@ def _mock_flowers_config(data_dir):
   return config
 
 
+@pytest.mark.slow  # ~10 s on 2 CPU cores
 def test_mock_data_variable_size_images_stream_at_model_size(tmp_path):
   config = _mock_flowers_config(tmp_path)
   config.augment.random_resized_crop = True
@@ -397,6 +398,7 @@ def test_streamed_folder_takes_the_in_memory_subset_and_label_noise(jpeg_folder,
   assert sorted(seen) == sorted(files)
 
 
+@pytest.mark.slow  # ~6 s on 2 CPU cores
 def test_batched_crop_boxes_give_each_example_s_own_train_crop(jpeg_folder):
   """The streamed batches compute crop draws and boxes per batch: each image equals
   `transforms.train_crop` of its file with its own seed (the per-example, torchvision-checked
@@ -419,6 +421,7 @@ def test_batched_crop_boxes_give_each_example_s_own_train_crop(jpeg_folder):
       np.testing.assert_array_equal(image, want)
 
 
+@pytest.mark.slow  # ~10 s on 2 CPU cores
 def test_folder_random_resized_crop_and_randaugment_at_224(jpeg_folder):
   jpeg_folder.augment.random_resized_crop = True
   jpeg_folder.augment.flip = True
@@ -468,7 +471,10 @@ def test_folder_with_no_images_and_a_source_that_cannot_stream_are_refused(tmp_p
   assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kind", ["tar", "zip", "gztar"])
+@pytest.mark.parametrize(
+  "kind",  # ~12 s each on 2 CPU cores: the tar in the fast tier, the other two in the slow one
+  ["tar", *(pytest.param(k, marks=pytest.mark.slow) for k in ("zip", "gztar"))],
+)
 def test_archives_stream_the_folder_s_batches(jpeg_folder, tmp_path, capsys, kind):
   """A .tar and a .zip are read at random by member offsets, a .tar.gz is unpacked once into the
   cache: each gives the folder's train and eval batches exactly, a resumed stream included."""

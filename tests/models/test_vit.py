@@ -281,6 +281,7 @@ def test_jaxsam_file_round_trips_and_auto_normalization_is_inception(tmp_path):
   assert norm == {"mean": (0.5,) * 3, "std": (0.5,) * 3, "bgr": False}
 
 
+@pytest.mark.slow  # ~6 s on 2 CPU cores
 def test_dropout_and_drop_path_draw_from_the_dropout_rng():
   cfg = ml_collections.ConfigDict(
     {"name": "vit_tiny", "dropout_rate": 0.1, "drop_connect_rate": 0.5}
