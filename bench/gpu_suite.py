@@ -148,14 +148,14 @@ def measure_row(case: Case, optimizer: Optimizer, args, mesh, listener_hits: lis
   """Compiles one row's step, reads XLA's FLOPs and memory, warms up, times; a dict of figures."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  from jaxsam import errors, parallel, stepcost  # pylint: disable=import-outside-toplevel
+  from jaxsam import errors, optim, parallel, stepcost  # pylint: disable=import-outside-toplevel
   from jaxsam import state as state_lib  # pylint: disable=import-outside-toplevel
 
   batch_size = args.batch or case.batch
   config, reason = child_config(case, optimizer, batch_size)
   if config is None:
     return {"status": "n/a", "reason": reason}
-  schedule = stepcost.ascent_schedule(config)
+  schedule = optim.host_ascent_schedule(config, 1000)
   ascents = [None] if schedule is None else [True, False]  # the loop's host-picked programs
   try:
     built = {

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from configs import common
-from jaxsam import parallel, stepcost
+from jaxsam import optim, parallel, stepcost
 from jaxsam import state as state_lib
 
 RHO = 0.05
@@ -68,7 +68,7 @@ def fresh_state(host_state, mesh):
 
 def build(config, mesh, batch, block: int, num_classes: int):
   """(programs by ascent choice, host schedule or None, initial host state) for `config`."""
-  schedule = stepcost.ascent_schedule(config, block)
+  schedule = optim.host_ascent_schedule(config, block)
   programs, host = {}, None
   for ascent in (True, False) if schedule else (None,):
     step, model, tx, cfg = stepcost.build_step(

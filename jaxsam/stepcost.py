@@ -66,8 +66,8 @@ def build_step(
   """(jitted train step, model, optimizer, StepConfig) as the loop builds them from `config`.
 
   `config.model.image_size` must be set (there is no dataset to take the native size from).
-  `ascent`: for the host-scheduled SAM variants (`ascent_schedule`), the SAM (True) or the base
-  (False) program; None is the one program of every other config.
+  `ascent`: for the host-scheduled SAM variants (`optim.host_ascent_schedule`), the SAM (True)
+  or the base (False) program; None is the one program of every other config.
   """
   size = config.model.image_size
   if size < 1:
@@ -82,13 +82,6 @@ def build_step(
   extra = {} if ascent is None else {"ascent": ascent}
   step = steps.compile_train_step(mesh, model=model, tx=tx, lr_schedule=lr, cfg=cfg, **extra)
   return step, model, tx, cfg
-
-
-def ascent_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int = 1000):
-  """The AscentSchedule (step -> whether the loop runs the SAM program there: sam.every,
-  start_fraction, LookSAM), or None where every step is one program; the loop picks between two
-  compiled steps on the host (optim.host_ascent_schedule, as train does)."""
-  return optim.host_ascent_schedule(config, steps_per_epoch)
 
 
 def synthetic_batch(
