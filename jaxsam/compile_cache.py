@@ -1,8 +1,9 @@
 """The persistent XLA compilation cache, on by default, so a rerun or a resume does not compile.
 
 The folder is `--compilation_cache=DIR` when given ('' turns the cache off), else the environment's
-`JAX_COMPILATION_CACHE_DIR` (JAX's own setting), else ~/.cache/jaxsam/xla. A folder that cannot be
-written is a one-line warning and a run without the cache, never a failed run.
+`JAX_COMPILATION_CACHE_DIR` (JAX's own setting), else `$JAXSAM_CACHE/xla` (~/.cache/jaxsam/xla).
+A folder that cannot be written is a one-line warning and a run without the cache, never a failed
+run.
 On GPUs JAX also keeps XLA's per-fusion autotuning results there, so a warm start skips autotuning.
 """
 
@@ -10,14 +11,15 @@ import os
 import tempfile
 from collections.abc import Mapping
 
+from jaxsam import caches
+
 ENV = "JAX_COMPILATION_CACHE_DIR"
-DEFAULT_DIR = os.path.join("~", ".cache", "jaxsam", "xla")
 
 
 def resolve(flag: str | None, env: Mapping[str, str]) -> str:
   """The cache folder to use: the flag when given ('' = off), else $JAX_COMPILATION_CACHE_DIR,
-  else the default; `~` expanded."""
-  path = flag if flag is not None else env.get(ENV) or DEFAULT_DIR
+  else $JAXSAM_CACHE/xla; `~` expanded."""
+  path = flag if flag is not None else env.get(ENV) or caches.folder("xla", env)
   return os.path.expanduser(path) if path else ""
 
 

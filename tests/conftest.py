@@ -29,6 +29,11 @@ os.environ.setdefault(
   os.path.join(tempfile.gettempdir(), f"jaxsam-tests-xla-cache-{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# jaxsam's own caches (decoded image folders, unpacked archives, weights) stay out of the user's
+# home folder; tests that check a cache's behaviour give their own folder.
+os.environ.setdefault(
+  "JAXSAM_CACHE", os.path.join(tempfile.gettempdir(), f"jaxsam-tests-cache-{os.getuid()}")
+)
 
 # torchvision imports triton (through torch._dynamo), whose bundled LLVM segfaults the process when
 # TensorFlow was imported first; no CPU test uses triton, so make its import fail cleanly.

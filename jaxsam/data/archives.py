@@ -13,6 +13,7 @@ import os
 import shutil
 import tarfile
 
+from jaxsam import caches
 from jaxsam.data import image_folder
 from jaxsam.errors import DataError
 
@@ -74,5 +75,5 @@ def random_access_path(path: str, cache_dir: str) -> str:
   """`path` when its files can be read at random (a folder, .tar, .zip), else the folder a
   compressed tar is unpacked into (once)."""
   if is_compressed_tar(path):
-    return unpack(path, cache_dir or image_folder.DEFAULT_CACHE_DIR)
+    return unpack(path, cache_dir or caches.folder("image_folder"))
   return path

@@ -560,6 +560,18 @@ def _reflect(index: tf.Tensor, size: int) -> tf.Tensor:
   return tf.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
+def _flip(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+  """The flip alone: the mirrored examples reversed as one block and stitched back in order.
+  The same pixels as the gather below at under half its CPU (a 3-byte gather per pixel costs
+  more than reversing whole rows)."""
+  mirror = tf.cast(uniform(seeds, _STREAM_FLIP) < 0.5, tf.int32)
+  positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), mirror, 2)
+  kept, mirrored = tf.dynamic_partition(images, mirror, 2)
+  out = tf.dynamic_stitch(positions, [kept, tf.reverse(mirrored, axis=[2])])
+  out.set_shape(images.shape)
+  return out
+
+
 def crop_flip_cutout(
   images: tf.Tensor, seeds: tf.Tensor, padding: int, fill: str, flip: bool, cutout_size: int
 ) -> tf.Tensor:
@@ -573,6 +585,8 @@ def crop_flip_cutout(
   """
   if padding == 0 and not flip and cutout_size == 0:
     return images
+  if padding == 0 and cutout_size == 0:
+    return _flip(images, seeds)
   batch = tf.shape(images)[0]
   height, width, channels = images.shape[1], images.shape[2], images.shape[3]
   rows = tf.broadcast_to(tf.range(height)[None, :], [batch, height])

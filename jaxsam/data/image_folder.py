@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxsam import caches
 from jaxsam.data import decode
 from jaxsam.errors import DataError
 
@@ -56,7 +57,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MACOS_FOLDER = "__MACOSX"  # macOS Finder's zip side tree of AppleDouble `._*` files
 CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxsam", "image_folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,12 +569,12 @@ def load_arrays(
     path: folder or archive.
     splits: split folder names, e.g. ('train', 'test').
     size: 0 keeps native sizes (which must then all agree); N > 0 resizes every image to N x N.
-    cache_dir: where decoded arrays are kept ('' = ~/.cache/jaxsam/image_folder).
+    cache_dir: where decoded arrays are kept ('' = $JAXSAM_CACHE/image_folder).
     max_pixels: dataset.max_image_pixels (0 = no limit), checked from each header.
     skip_bad: leave bad files out (dataset.skip_bad_images) instead of refusing them.
   """
   path = os.path.expanduser(path)
-  cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+  cache_dir = os.path.expanduser(cache_dir or caches.folder("image_folder"))
   key = cache_key(fingerprint(path), splits, size, max_pixels=max_pixels, skip_bad=skip_bad)
   cache_file = os.path.join(cache_dir, key + ".npz")
   cached = read_cache_entry(cache_file, path, splits)

@@ -27,12 +27,12 @@ import urllib.parse
 
 import ml_collections
 
-from jaxsam import cli
+from jaxsam import caches, cli
 from jaxsam import workdir as workdir_lib
 from jaxsam.errors import PretrainedError
 from jaxsam.models import MODELS, pretrained, weight_files
 
-CACHE_ENV = "JAXSAM_CACHE"
+CACHE_ENV = caches.ENV
 OFFLINE_ENV = "JAXSAM_OFFLINE"
 MIRROR_ENV = "JAXSAM_WEIGHTS_MIRROR"
 HASH_KINDS = {"sha256": 64, "sha256-prefix": 8, "md5": 32}  # kind -> hex digits
@@ -258,9 +258,7 @@ class Resolved:
 
 
 def cache_dir(environ=None) -> str:
-  environ = os.environ if environ is None else environ
-  root = environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jaxsam")
-  return os.path.join(root, "weights")
+  return caches.folder("weights", environ)
 
 
 def offline(environ=None) -> bool:

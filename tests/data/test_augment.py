@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from configs import common
-from jaxsam.data import augment
+from jaxsam.data import augment, augment_spec
 from jaxsam.errors import ConfigError
 from support import pil_reference
 
@@ -164,12 +164,17 @@ def test_random_crop_is_a_window_of_the_padded_image(photos):
 
 def test_flip_is_identity_or_mirror(photos):
   images = np.concatenate([photos] * 20)
+  seeds = _seeds(len(images))
   fn = augment.make_train_augment(_config(flip=True), image_shape=(HEIGHT, WIDTH, 3))
-  out = fn(images, _seeds(len(images))).numpy()
+  out = fn(images, seeds).numpy()
   mirrored = [np.array_equal(o, i[:, ::-1]) for i, o in zip(images, out)]
   same = [np.array_equal(o, i) for i, o in zip(images, out)]
+  assert not any(m and s for m, s in zip(mirrored, same))  # photos are not symmetric
   assert all(m or s for m, s in zip(mirrored, same))
   assert 15 <= sum(mirrored) <= 45  # about half of 60
+  # Each example mirrors on its own seed's draw, the draw the crop-and-Cutout gather uses.
+  drawn = augment.uniform(tf.constant(seeds), augment_spec.STREAM_FLIP).numpy() < 0.5
+  assert mirrored == drawn.tolist()
 
 
 def test_cutout_removes_a_clipped_square():

@@ -53,6 +53,15 @@ def dataset_config(folder, cache):
   return config
 
 
+def test_the_default_cache_folder_follows_jaxsam_cache(tmp_path, monkeypatch):
+  """dataset.cache_dir='' keeps decoded arrays under $JAXSAM_CACHE/image_folder, so one variable
+  moves every jaxsam cache (weights, compiled programs, decoded images) off a small home folder."""
+  monkeypatch.setenv("JAXSAM_CACHE", str(tmp_path / "scratch"))
+  sources.load_dataset(dataset_config(solid_folder(tmp_path / "d"), ""))
+  entries = os.listdir(tmp_path / "scratch" / "image_folder")
+  assert len([e for e in entries if e.endswith(".npz")]) == 1
+
+
 def test_a_same_size_replacement_with_its_mtime_restored_is_decoded_again(tmp_path):
   folder = solid_folder(tmp_path / "d")
   config = dataset_config(folder, str(tmp_path / "cache"))

@@ -38,6 +38,9 @@ def test_flag_then_environment_then_the_user_cache_folder():
   assert compile_cache.resolve("", env) == ""  # off, even when the environment names a folder
   assert compile_cache.resolve(None, env) == "/env/xla"
   assert compile_cache.resolve(None, {}) == os.path.expanduser("~/.cache/jaxsam/xla")
+  # $JAXSAM_CACHE moves the default (JAX's own variable still wins over it).
+  assert compile_cache.resolve(None, {"JAXSAM_CACHE": "/scratch/js"}) == "/scratch/js/xla"
+  assert compile_cache.resolve(None, {**env, "JAXSAM_CACHE": "/scratch/js"}) == "/env/xla"
   assert compile_cache.resolve("~/x", {}) == os.path.expanduser("~/x")
 
 
