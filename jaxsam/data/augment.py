@@ -584,7 +584,8 @@ def crop_flip_cutout(
   drawn offset. Flip: mirror left-right with probability 1/2. Cutout (DeVries & Taylor 2017): a
   `cutout_size` square of FILL_VALUE at a uniformly drawn centre, clipped at the borders. Each
   output pixel's source (an input pixel, the zero pad or the Cutout fill) is computed from small
-  per-example row/column maps, so the three steps cost one pass over the batch.
+  per-example row/column maps, so the three steps cost one pass over the batch. The flip alone
+  (no crop, no Cutout) takes `_flip`, cheaper than a gather, with the same pixels.
   """
   if padding == 0 and not flip and cutout_size == 0:
     return images
