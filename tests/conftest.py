@@ -11,9 +11,11 @@ from collections.abc import Mapping
 
 import pytest
 
+from support import devices
+
 # Must run before any jax import touches the backend; tests that need 1 device build a 1-device
 # mesh.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", devices.xla_flags(8))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TF's oneDNN CPU kernels may pick a different summation order from run to run; the parity tests

@@ -21,6 +21,7 @@ import jaxsam.data
 from configs import common
 from jaxsam.data import choice, datasource, decode, image_folder, sources, stream_sources, streaming
 from jaxsam.errors import DataError
+from support import devices
 from support.paths import ROOT
 
 SIDE = 32
@@ -372,7 +373,7 @@ def _launch_args(path, workdir, *extra):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return dict(os.environ, XLA_FLAGS=devices.xla_flags(1))
 
 
 def _launch(path, workdir, *extra):

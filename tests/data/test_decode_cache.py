@@ -13,6 +13,7 @@ from PIL import Image
 
 from configs import common
 from jaxsam.data import image_folder, sources
+from support import devices
 from support.paths import ROOT
 
 COLOURS = {"red": (200, 30, 0), "green": (30, 200, 0)}  # blue is 0 everywhere
@@ -143,7 +144,7 @@ def launch(workdir, folder, cache):
     capture_output=True,
     text=True,
     timeout=600,
-    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    env=dict(os.environ, XLA_FLAGS=devices.xla_flags(2)),
   )
 
 

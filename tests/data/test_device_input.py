@@ -18,6 +18,7 @@ from configs import common
 from jaxsam import config_schema, parallel
 from jaxsam.data import datasource, device_input
 from jaxsam.errors import ConfigError
+from support import devices
 from support.paths import ROOT
 from support.runs import failure
 
@@ -167,7 +168,7 @@ BLOCKED = (
 
 
 def _launch(workdir, *extra, blocked=False):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=devices.xla_flags(2))
   return subprocess.run(
     [
       sys.executable,

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from support import devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a script too
 STEPS = ((0, 2), (21, 3))  # (first step, count): the first batches, and across the epoch end (22)
 TIMEOUT_S = 300
@@ -77,7 +79,7 @@ def test_two_processes_hold_the_split_once_each_and_get_the_single_process_batch
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
   env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=devices.xla_flags(2),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]),
     TF_CPP_MIN_LOG_LEVEL="2",

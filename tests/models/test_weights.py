@@ -27,6 +27,7 @@ import pytest
 from jaxsam import models
 from jaxsam.errors import PretrainedError
 from jaxsam.models import pretrained, weight_files, weights
+from support import devices
 from support.paths import ROOT
 
 sys.modules.setdefault("triton", None)  # see tests/models/test_pretrained.py
@@ -467,7 +468,7 @@ def test_two_processes_download_once_per_cache(resnet18, server, tmp_path, share
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+      XLA_FLAGS=devices.xla_flags(1),
       PYTHONPATH=str(REPO),
       JAXSAM_CACHE=str(tmp_path / ("cache" if shared else f"cache{pid}")),
     )

@@ -15,6 +15,7 @@ import pytest
 from configs import common, quickstart
 from jaxsam import analyze, config_schema, errors, evaluate, study, train
 from jaxsam import workdir as workdir_lib
+from support import devices
 from support.paths import ROOT
 
 CONFIG_FILES = sorted(
@@ -135,7 +136,7 @@ def launch(*args):
     capture_output=True,
     text=True,
     timeout=300,
-    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    env=dict(os.environ, XLA_FLAGS=devices.xla_flags(2)),
   )
 
 

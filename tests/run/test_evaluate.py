@@ -13,6 +13,7 @@ from configs import quickstart
 from jaxsam import checkpoint as ckpt_lib
 from jaxsam import errors, evaluate, run_setup, train, writers
 from jaxsam import workdir as workdir_lib
+from support import devices
 from support.paths import ROOT
 
 
@@ -76,10 +77,7 @@ def test_eval_of_an_earlier_checkpoint(run):
 def test_launch_eval_mode_writes_eval_json(run, tmp_path):
   workdir, logged = run
   env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    CUDA_VISIBLE_DEVICES="",
-    TF_CPP_MIN_LOG_LEVEL="2",
+    os.environ, XLA_FLAGS=devices.xla_flags(8), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2"
   )
   best = ckpt_lib.Checkpointer(workdir, 2)
   best_path = best.best_path()

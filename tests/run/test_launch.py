@@ -10,6 +10,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader launch.py uses)
 
 from configs import common
+from support import devices
 from support.paths import ROOT
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -29,7 +30,7 @@ def read(path):
 
 
 def launch(*args, cwd=ROOT, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=devices.xla_flags(2))
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, "launch.py"), *args],
     cwd=cwd,

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxsam import distributed
+from support.devices import xla_flags
 from support.paths import ROOT
 
 REPO = pathlib.Path(ROOT)
@@ -51,7 +52,7 @@ def child_env(devices: int) -> dict:
   """CPU only, `devices` devices per process, no SLURM variables leaking in from a CI job."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     JAX_PLATFORMS="cpu",
     CUDA_VISIBLE_DEVICES="",
     TF_CPP_MIN_LOG_LEVEL="2",

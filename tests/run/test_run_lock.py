@@ -13,9 +13,10 @@ import pytest
 
 from jaxsam import errors
 from jaxsam import workdir as workdir_lib
+from support import devices
 from support.paths import ROOT
 
-ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=devices.xla_flags(2))
 HOLD = (
   "import sys, time\n"
   "from jaxsam import workdir\n"

@@ -11,6 +11,7 @@ import pytest
 from configs import quickstart
 from jaxsam import errors, report
 from jaxsam import workdir as workdir_lib
+from support import devices
 from support.paths import ROOT
 
 DIRS = {
@@ -214,10 +215,7 @@ def test_read_run_reads_config_metrics_summary_and_analysis(tmp_path):
 
 def _env() -> dict:
   return dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    CUDA_VISIBLE_DEVICES="",
-    TF_CPP_MIN_LOG_LEVEL="2",
+    os.environ, XLA_FLAGS=devices.xla_flags(2), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2"
   )
 
 

@@ -11,6 +11,7 @@ import pytest
 from configs import cifar10_sam, cifar10_sgd
 from jaxsam import report, study, writers
 from jaxsam import workdir as workdir_lib
+from support import devices
 from support.config_keys import flat_keys
 from support.paths import CIFAR10_JPEG, ROOT, needs_archive
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow  # trains on the real archive
 @needs_archive
 def test_launch_on_a_noisy_subset_of_the_real_archive(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=devices.xla_flags(2))
   proc = subprocess.run(
     [
       sys.executable,
@@ -192,7 +193,7 @@ def test_study_m_axis_runs_each_sam_arm_per_m_and_reports_m(tmp_path):
       "--noise=0.4",
     ],
     cwd=ROOT,
-    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    env=dict(os.environ, XLA_FLAGS=devices.xla_flags(2)),
     capture_output=True,
     text=True,
     timeout=900,

@@ -9,6 +9,7 @@ import pytest
 
 from jaxsam import plots, report, writers
 from jaxsam import workdir as workdir_lib
+from support import devices
 from support.paths import ROOT
 
 TINY = [
@@ -28,10 +29,7 @@ TINY = [
 def run_dirs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("report")
   env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    CUDA_VISIBLE_DEVICES="",
-    TF_CPP_MIN_LOG_LEVEL="2",
+    os.environ, XLA_FLAGS=devices.xla_flags(2), CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2"
   )
   no_ra = "--config.augment.randaugment.num_ops=0"
   variants = {

@@ -15,6 +15,7 @@ from jaxsam import checkpoint, run_setup
 from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam.models import pretrained
+from support import devices
 from support.cifar_files import write_cifar
 from support.paths import ROOT
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=devices.xla_flags(2))
   return subprocess.run(
     [sys.executable, *args],
     cwd=ROOT,

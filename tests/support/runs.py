@@ -7,13 +7,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from support import devices
+
 TIME_KEYS = {"images_per_sec", "time/input_wait_ms"}  # the metrics that differ between equal runs
 
 
 def launch_env(tmp: str) -> dict:
   env = dict(os.environ)
   env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=devices.xla_flags(2),
     CUDA_VISIBLE_DEVICES="",
     TF_CPP_MIN_LOG_LEVEL="2",
     WANDB_SILENT="true",
