@@ -15,8 +15,6 @@ import sys
 import numpy as np
 import pytest
 
-from support import devices
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a script too
 STEPS = ((0, 2), (21, 3))  # (first step, count): the first batches, and across the epoch end (22)
 TIMEOUT_S = 300
@@ -75,6 +73,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_hold_the_split_once_each_and_get_the_single_process_batches(tmp_path):
   from jaxsam import parallel  # pylint: disable=import-outside-toplevel
+  from support import devices  # pylint: disable=import-outside-toplevel  (a script too)
 
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
