@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import common
 from jaxsam.data import augment, augment_spec
 from jaxsam.errors import ConfigError
 from support import pil_reference
+from support.augment_configs import augment_config
 
 HEIGHT, WIDTH = pil_reference.HEIGHT, pil_reference.WIDTH
 _assert_matches_pil = pil_reference.assert_matches_pil
@@ -128,23 +128,11 @@ def test_apply_ops_equals_each_examples_op_alone(photos):
     )
 
 
-def _config(**overrides):
-  config = common.get_base_config().augment
-  config.crop_padding, config.flip, config.cutout_size = 0, False, 0
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split("__")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
-
-
 def test_random_crop_is_a_window_of_the_padded_image(photos):
   images = np.concatenate([photos] * 20)
   for fill, mode in (("reflect", "reflect"), ("constant", "constant")):
     fn = augment.make_train_augment(
-      _config(crop_padding=4, crop_fill=fill), image_shape=(HEIGHT, WIDTH, 3)
+      augment_config(crop_padding=4, crop_fill=fill), image_shape=(HEIGHT, WIDTH, 3)
     )
     out = fn(images, _seeds(len(images))).numpy()
     assert out.shape == images.shape
@@ -165,7 +153,7 @@ def test_random_crop_is_a_window_of_the_padded_image(photos):
 def test_flip_is_identity_or_mirror(photos):
   images = np.concatenate([photos] * 20)
   seeds = _seeds(len(images))
-  fn = augment.make_train_augment(_config(flip=True), image_shape=(HEIGHT, WIDTH, 3))
+  fn = augment.make_train_augment(augment_config(flip=True), image_shape=(HEIGHT, WIDTH, 3))
   out = fn(images, seeds).numpy()
   mirrored = [np.array_equal(o, i[:, ::-1]) for i, o in zip(images, out)]
   same = [np.array_equal(o, i) for i, o in zip(images, out)]
@@ -180,7 +168,7 @@ def test_flip_is_identity_or_mirror(photos):
 def test_cutout_removes_a_clipped_square():
   size = 16
   images = np.random.default_rng(0).integers(0, 100, (200, 32, 32, 3), dtype=np.uint8)
-  fn = augment.make_train_augment(_config(cutout_size=size))
+  fn = augment.make_train_augment(augment_config(cutout_size=size))
   out = fn(images, _seeds(200)).numpy()
   clipped = 0
   for image, cut in zip(images, out):
@@ -200,7 +188,7 @@ def test_cutout_removes_a_clipped_square():
 
 
 def test_augment_is_deterministic_per_example_and_seed_dependent(photos):
-  config = _config(
+  config = augment_config(
     crop_padding=4, flip=True, cutout_size=8, randaugment__num_ops=2, randaugment__magnitude=9
   )
   fn = augment.make_train_augment(config, image_shape=(HEIGHT, WIDTH, 3))
@@ -230,7 +218,9 @@ def test_randaugment_draws_ops_and_signs_uniformly():
 
 
 def test_autoaugment_runs_in_graph_mode_and_changes_images(photos):
-  fn = augment.make_train_augment(_config(autoaugment="cifar10"), image_shape=(HEIGHT, WIDTH, 3))
+  fn = augment.make_train_augment(
+    augment_config(autoaugment="cifar10"), image_shape=(HEIGHT, WIDTH, 3)
+  )
   images = np.concatenate([photos] * 30)
   seeds = _seeds(len(images))
   eager = fn(images, seeds).numpy()
@@ -259,5 +249,5 @@ def test_autoaugment_runs_in_graph_mode_and_changes_images(photos):
 )
 def test_bad_config_is_a_one_line_config_error(overrides, pattern):
   with pytest.raises(ConfigError, match=pattern) as info:
-    augment.make_train_augment(_config(**overrides))
+    augment.make_train_augment(augment_config(**overrides))
   assert "\n" not in str(info.value)

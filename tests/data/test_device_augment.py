@@ -22,10 +22,10 @@ import pytest
 import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
-from configs import common
 from jaxsam.data import augment, augment_spec, device_augment
 from jaxsam.errors import ConfigError
 from support import pil_reference
+from support.augment_configs import augment_config
 from support.paths import ROOT
 
 AFFINE_BOUND = 0.001  # one pixel in 1,000 (see the module docstring)
@@ -47,18 +47,6 @@ def _seeds(n, seed=-7, offset=2**33):
 
 def _differing(a, b) -> float:
   return float(np.mean(np.any(np.asarray(a) != np.asarray(b), axis=-1)))
-
-
-def _config(**overrides):
-  config = common.get_base_config().augment
-  config.crop_padding, config.flip, config.cutout_size = 0, False, 0
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split("__")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
 
 
 def test_uniform_and_randint_equal_tf_for_any_int64_seed():
@@ -157,7 +145,7 @@ def test_autocontrast_reproduces_pils_float64_table():
   ids=[*(f"crop_{fill}_cutout" for fill in augment_spec.CROP_FILLS), "flip_only"],
 )
 def test_crop_flip_cutout_equals_tf(overrides, cifar_like):
-  config = _config(flip=True, **overrides)
+  config = augment_config(flip=True, **overrides)
   seeds = _seeds(len(cifar_like))
   expected = augment.make_train_augment(config)(cifar_like, seeds).numpy()
   ours = jax.jit(device_augment.make_device_augment(config))(
@@ -178,7 +166,7 @@ def test_crop_flip_cutout_equals_tf(overrides, cifar_like):
 )
 def test_whole_train_batch_equals_tf(overrides, cifar_like):
   """crop + flip + Cutout after RandAugment(2, 9) / AutoAugment: two batches of 16 per config."""
-  config = _config(crop_padding=4, flip=True, cutout_size=8, **overrides)
+  config = augment_config(crop_padding=4, flip=True, cutout_size=8, **overrides)
   tf_fn = augment.make_train_augment(config)
   ours = jax.jit(device_augment.make_device_augment(config))
   for offset in (0, 10_000):
@@ -196,7 +184,7 @@ def test_randaugment_batch_at_224_px_equals_tf():
   """The ImageNet size: 50,176 pixels per image in the LUT statistics, 223-px affine products."""
   images = pil_reference.photos(224, 224)
   images = np.concatenate([images, images[:, ::-1], images[:, :, ::-1]])
-  config = _config(
+  config = augment_config(
     crop_padding=16, flip=True, cutout_size=32, randaugment__num_ops=2, randaugment__magnitude=9
   )
   seeds = _seeds(len(images))
@@ -213,7 +201,7 @@ def test_batch_sharded_over_devices_equals_one_device(cifar_like):
   if len(devices) < 2:
     pytest.skip("needs several devices (conftest forces 8 CPU devices)")
   mesh = jax.sharding.Mesh(np.array(devices[:8]), ("data",))
-  config = _config(crop_padding=4, flip=True, cutout_size=8, autoaugment="cifar10")
+  config = augment_config(crop_padding=4, flip=True, cutout_size=8, autoaugment="cifar10")
   fn = device_augment.make_device_augment(config)
   seeds = device_augment.seed_words(_seeds(len(cifar_like)))
   whole = np.asarray(jax.jit(fn)(cifar_like, seeds))
@@ -234,10 +222,12 @@ def test_to_model_input_resizes_and_normalises():
 
 def test_bad_config_is_the_same_one_line_error_as_tf():
   with pytest.raises(ConfigError, match=r"magnitude=11; expected a number in \[0, 10\]") as info:
-    device_augment.make_device_augment(_config(randaugment__magnitude=11))
+    device_augment.make_device_augment(augment_config(randaugment__magnitude=11))
   assert "\n" not in str(info.value)
   with pytest.raises(ConfigError, match="are both set"):
-    device_augment.make_device_augment(_config(autoaugment="cifar10", randaugment__num_ops=2))
+    device_augment.make_device_augment(
+      augment_config(autoaugment="cifar10", randaugment__num_ops=2)
+    )
 
 
 def test_runs_with_tensorflow_tfds_and_wandb_blocked():
