@@ -23,6 +23,7 @@ from jaxsam.data import choice, datasource, decode, image_folder, sources, strea
 from jaxsam.errors import DataError
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 SIDE = 32
 
@@ -424,7 +425,7 @@ def test_launch_names_bad_files_on_both_paths_then_trains_without_them(tmp_path)
   result = _launch(
     path, workdir, "--config.dataset.in_memory=false", "--config.dataset.skip_bad_images=true"
   )
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, failure(result)
   assert "left out 4 bad image(s) (dataset.skip_bad_images)" in result.stdout
   assert "16 train images, 4 test images; ignored 4 entries" in result.stdout
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -462,5 +463,5 @@ def test_file_damaged_mid_run_stops_with_one_line_and_the_rerun_resumes(tmp_path
   assert os.listdir(checkpoints)  # the last checkpoint is kept
   pathlib.Path(victim).write_bytes(original)
   rerun = _launch(path, workdir, *extra, "--config.num_epochs=40")
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert rerun.returncode == 0, failure(rerun)
   assert "resuming at step" in rerun.stdout

@@ -15,6 +15,7 @@ from configs import common
 from jaxsam.data import image_folder, sources
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 COLOURS = {"red": (200, 30, 0), "green": (30, 200, 0)}  # blue is 0 everywhere
 
@@ -158,7 +159,7 @@ def test_a_solid_colour_folder_trains_and_the_next_launch_sees_replaced_pixels(t
   mtime restored: launch 2 must see the new blue channel (no floor line) rather than the cache."""
   folder, cache = solid_folder(tmp_path / "d"), str(tmp_path / "cache")
   first = launch(tmp_path / "run1", folder, cache)
-  assert first.returncode == 0, first.stderr[-3000:]
+  assert first.returncode == 0, failure(first)
   assert FLOOR_LINE in first.stdout
   summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
   assert summary["completed"] and summary["final_test_accuracy"] == 1.0  # red vs green: easy
@@ -169,6 +170,6 @@ def test_a_solid_colour_folder_trains_and_the_next_launch_sees_replaced_pixels(t
   blue[..., 2] = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
   replace_keeping_size_and_mtime(os.path.join(folder, "train", "green", "00.bmp"), bmp(blue))
   second = launch(tmp_path / "run2", folder, cache)
-  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.returncode == 0, failure(second)
   assert "(nearly) constant" not in second.stdout  # the new blue pixels were decoded
   assert len(os.listdir(cache)) == 2

@@ -27,6 +27,7 @@ from jaxsam.errors import ConfigError
 from support import pil_reference
 from support.augment_configs import augment_config
 from support.paths import ROOT
+from support.runs import failure
 
 AFFINE_BOUND = 0.001  # one pixel in 1,000 (see the module docstring)
 SIZE = 32
@@ -284,7 +285,7 @@ def test_bench_device_only_prints_both_sizes_without_tensorflow(tmp_path):
     timeout=300,
     check=False,
   )
-  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.returncode == 0, failure(done)
   rows = json.loads(out.read_text())["rows"]
   assert [(r["path"], r["image_size"]) for r in rows] == [("device", 32), ("device", 64)]
   assert all(r["images_per_s"] > 0 and len(r["passes"]) == 2 for r in rows)

@@ -226,7 +226,8 @@ def test_launch_trains_on_digits_with_tensorflow_tfds_and_wandb_blocked(tmp_path
   )
   for name in ("summary.json", "curves.png", "checkpoints"):
     assert os.path.exists(os.path.join(blocked, name)), name
-  assert _launch(plain, "--config.max_steps=3", "--config.dataset.pipeline=tf").returncode == 0
+  plain_run = _launch(plain, "--config.max_steps=3", "--config.dataset.pipeline=tf")
+  assert plain_run.returncode == 0, failure(plain_run)
   assert _losses(blocked) == _losses(plain)
   # Evaluation, the report and the analysis of that run, all with the three blocked.
   evaluated = _launch(blocked, "--config.max_steps=3", "--mode=eval", blocked=True)
@@ -240,7 +241,7 @@ def test_launch_trains_on_digits_with_tensorflow_tfds_and_wandb_blocked(tmp_path
     ),
   ):
     done = _blocked_module(module, *args)
-    assert done.returncode == 0, (module, done.stderr[-2000:])
+    assert done.returncode == 0, (module, failure(done))
   assert os.path.isdir(os.path.join(blocked, "analysis"))
 
 
@@ -311,7 +312,8 @@ print('writer:', writers.create_wandb_writer(config.wandb, run_dir, {{}}, enviro
 @pytest.mark.slow
 def test_resume_on_the_other_pipeline_continues_the_same_stream(tmp_path):
   whole = str(tmp_path / "whole")
-  assert _launch(whole, "--config.max_steps=4", "--config.dataset.pipeline=tf").returncode == 0
+  whole_run = _launch(whole, "--config.max_steps=4", "--config.dataset.pipeline=tf")
+  assert whole_run.returncode == 0, failure(whole_run)
   split = str(tmp_path / "split")
   # Checkpoint at step 2 (max_steps ends the run with a save), then resume on the device.
   first = _launch(split, "--config.max_steps=2", "--config.dataset.pipeline=tf")

@@ -8,6 +8,7 @@ from configs import common
 from jaxsam.data import sources
 from jaxsam.errors import DataError
 from support.cifar_files import write_cifar
+from support.runs import failure
 
 
 def _dataset_config(**overrides):
@@ -184,7 +185,7 @@ def test_cifar_python_pixel_layout_matches_torchvision(tmp_path):
   )
   if result.returncode == 3:
     pytest.skip("torchvision is not installed")
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   peer = np.load(out)
   np.testing.assert_array_equal(data.test.images, peer["images"])
   np.testing.assert_array_equal(data.test.labels, peer["labels"])

@@ -29,6 +29,7 @@ from jaxsam.errors import PretrainedError
 from jaxsam.models import pretrained, weight_files, weights
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 sys.modules.setdefault("triton", None)  # see tests/models/test_pretrained.py
 torch = pytest.importorskip("torch")
@@ -406,27 +407,27 @@ def test_launch_fetches_trains_then_resume_eval_and_analysis_need_no_weight_file
   launch = str(REPO / "launch.py")
   first = tmp_path / "first"
   proc = run([launch, *TINY, "--config.max_steps=2", f"--workdir={first}"], entry)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   assert server.requests == [name] and "done in" in proc.stdout
   record = json.loads((first / "weights.json").read_text())
   assert record["pretrained"] == TEST_NAME and record["normalization"] == "imagenet"
   # The server stops: a second launch trains from the cache.
   server.stop()
   proc = run([launch, *TINY, "--config.max_steps=2", f"--workdir={tmp_path / 'second'}"], entry)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   assert server.requests == [name]
   # The weights move away and the network is off: the run's own checkpoint is enough. No entry is
   # registered here either: eval, analysis and resume never look the name up.
   shutil.move(tmp_path / "cache", tmp_path / "moved")
   proc = run([launch, "--mode=eval", f"--workdir={first}"], JAXSAM_OFFLINE="1")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   assert json.loads((first / "eval.json").read_text())["step"] == 2
   analysis = ["--what=landscape", "--num_examples=32", "--batch_size=16", "--grid_1d=3"]
   analysis += ["--grid_2d=3", "--no_progress", "--no_wandb", f"--workdir={first}"]
   proc = run(["-m", "jaxsam.analyze", *analysis], JAXSAM_OFFLINE="1")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   proc = run([launch, *TINY, "--config.max_steps=4", f"--workdir={first}"], JAXSAM_OFFLINE="1")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   assert "resuming at step 2" in proc.stdout
   assert json.loads((first / "summary.json").read_text())["steps"] == 4
   # A fresh run does need the file, and says so in one line.

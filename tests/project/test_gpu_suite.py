@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from support.paths import ROOT
+from support.runs import failure
 
 _spec = importlib.util.spec_from_file_location(
   "gpu_suite", os.path.join(ROOT, "bench", "gpu_suite.py")
@@ -159,7 +160,7 @@ def test_real_loop_row_runs_at_cpu_sizes_with_tensorflow_blocked(tmp_path):
     timeout=600,
     check=False,
   )
-  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.returncode == 0, failure(done)
   result = json.loads(out.read_text())
   assert result["status"] == "ok" and result["pipeline"] == "device"
   assert result["model"] == "resnet18" and result["image_size"] == 8

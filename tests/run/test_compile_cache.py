@@ -8,6 +8,7 @@ import pytest
 
 from jaxsam import compile_cache
 from support.paths import ROOT
+from support.runs import failure
 
 TINY = [
   "--config=configs/quickstart.py",
@@ -56,7 +57,7 @@ def test_unwritable_reason(tmp_path):
 def test_launch_writes_entries_to_the_environments_folder(tmp_path):
   cache = tmp_path / "xla"
   result = launch(tmp_path / "run", env={compile_cache.ENV: str(cache)})
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   assert compile_cache.entries(str(cache)), os.listdir(cache)  # at least the train step
 
 
@@ -64,7 +65,7 @@ def test_launch_writes_entries_to_the_environments_folder(tmp_path):
 def test_empty_flag_turns_the_cache_off(tmp_path):
   cache = tmp_path / "xla"
   result = launch(tmp_path / "run", "--compilation_cache=", env={compile_cache.ENV: str(cache)})
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   assert not compile_cache.entries(str(cache))
 
 
@@ -72,7 +73,7 @@ def test_empty_flag_turns_the_cache_off(tmp_path):
 def test_unwritable_folder_is_a_one_line_warning_and_the_run_goes_on(tmp_path):
   (tmp_path / "file").write_text("")
   result = launch(tmp_path / "run", f"--compilation_cache={tmp_path / 'file' / 'xla'}")
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   warnings = [line for line in result.stderr.splitlines() if "compilation cache" in line]
   assert len(warnings) == 1 and warnings[0].startswith("warning: compilation cache "), warnings
   assert "not writable" in warnings[0]

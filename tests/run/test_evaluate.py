@@ -15,6 +15,7 @@ from jaxsam import errors, evaluate, run_setup, train, writers
 from jaxsam import workdir as workdir_lib
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 
 def _tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -97,7 +98,7 @@ def test_launch_eval_mode_writes_eval_json(run, tmp_path):
     timeout=600,
     check=False,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   with open(os.path.join(workdir, workdir_lib.EVAL_FILE)) as f:
     result = json.load(f)
   step = result["step"]

@@ -12,6 +12,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader launch.py use
 from configs import common
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 QUICK = [
@@ -76,7 +77,7 @@ def quick_run(tmp_path_factory):
   result = launch(
     "--config=configs/quickstart.py", f"--workdir={workdir}", "--config.seed=7", *QUICK
   )
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   return workdir, result
 
 
@@ -149,7 +150,7 @@ def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
   result = launch(
     "--config=configs/quickstart.py", f"--workdir={workdir}", "--profile_steps=2:4", *TINY
   )
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   assert os.listdir(workdir / "profile") == ["process_0"]  # one folder per process
   traces = glob.glob(str(workdir / "profile" / "process_0" / "plugins" / "profile" / "*" / "*"))
   assert any(t.endswith(".xplane.pb") for t in traces), traces
@@ -164,7 +165,7 @@ def test_profile_steps_past_the_run_warn_and_train_on(tmp_path):
   result = launch(
     "--config=configs/quickstart.py", f"--workdir={tmp_path}/w", "--profile_steps=7:9", *TINY
   )
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 0, failure(result)
   assert "warning: --profile_steps=7:9 goes past the run's 5 steps; no step is traced" in (
     result.stderr
   )

@@ -11,6 +11,7 @@ import pytest
 
 from jaxsam import quiet
 from support.paths import ROOT
+from support.runs import failure
 
 # What TensorFlow 2.21 prints on `import tensorflow` before its logging reads the environment.
 ABSL_NOTICE = (
@@ -65,7 +66,7 @@ def test_quiet_start_silences_tensorflow_import_and_tf_cpp_min_log_level_0_resto
   quiet_run = subprocess.run(run, check=False, env=_env(tmp_path), **kwargs)
   assert quiet_run.returncode == 0 and quiet_run.stderr == "", quiet_run.stderr
   loud = subprocess.run(run, check=False, env=_env(tmp_path, TF_CPP_MIN_LOG_LEVEL="0"), **kwargs)
-  assert loud.returncode == 0, loud.stderr
+  assert loud.returncode == 0, failure(loud)
   if platform.machine() in ("x86_64", "AMD64"):  # TF's x86 builds turn oneDNN on and say so
     assert "oneDNN custom operations are on" in loud.stderr, loud.stderr
 

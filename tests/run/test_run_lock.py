@@ -15,6 +15,7 @@ from jaxsam import errors
 from jaxsam import workdir as workdir_lib
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=devices.xla_flags(2))
 HOLD = (
@@ -169,7 +170,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
   rerun = subprocess.run(
     args, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
   )
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert rerun.returncode == 0, failure(rerun)
   assert "resuming at step" in rerun.stdout
   check_consistent(workdir, 4 * 22)
   assert not (workdir / workdir_lib.LOCK_HOLDER_FILE).exists()

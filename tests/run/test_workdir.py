@@ -13,6 +13,7 @@ from jaxsam import errors, report
 from jaxsam import workdir as workdir_lib
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 DIRS = {
   workdir_lib.LAST_DIR,
@@ -241,7 +242,7 @@ def _launch(workdir, *args):
     timeout=600,
     check=False,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
 
 
 @pytest.mark.slow
@@ -260,7 +261,7 @@ def test_a_run_whose_config_json_lacks_keys_resumes_with_todays_code(tmp_path):
     timeout=600,
     check=False,
   )
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert evaluated.returncode == 0, failure(evaluated)
   assert json.loads((workdir / "eval.json").read_text())["step"] == 2
   _launch(workdir, "--config.max_steps=4")
   steps = [r["step"] for r in workdir_lib.read_run(str(workdir)).records if "train/loss" in r]

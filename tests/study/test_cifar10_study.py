@@ -14,6 +14,7 @@ from jaxsam import workdir as workdir_lib
 from support import devices
 from support.config_keys import flat_keys
 from support.paths import CIFAR10_JPEG, ROOT, needs_archive
+from support.runs import failure
 
 pytestmark = pytest.mark.slow  # trains on the real archive
 
@@ -52,7 +53,7 @@ def test_launch_on_a_noisy_subset_of_the_real_archive(tmp_path):
     timeout=900,
     check=False,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
   assert summary["train_examples"] == 200 and summary["label_noise"] == 0.4
@@ -99,7 +100,7 @@ def test_study_dry_run_and_bad_input(tmp_path):
     timeout=300,
     check=False,
   )
-  assert ok.returncode == 0, ok.stderr
+  assert ok.returncode == 0, failure(ok)
   lines = [line for line in ok.stdout.splitlines() if line.startswith("launch.py")]
   assert len(lines) == 6 and all("--config.seed=4" in line for line in lines)
   assert not os.listdir(tmp_path)  # a dry run writes nothing
@@ -199,7 +200,7 @@ def test_study_m_axis_runs_each_sam_arm_per_m_and_reports_m(tmp_path):
     timeout=900,
     check=False,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, failure(proc)
   assert "3 runs" in proc.stdout
   summaries = {}
   for name in ("sgd", "sam_m5", "sam_m25"):

@@ -16,6 +16,7 @@ from configs import common
 from jaxsam import models, optim
 from jaxsam.data import augment, choice, transforms
 from support.paths import ROOT
+from support.runs import failure
 
 IMAGENET = os.path.join(ROOT, "configs", "imagenet_resnet50_sam.py")
 FLOWERS = os.path.join(ROOT, "configs", "finetune_flowers102_sam.py")
@@ -170,7 +171,7 @@ def test_slurm_script_launches_the_recipe_unchanged(path, tmp_path):
     check=False,
     timeout=60,
   )
-  assert result.returncode == 0, result.stderr
+  assert result.returncode == 0, failure(result)
   argv = record.read_text().splitlines()
   name = os.path.basename(path)[:-3]
   assert argv[:3] == ["--kill-on-bad-exit=1", "python", "launch.py"]

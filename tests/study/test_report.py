@@ -11,6 +11,7 @@ from jaxsam import plots, report, writers
 from jaxsam import workdir as workdir_lib
 from support import devices
 from support.paths import ROOT
+from support.runs import failure
 
 TINY = [
   "--config=configs/quickstart.py",
@@ -74,7 +75,7 @@ def test_report_table_and_curves(run_dirs, tmp_path):
     timeout=300,
     check=False,
   )
-  assert proc.returncode == 0, proc.stderr
+  assert proc.returncode == 0, failure(proc)
   lines = proc.stdout.splitlines()
   a, b = (f"{100 * _final_accuracy(d):.2f}" for d in (sgd, sam))
   # One test eval per run: best == final.

@@ -18,6 +18,7 @@ from jaxsam.models import pretrained
 from support import devices
 from support.cifar_files import write_cifar
 from support.paths import ROOT
+from support.runs import failure
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def study_run(tmp_path_factory):
     f"--input={tmp / 'resnet50.pth'}",
     f"--output={weights}",
   )
-  assert converted.returncode == 0, converted.stderr[-3000:]
+  assert converted.returncode == 0, failure(converted)
   archive, _, _, _ = write_cifar(
     tmp, "cifar-100-python", True, np.random.default_rng(0), per_batch=12
   )
@@ -75,7 +76,7 @@ def study_run(tmp_path_factory):
     "--config.wandb.mode=disabled",
     "--config.progress_bar=False",
   )
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, failure(result)
   return workdir, weights, result
 
 

@@ -45,9 +45,15 @@ def without_time(records: list[dict]) -> list[dict]:
 
 
 def failure(done) -> str:
-  """What a failed subprocess said: the start of its stderr (a fatal error's first lines, above a
-  crash's module list) and its end."""
+  """What a failed subprocess said: around a fatal error, the lines that name its cause (XLA's or
+  the C++ runtime's last log lines) and the Python stacks after them, above the long module list
+  Python prints last; else the start of its stderr and its end."""
   err = done.stderr or ""
+  if isinstance(err, bytes):
+    err = err.decode(errors="replace")
+  fatal = err.find("Fatal Python error")
+  if fatal >= 0:
+    return f"rc {done.returncode}\n[...]\n{err[max(0, fatal - 3000) : fatal + 3000]}\n[...]"
   if len(err) <= 4000:
     return f"rc {done.returncode}\n{err}"
   return f"rc {done.returncode}\n{err[:2000]}\n[...]\n{err[-2000:]}"
