@@ -10,31 +10,36 @@ checkpoint. `evaluate_train_fit` is the end-of-run fit of the train labels.
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxsam import checkpoint as ckpt_lib
-from jaxsam import config_schema, parallel, run_setup, steps, writers
+from jaxsam import config_schema, losses, parallel, run_setup, steps, writers
 from jaxsam import state as state_lib
 from jaxsam import workdir as workdir_lib
 from jaxsam.data import pipeline, sources, train_split
+
+
+def summed_over_batches(eval_step, state, setup: run_setup.Setup, batches) -> dict[str, np.ndarray]:
+  """`eval_step`'s masked sums over `batches` (this process's slices of global batches), totalled
+  on the devices, one program per batch, and fetched once at the end."""
+  totals = parallel.replicate(losses.zero_eval_sums(setup.num_classes), setup.mesh)
+  for batch in batches:
+    totals = eval_step(state, parallel.shard_batch(batch, setup.mesh), totals)
+  return parallel.fetch(totals)
 
 
 def evaluate_test_split(
   eval_step, state: state_lib.TrainState, setup: run_setup.Setup, global_batch: int
 ) -> dict:
   """Loss, top-1, top-5 and per-class accuracy over the whole test split, each example once."""
-  totals = None
-  for batch in setup.data.test_batches(
+  batches = setup.data.test_batches(
     global_batch=global_batch,
     size=setup.step_config.image_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-  ):
-    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = parallel.fetch(totals)
+  )
+  totals = summed_over_batches(eval_step, state, setup, batches)
   count = float(totals["count"])
   return {
     "test/loss": float(totals["loss"]) / count,
@@ -48,16 +53,13 @@ def evaluate_test_split(
 def _split_accuracy(
   eval_step, state, setup: run_setup.Setup, split: sources.Split, global_batch: int
 ):
-  totals = None
-  for batch in pipeline.eval_batches(
+  batches = pipeline.eval_batches(
     split,
     global_batch=global_batch,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-  ):
-    sums = eval_step(state, parallel.shard_batch(batch, setup.mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = parallel.fetch(totals)
+  )
+  totals = summed_over_batches(eval_step, state, setup, batches)
   return float(totals["correct"]) / max(float(totals["count"]), 1.0)
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -25,6 +26,19 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   k = min(k, logits.shape[-1])
   _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def zero_eval_sums(num_classes: int) -> dict[str, np.ndarray]:
+  """The running totals of `eval_sums` before the first batch."""
+  zero = np.zeros((), np.float32)
+  return {
+    "loss": zero,
+    "correct": zero,
+    "correct_top5": zero,
+    "count": zero,
+    "class_correct": np.zeros((num_classes,), np.float32),
+    "class_count": np.zeros((num_classes,), np.float32),
+  }
 
 
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:

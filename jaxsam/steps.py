@@ -227,15 +227,27 @@ def sam_metrics(opt_state) -> dict[str, jax.Array]:
 
 
 def eval_step(
-  state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, cfg: StepConfig
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  totals: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  cfg: StepConfig,
 ) -> dict[str, jax.Array]:
-  """Masked sums (loss, top-1, top-5, per class) over the global batch; BN in inference mode."""
+  """`totals` plus the masked sums (loss, top-1, top-5, per class) over the global batch; BN in
+  inference mode.
+
+  Carrying the totals through the step chains each batch's program to the one before, so no
+  device runs ahead with several evaluations waiting at their all-reduce. On CPU devices such
+  waits hold threads of XLA's intra-op pool (as many as the cores), which the other devices need
+  to reach the all-reduce: independent programs in flight can deadlock there.
+  """
   images = preprocess(batch["image"], cfg)
   logits = model.apply(
     {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
   )
-  sums = losses.eval_sums(logits, batch["label"], batch["mask"])
-  return jax.lax.psum(sums, DATA_AXIS)
+  sums = jax.lax.psum(losses.eval_sums(logits, batch["label"], batch["mask"]), DATA_AXIS)
+  return jax.tree.map(jnp.add, totals, sums)
 
 
 def compile_train_step(mesh: Mesh, **kwargs):
@@ -270,13 +282,13 @@ def compile_scheduled_train_step(
 
 
 def compile_eval_step(mesh: Mesh, **kwargs):
-  """jit(shard_map(eval_step)) returning replicated sums."""
+  """jit(shard_map(eval_step)): (state, batch, totals) -> replicated totals; totals donated."""
   fn = functools.partial(eval_step, **kwargs)
   sharded = jax.shard_map(
     fn,
     mesh=mesh,
-    in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+    in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS), PartitionSpec()),
     out_specs=PartitionSpec(),
     check_vma=False,
   )
-  return jax.jit(sharded)
+  return jax.jit(sharded, donate_argnums=2)

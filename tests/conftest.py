@@ -18,6 +18,11 @@ from support import devices
 os.environ.setdefault("XLA_FLAGS", devices.xla_flags(8))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Forced CPU devices share one XLA intra-op thread pool, as many threads as cores (2 here). A
+# device waiting at an all-reduce can hold one of them while another device still needs a thread
+# to get there; a run on 2 cores was seen stuck so until XLA aborted it. XLA sizes that pool from
+# PJRT_NPROC; 16 threads are more than the waits of 8 devices can hold.
+os.environ.setdefault("PJRT_NPROC", "16")
 # TF's oneDNN CPU kernels may pick a different summation order from run to run; the parity tests
 # against Keras compare float32 logits and should see one answer.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

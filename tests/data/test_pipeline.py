@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from configs import common
-from jaxsam import errors, evaluate, parallel, run_setup, steps
+from jaxsam import errors, evaluate, losses, parallel, run_setup, steps
 from jaxsam import state as state_lib
 from jaxsam.data import datasource, pipeline, rows, sources
 
@@ -148,6 +148,26 @@ def test_eval_accuracy_is_exact_with_a_padded_last_batch():
   logits = np.eye(7)[ids_ % 7] * 10.0
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   assert result["test/loss"] == pytest.approx(-logp[np.arange(50), test.labels].mean(), rel=1e-5)
+
+
+def test_each_eval_program_takes_the_running_totals_of_the_one_before():
+  """The eval step adds its batch to the totals it is given (so batches run one after another on
+  each device), and the totals it was given are donated."""
+  split = make_split(n=16, seed=2)
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  cfg = state_lib.StepConfig(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+  model = FixedLogits()
+  eval_step = steps.compile_eval_step(mesh, model=model, cfg=cfg)
+  state = parallel.replicate(state_lib.create_train_state(model, optax.identity(), cfg), mesh)
+  batch = next(pipeline.eval_batches(split, global_batch=16, process_index=0, process_count=1))
+  zeros = parallel.replicate(losses.zero_eval_sums(7), mesh)
+  once = eval_step(state, parallel.shard_batch(batch, mesh), zeros)
+  assert zeros["count"].is_deleted()
+  once_host = parallel.fetch(once)
+  twice = parallel.fetch(eval_step(state, parallel.shard_batch(batch, mesh), once))
+  assert once_host["count"] == 16
+  for key, value in twice.items():
+    np.testing.assert_array_equal(value, 2 * once_host[key], err_msg=key)
 
 
 def test_every_config_file_builds_its_augmentation():
