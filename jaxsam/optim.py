@@ -222,8 +222,8 @@ def _group_size(config: ml_collections.ConfigDict, micro: int, *, ascent: bool) 
   it takes a per-group ascent, else model.ghost_batch_size (batch norm only); 0 = not split."""
   ghost = config.model.ghost_batch_size
   if not ascent:
-    return steps.sam_group_size(ghost, micro) if ghost else 0
-  group = steps.sam_group_size(config.sam.m, micro)
+    return steps.group_size(ghost, micro, key="model.ghost_batch_size") if ghost else 0
+  group = steps.group_size(config.sam.m, micro)
   if ghost and ghost != group:
     raise errors.ConfigError(
       f"model.ghost_batch_size={ghost} differs from SAM's group of {group} (sam.m={config.sam.m}):"
@@ -246,7 +246,7 @@ def step_sam_settings(
   rho = config.sam.rho
   msam = not sam_lib.policy_class(config.sam.variant).two_pass and bool(rho)
   return {
-    "sam_group_size": _group_size(config, micro, ascent=bool(rho) and not msam),
+    "group_size": _group_size(config, micro, ascent=bool(rho) and not msam),
     "accum_steps": n,
     "msam_rho": float(rho) if msam else 0.0,
     "msam_start_step": sam_start_step(config, steps_per_epoch) if msam else 0,
@@ -257,6 +257,6 @@ def sam_axis_name(step_config: state.StepConfig, per_device_batch: int):
   """The collective axes SAM averages over: devices, plus the vmapped groups when sam.m splits a
   micro-batch."""
   micro = per_device_batch // step_config.accum_steps
-  if step_config.sam_group_size and step_config.sam_group_size < micro:
+  if step_config.group_size and step_config.group_size < micro:
     return (parallel.DATA_AXIS, steps.GROUP_AXIS)
   return parallel.DATA_AXIS

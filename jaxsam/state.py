@@ -48,7 +48,9 @@ class StepConfig:
   bgr: bool = False  # feed channels in BGR order (Keras' caffe preprocessing); batches are RGB
   dtype: Any = jnp.float32  # compute dtype of the input; params stay fp32
   label_smoothing: float = 0.0
-  sam_group_size: int = 0  # examples per ascent group; 0 = the per-device (micro-)batch
+  # Examples per group with its own SAM ascent and batch-norm statistics (sam.m, or
+  # model.ghost_batch_size without SAM); 0 = the per-device (micro-)batch.
+  group_size: int = 0
   accum_steps: int = 1  # micro-batches per optimizer step, run one after the other
   msam_rho: float = 0.0  # Momentum-SAM: take the one gradient at sam.msam_point with this rho
   msam_start_step: int = 0  # Momentum-SAM: plain gradients before this optimizer step

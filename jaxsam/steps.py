@@ -32,14 +32,15 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
-def sam_group_size(m: int, per_device_batch: int) -> int:
-  """Examples per SAM ascent group: `sam.m`, or the per-device batch when m = 0."""
-  if m < 0 or (m and per_device_batch % m):
+def group_size(size: int, per_device_batch: int, key: str = "sam.m") -> int:
+  """Examples per group of a step (`sam.m` or `model.ghost_batch_size`, named by `key`), or the
+  per-device batch when size = 0."""
+  if size < 0 or (size and per_device_batch % size):
     raise errors.ConfigError(
-      f"sam.m={m} must be 0 (the per-device batch) or divide the per-device batch "
+      f"{key}={size} must be 0 (the per-device batch) or divide the per-device batch "
       f"{per_device_batch}"
     )
-  return m or per_device_batch
+  return size or per_device_batch
 
 
 def preprocess(images: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -129,7 +130,7 @@ def _device_update(state: TrainState, opt_state, images, labels, key, *, cfg, **
   """One `tx.update` on this device's (micro-)batch, split into sam.m ascent groups if set."""
   update = functools.partial(_group_update, cfg=cfg, **kwargs)
   per_device = images.shape[0]
-  group = cfg.sam_group_size or per_device
+  group = cfg.group_size or per_device
   if group == per_device:
     return update(state, opt_state, images, labels, key, axis_names=DATA_AXIS)
   # sam.m < per-device batch: each group of m examples acts as a device would (own ascent, own

@@ -394,7 +394,7 @@ def _announce(config, setup: Setup, start_step: int, resumed: bool) -> None:
   if parallel.is_main_process():
     print(
       f"jaxsam: {setup.mesh.devices.size} device(s) in {jax.process_count()} process(es), "
-      f"SAM m={sam_m_text(config, setup.step_config.sam_group_size)}, "
+      f"SAM m={sam_m_text(config, setup.step_config.group_size)}, "
       f"{setup.steps_per_epoch} steps/epoch, {setup.total_steps} steps, "
       + (f"resuming at step {start_step}" if resumed else "fresh start"),
       flush=True,
@@ -413,7 +413,7 @@ def _summary(loop: Loop, train_fit: dict) -> dict:
     "num_devices": int(setup.mesh.devices.size),
     "num_processes": jax.process_count(),
     # examples per ascent group (0: no ascent; a ghost-batch-norm group alone is not an ascent)
-    "sam_m": setup.step_config.sam_group_size if config.sam.rho else 0,
+    "sam_m": setup.step_config.group_size if config.sam.rho else 0,
     "sam_m_config": config.sam.m,  # sam.m as set: 0 = the per-device batch
     "sam_fraction": (progress.sam_steps / loop.step if loop.step else default_sam_active(config)),
     "train_examples": setup.data.num_train,

@@ -295,13 +295,13 @@ def test_8_devices_take_the_branch_1_device_with_8_groups_takes(sam):
 def _run_with_settings(config, mesh, model, batches, per_device):
   """run_steps with the StepConfig SAM fields the train loop derives from the config."""
   settings = optim.step_sam_settings(config, per_device, steps_per_epoch=10)
-  groups = settings["sam_group_size"] < per_device // settings["accum_steps"]
+  groups = settings["group_size"] < per_device // settings["accum_steps"]
   return run_steps(
     config,
     mesh,
     model,
     batches,
-    group=settings["sam_group_size"] * groups,
+    group=settings["group_size"] * groups,
     cfg=dataclasses.replace(step_cfg(), **settings),
   )
 

@@ -187,8 +187,8 @@ def test_batch_not_divisible_by_devices_is_a_config_error():
 
 def test_sam_m_must_divide_the_per_device_batch():
   with pytest.raises(errors.ConfigError, match="sam.m=3 must be 0"):
-    steps.sam_group_size(3, per_device_batch=4)
-  assert steps.sam_group_size(0, per_device_batch=4) == 4
+    steps.group_size(3, per_device_batch=4)
+  assert steps.group_size(0, per_device_batch=4) == 4
 
 
 def test_ghost_batch_norm_on_one_device_equals_sgd_on_8_devices_with_their_own_bn():
@@ -198,7 +198,7 @@ def test_ghost_batch_norm_on_one_device_equals_sgd_on_8_devices_with_their_own_b
   config = make_config()
   config.model.ghost_batch_size = 4
   group = optim.step_sam_settings(config, per_device_batch=32, steps_per_epoch=10)
-  assert group["sam_group_size"] == 4
+  assert group["group_size"] == 4
   ghost, _, _ = run_steps(config, MESH_1(), TinyBNNet(), batches, group=4)
   on_8, _, _ = run_steps(make_config(), MESH_8(), TinyBNNet(), batches)
   whole, _, _ = run_steps(make_config(), MESH_1(), TinyBNNet(), batches)
@@ -209,7 +209,14 @@ def test_ghost_batch_norm_on_one_device_equals_sgd_on_8_devices_with_their_own_b
 def test_ghost_batch_size_must_match_sams_group():
   config = make_config(rho=0.05, m=8)
   config.model.ghost_batch_size = 8
-  assert optim.step_sam_settings(config, 32, steps_per_epoch=10)["sam_group_size"] == 8
+  assert optim.step_sam_settings(config, 32, steps_per_epoch=10)["group_size"] == 8
   config.model.ghost_batch_size = 4
   with pytest.raises(errors.ConfigError, match=r"model.ghost_batch_size=4 .* accepted: 0 or 8"):
+    optim.step_sam_settings(config, 32, steps_per_epoch=10)
+
+
+def test_ghost_batch_size_must_divide_the_per_device_batch():
+  config = make_config()
+  config.model.ghost_batch_size = 5
+  with pytest.raises(errors.ConfigError, match=r"^model.ghost_batch_size=5 must be 0 .* batch 32$"):
     optim.step_sam_settings(config, 32, steps_per_epoch=10)

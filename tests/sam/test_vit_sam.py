@@ -82,7 +82,7 @@ def test_vit_accum_steps_equal_sam_m_of_the_micro_batch_with_adamw():
     if cfg.accum_steps == 1 and len(results) == 1:
       cfg.sam.m = 8
     settings = optim.step_sam_settings(cfg, 16, steps_per_epoch=10)
-    group = settings["sam_group_size"] if settings["sam_group_size"] < 16 // cfg.accum_steps else 0
+    group = settings["group_size"] if settings["group_size"] < 16 // cfg.accum_steps else 0
     state, _, _ = run_steps(
       cfg,
       MESH_1(),

@@ -236,6 +236,6 @@ def test_sam_recipe_pins_m_and_says_where_it_comes_from(name):
   path = os.path.join(ROOT, "configs", name)
   config = parse(path)
   assert config.sam.rho > 0 and config.sam.m > 0
-  assert steps.sam_group_size(config.sam.m, config.batch_size) == config.sam.m
+  assert steps.group_size(config.sam.m, config.batch_size) == config.sam.m
   with open(path) as f:
     assert "sam.m" in f.read().split('"""')[1]

@@ -57,7 +57,7 @@ def make_batch(n=32, size=8, seed=0):
 
 def step_cfg(size=8, group=0, dtype=jnp.float32):
   return state_lib.StepConfig(
-    image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=dtype, sam_group_size=group
+    image_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=dtype, group_size=group
   )
 
 
