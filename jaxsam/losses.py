@@ -28,19 +28,6 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def zero_eval_sums(num_classes: int) -> dict[str, np.ndarray]:
-  """The running totals of `eval_sums` before the first batch."""
-  zero = np.zeros((), np.float32)
-  return {
-    "loss": zero,
-    "correct": zero,
-    "correct_top5": zero,
-    "count": zero,
-    "class_correct": np.zeros((num_classes,), np.float32),
-    "class_count": np.zeros((num_classes,), np.float32),
-  }
-
-
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
   """Masked sums over a batch: padded examples (mask 0) count nowhere, each real one once."""
   mask = mask.astype(jnp.float32)
@@ -55,3 +42,14 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str
     "class_correct": jnp.sum(label_hot * correct[:, None], axis=0),
     "class_count": jnp.sum(label_hot, axis=0),
   }
+
+
+def zero_eval_sums(num_classes: int) -> dict[str, np.ndarray]:
+  """The running totals of `eval_sums` before the first batch: its outputs' shapes, all zero."""
+  shapes = jax.eval_shape(
+    eval_sums,
+    jax.ShapeDtypeStruct((1, num_classes), jnp.float32),
+    jax.ShapeDtypeStruct((1,), jnp.int32),
+    jax.ShapeDtypeStruct((1,), jnp.float32),
+  )
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)

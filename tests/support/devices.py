@@ -2,9 +2,9 @@
 
 # XLA:CPU aborts the process (SIGABRT) when a device waits at a collective for more than
 # 40 s for its peers. On 2 shared cores, with pytest's workers and their launch.py subprocesses
-# all busy, one forced device's thread can be starved that long while the other waits at an
-# all-reduce: load, not a hang. A longer limit keeps such runs alive; a real deadlock still ends
-# the run, with XLA's message, well inside the tests' subprocess timeouts.
+# all busy, a device can be late by tens of seconds; a longer limit keeps such runs alive. A real
+# deadlock (see conftest.py's PJRT_NPROC) still ends the run, with XLA's message, well inside the
+# tests' subprocess timeouts.
 COLLECTIVE_TERMINATE_TIMEOUT_S = 300
 
 
